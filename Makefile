@@ -1,0 +1,43 @@
+# fedgate — every entry point bootstraps uv and the locked environment itself.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
+VENV_PY := $(CURDIR)/.venv/bin/python
+PYTEST := $(VENV_PY) -m pytest
+
+.PHONY: help env test test-fast demo bench lint clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(CURDIR)/.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv
+
+.venv/.synced: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --locked
+	touch $@
+
+env: .venv/.synced ## install uv if missing and sync .venv from uv.lock
+
+test: env ## run the full test suite (TFF and PostgreSQL included)
+	$(PYTEST) -q
+
+test-fast: env ## run the tests that do not train with TFF
+	$(PYTEST) -q -m "not tff"
+
+demo: env ## run the end-to-end demo on a temporary node
+	$(VENV_PY) -m gateway.cli demo
+
+bench: env ## run the benchmarks and update docs/performance.md
+	$(VENV_PY) -m bench.run
+
+lint: env ## ruff
+	$(VENV_PY) -m ruff check gateway engine ledger tests bench
+
+clean: ## remove the environment and caches
+	rm -rf .venv .tools .pytest_cache

@@ -1,0 +1,199 @@
+"""Run one job: ``python -m engine.runner JOB_DIR`` (its own process; the gateway never imports
+TensorFlow).
+
+Order of operations, which the budget refund rule depends on:
+
+1. enter a loopback-only network namespace (see :mod:`engine.netns`);
+2. validate ``job.json`` and the model artifact, build the Keras model and the TFF process —
+   no user data is read (``schema.json`` is dataset metadata the gateway already publishes);
+3. create ``JOB_DIR/data_access`` (fsynced) and emit ``{"event": "data_access"}``;
+4. only then open the partitions: DP-FedAvg training, then DP evaluation on held-out users;
+5. write ``JOB_DIR/release.json`` = ``{"weights": [...], "metrics": {...}}`` atomically and emit
+   ``{"event": "done"}``.
+
+Released: the final DP weights and, if requested, DP accuracy/loss. Nothing else leaves the job:
+no TFF metrics, no counts. Progress lines go to the fd in ``FEDGATE_PROGRESS_FD`` (default:
+the original stdout; anything else written to stdout then goes to stderr). Errors are reported
+on stderr as phase, exception type and code locations only — exception messages can quote data
+values, so only this package's own validation messages are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import IO, Any
+
+from engine.job import (
+    DATA_ACCESS_EVENT,
+    DATA_ACCESS_MARKER,
+    DONE_EVENT,
+    EVALUATION_EVENT,
+    PROGRESS_FD_ENV,
+    RELEASE_FILE,
+    JobSpec,
+    JobSpecInvalid,
+    format_event,
+    round_event,
+)
+from engine.keras_config import ModelRejected
+from engine.netns import NetworkIsolationError, isolate_network
+
+EXIT_REJECTED = 2
+EXIT_FAILED = 1
+
+
+class ProgressChannel:
+    """The write end of the progress pipe; carries only :mod:`engine.job` event lines."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    @classmethod
+    def from_environment(cls) -> ProgressChannel:
+        value = os.environ.get(PROGRESS_FD_ENV)
+        if value is None:
+            # Keep stdout for progress only: move the original stdout to a new fd and point
+            # fd 1 (and with it TF, TFF and the worker binary) at stderr.
+            fd = os.dup(1)
+            os.dup2(2, 1)
+        else:
+            fd = int(value)
+        os.set_inheritable(fd, False)  # never leaks into worker_binary
+        return cls(os.fdopen(fd, "wb", buffering=0))
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self._stream.write(format_event(event))
+
+
+def run_job(job_dir: Path, progress: ProgressChannel) -> None:
+    """Validate, train, evaluate and release. Raises on any failure."""
+    spec = JobSpec.load(job_dir)
+    if (job_dir / DATA_ACCESS_MARKER).exists() or (job_dir / RELEASE_FILE).exists():
+        # A second run would use the data again under a single budget charge.
+        raise JobSpecInvalid("job directory has already been run")
+
+    from engine import artifact, datastore
+
+    schema = datastore.load_schema(spec.dataset_dir)
+    training_users = schema.partitions["training"].users
+    expected = spec.sampling_rate * training_users
+    if abs(spec.expected_clients_per_round - expected) > 1e-9 * max(1.0, expected):
+        raise JobSpecInvalid(
+            f"expected_clients_per_round {spec.expected_clients_per_round} is not "
+            f"sampling_rate × training users = {expected}"
+        )
+    doc = artifact.parse_artifact(spec.model_path.read_bytes())
+    summary = artifact.validate_artifact(doc, num_features=schema.num_features,
+                                         num_classes=schema.num_classes)
+
+    _quiet_tensorflow()
+    from engine.training import prepare_training
+
+    training = prepare_training(doc, summary, spec, schema.num_features)
+
+    _write_durably(job_dir / DATA_ACCESS_MARKER, spec.job_id.encode())
+    progress.emit(DATA_ACCESS_EVENT)
+
+    partition = datastore.open_partition(spec.dataset_dir, "training")
+    model = training.run(
+        partition, on_round=lambda i: progress.emit(round_event(i, spec.rounds))
+    )
+    metrics: dict[str, float] = {}
+    if spec.evaluation is not None:
+        from engine.dp_evaluation import evaluate_privately
+
+        metrics = evaluate_privately(
+            model,
+            datastore.open_partition(spec.dataset_dir, "evaluation"),
+            from_logits=not summary.outputs_probabilities,
+            noise_multiplier=spec.evaluation.noise_multiplier,
+            loss_clip=spec.evaluation.loss_clip,
+        )
+        progress.emit(EVALUATION_EVENT)
+
+    release = {"weights": [artifact.encode_array(w) for w in model.get_weights()],
+               "metrics": metrics}
+    _write_durably(job_dir / RELEASE_FILE, json.dumps(release).encode())
+    progress.emit(DONE_EVENT)
+
+
+def _quiet_tensorflow() -> None:
+    """TF/TFF log to stderr; keep that to errors (it never needs data values)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import absl.logging
+    import tensorflow as tf
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    tf.get_logger().setLevel("ERROR")
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (temp file + rename) and fsync the file and its directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _report(error: BaseException) -> None:
+    """Data-free failure report for the owner's local log: this package's own messages are
+    shown; others' (TensorFlow's can quote tensor values) are reduced to their type."""
+    detail = f": {error}" if type(error).__module__.startswith("engine.") else ""
+    print(f"engine: job failed: {type(error).__name__}{detail}", file=sys.stderr)
+    for frame in traceback.extract_tb(error.__traceback__):
+        print(f"  at {frame.filename}:{frame.lineno} in {frame.name}", file=sys.stderr)
+
+
+def _reap_children() -> None:
+    """Kill and reap our own children (TFF's worker_binary) so none outlives the job."""
+    me = str(os.getpid())
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                parent = f.read().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        if parent == me:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                os.waitpid(int(entry.name), 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m engine.runner JOB_DIR", file=sys.stderr)
+        return EXIT_REJECTED
+    progress = ProgressChannel.from_environment()
+    try:
+        isolate_network()  # first: the process is still single-threaded
+        run_job(Path(argv[1]), progress)
+    except BaseException as error:  # every failure becomes an exit status and a local report
+        _report(error)
+        rejected = isinstance(error, JobSpecInvalid | ModelRejected | NetworkIsolationError)
+        return EXIT_REJECTED if rejected else EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv)
+    _reap_children()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: TF/TFF finalizers can block, and the worker is already gone.
+    os._exit(code)

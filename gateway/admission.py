@@ -1,0 +1,303 @@
+"""Admission of training jobs: validate → policy → privacy filter → audit.
+
+The order is fixed and fails closed: a request is admitted only if every step allows
+it, and every refusal or admission is appended to the audit log in the same
+transaction as its effect (``ledger.budget.reserve_budget`` for admissions). Model code
+is never executed here: the artifact is validated as JSON data only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from engine.artifact import ModelRejected, parse_artifact, validate_artifact
+from gateway.node import Node
+from gateway.policy import PolicyDecision
+from gateway.problems import Problem
+from gateway.signatures import VerifiedRequest
+from ledger import accounting
+from ledger.audit import append_entry
+from ledger.budget import (
+    BudgetExceeded,
+    budget_fit,
+    filter_orders,
+    find_idempotent_job,
+    reserve_budget,
+)
+from ledger.canonical import canonical_json
+from ledger.models import Dataset, Job
+
+MAX_ROUNDS = 100_000
+NO_MODEL = "sha256:" + "0" * 64  # estimates do not need an uploaded model
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A researcher's training request, validated field by field."""
+
+    dataset: str
+    model_digest: str
+    rounds: int
+    clients_per_round: float
+    noise_multiplier: float
+    clip: float
+    client_learning_rate: float = 0.1
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    local_epochs: int = 1
+    batch_size: int = 16
+    evaluate: bool = True
+    idempotency_key: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, *, needs_model: bool = True) -> JobRequest:
+        """Validate a request body; an estimate (``needs_model=False``) may omit the model."""
+        if not isinstance(data, dict):
+            raise Problem("invalid-request", "the body must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise Problem("invalid-request", f"unknown fields: {', '.join(unknown)}")
+        if not needs_model:
+            data = {"model_digest": NO_MODEL, **data}
+        missing = [n for n in ("dataset", "model_digest", "rounds", "clients_per_round",
+                               "noise_multiplier", "clip") if n not in data]
+        if missing:
+            raise Problem("invalid-request", f"missing fields: {', '.join(missing)}")
+        request = cls(**data)
+        request._check()
+        return request
+
+    def _check(self) -> None:
+        def need(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                raise Problem("invalid-request", f"{field} must be {what}", field=field)
+
+        def finite(value: object) -> bool:
+            return (isinstance(value, int | float) and not isinstance(value, bool)
+                    and math.isfinite(value))
+
+        need(isinstance(self.dataset, str) and 0 < len(self.dataset) <= 128, "dataset",
+             "a dataset name")
+        need(isinstance(self.model_digest, str) and self.model_digest.startswith("sha256:")
+             and len(self.model_digest) == 71, "model_digest", "'sha256:' + 64 hex digits")
+        need(isinstance(self.rounds, int) and 1 <= self.rounds <= MAX_ROUNDS, "rounds",
+             f"an integer in 1..{MAX_ROUNDS}")
+        need(finite(self.clients_per_round) and self.clients_per_round >= 1,
+             "clients_per_round", "a number ≥ 1")
+        need(finite(self.noise_multiplier) and self.noise_multiplier > 0, "noise_multiplier",
+             "a finite number > 0")
+        need(finite(self.clip) and self.clip > 0, "clip", "a finite number > 0")
+        for name in ("client_learning_rate", "server_learning_rate"):
+            value = getattr(self, name)
+            need(finite(value) and 0 < value <= 100, name, "a number in (0, 100]")
+        need(finite(self.server_momentum) and 0 <= self.server_momentum < 1, "server_momentum",
+             "a number in [0, 1)")
+        need(isinstance(self.local_epochs, int) and 1 <= self.local_epochs <= 100,
+             "local_epochs", "an integer in 1..100")
+        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 10_000, "batch_size",
+             "an integer in 1..10000")
+        need(isinstance(self.evaluate, bool), "evaluate", "true or false")
+        need(self.idempotency_key is None or (isinstance(self.idempotency_key, str)
+             and 0 < len(self.idempotency_key) <= 128), "idempotency_key", "a short string")
+
+    def spec(self) -> dict[str, Any]:
+        """The DP and training parameters, as recorded in the audit log and manifest."""
+        data = asdict(self)
+        data.pop("idempotency_key")
+        return data
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A job's privacy cost on a dataset, before anything is reserved."""
+
+    dataset: Dataset
+    sampling_rate: float
+    cost: accounting.JobCost
+    cost_rdp: tuple[float, ...]
+    epsilon: float
+    delta: float
+
+
+def project_cost(node: Node, dataset: Dataset, request: JobRequest) -> Projection:
+    """Privacy cost of ``request`` on ``dataset`` (pure apart from reading config)."""
+    if request.clients_per_round > dataset.training_users:
+        raise Problem(
+            "invalid-request",
+            f"clients_per_round {request.clients_per_round:g} exceeds the number of training "
+            f"users of {dataset.name}; use at most {dataset.training_users // 100 * 100}",
+            field="clients_per_round",
+        )
+    q = float(request.clients_per_round) / float(dataset.training_users)
+    cost = accounting.JobCost.for_job(
+        sampling_rate=q,
+        noise_multiplier=float(request.noise_multiplier),
+        rounds=int(request.rounds),
+        evaluation_noise_multiplier=(
+            node.config.evaluation_noise_multiplier if request.evaluate else None
+        ),
+    )
+    cost_rdp = cost.rdp(filter_orders(dataset))
+    return Projection(dataset, q, cost, cost_rdp, cost.epsilon(dataset.delta), dataset.delta)
+
+
+def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
+    """What to change so the job fits now: fewer rounds, or more noise (bisection)."""
+
+    def fits(**change: Any) -> bool:
+        changed = JobRequest(**{**asdict(request), **change})
+        return budget_fit(dataset, project_cost(node, dataset, changed).cost_rdp).fits
+
+    if not fits(rounds=1):
+        hint = "even one round does not fit"
+    else:
+        low, high = 1, request.rounds
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(rounds=mid) else (low, mid)
+        hint = f"lower rounds to ≤ {low}"
+    z_high = request.noise_multiplier
+    for _ in range(12):
+        z_high *= 2
+        if fits(noise_multiplier=z_high):
+            z_low = request.noise_multiplier
+            for _ in range(30):
+                mid = (z_low + z_high) / 2
+                z_low, z_high = (z_low, mid) if fits(noise_multiplier=mid) else (mid, z_high)
+            return f"{hint} or raise noise_multiplier to ≥ {math.ceil(z_high * 100) / 100:.2f}"
+    return f"{hint}; no noise level makes this job fit the remaining budget"
+
+
+def _audit_fields(
+    principal: VerifiedRequest, request: JobRequest, request_digest: str, node: Node
+) -> dict[str, Any]:
+    return {
+        "actor": principal.key_id,
+        "principal": principal.principal,
+        "request_action": "train",
+        "dataset": request.dataset,
+        "request_digest": request_digest,
+        "model_digest": request.model_digest,
+        "parameters": request.spec(),
+        "sandbox": node.config.sandbox,
+    }
+
+
+def _deny(node: Node, audit: dict[str, Any], problem: Problem, **extra: Any) -> Problem:
+    fields = {**audit, **extra, "reason": problem.slug, "explanation": problem.detail}
+    with node.session() as s, s.begin():
+        append_entry(s, action="deny", decision="deny", **fields)
+    return problem
+
+
+def _load_dataset(node: Node, name: str) -> Dataset | None:
+    with node.session() as s:
+        return s.get(Dataset, name)
+
+
+def check_model(node: Node, dataset: Dataset, digest: str) -> None:
+    """The uploaded artifact exists and fits the dataset's schema (data-only checks)."""
+    path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
+    if not path.exists():
+        raise Problem("unknown-model", f"no model {digest}; upload it to /v1/models first")
+    try:
+        validate_artifact(parse_artifact(path.read_bytes()), num_features=dataset.num_features,
+                          num_classes=dataset.num_classes)
+    except ModelRejected as exc:
+        raise Problem("model-rejected", str(exc)) from None
+
+
+def decide_policy(node: Node, principal: VerifiedRequest, dataset: str, action: str) -> PolicyDecision:
+    return node.policy().decide(subject=principal.principal, domain=node.config.owner,
+                                dataset=dataset, action=action)
+
+
+def admit_job(
+    node: Node, principal: VerifiedRequest, request: JobRequest, request_digest: str
+) -> Job:
+    """Admit ``request`` and reserve its budget, or raise the ``Problem`` that refused it."""
+    audit = _audit_fields(principal, request, request_digest, node)
+    if principal.role != "researcher":
+        raise _deny(node, audit, Problem("policy-denied", "only researchers may submit jobs"))
+    dataset = _load_dataset(node, request.dataset)
+    if dataset is None:
+        raise _deny(node, audit, Problem("unknown-dataset", f"no dataset {request.dataset!r}"))
+    decision = decide_policy(node, principal, dataset.name, "train")
+    audit["policy_version"] = decision.policy_version
+    if not decision.allowed:
+        raise _deny(node, audit, Problem("policy-denied", decision.explanation,
+                                         rule=list(decision.rule or [])))
+    try:
+        check_model(node, dataset, request.model_digest)
+        projection = project_cost(node, dataset, request)
+    except Problem as problem:
+        raise _deny(node, audit, problem) from None
+    audit.update(epsilon=projection.epsilon, delta=projection.delta,
+                 policy_explanation=decision.explanation)
+    now = time.time()
+    job = Job(
+        id="job-" + uuid.uuid4().hex[:16],
+        dataset=dataset.name,
+        researcher_key_id=principal.key_id,
+        researcher=principal.principal,
+        idempotency_key=request.idempotency_key,
+        request_digest=request_digest,
+        model_digest=request.model_digest,
+        spec=canonical_json(request.spec()).decode(),
+        cost=json.dumps(projection.cost.to_json()),
+        cost_rdp="[]",
+        epsilon=projection.epsilon,
+        delta=projection.delta,
+        state="queued",
+        budget_state="reserved",
+        rounds=request.rounds,
+        policy_version=decision.policy_version,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with node.session() as s, s.begin():
+            existing = find_idempotent_job(s, principal.key_id, request.idempotency_key)
+            if existing is not None:
+                return existing
+            return reserve_budget(s, job, projection.cost_rdp, audit)
+    except BudgetExceeded as exc:
+        problem = Problem(
+            "budget-exceeded",
+            f"projected ε {projection.epsilon:.3g} (δ {projection.delta:g}) does not fit the "
+            f"remaining privacy budget of dataset {dataset.name}; "
+            f"{_suggestion(node, dataset, request)}",
+            epsilon=projection.epsilon,
+            delta=projection.delta,
+            more_jobs_that_fit=exc.more_jobs_that_fit,
+        )
+        raise _deny(node, audit, problem) from None
+
+
+def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) -> dict[str, Any]:
+    """Dry run: the job's ε/δ, whether it fits now, how many such jobs fit. Charges nothing."""
+    dataset = _load_dataset(node, request.dataset)
+    if dataset is None:
+        raise Problem("unknown-dataset", f"no dataset {request.dataset!r}")
+    decision = decide_policy(node, principal, dataset.name, "estimate")
+    if not decision.allowed:
+        raise Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
+    projection = project_cost(node, dataset, request)
+    fit = budget_fit(dataset, projection.cost_rdp)
+    result: dict[str, Any] = {
+        "dataset": dataset.name,
+        "epsilon": projection.epsilon,
+        "delta": projection.delta,
+        "accountant": "rdp",
+        "fits": fit.fits,
+        "jobs_that_fit": fit.jobs_that_fit,
+    }
+    if not fit.fits:
+        result["suggestion"] = _suggestion(node, dataset, request)
+    return result

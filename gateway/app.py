@@ -1,0 +1,229 @@
+"""The gateway's ASGI application: routes wired to admission, jobs and the ledger.
+
+Handlers are thin: parse → call the pure-ish service function → respond. Every error
+is a ``Problem`` rendered as RFC 9457 problem+json; any unexpected exception becomes a
+generic ``internal-error`` (fail closed, no details leak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact_structure
+from gateway.admission import JobRequest, admit_job, estimate_job
+from gateway.jobs import JobRunner, recover_interrupted_jobs
+from gateway.middleware import BodyLimitMiddleware, SignatureAuthMiddleware
+from gateway.node import Node
+from gateway.problems import Problem, problem_response
+from gateway.signatures import VerifiedRequest
+from ledger.audit import append_entry
+from ledger.canonical import sha256_digest
+from ledger.models import Dataset, Job, ModelArtifact
+
+log = logging.getLogger("fedgate.gateway")
+
+
+def _principal(request: Request) -> VerifiedRequest:
+    return request.scope["fedgate.principal"]
+
+
+def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(request.scope.get("fedgate.body", b""))
+    except ValueError:
+        raise Problem("invalid-request", "the body must be valid JSON") from None
+
+
+def _rounded_users(count: int) -> int:
+    """User counts are shown to researchers rounded to the nearest 100."""
+    return round(count / 100.0) * 100
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def list_datasets(request: Request) -> Response:
+    node: Node = request.app.state.node
+    principal = _principal(request)
+
+    def visible() -> list[dict[str, Any]]:
+        from sqlmodel import select
+
+        policy = node.policy()
+        with node.session() as s:
+            rows = s.exec(select(Dataset).order_by(Dataset.name)).all()
+        return [
+            {
+                "name": d.name,
+                "num_features": d.num_features,
+                "num_classes": d.num_classes,
+                "training_users_rounded": _rounded_users(d.training_users),
+                "evaluation_users_rounded": _rounded_users(d.evaluation_users),
+                "epsilon_total": d.epsilon_total,
+                "delta": d.delta,
+            }
+            for d in rows
+            if policy.decide(subject=principal.principal, domain=node.config.owner,
+                             dataset=d.name, action="estimate").allowed
+        ]
+
+    return JSONResponse({"datasets": await run_in_threadpool(visible)})
+
+
+async def upload_model(request: Request) -> Response:
+    node: Node = request.app.state.node
+    principal = _principal(request)
+    body: bytes = request.scope.get("fedgate.body", b"")
+    digest = artifact_digest(body)
+
+    def store() -> None:
+        try:
+            validate_artifact_structure(parse_artifact(body))
+        except (ValueError, ModelRejected) as exc:
+            raise Problem("model-rejected", str(exc)) from None
+        path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(body)
+            tmp.replace(path)
+        with node.session() as s, s.begin():
+            if s.get(ModelArtifact, digest) is None:
+                s.add(ModelArtifact(digest=digest, size=len(body), uploaded_by=principal.key_id,
+                                    created_at=time.time()))
+
+    await run_in_threadpool(store)
+    return JSONResponse({"digest": digest, "size": len(body)}, status_code=201)
+
+
+async def estimate(request: Request) -> Response:
+    node: Node = request.app.state.node
+    job_request = JobRequest.from_json(_json_body(request), needs_model=False)
+    result = await run_in_threadpool(estimate_job, node, _principal(request), job_request)
+    return JSONResponse(result)
+
+
+def _audit_invalid_request(node: Node, principal: VerifiedRequest, problem: Problem,
+                           request_digest: str) -> None:
+    with node.session() as s, s.begin():
+        append_entry(s, action="deny", decision="deny", reason=problem.slug,
+                     explanation=problem.detail, actor=principal.key_id,
+                     principal=principal.principal, request_action="train",
+                     request_digest=request_digest)
+
+
+async def submit_job(request: Request) -> Response:
+    node: Node = request.app.state.node
+    principal = _principal(request)
+    request_digest = sha256_digest(request.scope.get("fedgate.body", b""))
+    try:
+        job_request = JobRequest.from_json(_json_body(request))
+    except Problem as problem:
+        await run_in_threadpool(_audit_invalid_request, node, principal, problem, request_digest)
+        raise
+    job = await run_in_threadpool(admit_job, node, principal, job_request, request_digest)
+    if job.state == "queued":
+        request.app.state.runner.start(job)
+    return JSONResponse(_job_status(job), status_code=202,
+                        headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _job_status(job: Job) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "job_id": job.id,
+        "dataset": job.dataset,
+        "state": job.state,
+        "round": job.round,
+        "rounds": job.rounds,
+        "epsilon": job.epsilon,
+        "delta": job.delta,
+        "budget": job.budget_state,
+    }
+    if job.failure:
+        status["failure"] = job.failure
+    return status
+
+
+def _own_job(request: Request) -> Job:
+    node: Node = request.app.state.node
+    principal = _principal(request)
+    with node.session() as s:
+        job = s.get(Job, request.path_params["job_id"])
+    if job is None or job.researcher_key_id != principal.key_id:
+        raise Problem("not-found", "no such job for this key")
+    return job
+
+
+async def job_status(request: Request) -> Response:
+    job = await run_in_threadpool(_own_job, request)
+    return JSONResponse(_job_status(job))
+
+
+async def job_result(request: Request) -> Response:
+    job = await run_in_threadpool(_own_job, request)
+    if job.state != "succeeded" or job.release is None:
+        raise Problem("not-ready", f"job {job.id} is {job.state}; results exist only for "
+                                   "succeeded jobs", state=job.state)
+    return Response(job.release, media_type="application/json")
+
+
+async def _problem_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return problem_response(exc)
+
+
+async def _internal_error_handler(request: Request, exc: Exception) -> Response:
+    log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
+    return problem_response(Problem("internal-error", "the node could not process the request; "
+                                                      "nothing was charged"))
+
+
+def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
+    """Build the gateway for the deployment at ``root``."""
+    node = Node(root, db_url=db_url)
+    runner = JobRunner(node)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        settled = await run_in_threadpool(recover_interrupted_jobs, node)
+        if settled:
+            log.warning("settled %d jobs interrupted by a restart", len(settled))
+        yield
+        await runner.shutdown()
+
+    def limit_for_path(path: str) -> int:
+        return node.config.max_model_bytes if path == "/v1/models" else node.config.max_request_bytes
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/v1/datasets", list_datasets),
+            Route("/v1/models", upload_model, methods=["POST"]),
+            Route("/v1/estimate", estimate, methods=["POST"]),
+            Route("/v1/jobs", submit_job, methods=["POST"]),
+            Route("/v1/jobs/{job_id}", job_status),
+            Route("/v1/jobs/{job_id}/result", job_result),
+        ],
+        middleware=[
+            Middleware(BodyLimitMiddleware, limit_for_path=limit_for_path),
+            Middleware(SignatureAuthMiddleware, node=node),
+        ],
+        exception_handlers={Problem: _problem_handler, Exception: _internal_error_handler},
+        lifespan=lifespan,
+    )
+    app.state.node = node
+    app.state.runner = runner
+    return app

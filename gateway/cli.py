@@ -1,0 +1,344 @@
+"""The ``fedgate`` command line: owner operations on a node, and the demo.
+
+Owner commands act on a deployment directory (``-d DIR``, default ``$FEDGATE_DEPLOYMENT``
+or the current directory) and are never exposed over the network. Run
+``fedgate COMMAND --help`` for examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  fedgate init ./node --owner clinic
+  fedgate dataset synthesize users.parquet --users 2500
+  fedgate -d ./node dataset import demo users.parquet --user-column user_id \\
+      --label-column label --epsilon-total 8 --delta 1e-6
+  fedgate keygen --out alice            # researcher, on their own machine
+  fedgate -d ./node researcher add alice --public-key alice.pub
+  fedgate -d ./node serve --port 8620
+  fedgate demo                          # the whole story on a temporary node
+"""
+
+
+def _deployment_dir(args: argparse.Namespace) -> Path:
+    return Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or ".")
+
+
+def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from gateway.node import Node
+
+    return Node(_deployment_dir(args))
+
+
+def _print(data: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    if isinstance(data, list):
+        for row in data:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    else:
+        for key, value in data.items():
+            print(f"{key}: {value}")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from gateway.deployment import init_deployment
+
+    deployment = init_deployment(Path(args.directory), owner=args.owner)
+    print(f"initialised fedgate node in {deployment.root}")
+    print(f"  node public key: {deployment.node_public_key}  (give it to researchers)")
+    print(f"  policies:        {deployment.policy_file}")
+    print(f"next: fedgate -d {args.directory} dataset import NAME FILE --user-column ... ")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from gateway import keys
+
+    private_key = keys.generate_private_key()
+    private_path, public_path = keys.write_key_pair(private_key, Path(args.out))
+    print(f"private key: {private_path} (keep it secret)")
+    print(f"public key:  {public_path} (send it to the data owner)")
+    print(f"key id:      {keys.key_id(private_key.public_key())}")
+    return 0
+
+
+def cmd_principal_add(args: argparse.Namespace) -> int:
+    from gateway import keys
+    from ledger.registry import add_principal
+
+    node = _node(args)
+    public_key = keys.load_public_key(Path(args.public_key))
+    group = args.group if args.group is not None else f"{args.role}s"
+    with node.session() as s, s.begin():
+        principal = add_principal(
+            s, name=args.name, role=args.role, key_id=keys.key_id(public_key),
+            public_key_b64=keys.public_key_b64(public_key), group=group, actor="owner-cli",
+        )
+    print(f"added {args.role} {principal.name} with key {principal.key_id} (group {group})")
+    return 0
+
+
+def cmd_principal_list(args: argparse.Namespace) -> int:
+    from ledger.registry import list_principals
+
+    node = _node(args)
+    with node.session() as s:
+        rows = [
+            {"name": p.name, "role": p.role, "group": p.group, "key_id": p.key_id,
+             "status": p.status}
+            for p in list_principals(s)
+            if p.role == args.role
+        ]
+    _print(rows, args.json)
+    return 0
+
+
+def cmd_principal_revoke(args: argparse.Namespace) -> int:
+    from ledger.registry import revoke_principal
+
+    node = _node(args)
+    with node.session() as s, s.begin():
+        revoked = revoke_principal(s, name_or_key_id=args.name, actor="owner-cli")
+    for principal in revoked:
+        print(f"revoked key {principal.key_id} of {principal.name}")
+    return 0
+
+
+def cmd_dataset_synthesize(args: argparse.Namespace) -> int:
+    from engine.datastore import generate_synthetic
+
+    path = Path(args.output)
+    fmt = "csv" if path.suffix == ".csv" else "parquet"
+    generate_synthetic(path, users=args.users, features=args.features, classes=args.classes,
+                       alpha=args.alpha, beta=args.beta, global_model_std=args.shared_model_std,
+                       seed=args.seed, format=fmt)
+    print(f"wrote synthetic per-user dataset ({args.users} users) to {path}")
+    return 0
+
+
+def cmd_dataset_import(args: argparse.Namespace) -> int:
+    from engine.datastore import import_dataset
+    from ledger.budget import register_dataset
+
+    node = _node(args)
+    dest = node.deployment.datasets_dir / args.name
+    features = args.feature_columns.split(",") if args.feature_columns else None
+    import_dataset(
+        Path(args.source), dest, name=args.name, user_column=args.user_column,
+        label_column=args.label_column, feature_columns=features,
+        evaluation_fraction=args.evaluation_fraction,
+        split_key=node.deployment.split_key.read_bytes(),
+    )
+    schema = json.loads((dest / "schema.json").read_text())
+    parts = schema["partitions"]
+    with node.session() as s, s.begin():
+        register_dataset(
+            s, name=args.name, owner=node.config.owner, path=str(dest),
+            training_users=parts["training"]["users"],
+            evaluation_users=parts["evaluation"]["users"],
+            num_features=schema["num_features"], num_classes=schema["num_classes"],
+            epsilon_total=args.epsilon_total, delta=args.delta, actor="owner-cli",
+        )
+    print(f"imported dataset {args.name}: {parts['training']['users']} training users, "
+          f"{parts['evaluation']['users']} evaluation users, {schema['num_features']} features, "
+          f"{schema['num_classes']} classes; budget ε={args.epsilon_total:g}, δ={args.delta:g}")
+    return 0
+
+
+def cmd_dataset_list(args: argparse.Namespace) -> int:
+    from sqlmodel import select
+
+    from ledger.models import Dataset
+
+    node = _node(args)
+    with node.session() as s:
+        rows = [
+            {"name": d.name, "training_users": d.training_users,
+             "evaluation_users": d.evaluation_users, "epsilon_total": d.epsilon_total,
+             "delta": d.delta}
+            for d in s.exec(select(Dataset).order_by(Dataset.name)).all()
+        ]
+    _print(rows, args.json)
+    return 0
+
+
+def cmd_budget_show(args: argparse.Namespace) -> int:
+    from sqlmodel import select
+
+    from ledger import accounting
+    from ledger.models import Dataset, Job
+
+    node = _node(args)
+    report = []
+    with node.session() as s:
+        query = select(Dataset).order_by(Dataset.name)
+        if args.dataset:
+            query = query.where(Dataset.name == args.dataset)
+        for d in s.exec(query).all():
+            jobs = s.exec(select(Job).where(Job.dataset == d.name)).all()
+            spent = accounting.vector_from_json(json.loads(d.spent_rdp))
+            budget = accounting.vector_from_json(json.loads(d.filter_budget))
+            usable = [(float(sp / b), order) for sp, b, order
+                      in zip(spent, budget, json.loads(d.filter_orders), strict=True) if b > 0]
+            used, order = min(usable) if usable else (1.0, None)
+            by_researcher: dict[str, dict[str, float]] = {}
+            for job in jobs:
+                if job.budget_state in ("reserved", "committed"):
+                    row = by_researcher.setdefault(job.researcher, {"jobs": 0, "reserved": 0,
+                                                                    "committed": 0})
+                    row["jobs"] += 1
+                    row[job.budget_state] += 1
+            report.append({
+                "dataset": d.name,
+                "epsilon_total": d.epsilon_total,
+                "delta": d.delta,
+                "filter_used": round(used, 4),
+                "filter_best_order": order,
+                "jobs_reserved": sum(j.budget_state == "reserved" for j in jobs),
+                "jobs_committed": sum(j.budget_state == "committed" for j in jobs),
+                "jobs_refunded": sum(j.budget_state == "refunded" for j in jobs),
+                "by_researcher": by_researcher,
+            })
+    if args.json:
+        _print(report, True)
+        return 0
+    for row in report:
+        print(f"{row['dataset']}: budget ε={row['epsilon_total']:g}, δ={row['delta']:g}; "
+              f"privacy filter {row['filter_used']:.1%} used at its best order "
+              f"α={row['filter_best_order']}")
+        print(f"  jobs: {row['jobs_committed']} committed, {row['jobs_reserved']} reserved, "
+              f"{row['jobs_refunded']} refunded")
+        for name, counts in sorted(row["by_researcher"].items()):
+            print(f"  {name}: {counts['jobs']:g} jobs ({counts['committed']:g} committed, "
+                  f"{counts['reserved']:g} reserved)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    root = _deployment_dir(args)
+    app = create_app(root)
+    config = app.state.node.config
+    uvicorn.run(app, host=args.host or config.host, port=args.port or config.port,
+                log_level=args.log_level)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(users=args.users, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedgate",
+        description="fedgate: a governance gateway for user-level differentially private "
+                    "federated learning.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-d", "--deployment", help="deployment directory (default: "
+                        "$FEDGATE_DEPLOYMENT or .)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("init", help="create a node deployment directory")
+    p.add_argument("directory")
+    p.add_argument("--owner", default="owner", help="data owner name (Casbin domain)")
+    p.set_defaults(func=cmd_init)
+
+    p = commands.add_parser("keygen", help="create an Ed25519 key pair (PREFIX.key, PREFIX.pub)")
+    p.add_argument("--out", required=True, help="file prefix, e.g. alice")
+    p.set_defaults(func=cmd_keygen)
+
+    for role in ("researcher", "officer"):
+        group = commands.add_parser(role, help=f"manage {role} keys (owner)")
+        sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+        p = sub.add_parser("add", help=f"register a {role}'s public key")
+        p.add_argument("name")
+        p.add_argument("--public-key", required=True, help="PEM file from `fedgate keygen`")
+        p.add_argument("--group", default=None, help=f"policy group (default: {role}s)")
+        p.set_defaults(func=cmd_principal_add, role=role)
+        p = sub.add_parser("list", help=f"list {role} keys")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_principal_list, role=role)
+        p = sub.add_parser("revoke", help="revoke all keys of NAME (or one key id)")
+        p.add_argument("name")
+        p.set_defaults(func=cmd_principal_revoke, role=role)
+
+    group = commands.add_parser("dataset", help="synthesize, import and list datasets (owner)")
+    sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("synthesize", help="write a synthetic non-IID per-user dataset "
+                       "(LEAF Synthetic(α, β) style)")
+    p.add_argument("output", help="FILE.parquet or FILE.csv")
+    p.add_argument("--users", type=int, default=2500)
+    p.add_argument("--features", type=int, default=60)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=1.0, help="spread of users' models (α)")
+    p.add_argument("--beta", type=float, default=1.0, help="spread of users' features (β)")
+    p.add_argument("--shared-model-std", type=float, default=3.0,
+                   help="std of a labelling model shared by all users (0 = LEAF's recipe "
+                        "exactly, where held-out users are unpredictable; default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_dataset_synthesize)
+    p = sub.add_parser("import", help="import a CSV/Parquet table with a user-id column")
+    p.add_argument("name")
+    p.add_argument("source")
+    p.add_argument("--user-column", required=True)
+    p.add_argument("--label-column", required=True)
+    p.add_argument("--feature-columns", help="comma-separated (default: all other columns)")
+    p.add_argument("--evaluation-fraction", type=float, default=0.2,
+                   help="share of users held out for DP evaluation (default 0.2)")
+    p.add_argument("--epsilon-total", type=float, required=True, help="total ε for the dataset")
+    p.add_argument("--delta", type=float, required=True, help="total δ for the dataset")
+    p.set_defaults(func=cmd_dataset_import)
+    p = sub.add_parser("list", help="list datasets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dataset_list)
+
+    group = commands.add_parser("budget", help="privacy budget status (owner)")
+    sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("show", help="spent/reserved state of each dataset's privacy filter",
+                       description="The filter is used up when, at every RDP order, spent + "
+                                   "reserved reaches the order's budget; 'used' is the smallest "
+                                   "fraction over the orders (the most room left).")
+    p.add_argument("dataset", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_budget_show)
+
+    p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("demo", help="run the end-to-end demo on a temporary node")
+    p.add_argument("--users", type=int, default=2500)
+    p.add_argument("--keep", action="store_true", help="keep the temporary deployment")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"fedgate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

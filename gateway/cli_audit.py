@@ -1,0 +1,146 @@
+"""``fedgate audit``: export, verify offline, show, prove and checkpoint the audit log.
+
+``audit verify`` needs only an export and the node's public key — run it on any machine.
+The other commands act on the deployment (``-d DIR``). Exit codes: 0 success,
+1 verification failed or the node refused to sign, 2 usage or file errors.
+
+Examples::
+
+    fedgate -d ./node audit export --out audit.json
+    fedgate audit verify audit.json --node-key node.pub
+    fedgate -d ./node audit show --from 0 --to 20
+    fedgate -d ./node audit proof --index 7
+    fedgate -d ./node audit checkpoint > checkpoint-$(date +%F).txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from gateway.node import Node
+
+    return Node(Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or "."))
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway import keys
+    from ledger.audit_verify import verify_export
+
+    public_key = keys.load_public_key(Path(args.node_key))
+    known = [Path(path).read_text(encoding="utf-8") for path in args.checkpoint]
+    report = verify_export(Path(args.export).read_bytes(), public_key, known)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from gateway.node_audit import export_node_audit
+
+    node = _node(args)
+    export, warning = export_node_audit(node)
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(export)
+    tmp.replace(out)
+    document = json.loads(export)
+    print(f"wrote the audit log to {out}: entries: {len(document['entries'])}, signed "
+          f"checkpoints: {len(document['checkpoints'])}, sha256: {hashlib.sha256(export).hexdigest()}")
+    print(f"verify offline: fedgate audit verify {out} --node-key {node.deployment.node_public_key}")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from ledger.audit import read_entries
+
+    node = _node(args)
+    with node.session() as s:
+        entries = read_entries(s, args.start, args.end)
+    if args.json:
+        print(json.dumps(entries, indent=2, sort_keys=True, ensure_ascii=False))
+        return 0
+    for entry in entries:
+        rest = "  ".join(f"{k}={_short(v)}" for k, v in sorted(entry.items())
+                         if k not in ("seq", "timestamp", "action"))
+        print(f"{entry['seq']:>6}  {entry['timestamp']}  {entry['action']:<8} {rest}")
+    return 0
+
+
+def cmd_audit_proof(args: argparse.Namespace) -> int:
+    from gateway.node_audit import inclusion_proof_for
+    from ledger.audit import AuditLogCorrupted
+
+    try:
+        proof = inclusion_proof_for(_node(args), args.index, args.size)
+    except AuditLogCorrupted as exc:
+        return _refused(exc)
+    print(json.dumps(proof, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from gateway.node_audit import publish_node_checkpoint
+    from ledger.audit import AuditLogCorrupted
+
+    try:
+        checkpoint = publish_node_checkpoint(_node(args))
+    except AuditLogCorrupted as exc:
+        return _refused(exc)
+    sys.stdout.write(checkpoint.text)
+    return 0
+
+
+def _refused(exc: Exception) -> int:
+    print(f"fedgate: the stored audit log is inconsistent: {exc}; export it and run "
+          "`fedgate audit verify` on the export to locate the problem", file=sys.stderr)
+    return 1
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``audit`` and its actions to the ``fedgate`` command parser."""
+    group = commands.add_parser("audit", help="export, verify and inspect the tamper-evident "
+                                "audit log", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = sub.add_parser("verify", help="verify an export offline against the node public key")
+    p.add_argument("export", help="file written by `fedgate audit export` or GET /v1/audit/export")
+    p.add_argument("--node-key", required=True, help="the node's public key (node.pub)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                   help="a checkpoint saved earlier (repeatable); detects a log cut back "
+                        "to before it")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("export", help="sign a checkpoint now and write the whole log to a file")
+    p.add_argument("--out", required=True, help="output file (JSON)")
+    p.set_defaults(func=cmd_audit_export)
+
+    p = sub.add_parser("show", help="print entries (seq FROM to TO-1)")
+    p.add_argument("--from", dest="start", type=int, default=0, metavar="N")
+    p.add_argument("--to", dest="end", type=int, default=None, metavar="M")
+    p.add_argument("--json", action="store_true", help="print the entries as JSON")
+    p.set_defaults(func=cmd_audit_show)
+
+    p = sub.add_parser("proof", help="inclusion proof of entry N (JSON)")
+    p.add_argument("--index", type=int, required=True, metavar="N")
+    p.add_argument("--size", type=int, default=None, metavar="M",
+                   help="tree size (default: the latest checkpoint, signed now if the log grew)")
+    p.set_defaults(func=cmd_audit_proof)
+
+    p = sub.add_parser("checkpoint", help="sign a checkpoint of the log now and print it")
+    p.set_defaults(func=cmd_audit_checkpoint)

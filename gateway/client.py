@@ -1,0 +1,236 @@
+"""Researcher SDK: signed requests to a fedgate node and verified results.
+
+Every request is signed (RFC 9421, ``gateway.request_signing``). Every release is
+verified before it is returned: the Ed25519 signature of the node over the canonical
+manifest, and the digest of the weights named in the manifest. Refusals raise typed
+exceptions that carry the server's problem+json document.
+
+Example::
+
+    client = Client("http://127.0.0.1:8620", key="alice.key", node_public_key="node.pub")
+    result = client.train_model(model, "demo", rounds=20, clients_per_round=50,
+                                noise_multiplier=1.0, clip=0.5)
+    print(result.epsilon, result.metrics)
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway import keys
+from gateway.problems import TYPE_PREFIX
+from gateway.request_signing import SignedRequestAuth
+from ledger.canonical import canonical_json, sha256_digest
+
+
+class FedgateError(Exception):
+    """A refusal by the node; ``problem`` is its RFC 9457 document."""
+
+    def __init__(self, problem: dict[str, Any]) -> None:
+        super().__init__(problem.get("detail") or problem.get("title") or "request refused")
+        self.problem = problem
+        self.status = problem.get("status")
+        self.type = str(problem.get("type", ""))
+
+
+class AuthenticationFailed(FedgateError):
+    """The node did not accept the request's signature (HTTP 401)."""
+
+
+class PolicyDenied(FedgateError):
+    """The data owner's policy refused the request; ``problem['rule']`` names the rule."""
+
+
+class BudgetExceeded(FedgateError):
+    """The job does not fit the dataset's privacy budget; ``detail`` says what to change."""
+
+
+class ModelRejected(FedgateError):
+    """The model artifact was refused by validation."""
+
+
+class JobFailed(Exception):
+    """The job ended without a release."""
+
+
+class ReleaseVerificationFailed(Exception):
+    """A release's node signature or weights digest does not verify: do not use it."""
+
+
+_ERRORS: dict[str, type[FedgateError]] = {
+    "policy-denied": PolicyDenied,
+    "budget-exceeded": BudgetExceeded,
+    "model-rejected": ModelRejected,
+}
+
+
+def _raise_for_problem(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {"status": response.status_code, "detail": response.text[:200]}
+    slug = str(problem.get("type", "")).removeprefix(TYPE_PREFIX)
+    if response.status_code == 401:
+        raise AuthenticationFailed(problem)
+    raise _ERRORS.get(slug, FedgateError)(problem)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A verified release: DP weights, DP metrics and what was charged for them."""
+
+    job_id: str
+    weights: list[Any]  # numpy arrays, in the model's get_weights() order
+    metrics: dict[str, float]
+    epsilon: float
+    delta: float
+    manifest: dict[str, Any]
+
+
+def verify_release(document: dict[str, Any], node_public_key: Ed25519PublicKey) -> Release:
+    """Check the node's signature and the weights digest; decode the weights."""
+    from engine.artifact import decode_array
+
+    try:
+        manifest = document["manifest"]
+        signature = base64.b64decode(document["signature"], validate=True)
+        node_public_key.verify(signature, canonical_json(manifest))
+    except (KeyError, ValueError, TypeError, InvalidSignature) as exc:
+        raise ReleaseVerificationFailed(f"node signature does not verify: {exc!r}") from None
+    if sha256_digest(canonical_json(document.get("weights"))) != manifest.get("weights_digest"):
+        raise ReleaseVerificationFailed("weights do not match the signed manifest")
+    return Release(
+        job_id=manifest["job_id"],
+        weights=[decode_array(w) for w in document["weights"]],
+        metrics=dict(manifest["metrics"]),
+        epsilon=float(manifest["epsilon"]),
+        delta=float(manifest["delta"]),
+        manifest=manifest,
+    )
+
+
+def _load_private(key: Ed25519PrivateKey | str | Path) -> Ed25519PrivateKey:
+    return key if isinstance(key, Ed25519PrivateKey) else keys.load_private_key(Path(key))
+
+
+def _load_public(key: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
+    return key if isinstance(key, Ed25519PublicKey) else keys.load_public_key(Path(key))
+
+
+class Job:
+    """Handle of a submitted job."""
+
+    def __init__(self, client: Client, status: dict[str, Any]) -> None:
+        self.client = client
+        self.id: str = status["job_id"]
+        self.last_status = status
+
+    def status(self) -> dict[str, Any]:
+        self.last_status = self.client._get(f"/v1/jobs/{self.id}")
+        return self.last_status
+
+    def wait(self, *, progress: bool = True, poll_seconds: float = 0.5,
+             timeout_seconds: float = 3600.0) -> dict[str, Any]:
+        """Poll until the job ends; show a progress bar of rounds when ``progress``."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.last_status["rounds"], desc=self.id, unit="round")
+        deadline = time.monotonic() + timeout_seconds
+        try:
+            while True:
+                status = self.status()
+                if bar is not None:
+                    bar.update(status["round"] - bar.n)
+                    bar.set_postfix(state=status["state"], refresh=False)
+                if status["state"] in ("succeeded", "failed"):
+                    return status
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} still {status['state']}")
+                time.sleep(poll_seconds)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def result(self) -> Release:
+        """Fetch and verify the release; raises if the job failed."""
+        if self.last_status["state"] == "failed":
+            raise JobFailed(f"job {self.id} failed: {self.last_status.get('failure')}")
+        return verify_release(self.client._get(f"/v1/jobs/{self.id}/result"),
+                              self.client.node_public_key)
+
+
+class Client:
+    """A researcher's connection to one fedgate node."""
+
+    def __init__(self, url: str, key: Ed25519PrivateKey | str | Path,
+                 node_public_key: Ed25519PublicKey | str | Path, *, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.private_key = _load_private(key)
+        self.node_public_key = _load_public(node_public_key)
+        self.key_id = keys.key_id(self.private_key.public_key())
+        self._http = httpx.Client(base_url=self.url, auth=SignedRequestAuth(self.private_key),
+                                  timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _get(self, path: str) -> Any:
+        response = self._http.get(path)
+        _raise_for_problem(response)
+        return response.json()
+
+    def _post(self, path: str, body: bytes, content_type: str = "application/json") -> Any:
+        response = self._http.post(path, content=body, headers={"Content-Type": content_type})
+        _raise_for_problem(response)
+        return response.json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._get("/v1/datasets")["datasets"]
+
+    def upload_model(self, artifact: dict[str, Any] | bytes) -> str:
+        """Upload a keras-json-v1 artifact; returns its content digest."""
+        body = artifact if isinstance(artifact, bytes) else canonical_json(artifact)
+        return self._post("/v1/models", body)["digest"]
+
+    def estimate(self, dataset: str, **parameters: Any) -> dict[str, Any]:
+        """ε, δ of a proposed job, whether it fits now and how many such jobs fit."""
+        body = {"dataset": dataset, **parameters}
+        return self._post("/v1/estimate", canonical_json(body))
+
+    def submit(self, dataset: str, model_digest: str, **parameters: Any) -> Job:
+        body = {"dataset": dataset, "model_digest": model_digest, **parameters}
+        return Job(self, self._post("/v1/jobs", canonical_json(body)))
+
+    def train_model(self, model: Any, dataset: str, *, progress: bool = True,
+                    **parameters: Any) -> Release:
+        """Upload a Keras model, train it under DP on ``dataset``, load the DP weights.
+
+        Blocks until the job ends (progress bar of rounds), verifies the node's
+        signature on the result and sets the released weights on ``model``.
+        """
+        from engine.artifact import artifact_from_keras
+
+        digest = self.upload_model(artifact_from_keras(model))
+        job = self.submit(dataset, digest, **parameters)
+        job.wait(progress=progress)
+        release = job.result()
+        model.set_weights(release.weights)
+        return release

@@ -1,0 +1,205 @@
+"""Running admitted jobs in the engine and settling their budget.
+
+Contract for every job, whatever happens:
+
+* the engine runs in a separate process (its own process group), never in the gateway;
+* ``data_accessed`` is recorded as soon as the engine reports it (and re-checked from the
+  engine's on-disk marker at the end), because it decides the budget outcome;
+* success → release gate → ``charge`` + ``release`` audit entries and the commit, in one
+  transaction, *before* the release becomes fetchable;
+* failure → ``charge`` if data access began, else ``refund``; the researcher sees a
+  generic failure, the engine's stderr stays in the owner's local log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.launcher import JobOutcome, run_job
+from starlette.concurrency import run_in_threadpool
+
+from gateway.node import Node
+from gateway.release import ReleaseRefused, build_release, gate_engine_output, read_engine_output
+from ledger.audit import append_entry
+from ledger.budget import commit_budget, refund_budget
+from ledger.canonical import canonical_json, sha256_digest
+from ledger.models import Dataset, Job
+
+log = logging.getLogger("fedgate.jobs")
+
+
+def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
+    """Create the engine's working directory with its job.json."""
+    spec = json.loads(job.spec)
+    job_dir = node.deployment.jobs_dir / job.id
+    job_dir.mkdir(parents=True, exist_ok=False)
+    q = float(spec["clients_per_round"]) / float(dataset.training_users)
+    engine_job = {
+        "job_id": job.id,
+        "dataset_dir": str(Path(dataset.path).resolve()),
+        "model_path": str(node.deployment.models_dir / (job.model_digest.removeprefix("sha256:")
+                                                        + ".json")),
+        "rounds": int(spec["rounds"]),
+        "sampling_rate": q,
+        "expected_clients_per_round": float(spec["clients_per_round"]),
+        "noise_multiplier": float(spec["noise_multiplier"]),
+        "clip": float(spec["clip"]),
+        "client_learning_rate": float(spec["client_learning_rate"]),
+        "server_learning_rate": float(spec["server_learning_rate"]),
+        "server_momentum": float(spec["server_momentum"]),
+        "local_epochs": int(spec["local_epochs"]),
+        "batch_size": int(spec["batch_size"]),
+        "evaluation": (
+            {
+                "noise_multiplier": node.config.evaluation_noise_multiplier,
+                "loss_clip": node.config.evaluation_loss_clip,
+            }
+            if spec["evaluate"]
+            else None
+        ),
+    }
+    (job_dir / "job.json").write_text(json.dumps(engine_job, indent=2))
+    return job_dir
+
+
+class JobRunner:
+    """Starts engine processes for admitted jobs and settles them when they end."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, job: Job) -> None:
+        if job.id not in self._tasks:
+            self._tasks[job.id] = asyncio.create_task(self._run(job.id), name=job.id)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _update(self, job_id: str, **changes: Any) -> None:
+        with self.node.session() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                return
+            for name, value in changes.items():
+                setattr(job, name, value)
+            job.updated_at = time.time()
+            s.add(job)
+
+    async def _run(self, job_id: str) -> None:
+        try:
+            with self.node.session() as s:
+                job = s.get(Job, job_id)
+                dataset = s.get(Dataset, job.dataset) if job else None
+            if job is None or dataset is None:
+                return
+            job_dir = await run_in_threadpool(write_job_directory, self.node, job, dataset)
+            await run_in_threadpool(self._update, job_id, state="running")
+
+            async def on_event(event: dict[str, Any]) -> None:
+                if event["event"] == "data_access":
+                    await run_in_threadpool(self._update, job_id, data_accessed=True)
+                elif event["event"] == "round":
+                    await run_in_threadpool(self._update, job_id, round=int(event["round"]))
+
+            outcome = await run_job(
+                job_dir,
+                on_event=on_event,
+                timeout_s=self.node.config.job_timeout_seconds,
+                stderr_log=self.node.deployment.engine_log,
+            )
+            await run_in_threadpool(self._settle, job_id, outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: gateway-side failure", job_id)
+            await run_in_threadpool(self._settle_failure, job_id, "internal error", None)
+        finally:
+            self._tasks.pop(job_id, None)
+
+    def _settle(self, job_id: str, outcome: JobOutcome) -> None:
+        if not outcome.succeeded or outcome.release_path is None:
+            self._settle_failure(job_id, outcome.failure or "engine failed", outcome.data_accessed)
+            return
+        with self.node.session() as s:
+            job = s.get(Job, job_id)
+        assert job is not None
+        model_path = self.node.deployment.models_dir / (job.model_digest.removeprefix("sha256:")
+                                                        + ".json")
+        try:
+            weights, metrics = gate_engine_output(
+                read_engine_output(outcome.release_path), json.loads(model_path.read_bytes())["weights"]
+            )
+        except (ReleaseRefused, ValueError, KeyError) as exc:
+            log.error("job %s: release refused: %s", job_id, exc)
+            self._settle_failure(job_id, "the engine output failed the release gate", True)
+            return
+        release = build_release(job=job, weights=weights, metrics=metrics,
+                                node_key=self.node.node_key, node_key_id=self.node.node_key_id)
+        release_text = canonical_json(release).decode()
+        with self.node.session() as s, s.begin():
+            commit_budget(s, job_id, reason="released", actor=self.node.node_key_id)
+            append_entry(
+                s,
+                action="release",
+                actor=self.node.node_key_id,
+                job_id=job_id,
+                dataset=job.dataset,
+                epsilon=job.epsilon,
+                delta=job.delta,
+                release_manifest_digest=sha256_digest(canonical_json(release["manifest"])),
+                sandbox=self.node.config.sandbox,
+            )
+            row = s.get(Job, job_id, with_for_update=True)
+            assert row is not None
+            row.state = "succeeded"
+            row.data_accessed = True
+            row.round = row.rounds
+            row.release = release_text
+            row.updated_at = time.time()
+            s.add(row)
+
+    def _settle_failure(self, job_id: str, failure: str, data_accessed: bool | None) -> None:
+        """Fail a job: charge it if it read data (engine marker or DB flag), else refund."""
+        with self.node.session() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None or job.state in ("succeeded", "failed"):
+                return
+            accessed = bool(data_accessed) or job.data_accessed
+            job.data_accessed = accessed
+            job.state = "failed"
+            job.failure = failure
+            job.updated_at = time.time()
+            s.add(job)
+            s.flush()
+            if accessed:
+                commit_budget(s, job_id, reason=f"failed after data access: {failure}",
+                              actor=self.node.node_key_id)
+            else:
+                refund_budget(s, job_id, reason=f"failed before data access: {failure}",
+                              actor=self.node.node_key_id)
+
+
+def recover_interrupted_jobs(node: Node) -> list[str]:
+    """On start-up, settle jobs a previous gateway process left queued or running.
+
+    No engine survives its gateway (each runs in a process group the launcher kills),
+    so such jobs are failed: charged if data access had begun (DB flag or the engine's
+    on-disk marker), refunded otherwise. Returns the ids settled.
+    """
+    from sqlmodel import select
+
+    with node.session() as s:
+        stale = s.exec(select(Job).where(Job.state.in_(("queued", "running")))).all()  # type: ignore[attr-defined]
+    runner = JobRunner(node)
+    for job in stale:
+        marker = node.deployment.jobs_dir / job.id / "data_access"
+        runner._settle_failure(job.id, "interrupted by a gateway restart", marker.exists())
+    return [job.id for job in stale]

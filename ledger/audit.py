@@ -1,0 +1,222 @@
+"""Append-only audit log with RFC 6962 leaf hashing, and its signed checkpoints.
+
+Contract:
+
+* ``append_entry`` must run inside the caller's write transaction, *before* the decision
+  it records takes effect: the entry commits atomically with the budget change it
+  describes, or neither happens.
+* Entries are canonical JSON (``ledger.canonical``); each stores its RFC 6962 leaf hash
+  ``SHA-256(0x00 || entry)``; ``merkle_root`` computes the RFC 6962 tree head
+  (interior nodes ``SHA-256(0x01 || left || right)``).
+* Entries hold ids, digests, parameters and decisions only — never data values.
+* ``publish_checkpoint`` signs the tree head of the current log with the node key. It
+  never signs a tree that is inconsistent with the latest stored checkpoint, or whose
+  entries do not hash to their stored leaf hashes: tampering with the stored log is
+  refused (``AuditLogCorrupted``), not laundered into a new signature.
+* Entries are immutable once committed, so a tree built from the first ``n`` entries
+  stays valid: readers may cache it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from ledger.canonical import canonical_json
+from ledger.checkpoints import (
+    Checkpoint,
+    CheckpointInvalid,
+    parse_and_verify_checkpoint,
+    sign_checkpoint,
+)
+from ledger.merkle import MerkleTree, leaf_hash, merkle_root, node_hash
+from ledger.models import AuditCheckpoint, AuditEntry, AuditHead
+
+__all__ = [
+    "AUDIT_ACTIONS",
+    "AuditLogCorrupted",
+    "append_entry",
+    "audit_size",
+    "audit_tree",
+    "checkpoint_texts",
+    "entry_object",
+    "latest_checkpoint_text",
+    "leaf_hash",
+    "merkle_root",
+    "node_hash",
+    "publish_checkpoint",
+    "read_entries",
+    "read_entry_rows",
+    "utc_timestamp",
+]
+
+AUDIT_ACTIONS = frozenset(
+    {
+        "admit",  # a job was admitted and its budget reserved
+        "deny",  # a request was refused (policy, budget, validation)
+        "charge",  # a reservation was committed
+        "refund",  # a reservation was released (failure before data access)
+        "release",  # DP outputs of a job were released
+        "key",  # the key registry changed
+        "dataset",  # a dataset was registered or its budget set
+    }
+)
+
+
+def utc_timestamp() -> str:
+    """Audit timestamp: RFC 3339 UTC with microseconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def append_entry(session: Session, *, action: str, **fields: Any) -> int:
+    """Append one audit entry in the caller's transaction; return its sequence number.
+
+    Locks the audit head row so concurrent appenders get dense, gap-free numbers.
+    """
+    if action not in AUDIT_ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}")
+    if "seq" in fields or "timestamp" in fields:
+        raise ValueError("seq and timestamp of an audit entry are set by append_entry")
+    head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+    if head is None:
+        head = AuditHead(id=1, size=0)
+        session.add(head)
+        session.flush()
+    seq = head.size
+    body = {"seq": seq, "timestamp": utc_timestamp(), "action": action, **fields}
+    encoded = canonical_json(body)
+    session.add(AuditEntry(seq=seq, entry=encoded.decode("utf-8"), leaf_hash=leaf_hash(encoded).hex()))
+    head.size = seq + 1
+    session.add(head)
+    session.flush()
+    return seq
+
+
+def read_entries(session: Session, start: int = 0, end: int | None = None) -> list[dict[str, Any]]:
+    """Decoded entries with ``start <= seq < end``, in order."""
+    return [json.loads(row.entry) for row in read_entry_rows(session, start, end)]
+
+
+def read_entry_rows(session: Session, start: int = 0, end: int | None = None) -> list[AuditEntry]:
+    """Stored entries (exact canonical text and leaf hash) with ``start <= seq < end``."""
+    query = select(AuditEntry).where(AuditEntry.seq >= start)
+    if end is not None:
+        query = query.where(AuditEntry.seq < end)
+    return list(session.exec(query.order_by(AuditEntry.seq)).all())
+
+
+def entry_object(text: str) -> dict[str, Any] | None:
+    """The object an entry text encodes, if the text is its canonical JSON; else None."""
+    try:
+        value = json.loads(text)
+        return value if isinstance(value, dict) and canonical_json(value) == text.encode() else None
+    except ValueError:
+        return None
+
+
+class AuditLogCorrupted(Exception):
+    """The stored log contradicts itself or a checkpoint the node signed earlier."""
+
+
+def audit_size(session: Session) -> int:
+    """Number of entries in the log, as seen by this transaction."""
+    size = session.exec(select(AuditHead.size).where(AuditHead.id == 1)).first()
+    return size or 0
+
+
+def audit_tree(session: Session, size: int) -> MerkleTree:
+    """The Merkle tree of the first ``size`` entries, from their stored leaf hashes."""
+    hashes = session.exec(
+        select(AuditEntry.leaf_hash).where(AuditEntry.seq < size).order_by(AuditEntry.seq)
+    ).all()
+    if len(hashes) != size:
+        raise AuditLogCorrupted(f"the log should hold {size} entries but {len(hashes)} are stored")
+    return MerkleTree(bytes.fromhex(h) for h in hashes)
+
+
+def checkpoint_texts(session: Session) -> list[str]:
+    """Every stored checkpoint text, by increasing tree size."""
+    return list(session.exec(select(AuditCheckpoint.text).order_by(AuditCheckpoint.size)).all())
+
+
+def latest_checkpoint_text(session: Session) -> str | None:
+    return session.exec(
+        select(AuditCheckpoint.text).order_by(AuditCheckpoint.size.desc()).limit(1)  # type: ignore[attr-defined]
+    ).first()
+
+
+def publish_checkpoint(session: Session, node_key: Ed25519PrivateKey, key_id: str) -> Checkpoint:
+    """Sign and store a checkpoint of the log at its current size; idempotent per size.
+
+    Runs in the caller's transaction. Before signing it recomputes every leaf hash from
+    the entry text and checks the tree against the latest earlier checkpoint; on any
+    mismatch it raises ``AuditLogCorrupted`` and signs nothing.
+    """
+    public_key = node_key.public_key()
+    size = audit_size(session)
+    existing = session.get(AuditCheckpoint, size)
+    if existing is not None:
+        return _stored_checkpoint(existing.text, public_key)
+    newest = session.exec(select(func.max(AuditCheckpoint.size))).one()
+    if newest is not None and newest > size:
+        raise AuditLogCorrupted(f"the log holds {size} entries but the node signed a checkpoint "
+                                f"at size {newest}: entries were removed; refusing to sign")
+    previous_text = latest_checkpoint_text(session)
+    previous = _stored_checkpoint(previous_text, public_key) if previous_text else None
+    tree = _recomputed_tree(session, size, new_from=previous.size if previous else 0)
+    if previous is not None:
+        checkpoint = previous
+        if tree.root(checkpoint.size) != checkpoint.root:
+            raise AuditLogCorrupted(
+                f"entries 0..{checkpoint.size - 1} no longer match the checkpoint signed at "
+                f"{checkpoint.timestamp}; refusing to sign over a modified log")
+    text = sign_checkpoint(node_key, key_id, size, tree.root(), utc_timestamp())
+    try:
+        with session.begin_nested():
+            session.add(AuditCheckpoint(size=size, text=text))
+    except IntegrityError:  # a concurrent publisher stored this size first
+        text = session.exec(select(AuditCheckpoint.text).where(AuditCheckpoint.size == size)).one()
+    return parse_and_verify_checkpoint(text, public_key)
+
+
+def _stored_checkpoint(text: str, public_key: Ed25519PublicKey) -> Checkpoint:
+    try:
+        return parse_and_verify_checkpoint(text, public_key)
+    except CheckpointInvalid as exc:
+        raise AuditLogCorrupted(f"a stored checkpoint is not valid ({exc}); refusing to sign") from None
+
+
+def _recomputed_tree(session: Session, size: int, *, new_from: int) -> MerkleTree:
+    """The tree of the first ``size`` entries, hashing each entry's text afresh.
+
+    Entries from ``new_from`` on (not yet covered by a checkpoint) must also be canonical
+    and numbered by their position; older ones are covered by the previous root.
+    """
+    rows = session.exec(
+        select(AuditEntry.seq, AuditEntry.entry, AuditEntry.leaf_hash)
+        .where(AuditEntry.seq < size)
+        .order_by(AuditEntry.seq)
+    ).all()
+    leaves = []
+    for position, (seq, entry, stored) in enumerate(rows):
+        digest = leaf_hash(entry.encode("utf-8"))
+        if seq != position or digest.hex() != stored:
+            raise AuditLogCorrupted(f"stored entry {position} does not match its leaf hash or "
+                                    "position; refusing to sign")
+        if position >= new_from:
+            value = entry_object(entry)
+            number = value.get("seq") if value is not None else None
+            if type(number) is not int or number != position:
+                raise AuditLogCorrupted(f"stored entry {position} is not a canonical entry "
+                                        f"numbered {position}; refusing to sign")
+        leaves.append(digest)
+    if len(leaves) != size:
+        raise AuditLogCorrupted(f"the log should hold {size} entries but {len(leaves)} are stored; "
+                                "refusing to sign")
+    return MerkleTree(leaves)

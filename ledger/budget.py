@@ -1,0 +1,222 @@
+"""Budget reservations against a dataset's Rényi privacy filter.
+
+Lifecycle of a job's charge (see docs/privacy.md):
+
+* ``reserve_budget`` at admission: under the dataset row lock, admit iff the filter rule
+  (``ledger.accounting.admits``) holds, then add the job's RDP vector to the dataset's
+  running vector and append the ``admit`` audit entry — all in one transaction, so no
+  interleaving of gateway threads or processes can overspend.
+* ``commit_budget`` at release, or on failure after data access began: the vector stays
+  spent forever.
+* ``refund_budget`` only when the job failed before reading any user data: the vector is
+  subtracted exactly (exact arithmetic), restoring the previous state bit for bit.
+
+All functions run inside the caller's open transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import Session, select
+
+from ledger import accounting
+from ledger.audit import append_entry
+from ledger.models import Dataset, Job
+
+
+class LedgerError(Exception):
+    """Base class of ledger refusals."""
+
+
+class UnknownDataset(LedgerError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"dataset {name!r} is not registered on this node")
+        self.name = name
+
+
+class BudgetExceeded(LedgerError):
+    """The proposed job does not fit the dataset's privacy filter; nothing was reserved."""
+
+    def __init__(self, dataset: str, epsilon: float, more_jobs_that_fit: int) -> None:
+        super().__init__(
+            f"the job (ε {epsilon:.3g}) does not fit the remaining privacy budget of {dataset!r}"
+        )
+        self.dataset = dataset
+        self.epsilon = epsilon
+        self.more_jobs_that_fit = more_jobs_that_fit
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """Whether a proposed job fits now, and how many such jobs would fit in total."""
+
+    fits: bool
+    jobs_that_fit: int
+
+
+def register_dataset(
+    session: Session,
+    *,
+    name: str,
+    owner: str,
+    path: str,
+    training_users: int,
+    evaluation_users: int,
+    num_features: int,
+    num_classes: int,
+    epsilon_total: float,
+    delta: float,
+    actor: str,
+) -> Dataset:
+    """Register a dataset with a fresh filter: budget B(α) for ε_total at δ, nothing spent."""
+    orders = accounting.FILTER_ORDERS
+    budget = accounting.filter_budget(epsilon_total=epsilon_total, delta=delta, orders=orders)
+    dataset = Dataset(
+        name=name,
+        owner=owner,
+        path=path,
+        training_users=training_users,
+        evaluation_users=evaluation_users,
+        num_features=num_features,
+        num_classes=num_classes,
+        epsilon_total=epsilon_total,
+        delta=delta,
+        filter_orders=json.dumps(list(orders)),
+        filter_budget=json.dumps(accounting.vector_to_json(budget)),
+        spent_rdp=json.dumps(accounting.vector_to_json(accounting.zero(orders))),
+        created_at=time.time(),
+    )
+    append_entry(
+        session,
+        action="dataset",
+        actor=actor,
+        dataset=name,
+        decision="registered",
+        epsilon_total=epsilon_total,
+        delta=delta,
+        training_users=training_users,
+        evaluation_users=evaluation_users,
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def _locked_dataset(session: Session, name: str) -> Dataset:
+    dataset = session.exec(select(Dataset).where(Dataset.name == name).with_for_update()).first()
+    if dataset is None:
+        raise UnknownDataset(name)
+    return dataset
+
+
+def filter_orders(dataset: Dataset) -> tuple[float, ...]:
+    return tuple(json.loads(dataset.filter_orders))
+
+
+def budget_fit(dataset: Dataset, cost_rdp: tuple[float, ...]) -> BudgetFit:
+    """Pure read of the filter: does ``cost_rdp`` fit now, and how many copies would."""
+    spent = accounting.vector_from_json(json.loads(dataset.spent_rdp))
+    budget = accounting.vector_from_json(json.loads(dataset.filter_budget))
+    return BudgetFit(
+        fits=accounting.admits(spent=spent, cost=cost_rdp, budget=budget),
+        jobs_that_fit=accounting.jobs_that_fit(spent=spent, cost=cost_rdp, budget=budget),
+    )
+
+
+def find_idempotent_job(session: Session, researcher_key_id: str, key: str | None) -> Job | None:
+    """The job already submitted by this key under ``key``, if any."""
+    if key is None:
+        return None
+    return session.exec(
+        select(Job).where(Job.researcher_key_id == researcher_key_id, Job.idempotency_key == key)
+    ).first()
+
+
+def reserve_budget(
+    session: Session, job: Job, cost_rdp: tuple[float, ...], audit: dict[str, Any]
+) -> Job:
+    """Admit ``job`` and reserve its cost, or raise ``BudgetExceeded`` reserving nothing.
+
+    ``audit`` holds the fields recorded with the decision (actor, policy version, ...).
+    The ``admit`` entry is appended in this transaction. On ``BudgetExceeded`` the caller
+    must roll back and record the ``deny`` in a transaction of its own.
+    """
+    dataset = _locked_dataset(session, job.dataset)
+    fit = budget_fit(dataset, cost_rdp)
+    if not fit.fits:
+        raise BudgetExceeded(dataset.name, job.epsilon, fit.jobs_that_fit)
+    spent = accounting.vector_from_json(json.loads(dataset.spent_rdp))
+    dataset.spent_rdp = json.dumps(accounting.vector_to_json(accounting.add(spent, cost_rdp)))
+    job.budget_state = "reserved"
+    job.cost_rdp = json.dumps(list(cost_rdp))
+    append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
+    session.add(dataset)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _locked_job(session: Session, job_id: str) -> Job:
+    job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+    if job is None:
+        raise LedgerError(f"no job {job_id!r}")
+    return job
+
+
+def commit_budget(session: Session, job_id: str, *, reason: str, actor: str) -> Job:
+    """Make a job's reservation a permanent charge (idempotent)."""
+    job = _locked_job(session, job_id)
+    if job.budget_state == "committed":
+        return job
+    if job.budget_state != "reserved":
+        raise LedgerError(f"job {job_id} budget is {job.budget_state}, cannot commit")
+    append_entry(
+        session,
+        action="charge",
+        actor=actor,
+        job_id=job.id,
+        dataset=job.dataset,
+        epsilon=job.epsilon,
+        delta=job.delta,
+        reason=reason,
+    )
+    job.budget_state = "committed"
+    job.updated_at = time.time()
+    session.add(job)
+    session.flush()
+    return job
+
+
+def refund_budget(session: Session, job_id: str, *, reason: str, actor: str) -> Job:
+    """Release a reservation of a job that never read user data (exact subtraction)."""
+    job = _locked_job(session, job_id)
+    if job.data_accessed:
+        raise LedgerError(f"job {job_id} read user data; its charge cannot be refunded")
+    if job.budget_state == "refunded":
+        return job
+    if job.budget_state != "reserved":
+        raise LedgerError(f"job {job_id} budget is {job.budget_state}, cannot refund")
+    dataset = _locked_dataset(session, job.dataset)
+    append_entry(
+        session,
+        action="refund",
+        actor=actor,
+        job_id=job.id,
+        dataset=job.dataset,
+        epsilon=job.epsilon,
+        delta=job.delta,
+        reason=reason,
+    )
+    spent = accounting.vector_from_json(json.loads(dataset.spent_rdp))
+    cost = tuple(json.loads(job.cost_rdp))
+    dataset.spent_rdp = json.dumps(accounting.vector_to_json(accounting.subtract(spent, cost)))
+    job.budget_state = "refunded"
+    job.updated_at = time.time()
+    session.add(dataset)
+    session.add(job)
+    session.flush()
+    return job

@@ -1,0 +1,213 @@
+"""RFC 6962 / RFC 9162 Merkle tree math: tree heads, inclusion and consistency proofs.
+
+Pure functions over 32-byte SHA-256 hashes; no I/O. Checked against the published
+Certificate Transparency reference vectors (tests/test_merkle.py).
+
+Contract:
+
+* ``leaf_hash(d) = SHA-256(0x00 || d)``, ``node_hash(l, r) = SHA-256(0x01 || l || r)``;
+  the tree hash of ``n`` leaves splits at the largest power of two ``k < n``
+  (RFC 9162 §2.1.1); the empty tree hashes to ``SHA-256("")``.
+* Proofs are generated exactly as RFC 9162 §2.1.3.1 (``PATH``) and §2.1.4.1
+  (``PROOF``/``SUBPROOF``) define them, ordered from the leaf side to the root side.
+* ``verify_inclusion`` and ``verify_consistency`` implement the verification
+  algorithms of RFC 9162 §2.1.3.2 and §2.1.4.2. They return ``False`` — never raise —
+  for any malformed input (wrong sizes, wrong hash lengths, wrong proof length).
+* ``MerkleTree`` keeps the hash of every complete (power-of-two, aligned) subtree, so
+  the root at any size and any proof cost O(log n) hashes once the tree is built
+  (building it costs n - 1 hashes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+HASH_SIZE = 32
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+
+def leaf_hash(entry_bytes: bytes) -> bytes:
+    """RFC 6962 leaf hash: SHA-256(0x00 || entry)."""
+    return hashlib.sha256(b"\x00" + entry_bytes).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """RFC 6962 interior node hash: SHA-256(0x01 || left || right)."""
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """The largest power of two strictly smaller than ``n`` (``n >= 2``)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+class MerkleTree:
+    """An append-only RFC 6962 tree over leaf hashes, with every complete subtree cached.
+
+    ``_levels[h][i]`` is the hash of the complete subtree of ``2**h`` leaves starting at
+    leaf ``i * 2**h``; incomplete right-edge subtrees are never stored, so appending
+    never invalidates a cached hash.
+    """
+
+    def __init__(self, leaf_hashes: Iterable[bytes] = ()) -> None:
+        self._levels: list[list[bytes]] = [list(leaf_hashes)]
+        if any(len(h) != HASH_SIZE for h in self._levels[0]):
+            raise ValueError("leaf hashes must be 32 bytes")
+        level = self._levels[0]
+        while len(level) >= 2:
+            level = [node_hash(a, b) for a, b in zip(level[0::2], level[1::2], strict=False)]
+            self._levels.append(level)
+
+    @property
+    def size(self) -> int:
+        return len(self._levels[0])
+
+    def leaf(self, index: int) -> bytes:
+        return self._levels[0][index]
+
+    def append(self, leaf: bytes) -> None:
+        """Add one leaf hash; O(log n) amortised O(1) hashes."""
+        if len(leaf) != HASH_SIZE:
+            raise ValueError("leaf hashes must be 32 bytes")
+        self._levels[0].append(leaf)
+        height = 0
+        while len(self._levels[height]) % 2 == 0:
+            level = self._levels[height]
+            if height + 1 == len(self._levels):
+                self._levels.append([])
+            self._levels[height + 1].append(node_hash(level[-2], level[-1]))
+            height += 1
+
+    def root(self, size: int | None = None) -> bytes:
+        """Tree head of the first ``size`` leaves (default: all)."""
+        size = self.size if size is None else size
+        self._check_size(size)
+        return EMPTY_ROOT if size == 0 else self._subtree(0, size)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 PATH(index, D[0:size]); requires ``0 <= index < size <= self.size``."""
+        self._check_size(size)
+        if not 0 <= index < size:
+            raise ValueError(f"leaf index {index} is outside a tree of size {size}")
+        proof: list[bytes] = []
+        lo, hi = 0, size
+        while hi - lo > 1:
+            k = _split(hi - lo)
+            if index < lo + k:
+                proof.append(self._subtree(lo + k, hi))
+                hi = lo + k
+            else:
+                proof.append(self._subtree(lo, lo + k))
+                lo += k
+        proof.reverse()  # collected root-side first; RFC order is leaf-side first
+        return proof
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """RFC 9162 PROOF(old_size, D[0:new_size]); empty when ``old_size`` is 0 or equal."""
+        self._check_size(new_size)
+        if not 0 <= old_size <= new_size:
+            raise ValueError(f"old size {old_size} must be between 0 and new size {new_size}")
+        if old_size in (0, new_size):
+            return []
+        proof: list[bytes] = []
+        lo, hi, m, complete = 0, new_size, old_size, True
+        while m != hi - lo:
+            k = _split(hi - lo)
+            if m <= k:
+                proof.append(self._subtree(lo + k, hi))
+                hi = lo + k
+            else:
+                proof.append(self._subtree(lo, lo + k))
+                lo, m, complete = lo + k, m - k, False
+        if not complete:
+            proof.append(self._subtree(lo, hi))
+        proof.reverse()
+        return proof
+
+    def _subtree(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) from cached complete subtrees; O(log n) hashes."""
+        width = hi - lo
+        if width & (width - 1) == 0 and lo % width == 0:
+            return self._levels[width.bit_length() - 1][lo // width]
+        k = _split(width)
+        return node_hash(self._subtree(lo, lo + k), self._subtree(lo + k, hi))
+
+    def _check_size(self, size: int) -> None:
+        if not 0 <= size <= self.size:
+            raise ValueError(f"tree size {size} is outside 0..{self.size}")
+
+
+def merkle_root(leaves: Sequence[bytes]) -> bytes:
+    """RFC 6962 Merkle tree hash of a list of leaf hashes (empty tree = SHA-256(''))."""
+    return MerkleTree(leaves).root()
+
+
+def inclusion_proof(leaves: Sequence[bytes], index: int, size: int) -> list[bytes]:
+    """Inclusion proof for leaf ``index`` in the tree of the first ``size`` leaves."""
+    return MerkleTree(leaves[:size]).inclusion_proof(index, size)
+
+
+def consistency_proof(leaves: Sequence[bytes], old_size: int, new_size: int) -> list[bytes]:
+    """Consistency proof from the tree of ``old_size`` leaves to that of ``new_size``."""
+    return MerkleTree(leaves[:new_size]).consistency_proof(old_size, new_size)
+
+
+def _well_formed(*hashes: bytes) -> bool:
+    return all(isinstance(h, bytes) and len(h) == HASH_SIZE for h in hashes)
+
+
+def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes) -> bool:
+    """RFC 9162 §2.1.3.2: does ``proof`` show leaf hash ``leaf`` at ``index`` under ``root``?"""
+    if not 0 <= index < size or not _well_formed(leaf, root, *proof):
+        return False
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            r = node_hash(r, p)
+        fn, sn = fn >> 1, sn >> 1
+    return sn == 0 and r == root
+
+
+def verify_consistency(
+    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
+) -> bool:
+    """RFC 9162 §2.1.4.2: is the tree ``old_root`` (old_size) a prefix of ``new_root``?
+
+    Edge cases outside the RFC's ``0 < old < new``: equal sizes need an empty proof and
+    equal roots; the empty tree (``old_root`` = SHA-256("")) is a prefix of every tree.
+    """
+    if not 0 <= old_size <= new_size or not _well_formed(old_root, new_root, *proof):
+        return False
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if old_size == 0:
+        return not proof and old_root == EMPTY_ROOT
+    if not proof:
+        return False
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr, sr = node_hash(c, fr), node_hash(c, sr)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = node_hash(sr, c)
+        fn, sn = fn >> 1, sn >> 1
+    return sn == 0 and fr == old_root and sr == new_root

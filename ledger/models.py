@@ -1,0 +1,127 @@
+"""Ledger tables (SQLModel): one schema for SQLite and PostgreSQL.
+
+Invariants kept by the code that writes these rows (``ledger.budget``, ``ledger.audit``,
+``ledger.keys``), not by the tables alone:
+
+* ``Dataset.spent_rdp`` is the exact sum of the RDP vectors of every job whose budget
+  is ``reserved`` or ``committed`` on that dataset; it only changes in a transaction
+  that holds the dataset row lock and appends the audit entry for the change.
+* ``AuditEntry.seq`` is dense (0, 1, 2, ...) and entries are never updated or deleted;
+  ``AuditCheckpoint`` rows are signed tree heads of prefixes of that log.
+* A ``SeenNonce`` row exists for every accepted signed request until it expires, so a
+  replay is refused even after the gateway restarts.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class Principal(SQLModel, table=True):
+    """A registered public key of a researcher or compliance officer."""
+
+    key_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(index=True, max_length=128)
+    role: str = Field(max_length=32)  # "researcher" | "officer"
+    group: str = Field(default="", max_length=128)
+    public_key: str = Field(max_length=128)  # base64 of the raw 32-byte Ed25519 key
+    status: str = Field(default="active", max_length=16)  # "active" | "revoked"
+    created_at: float
+    revoked_at: float | None = None
+
+
+class SeenNonce(SQLModel, table=True):
+    """A nonce accepted once from one key; kept until its signature expires."""
+
+    __table_args__ = (UniqueConstraint("key_id", "nonce"),)
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: str = Field(max_length=64)
+    nonce: str = Field(max_length=128)
+    expires_at: float = Field(index=True)
+
+
+class Dataset(SQLModel, table=True):
+    """A dataset held by the node, with its (ε_total, δ) budget and Rényi-filter state."""
+
+    name: str = Field(primary_key=True, max_length=128)
+    owner: str = Field(max_length=128)
+    path: str
+    training_users: int
+    evaluation_users: int
+    num_features: int
+    num_classes: int
+    epsilon_total: float
+    delta: float
+    filter_orders: str = Field(sa_column=Column(Text, nullable=False))  # JSON list of floats
+    filter_budget: str = Field(sa_column=Column(Text, nullable=False))  # JSON exact fractions
+    spent_rdp: str = Field(sa_column=Column(Text, nullable=False))  # JSON exact fractions
+    created_at: float
+
+
+class ModelArtifact(SQLModel, table=True):
+    """An uploaded model artifact, content-addressed by the SHA-256 of its bytes."""
+
+    digest: str = Field(primary_key=True, max_length=80)
+    size: int
+    uploaded_by: str = Field(max_length=64)
+    created_at: float
+
+
+class Job(SQLModel, table=True):
+    """A training job and its budget reservation.
+
+    ``budget_state`` lifecycle: ``reserved`` (at admission) → ``committed`` (at release,
+    or on failure after data access began) | ``refunded`` (failure before any user
+    data was read).
+    """
+
+    __table_args__ = (UniqueConstraint("researcher_key_id", "idempotency_key"),)
+    id: str = Field(primary_key=True, max_length=64)
+    dataset: str = Field(index=True, max_length=128)
+    researcher_key_id: str = Field(max_length=64)
+    researcher: str = Field(max_length=128)
+    idempotency_key: str | None = Field(default=None, max_length=128)
+    request_digest: str = Field(max_length=80)
+    model_digest: str = Field(max_length=80)
+    spec: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON of the job spec
+    cost: str = Field(sa_column=Column(Text, nullable=False))  # JobCost JSON (DpEvents)
+    cost_rdp: str = Field(sa_column=Column(Text, nullable=False))  # exact RDP vector charged
+    epsilon: float
+    delta: float
+    state: str = Field(index=True, max_length=32)  # queued|running|succeeded|failed
+    budget_state: str = Field(max_length=16)  # reserved|committed|refunded
+    data_accessed: bool = False
+    round: int = 0
+    rounds: int
+    policy_version: str = Field(max_length=80)
+    failure: str | None = None
+    release: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: float
+    updated_at: float
+
+
+class AuditHead(SQLModel, table=True):
+    """Single row locked by every audit append, so entry numbers stay dense."""
+
+    id: int = Field(default=1, primary_key=True)
+    size: int = 0
+
+
+class AuditEntry(SQLModel, table=True):
+    """One canonical-JSON audit entry and its RFC 6962 leaf hash."""
+
+    seq: int = Field(primary_key=True)
+    entry: str = Field(sa_column=Column(Text, nullable=False))
+    leaf_hash: str = Field(max_length=64)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed checkpoint (``ledger.checkpoints`` text) of the audit log at ``size``.
+
+    At most one per size; never updated or deleted. Each one is consistent with every
+    earlier one (``ledger.audit.publish_checkpoint`` refuses to sign otherwise).
+    """
+
+    size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    text: str = Field(sa_column=Column(Text, nullable=False))

@@ -1,0 +1,94 @@
+"""Shared fixtures: real deployments, real databases (SQLite and PostgreSQL), real keys.
+
+PostgreSQL tests run against the server at 127.0.0.1:5432 (trust auth, database
+``test``), each in a schema of its own. When ``CI`` is set they must run: an absent
+server is a failure there, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from gateway import keys
+from gateway.deployment import init_deployment
+
+POSTGRES_URL = os.environ.get(
+    "FEDGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _postgres_available() -> bool:
+    try:
+        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    if not _postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but not reachable at {POSTGRES_URL}")
+        pytest.skip("PostgreSQL not reachable (set CI to make this a failure)")
+    schema = "fg_" + uuid.uuid4().hex[:12]
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each ledger test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def synthetic_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.datastore import generate_synthetic
+
+    path = tmp_path_factory.mktemp("data") / "users.parquet"
+    generate_synthetic(path, users=600, features=20, classes=5, global_model_std=3.0, seed=7,
+                       format="parquet")
+    return path
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path, synthetic_table: Path, db_url: str, monkeypatch) -> Path:
+    """An initialised deployment with dataset ``demo`` (ε_total 4, δ 1e-5)."""
+    from gateway.cli import main as fedgate
+
+    monkeypatch.setenv("FEDGATE_DATABASE_URL", db_url)
+    root = tmp_path / "node"
+    init_deployment(root, owner="owner")
+    assert fedgate(["-d", str(root), "dataset", "import", "demo", str(synthetic_table),
+                    "--user-column", "user_id", "--label-column", "label",
+                    "--epsilon-total", "4", "--delta", "1e-5"]) == 0
+    return root
+
+
+def make_researcher(node_dir: Path, name: str, *, group: str = "researchers"):  # type: ignore[no-untyped-def]
+    """Register a fresh researcher key; returns the private key."""
+    from gateway.cli import main as fedgate
+
+    private_key = keys.generate_private_key()
+    _, public_path = keys.write_key_pair(private_key, node_dir / f"{name}-{uuid.uuid4().hex[:6]}")
+    assert fedgate(["-d", str(node_dir), "researcher", "add", name, "--public-key",
+                    str(public_path), "--group", group]) == 0
+    return private_key

@@ -1,0 +1,197 @@
+"""The gateway's admission path over real HTTP semantics (Starlette TestClient):
+real Ed25519 signatures, real Casbin, real ledger on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from gateway import keys
+from gateway.app import create_app
+from gateway.request_signing import SignedRequestAuth, signature_headers
+from ledger.audit import read_entries
+from ledger.db import make_engine, session
+from tests.conftest import make_researcher
+
+FIXTURES = Path(__file__).parent / "fixtures"
+JOB = {"dataset": "demo", "rounds": 10, "clients_per_round": 20, "noise_multiplier": 1.0,
+       "clip": 1.0}
+
+
+@pytest.fixture
+def model_bytes() -> bytes:
+    return (FIXTURES / "logreg-20x5.json").read_bytes()
+
+
+def signed_client(app, private_key) -> TestClient:  # type: ignore[no-untyped-def]
+    client = TestClient(app)
+    client.auth = SignedRequestAuth(private_key)
+    return client
+
+
+def audit_entries(db_url: str) -> list[dict]:
+    engine = make_engine(db_url)
+    with session(engine) as s:
+        entries = read_entries(s)
+    engine.dispose()
+    return entries
+
+
+def test_health_is_public_and_everything_else_needs_a_signature(node_dir: Path) -> None:
+    with TestClient(create_app(node_dir)) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        response = anonymous.get("/v1/datasets")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == "urn:fedgate:problem:signature-missing"
+
+
+def test_registered_researcher_sees_the_dataset_with_rounded_user_counts(node_dir: Path) -> None:
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        datasets = client.get("/v1/datasets").json()["datasets"]
+    assert [d["name"] for d in datasets] == ["demo"]
+    assert datasets[0]["training_users_rounded"] % 100 == 0
+
+
+def test_request_signed_by_unregistered_key_is_refused(node_dir: Path) -> None:
+    stranger = keys.generate_private_key()
+    with signed_client(create_app(node_dir), stranger) as client:
+        response = client.get("/v1/datasets")
+    assert response.status_code == 401
+    assert response.json()["type"] == "urn:fedgate:problem:unknown-key"
+
+
+def test_bad_signature_is_refused(node_dir: Path) -> None:
+    alice = make_researcher(node_dir, "alice")
+    impostor = keys.generate_private_key()
+    url = "http://testserver/v1/datasets"
+    # Signed by another key but claiming alice's key id.
+    headers = signature_headers(private_key=impostor, method="GET", url=url, body=b"",
+                                content_type=None, key_id=keys.key_id(alice.public_key()))
+    with TestClient(create_app(node_dir)) as client:
+        response = client.get("/v1/datasets", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["type"] == "urn:fedgate:problem:signature-invalid"
+
+
+def test_body_altered_after_signing_is_refused(node_dir: Path) -> None:
+    alice = make_researcher(node_dir, "alice")
+    url = "http://testserver/v1/estimate"
+    body = json.dumps(JOB).encode()
+    headers = signature_headers(private_key=alice, method="POST", url=url, body=body,
+                                content_type="application/json")
+    tampered = body.replace(b'"rounds": 10', b'"rounds": 11')
+    with TestClient(create_app(node_dir)) as client:
+        response = client.post("/v1/estimate", content=tampered, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["type"] == "urn:fedgate:problem:digest-mismatch"
+
+
+def test_replayed_request_is_refused_even_after_restart(node_dir: Path) -> None:
+    alice = make_researcher(node_dir, "alice")
+    headers = signature_headers(private_key=alice, method="GET",
+                                url="http://testserver/v1/datasets", body=b"", content_type=None)
+    with TestClient(create_app(node_dir)) as client:
+        assert client.get("/v1/datasets", headers=headers).status_code == 200
+        assert client.get("/v1/datasets", headers=headers).status_code == 401
+    with TestClient(create_app(node_dir)) as restarted:
+        response = restarted.get("/v1/datasets", headers=headers)
+    assert response.json()["type"] == "urn:fedgate:problem:replayed-nonce"
+
+
+def test_revoked_key_is_refused_on_the_next_request(node_dir: Path) -> None:
+    from gateway.cli import main as fedgate
+
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        assert client.get("/v1/datasets").status_code == 200
+        assert fedgate(["-d", str(node_dir), "researcher", "revoke", "alice"]) == 0
+        response = client.get("/v1/datasets")
+    assert response.json()["type"] == "urn:fedgate:problem:revoked-key"
+
+
+def test_oversize_body_is_refused_with_413(node_dir: Path) -> None:
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        response = client.post("/v1/estimate", content=b"x" * (1024 * 1024 + 1),
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_policy_denied_job_is_refused_with_403_and_audited(
+    node_dir: Path, db_url: str, model_bytes: bytes
+) -> None:
+    (node_dir / "policies" / "policy.csv").write_text(
+        "p, researchers, owner, *, train, allow\n"
+        "p, interns, owner, demo, train, deny\n"
+        "g, bob, interns, owner\n"
+    )
+    bob = make_researcher(node_dir, "bob")
+    with signed_client(create_app(node_dir), bob) as client:
+        digest = client.post("/v1/models", content=model_bytes,
+                             headers={"Content-Type": "application/json"}).json()["digest"]
+        response = client.post("/v1/jobs", json={**JOB, "model_digest": digest})
+    assert response.status_code == 403
+    problem = response.json()
+    assert problem["type"] == "urn:fedgate:problem:policy-denied"
+    assert "interns" in problem["detail"]
+    denial = [e for e in audit_entries(db_url) if e["action"] == "deny"][-1]
+    assert denial["reason"] == "policy-denied"
+    assert denial["principal"] == "bob"
+    assert denial["policy_version"].startswith("sha256:")
+
+
+def test_job_exceeding_the_budget_is_refused_with_a_fix_and_audited(
+    node_dir: Path, db_url: str, model_bytes: bytes
+) -> None:
+    alice = make_researcher(node_dir, "alice")
+    greedy = {**JOB, "rounds": 5000, "noise_multiplier": 0.8}
+    with signed_client(create_app(node_dir), alice) as client:
+        digest = client.post("/v1/models", content=model_bytes,
+                             headers={"Content-Type": "application/json"}).json()["digest"]
+        response = client.post("/v1/jobs", json={**greedy, "model_digest": digest})
+    assert response.status_code == 403
+    problem = response.json()
+    assert problem["type"] == "urn:fedgate:problem:budget-exceeded"
+    assert "lower rounds to ≤" in problem["detail"]
+    assert "noise_multiplier" in problem["detail"]
+    assert problem["more_jobs_that_fit"] == 0
+    denial = [e for e in audit_entries(db_url) if e["action"] == "deny"][-1]
+    assert denial["reason"] == "budget-exceeded"
+    assert denial["parameters"]["rounds"] == 5000
+
+
+def test_estimate_is_a_dry_run_that_charges_nothing(node_dir: Path, db_url: str) -> None:
+    alice = make_researcher(node_dir, "alice")
+    before = len(audit_entries(db_url))
+    with signed_client(create_app(node_dir), alice) as client:
+        first = client.post("/v1/estimate", json=JOB)
+        second = client.post("/v1/estimate", json=JOB)
+    assert first.status_code == 200
+    assert first.json() == second.json()
+    assert first.json()["fits"] is True and first.json()["epsilon"] > 0
+    assert len(audit_entries(db_url)) == before
+
+
+def test_invalid_parameters_are_refused_naming_the_field(node_dir: Path) -> None:
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        response = client.post("/v1/jobs", json={**JOB, "noise_multiplier": -1,
+                                                 "model_digest": "sha256:" + "0" * 64})
+    assert response.status_code == 422
+    assert response.json()["field"] == "noise_multiplier"
+
+
+def test_model_with_a_lambda_layer_is_rejected_at_upload(node_dir: Path, model_bytes: bytes) -> None:
+    alice = make_researcher(node_dir, "alice")
+    doc = json.loads(model_bytes)
+    doc["config"]["config"]["layers"][-1]["class_name"] = "Lambda"
+    with signed_client(create_app(node_dir), alice) as client:
+        response = client.post("/v1/models", content=json.dumps(doc).encode(),
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert "Lambda" in response.json()["detail"]
