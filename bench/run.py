@@ -12,9 +12,9 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import accounting
+from bench import accounting, audit
 
-BENCHMARKS = {"accounting": accounting.run}
+BENCHMARKS = {"accounting": accounting.run, "audit": audit.run}
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact_structure
+from gateway import audit_api
 from gateway.admission import JobRequest, admit_job, estimate_job
 from gateway.jobs import JobRunner, recover_interrupted_jobs
 from gateway.middleware import BodyLimitMiddleware, SignatureAuthMiddleware
@@ -201,7 +202,8 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
         settled = await run_in_threadpool(recover_interrupted_jobs, node)
         if settled:
             log.warning("settled %d jobs interrupted by a restart", len(settled))
-        yield
+        async with audit_api.periodic_checkpoints(node):
+            yield
         await runner.shutdown()
 
     def limit_for_path(path: str) -> int:
@@ -216,6 +218,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/jobs", submit_job, methods=["POST"]),
             Route("/v1/jobs/{job_id}", job_status),
             Route("/v1/jobs/{job_id}/result", job_result),
+            *audit_api.routes(),
         ],
         middleware=[
             Middleware(BodyLimitMiddleware, limit_for_path=limit_for_path),

@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_budget_show)
 
+    from gateway import cli_audit
+
+    cli_audit.register(commands)
+
     p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)

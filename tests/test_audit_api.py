@@ -10,17 +10,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.testclient import TestClient
 
 from gateway import audit_api, keys
+from gateway.app import create_app
 from gateway.deployment import init_deployment
-from gateway.middleware import BodyLimitMiddleware, SignatureAuthMiddleware
 from gateway.node import Node
-from gateway.problems import Problem, problem_response
 from gateway.request_signing import SignedRequestAuth
 from ledger.audit import append_entry, latest_checkpoint_text, read_entries
 from ledger.audit_verify import verify_export
@@ -46,25 +41,7 @@ def make_officer(root: Path, name: str = "olivia"):  # type: ignore[no-untyped-d
     return private_key
 
 
-def audit_app(root: Path) -> Starlette:
-    """The audit routes behind the gateway's middleware (until app.py mounts them)."""
-    node = Node(root)
-
-    async def on_problem(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, Problem)
-        return problem_response(exc)
-
-    app = Starlette(
-        routes=audit_api.routes(),
-        middleware=[Middleware(BodyLimitMiddleware, limit_for_path=lambda path: 1 << 20),
-                    Middleware(SignatureAuthMiddleware, node=node)],
-        exception_handlers={Problem: on_problem},
-    )
-    app.state.node = node
-    return app
-
-
-def signed_client(app: Starlette, private_key) -> TestClient:  # type: ignore[no-untyped-def]
+def signed_client(app, private_key) -> TestClient:  # type: ignore[no-untyped-def]
     # Starlette 1.x's TestClient takes no ``auth`` argument; httpx's attribute still works.
     client = TestClient(app)
     client.auth = SignedRequestAuth(private_key)
@@ -85,7 +62,7 @@ def node_public_key(root: Path):  # type: ignore[no-untyped-def]
 
 def test_officer_gets_a_signed_checkpoint_and_proofs_that_verify_against_it(deployment: Path) -> None:
     officer = make_officer(deployment)
-    with signed_client(audit_app(deployment), officer) as client:
+    with signed_client(create_app(deployment), officer) as client:
         first = client.get("/v1/audit/checkpoint").json()
         append(deployment, 6)
         second = client.get("/v1/audit/checkpoint").json()
@@ -106,7 +83,7 @@ def test_officer_gets_a_signed_checkpoint_and_proofs_that_verify_against_it(depl
 def test_officer_pages_through_entries_and_exports_a_verifiable_log(deployment: Path) -> None:
     officer = make_officer(deployment)
     append(deployment, 5)
-    with signed_client(audit_app(deployment), officer) as client:
+    with signed_client(create_app(deployment), officer) as client:
         page = client.get("/v1/audit/entries", params={"start": 2, "end": 4}).json()
         export = client.get("/v1/audit/export")
     assert page["size"] == 6
@@ -131,7 +108,7 @@ def test_out_of_range_or_malformed_queries_are_invalid_requests(
 ) -> None:
     officer = make_officer(deployment)
     append(deployment, 3)
-    with signed_client(audit_app(deployment), officer) as client:
+    with signed_client(create_app(deployment), officer) as client:
         response = client.get(path, params=params)
     assert response.status_code == 422
     assert response.json()["type"] == "urn:fedgate:problem:invalid-request"
@@ -139,7 +116,7 @@ def test_out_of_range_or_malformed_queries_are_invalid_requests(
 
 def test_researcher_is_refused_read_audit_and_the_refusal_is_audited(deployment: Path) -> None:
     alice = make_researcher(deployment, "alice")
-    with signed_client(audit_app(deployment), alice) as client:
+    with signed_client(create_app(deployment), alice) as client:
         response = client.get("/v1/audit/export")
     assert response.status_code == 403
     assert response.json()["type"] == "urn:fedgate:problem:policy-denied"
@@ -180,7 +157,7 @@ def test_periodic_publisher_signs_a_checkpoint_when_the_log_grows(deployment: Pa
 
 def test_checkpoint_text_is_served_verbatim(deployment: Path) -> None:
     officer = make_officer(deployment)
-    with signed_client(audit_app(deployment), officer) as client:
+    with signed_client(create_app(deployment), officer) as client:
         body = client.get("/v1/audit/checkpoint").json()
     lines = body["checkpoint"].split("\n")
     assert lines[:4] == [body["origin"], str(body["size"]),

@@ -5,7 +5,6 @@ naming the first bad entry; the node refuses to sign over a tampered log."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select, update
 
-from gateway import cli_audit, keys
+from gateway import keys
+from gateway.cli import main as fedgate
 from ledger.audit import AuditLogCorrupted, append_entry, publish_checkpoint
 from ledger.audit_export import export_audit
 from ledger.audit_verify import verify_export
@@ -290,15 +290,6 @@ def test_a_publisher_that_loses_the_race_returns_the_stored_checkpoint(log: Log)
 
 # --- the command line ---------------------------------------------------------------------
 
-def fedgate_audit(argv: list[str]) -> int:
-    """``fedgate ARGV`` with the audit commands (until cli.py registers them itself)."""
-    parser = argparse.ArgumentParser(prog="fedgate")
-    parser.add_argument("-d", "--deployment")
-    cli_audit.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
 @pytest.mark.parametrize("name", [None, *TAMPERINGS])
 def test_audit_verify_command_exits_1_printing_the_first_problem(
     log: Log, name: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -308,7 +299,7 @@ def test_audit_verify_command_exits_1_printing_the_first_problem(
     export, node_pub = tmp_path / "audit.json", tmp_path / "node"
     export.write_bytes(log.export())
     keys.write_key_pair(log.node_key, node_pub)
-    status = fedgate_audit(["audit", "verify", str(export), "--node-key", f"{node_pub}.pub"])
+    status = fedgate(["audit", "verify", str(export), "--node-key", f"{node_pub}.pub"])
     out = capsys.readouterr().out
     if name is None:
         assert status == 0 and out.startswith("OK: 12 entries")
