@@ -22,7 +22,11 @@ $(CURDIR)/.tools/bin/uv:
 	$(UV) sync --locked
 	touch $@
 
-env: .venv/.synced ## install uv if missing and sync .venv from uv.lock
+tests/interop/node_modules/.installed: tests/interop/package-lock.json
+	cd tests/interop && npm ci --silent --no-audit --no-fund
+	touch $@
+
+env: .venv/.synced tests/interop/node_modules/.installed ## install uv if missing, sync .venv from uv.lock, test deps
 
 test: env ## run the full test suite (TFF and PostgreSQL included)
 	$(PYTEST) -q

@@ -87,6 +87,21 @@ def cmd_principal_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_principal_rotate(args: argparse.Namespace) -> int:
+    from gateway import keys
+    from ledger.registry import rotate_principal
+
+    node = _node(args)
+    public_key = keys.load_public_key(Path(args.public_key))
+    with node.session() as s, s.begin():
+        principal = rotate_principal(
+            s, name=args.name, role=args.role, key_id=keys.key_id(public_key),
+            public_key_b64=keys.public_key_b64(public_key), actor="owner-cli",
+        )
+    print(f"rotated {args.role} {principal.name}: new key {principal.key_id}; old keys revoked")
+    return 0
+
+
 def cmd_principal_list(args: argparse.Namespace) -> int:
     from ledger.registry import list_principals
 
@@ -274,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("list", help=f"list {role} keys")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_principal_list, role=role)
+        p = sub.add_parser("rotate", help=f"replace a {role}'s keys by a new public key")
+        p.add_argument("name")
+        p.add_argument("--public-key", required=True, help="the new PEM public key")
+        p.set_defaults(func=cmd_principal_rotate, role=role)
         p = sub.add_parser("revoke", help="revoke all keys of NAME (or one key id)")
         p.add_argument("name")
         p.set_defaults(func=cmd_principal_revoke, role=role)

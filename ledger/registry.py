@@ -74,6 +74,26 @@ def revoke_principal(session: Session, *, name_or_key_id: str, actor: str) -> li
     return list(rows)
 
 
+def rotate_principal(
+    session: Session, *, name: str, role: str, key_id: str, public_key_b64: str, actor: str
+) -> Principal:
+    """Replace every active key of ``name`` by a new one, atomically (one transaction).
+
+    The principal keeps its role and group; requests signed with the old keys are refused
+    from the next request on.
+    """
+    current = session.exec(
+        select(Principal).where(Principal.name == name, Principal.role == role,
+                                Principal.status == "active")
+    ).all()
+    if not current:
+        raise ValueError(f"no active {role} named {name!r} to rotate")
+    group = current[0].group
+    revoke_principal(session, name_or_key_id=name, actor=actor)
+    return add_principal(session, name=name, role=role, key_id=key_id,
+                         public_key_b64=public_key_b64, group=group, actor=actor)
+
+
 def list_principals(session: Session) -> list[Principal]:
     return list(session.exec(select(Principal).order_by(Principal.name)).all())
 

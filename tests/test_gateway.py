@@ -195,3 +195,21 @@ def test_model_with_a_lambda_layer_is_rejected_at_upload(node_dir: Path, model_b
                                headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     assert "Lambda" in response.json()["detail"]
+
+
+def test_rotated_key_replaces_the_old_one_and_keeps_the_group(node_dir: Path, db_url: str) -> None:
+    from gateway.cli import main as fedgate
+
+    old = make_researcher(node_dir, "alice")
+    new = keys.generate_private_key()
+    _, new_pub = keys.write_key_pair(new, node_dir / "alice-new")
+    assert fedgate(["-d", str(node_dir), "researcher", "rotate", "alice",
+                    "--public-key", str(new_pub)]) == 0
+    app = create_app(node_dir)
+    with signed_client(app, old) as client:
+        assert client.get("/v1/datasets").json()["type"] == "urn:fedgate:problem:revoked-key"
+    with signed_client(app, new) as client:
+        assert [d["name"] for d in client.get("/v1/datasets").json()["datasets"]] == ["demo"]
+    key_changes = [(e["decision"], e["key_id"]) for e in audit_entries(db_url) if e["action"] == "key"]
+    assert key_changes[-2:] == [("revoked", keys.key_id(old.public_key())),
+                                ("added", keys.key_id(new.public_key()))]
