@@ -112,3 +112,19 @@ def test_each_defect_is_refused_with_its_own_problem_type(alice) -> None:  # typ
     }
     assert _slug(lambda: _verify(good, registered, url=URL + "?x=1")) == "signature-invalid"
     assert _slug(lambda: _verify(good, registered, method="PUT")) == "signature-invalid"
+
+
+def test_expired_nonces_are_pruned_and_live_ones_kept(db_url: str) -> None:
+    from ledger.db import create_schema, make_engine, session
+    from ledger.registry import prune_nonces, remember_nonce
+
+    engine = make_engine(db_url)
+    create_schema(engine)
+    now = time.time()
+    with session(engine) as s:
+        assert remember_nonce(s, key_id="k-1", nonce="old", expires_at=now - 1)
+        assert remember_nonce(s, key_id="k-1", nonce="live", expires_at=now + 300)
+        assert not remember_nonce(s, key_id="k-1", nonce="live", expires_at=now + 300)
+        assert prune_nonces(s, now) == 1
+        assert not remember_nonce(s, key_id="k-1", nonce="live", expires_at=now + 300)
+    engine.dispose()
