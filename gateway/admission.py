@@ -265,6 +265,9 @@ def admit_job(
         with node.session() as s, s.begin():
             existing = find_idempotent_job(s, principal.key_id, request.idempotency_key)
             if existing is not None:
+                if existing.request_digest != request_digest:
+                    raise Problem("invalid-request", "idempotency_key was already used for a "
+                                  "different request; use a new key", field="idempotency_key")
                 return existing
             return reserve_budget(s, job, projection.cost_rdp, audit)
     except BudgetExceeded as exc:

@@ -74,8 +74,8 @@ def test_the_worked_figure_admits_exactly_nine_identical_jobs(db_url: str) -> No
 def test_concurrent_admissions_from_several_processes_never_overspend(db_url: str) -> None:
     _setup(db_url)
     context = multiprocessing.get_context("spawn")
-    with context.Pool(4) as pool:
-        admitted = sum(pool.starmap(_try_reserve, [(db_url, 10)] * 4))
+    with context.Pool(8) as pool:  # 200 admissions from 8 processes
+        admitted = sum(pool.starmap(_try_reserve, [(db_url, 25)] * 8))
     assert admitted == 9
     engine = make_engine(db_url)
     with session(engine) as s:
