@@ -304,3 +304,55 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
     if not fit.fits:
         result["suggestion"] = _suggestion(node, dataset, request)
     return result
+
+
+CALIBRATABLE = ("noise_multiplier", "rounds")
+
+
+def calibrate_job(node: Node, principal: VerifiedRequest, body: Any) -> dict[str, Any]:
+    """Given ``target_epsilon``, the smallest noise multiplier or the largest number of rounds
+    (``solve_for``) whose *training* ε meets the target; reports the whole job's ε (training
+    and DP evaluation, parallel composition) and whether it fits the filter. Charges nothing.
+    """
+    if not isinstance(body, dict):
+        raise Problem("invalid-request", "the body must be a JSON object")
+    body = dict(body)
+    solve_for = body.pop("solve_for", None)
+    target = body.pop("target_epsilon", None)
+    if solve_for not in CALIBRATABLE:
+        raise Problem("invalid-request", f"solve_for must be one of {CALIBRATABLE}",
+                      field="solve_for")
+    if not isinstance(target, int | float) or isinstance(target, bool) or not (
+        math.isfinite(target) and target > 0
+    ):
+        raise Problem("invalid-request", "target_epsilon must be a number > 0",
+                      field="target_epsilon")
+    body[solve_for] = 1
+    request = JobRequest.from_json(body, needs_model=False)
+    dataset = _load_dataset(node, request.dataset)
+    if dataset is None:
+        raise Problem("unknown-dataset", f"no dataset {request.dataset!r}")
+    decision = decide_policy(node, principal, dataset.name, "estimate")
+    if not decision.allowed:
+        raise Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
+    q = float(request.clients_per_round) / float(dataset.training_users)
+    if q > 1:
+        raise Problem("invalid-request", "clients_per_round exceeds the training users",
+                      field="clients_per_round")
+    if solve_for == "noise_multiplier":
+        value: float | int = accounting.calibrate_noise_multiplier(
+            target_epsilon=float(target), sampling_rate=q, rounds=request.rounds,
+            delta=dataset.delta)
+    else:
+        value = min(MAX_ROUNDS, accounting.calibrate_rounds(
+            target_epsilon=float(target), sampling_rate=q,
+            noise_multiplier=float(request.noise_multiplier), delta=dataset.delta))
+        if value == 0:
+            raise Problem("invalid-request", f"even one round exceeds ε {target:g} at "
+                          f"noise_multiplier {request.noise_multiplier:g}; raise it",
+                          field="noise_multiplier")
+    solved = JobRequest(**{**asdict(request), solve_for: value})
+    projection = project_cost(node, dataset, solved)
+    fit = budget_fit(dataset, projection.cost_rdp)
+    return {"dataset": dataset.name, solve_for: value, "epsilon": projection.epsilon,
+            "delta": projection.delta, "fits": fit.fits, "jobs_that_fit": fit.jobs_that_fit}

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact_structure
 from gateway import audit_api
-from gateway.admission import JobRequest, admit_job, estimate_job
+from gateway.admission import JobRequest, admit_job, calibrate_job, estimate_job
 from gateway.jobs import JobRunner, recover_interrupted_jobs
 from gateway.middleware import BodyLimitMiddleware, SignatureAuthMiddleware
 from gateway.node import Node
@@ -114,6 +114,12 @@ async def estimate(request: Request) -> Response:
     node: Node = request.app.state.node
     job_request = JobRequest.from_json(_json_body(request), needs_model=False)
     result = await run_in_threadpool(estimate_job, node, _principal(request), job_request)
+    return JSONResponse(result)
+
+
+async def calibrate(request: Request) -> Response:
+    node: Node = request.app.state.node
+    result = await run_in_threadpool(calibrate_job, node, _principal(request), _json_body(request))
     return JSONResponse(result)
 
 
@@ -215,6 +221,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/datasets", list_datasets),
             Route("/v1/models", upload_model, methods=["POST"]),
             Route("/v1/estimate", estimate, methods=["POST"]),
+            Route("/v1/calibrate", calibrate, methods=["POST"]),
             Route("/v1/jobs", submit_job, methods=["POST"]),
             Route("/v1/jobs/{job_id}", job_status),
             Route("/v1/jobs/{job_id}/result", job_result),

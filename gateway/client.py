@@ -215,6 +215,13 @@ class Client:
         body = {"dataset": dataset, **parameters}
         return self._post("/v1/estimate", canonical_json(body))
 
+    def calibrate(self, dataset: str, *, target_epsilon: float, solve_for: str = "noise_multiplier",
+                  **parameters: Any) -> dict[str, Any]:
+        """The smallest noise_multiplier (or largest rounds) whose training ε meets the target."""
+        body = {"dataset": dataset, "target_epsilon": target_epsilon, "solve_for": solve_for,
+                **parameters}
+        return self._post("/v1/calibrate", canonical_json(body))
+
     def submit(self, dataset: str, model_digest: str, **parameters: Any) -> Job:
         body = {"dataset": dataset, "model_digest": model_digest, **parameters}
         return Job(self, self._post("/v1/jobs", canonical_json(body)))

@@ -213,3 +213,19 @@ def test_rotated_key_replaces_the_old_one_and_keeps_the_group(node_dir: Path, db
     key_changes = [(e["decision"], e["key_id"]) for e in audit_entries(db_url) if e["action"] == "key"]
     assert key_changes[-2:] == [("revoked", keys.key_id(old.public_key())),
                                 ("added", keys.key_id(new.public_key()))]
+
+
+def test_calibration_finds_the_noise_or_rounds_that_meet_a_target_epsilon(node_dir: Path) -> None:
+    alice = make_researcher(node_dir, "alice")
+    base = {"dataset": "demo", "clients_per_round": 20, "clip": 1.0, "evaluate": False}
+    with signed_client(create_app(node_dir), alice) as client:
+        noise = client.post("/v1/calibrate", json={**base, "rounds": 50, "target_epsilon": 3.0,
+                                                   "solve_for": "noise_multiplier"}).json()
+        rounds = client.post("/v1/calibrate", json={**base, "noise_multiplier": 1.0,
+                                                    "target_epsilon": 3.0,
+                                                    "solve_for": "rounds"}).json()
+        assert "rounds" in rounds, rounds
+        more = client.post("/v1/estimate", json={**base, "noise_multiplier": 1.0,
+                                                 "rounds": rounds["rounds"] + 1}).json()
+    assert 2.9 < noise["epsilon"] <= 3.0
+    assert rounds["epsilon"] <= 3.0 < more["epsilon"]
