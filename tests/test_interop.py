@@ -24,7 +24,7 @@ def _sign_with_node(key_path: Path, key_id: str, method: str, url: str, body_pat
     node = shutil.which("node")
     if node is None or not (INTEROP / "node_modules").exists():
         pytest.fail("node and tests/interop/node_modules are required (make env installs them)")
-    out = subprocess.run(  # noqa: S603  (fixed argv, test-only)
+    out = subprocess.run(
         [node, str(INTEROP / "sign_request.mjs"), str(key_path), key_id, method, url,
          str(body_path)],
         check=True, capture_output=True, timeout=60,
