@@ -4,12 +4,12 @@ SHELL := /bin/bash
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export UV_PYTHON_DOWNLOADS := never
-export UV_PYTHON := $(PYTHON)
+export UV_PYTHON := $(notdir $(PYTHON))
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 VENV_PY := $(CURDIR)/.venv/bin/python
 PYTEST := $(VENV_PY) -m pytest
 
-.PHONY: help env test test-fast demo bench lint clean
+.PHONY: help env test test-fast demo bench lint openapi clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ demo: env ## run the end-to-end demo on a temporary node
 
 bench: env ## run the benchmarks and update docs/performance.md
 	$(VENV_PY) -m bench.run
+
+openapi: env ## regenerate docs/openapi.json from the routes
+	$(VENV_PY) -m gateway.openapi
 
 lint: env ## ruff
 	$(VENV_PY) -m ruff check gateway engine ledger tests bench

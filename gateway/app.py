@@ -28,6 +28,7 @@ from gateway.admission import JobRequest, admit_job, calibrate_job, estimate_job
 from gateway.jobs import JobRunner, recover_interrupted_jobs
 from gateway.middleware import BodyLimitMiddleware, SignatureAuthMiddleware
 from gateway.node import Node
+from gateway.openapi import openapi_document
 from gateway.problems import Problem, problem_response
 from gateway.signatures import VerifiedRequest
 from ledger.audit import append_entry
@@ -55,6 +56,10 @@ def _rounded_users(count: int) -> int:
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
 
 
 async def list_datasets(request: Request) -> Response:
@@ -179,6 +184,14 @@ async def job_status(request: Request) -> Response:
     return JSONResponse(_job_status(job))
 
 
+async def cancel_job(request: Request) -> Response:
+    job = await run_in_threadpool(_own_job, request)
+    if job.state in ("queued", "running"):
+        await request.app.state.runner.cancel(job.id)
+        job = await run_in_threadpool(_own_job, request)
+    return JSONResponse(_job_status(job))
+
+
 async def job_result(request: Request) -> Response:
     job = await run_in_threadpool(_own_job, request)
     if job.state != "succeeded" or job.release is None:
@@ -218,6 +231,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
+            Route("/openapi.json", openapi),
             Route("/v1/datasets", list_datasets),
             Route("/v1/models", upload_model, methods=["POST"]),
             Route("/v1/estimate", estimate, methods=["POST"]),
@@ -225,6 +239,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/jobs", submit_job, methods=["POST"]),
             Route("/v1/jobs/{job_id}", job_status),
             Route("/v1/jobs/{job_id}/result", job_result),
+            Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
             *audit_api.routes(),
         ],
         middleware=[

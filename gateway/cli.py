@@ -337,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_budget_show)
 
-    from gateway import cli_audit
+    from gateway import cli_audit, cli_researcher
 
     cli_audit.register(commands)
+    cli_researcher.register(commands)
 
     p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")
     p.add_argument("--host", default=None)
@@ -361,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"fedgate: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from gateway.client import FedgateError
+
+        if not isinstance(exc, FedgateError):
+            raise
+        print(f"fedgate: refused ({exc.type}): {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

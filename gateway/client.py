@@ -139,6 +139,11 @@ class Job:
         self.last_status = self.client._get(f"/v1/jobs/{self.id}")
         return self.last_status
 
+    def cancel(self) -> dict[str, Any]:
+        """Stop the job. It is charged if it had begun reading data, refunded otherwise."""
+        self.last_status = self.client._post(f"/v1/jobs/{self.id}/cancel", b"")
+        return self.last_status
+
     def wait(self, *, progress: bool = True, poll_seconds: float = 0.5,
              timeout_seconds: float = 3600.0) -> dict[str, Any]:
         """Poll until the job ends; show a progress bar of rounds when ``progress``."""

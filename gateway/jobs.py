@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.launcher import JobOutcome, run_job
 from starlette.concurrency import run_in_threadpool
 
+from engine.launcher import JobOutcome, run_job
 from gateway.node import Node
 from gateway.release import ReleaseRefused, build_release, gate_engine_output, read_engine_output
 from ledger.audit import append_entry
@@ -77,6 +77,16 @@ class JobRunner:
     def start(self, job: Job) -> None:
         if job.id not in self._tasks:
             self._tasks[job.id] = asyncio.create_task(self._run(job.id), name=job.id)
+
+    async def cancel(self, job_id: str) -> None:
+        """Stop a job at the researcher's request and settle it (charged if data was read)."""
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        marker = self.node.deployment.jobs_dir / job_id / "data_access"
+        await run_in_threadpool(self._settle_failure, job_id, "cancelled by the researcher",
+                                marker.exists())
 
     async def shutdown(self) -> None:
         for task in self._tasks.values():

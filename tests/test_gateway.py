@@ -229,3 +229,20 @@ def test_calibration_finds_the_noise_or_rounds_that_meet_a_target_epsilon(node_d
                                                  "rounds": rounds["rounds"] + 1}).json()
     assert 2.9 < noise["epsilon"] <= 3.0
     assert rounds["epsilon"] <= 3.0 < more["epsilon"]
+
+
+def test_openapi_document_lists_exactly_the_mounted_routes_and_matches_docs(node_dir: Path) -> None:
+    from starlette.routing import Route
+
+    from gateway.openapi import openapi_document
+
+    app = create_app(node_dir)
+    mounted = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route)
+               for m in (r.methods or ()) if m != "HEAD"}
+    document = openapi_document()
+    documented = {(p, m) for p, ops in document["paths"].items() for m in ops}
+    assert mounted == documented
+    with TestClient(app) as anonymous:
+        assert anonymous.get("/openapi.json").json() == document
+    committed = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
+    assert committed == document, "docs/openapi.json is stale: run make openapi"

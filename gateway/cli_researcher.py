@@ -1,0 +1,224 @@
+"""Researcher commands of the ``fedgate`` CLI: talk to a node with signed requests.
+
+Connection settings come from options or the environment:
+``--url``/``FEDGATE_URL``, ``--key``/``FEDGATE_KEY`` (your private key from ``fedgate
+keygen``) and ``--node-key``/``FEDGATE_NODE_KEY`` (the node public key the owner gave you).
+Every command prints a human summary, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+RESEARCHER_EXAMPLES = """\
+examples:
+  export FEDGATE_URL=http://127.0.0.1:8620 FEDGATE_KEY=alice.key FEDGATE_NODE_KEY=node.pub
+  fedgate datasets
+  fedgate estimate demo --rounds 40 --clients-per-round 100 --noise-multiplier 1.0 --clip 1.0
+  fedgate calibrate demo --target-epsilon 2 --rounds 40 --clients-per-round 100 --clip 1.0
+  fedgate model from-keras model.keras model.json
+  fedgate train demo --model model.json --rounds 40 --clients-per-round 100 \\
+      --noise-multiplier 1.0 --clip 1.0 --out weights.json
+  fedgate job status JOB_ID
+"""
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from gateway.client import Client
+
+    url = args.url or os.environ.get("FEDGATE_URL")
+    key = args.key or os.environ.get("FEDGATE_KEY")
+    node_key = args.node_key or os.environ.get("FEDGATE_NODE_KEY")
+    missing = [name for name, value in (("--url/FEDGATE_URL", url), ("--key/FEDGATE_KEY", key),
+                                        ("--node-key/FEDGATE_NODE_KEY", node_key)) if not value]
+    if missing:
+        raise ValueError(f"set {', '.join(missing)} to talk to a node")
+    return Client(str(url), key=Path(str(key)), node_public_key=Path(str(node_key)))
+
+
+def _job_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("rounds", "clients_per_round", "noise_multiplier", "clip", "client_learning_rate",
+             "server_learning_rate", "server_momentum", "local_epochs", "batch_size")
+    parameters = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "no_evaluation", False):
+        parameters["evaluate"] = False
+    return parameters
+
+
+def _show(data: Any, args: argparse.Namespace, human: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else human)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        datasets = client.datasets()
+    human = "\n".join(
+        f"{d['name']}: ~{d['training_users_rounded']} training users, "
+        f"~{d['evaluation_users_rounded']} evaluation users, {d['num_features']} features, "
+        f"{d['num_classes']} classes; budget ε={d['epsilon_total']:g}, δ={d['delta']:g}"
+        for d in datasets
+    ) or "no datasets visible to this key"
+    _show(datasets, args, human)
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.estimate(args.dataset, **_job_parameters(args))
+    human = (f"ε {result['epsilon']:.3f} at δ {result['delta']:g} (RDP); "
+             f"fits now: {'yes' if result['fits'] else 'no'}; "
+             f"jobs like this that fit: {result['jobs_that_fit']}")
+    if "suggestion" in result:
+        human += f"\nto fit: {result['suggestion']}"
+    _show(result, args, human)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    parameters = _job_parameters(args)
+    solve_for = "rounds" if "noise_multiplier" in parameters else "noise_multiplier"
+    with _client(args) as client:
+        result = client.calibrate(args.dataset, target_epsilon=args.target_epsilon,
+                                  solve_for=solve_for, **parameters)
+    human = (f"{solve_for} = {result[solve_for]:g} gives ε {result['epsilon']:.3f} at "
+             f"δ {result['delta']:g}; fits now: {'yes' if result['fits'] else 'no'}")
+    _show(result, args, human)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine.artifact import encode_array, parse_artifact
+
+    artifact = parse_artifact(Path(args.model).read_bytes())
+    with _client(args) as client:
+        digest = client.upload_model(artifact)
+        job = client.submit(args.dataset, digest, **_job_parameters(args))
+        print(f"submitted {job.id} (ε {job.last_status['epsilon']:.3f}); waiting", file=sys.stderr)
+        if args.no_wait:
+            _show(job.last_status, args, f"job {job.id} is {job.last_status['state']}")
+            return 0
+        status = job.wait(progress=not args.json)
+        if status["state"] != "succeeded":
+            _show(status, args, f"job {job.id} failed: {status.get('failure')}")
+            return 1
+        release = job.result()
+    released = {"format": "keras-json-v1", "config": artifact["config"],
+                "weights": [encode_array(w) for w in release.weights]}
+    if args.out:
+        Path(args.out).write_text(json.dumps(released))
+    summary = {"job_id": release.job_id, "epsilon": release.epsilon, "delta": release.delta,
+               "metrics": release.metrics, "out": args.out}
+    human = (f"job {release.job_id}: ε {release.epsilon:.3f} charged (δ {release.delta:g}); "
+             + ", ".join(f"DP {k} {v:.3f}" for k, v in sorted(release.metrics.items()))
+             + (f"; DP model written to {args.out}" if args.out else ""))
+    _show(summary, args, human)
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from gateway.client import Job
+
+    with _client(args) as client:
+        job = Job(client, {"job_id": args.job_id, "rounds": 0, "state": "unknown"})
+        if args.action == "status":
+            status = job.status()
+            _show(status, args, f"{status['job_id']}: {status['state']}, round {status['round']}"
+                                f"/{status['rounds']}, ε {status['epsilon']:.3f}")
+        elif args.action == "cancel":
+            status = job.cancel()
+            _show(status, args, f"{status['job_id']}: {status['state']} "
+                                f"(budget {status['budget']})")
+        else:
+            job.status()
+            release = job.result()
+            data = {"manifest": release.manifest}
+            _show(data, args, f"{release.job_id}: ε {release.epsilon:.3f}, metrics "
+                              f"{release.metrics} (node signature verified)")
+    return 0
+
+
+def cmd_model_from_keras(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from engine.artifact import artifact_from_keras
+
+    model = tf.keras.models.load_model(args.source, compile=False)
+    Path(args.output).write_text(json.dumps(artifact_from_keras(model)))
+    print(f"wrote keras-json-v1 artifact {args.output}")
+    return 0
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="node URL (or FEDGATE_URL)")
+    parser.add_argument("--key", help="your private key file (or FEDGATE_KEY)")
+    parser.add_argument("--node-key", help="the node's public key file (or FEDGATE_NODE_KEY)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _job_options(parser: argparse.ArgumentParser, *, solve: bool = False) -> None:
+    parser.add_argument("dataset")
+    parser.add_argument("--rounds", type=int, required=not solve)
+    parser.add_argument("--clients-per-round", type=float, required=True,
+                        help="expected users sampled per round (Poisson)")
+    parser.add_argument("--noise-multiplier", type=float, required=not solve,
+                        help="Gaussian noise std / clip")
+    parser.add_argument("--clip", type=float, required=True, help="per-user L2 clip of updates")
+    parser.add_argument("--client-learning-rate", type=float)
+    parser.add_argument("--server-learning-rate", type=float)
+    parser.add_argument("--server-momentum", type=float)
+    parser.add_argument("--local-epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--no-evaluation", action="store_true",
+                        help="skip DP evaluation on held-out users")
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the researcher commands to the top-level parser."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = commands.add_parser("datasets", help="list datasets you may use",
+                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    _connection_options(p)
+    p.set_defaults(func=cmd_datasets)
+
+    p = commands.add_parser("estimate", help="ε of a proposed job and whether it fits (free)",
+                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    _job_options(p)
+    _connection_options(p)
+    p.set_defaults(func=cmd_estimate)
+
+    p = commands.add_parser("calibrate", help="noise (or rounds) for a target ε; omit the one "
+                            "to solve for", epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    _job_options(p, solve=True)
+    p.add_argument("--target-epsilon", type=float, required=True)
+    _connection_options(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = commands.add_parser("train", help="train a model under user-level DP and fetch it",
+                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    _job_options(p)
+    p.add_argument("--model", required=True, help="keras-json-v1 artifact (fedgate model "
+                   "from-keras makes one)")
+    p.add_argument("--out", help="write the released DP model (keras-json-v1) here")
+    p.add_argument("--no-wait", action="store_true", help="submit and return the job id")
+    _connection_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("job", help="status, result or cancel of one of your jobs",
+                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    p.add_argument("action", choices=("status", "result", "cancel"))
+    p.add_argument("job_id")
+    _connection_options(p)
+    p.set_defaults(func=cmd_job)
+
+    group = commands.add_parser("model", help="prepare model artifacts")
+    sub = group.add_subparsers(dest="model_action", required=True, metavar="ACTION")
+    p = sub.add_parser("from-keras", help="convert a saved Keras model to keras-json-v1")
+    p.add_argument("source", help="a .keras or .h5 model file")
+    p.add_argument("output", help="artifact JSON to write")
+    p.set_defaults(func=cmd_model_from_keras)

@@ -1,0 +1,172 @@
+"""The gateway's OpenAPI 3.1 document, built from one table of operations.
+
+``OPERATIONS`` describes every route the app mounts; a test checks that the app's routes and
+this table are the same set, and that docs/openapi.json equals ``openapi_document()``, so
+neither the served document nor the committed one can drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.problems import PROBLEM_TYPES, TYPE_PREFIX
+
+NUMBER = {"type": "number"}
+INTEGER = {"type": "integer"}
+STRING = {"type": "string"}
+
+JOB_PARAMETERS: dict[str, Any] = {
+    "dataset": {**STRING, "maxLength": 128},
+    "rounds": {**INTEGER, "minimum": 1, "maximum": 100_000},
+    "clients_per_round": {**NUMBER, "minimum": 1,
+                          "description": "expected users sampled per round (Poisson)"},
+    "noise_multiplier": {**NUMBER, "exclusiveMinimum": 0},
+    "clip": {**NUMBER, "exclusiveMinimum": 0, "description": "per-user L2 clip of updates"},
+    "client_learning_rate": {**NUMBER, "exclusiveMinimum": 0, "maximum": 100},
+    "server_learning_rate": {**NUMBER, "exclusiveMinimum": 0, "maximum": 100},
+    "server_momentum": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1},
+    "local_epochs": {**INTEGER, "minimum": 1, "maximum": 100},
+    "batch_size": {**INTEGER, "minimum": 1, "maximum": 10_000},
+    "evaluate": {"type": "boolean"},
+}
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {**STRING, "enum": sorted(TYPE_PREFIX + slug for slug in PROBLEM_TYPES)},
+            "title": STRING, "status": INTEGER, "detail": STRING,
+        },
+    },
+    "JobRequest": {
+        "type": "object", "additionalProperties": False,
+        "required": ["dataset", "model_digest", "rounds", "clients_per_round",
+                     "noise_multiplier", "clip"],
+        "properties": {**JOB_PARAMETERS,
+                       "model_digest": {**STRING, "pattern": "^sha256:[0-9a-f]{64}$"},
+                       "idempotency_key": {**STRING, "maxLength": 128}},
+    },
+    "EstimateRequest": {
+        "type": "object", "additionalProperties": False,
+        "required": ["dataset", "rounds", "clients_per_round", "noise_multiplier", "clip"],
+        "properties": JOB_PARAMETERS,
+    },
+    "CalibrateRequest": {
+        "type": "object",
+        "required": ["dataset", "clients_per_round", "clip", "target_epsilon", "solve_for"],
+        "properties": {**JOB_PARAMETERS, "target_epsilon": {**NUMBER, "exclusiveMinimum": 0},
+                       "solve_for": {**STRING, "enum": ["noise_multiplier", "rounds"]}},
+    },
+    "Estimate": {
+        "type": "object", "required": ["dataset", "epsilon", "delta", "fits", "jobs_that_fit"],
+        "properties": {"dataset": STRING, "epsilon": NUMBER, "delta": NUMBER,
+                       "accountant": STRING, "fits": {"type": "boolean"},
+                       "jobs_that_fit": INTEGER, "suggestion": STRING},
+    },
+    "JobStatus": {
+        "type": "object",
+        "required": ["job_id", "dataset", "state", "round", "rounds", "epsilon", "delta", "budget"],
+        "properties": {"job_id": STRING, "dataset": STRING,
+                       "state": {**STRING, "enum": ["queued", "running", "succeeded", "failed"]},
+                       "round": INTEGER, "rounds": INTEGER, "epsilon": NUMBER, "delta": NUMBER,
+                       "budget": {**STRING, "enum": ["reserved", "committed", "refunded"]},
+                       "failure": STRING},
+    },
+    "Release": {
+        "type": "object", "additionalProperties": False,
+        "required": ["manifest", "signature", "weights"],
+        "properties": {"manifest": {"type": "object"}, "signature": STRING,
+                       "weights": {"type": "array", "items": {"type": "object"}}},
+    },
+    "ModelArtifact": {
+        "type": "object", "required": ["format", "config", "weights"],
+        "properties": {"format": {"const": "keras-json-v1"}, "config": {"type": "object"},
+                       "weights": {"type": "array", "items": {"type": "object"}}},
+    },
+}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+# (path, method) -> (summary, request schema or None, success status, response schema, public)
+OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
+    ("/healthz", "get"): ("Liveness", None, 200, {"type": "object"}, True),
+    ("/openapi.json", "get"): ("This document", None, 200, {"type": "object"}, True),
+    ("/v1/datasets", "get"): ("Datasets this key may estimate on", None, 200,
+                              {"type": "object"}, False),
+    ("/v1/models", "post"): ("Upload a model artifact (content-addressed)", _ref("ModelArtifact"),
+                             201, {"type": "object"}, False),
+    ("/v1/estimate", "post"): ("ε of a proposed job and whether it fits (nothing charged)",
+                               _ref("EstimateRequest"), 200, _ref("Estimate"), False),
+    ("/v1/calibrate", "post"): ("Noise or rounds meeting a target ε (nothing charged)",
+                                _ref("CalibrateRequest"), 200, _ref("Estimate"), False),
+    ("/v1/jobs", "post"): ("Submit a training job", _ref("JobRequest"), 202, _ref("JobStatus"),
+                           False),
+    ("/v1/jobs/{job_id}", "get"): ("Job status", None, 200, _ref("JobStatus"), False),
+    ("/v1/jobs/{job_id}/result", "get"): ("Signed release of a succeeded job", None, 200,
+                                          _ref("Release"), False),
+    ("/v1/jobs/{job_id}/cancel", "post"): ("Cancel a job", None, 200, _ref("JobStatus"), False),
+    ("/v1/audit/entries", "get"): ("Audit entries by range (officers)", None, 200,
+                                   {"type": "object"}, False),
+    ("/v1/audit/checkpoint", "get"): ("Latest signed checkpoint (officers)", None, 200,
+                                      {"type": "object"}, False),
+    ("/v1/audit/proof/inclusion", "get"): ("Inclusion proof (officers)", None, 200,
+                                           {"type": "object"}, False),
+    ("/v1/audit/proof/consistency", "get"): ("Consistency proof (officers)", None, 200,
+                                             {"type": "object"}, False),
+    ("/v1/audit/export", "get"): ("Export of the audit log (officers)", None, 200,
+                                  {"type": "object"}, False),
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for (path, method), (summary, request, status, response, public) in OPERATIONS.items():
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "responses": {
+                str(status): {"description": summary, **_json(response)},
+                "default": {"description": "RFC 9457 problem",
+                            "content": {"application/problem+json": {"schema": _ref("Problem")}}},
+            },
+        }
+        if "{job_id}" in path:
+            operation["parameters"] = [{"name": "job_id", "in": "path", "required": True,
+                                        "schema": STRING}]
+        if request is not None:
+            operation["requestBody"] = {"required": True, **_json(request)}
+        if not public:
+            operation["security"] = [{"httpMessageSignature": []}]
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fedgate gateway", "version": "1",
+                 "description": "Every non-public operation needs an RFC 9421 HTTP Message "
+                                "Signature (ed25519, tag=\"fedgate\"); see docs/security.md."},
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"httpMessageSignature": {
+                "type": "apiKey", "in": "header", "name": "Signature",
+                "description": "RFC 9421 signature covering @method, @target-uri, "
+                               "content-digest and content-type; see docs/security.md"}},
+        },
+    }
+
+
+def write_document(path: str = "docs/openapi.json") -> None:
+    """Regenerate the committed copy (``make openapi``)."""
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    write_document()
