@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -205,6 +206,17 @@ async def _problem_handler(request: Request, exc: Exception) -> Response:
     return problem_response(exc)
 
 
+async def _http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return problem_response(
+            Problem("method-not-allowed", f"{request.method} is not allowed on {request.url.path}"),
+            headers=dict(exc.headers or {}),
+        )
+    return problem_response(Problem("not-found", f"no resource at {request.url.path}; see "
+                                                 "/openapi.json"))
+
+
 async def _internal_error_handler(request: Request, exc: Exception) -> Response:
     log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
     return problem_response(Problem("internal-error", "the node could not process the request; "
@@ -246,7 +258,8 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Middleware(BodyLimitMiddleware, limit_for_path=limit_for_path),
             Middleware(SignatureAuthMiddleware, node=node),
         ],
-        exception_handlers={Problem: _problem_handler, Exception: _internal_error_handler},
+        exception_handlers={Problem: _problem_handler, HTTPException: _http_error_handler,
+                            Exception: _internal_error_handler},
         lifespan=lifespan,
     )
     app.state.node = node

@@ -36,6 +36,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "unknown-dataset": (404, "Unknown dataset"),
     "unknown-model": (404, "Unknown model artifact"),
     "not-found": (404, "Not found"),
+    "method-not-allowed": (405, "Method not allowed"),
     "not-ready": (409, "Result is not available"),
     "internal-error": (500, "Internal error"),
 }
@@ -67,9 +68,10 @@ class Problem(Exception):
         }
 
 
-def problem_response(problem: Problem) -> Response:
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response:
     return Response(
         json.dumps(problem.to_dict()),
         status_code=problem.status,
         media_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
     )
