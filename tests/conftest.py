@@ -69,18 +69,23 @@ def synthetic_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def node_dir(tmp_path: Path, synthetic_table: Path, db_url: str, monkeypatch) -> Path:
-    """An initialised deployment with dataset ``demo`` (ε_total 4, δ 1e-5)."""
+def make_node(root: Path, table: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Initialise a deployment on ``db_url`` with dataset ``demo`` (ε_total 4, δ 1e-5)."""
     from gateway.cli import main as fedgate
 
     monkeypatch.setenv("FEDGATE_DATABASE_URL", db_url)
-    root = tmp_path / "node"
     init_deployment(root, owner="owner")
-    assert fedgate(["-d", str(root), "dataset", "import", "demo", str(synthetic_table),
+    assert fedgate(["-d", str(root), "dataset", "import", "demo", str(table),
                     "--user-column", "user_id", "--label-column", "label",
                     "--epsilon-total", "4", "--delta", "1e-5"]) == 0
     return root
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path, synthetic_table: Path, db_url: str,
+             monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An initialised deployment with dataset ``demo``, on SQLite and on PostgreSQL."""
+    return make_node(tmp_path / "node", synthetic_table, db_url, monkeypatch)
 
 
 def make_researcher(node_dir: Path, name: str, *, group: str = "researchers"):  # type: ignore[no-untyped-def]
