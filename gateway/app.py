@@ -91,6 +91,30 @@ async def list_datasets(request: Request) -> Response:
     return JSONResponse({"datasets": await run_in_threadpool(visible)})
 
 
+async def dataset_mock(request: Request) -> Response:
+    """The dataset's public mock data (Parquet): same schema, synthetic values."""
+    from engine.mock import MOCK_FILE
+
+    node: Node = request.app.state.node
+    principal = _principal(request)
+    name = request.path_params["name"]
+
+    def read() -> bytes:
+        with node.session() as s:
+            dataset = s.get(Dataset, name)
+        decision = node.policy().decide(subject=principal.principal, domain=node.config.owner,
+                                        dataset=name, action="estimate")
+        if dataset is None or not decision.allowed:
+            raise Problem("unknown-dataset", f"no dataset {name!r} visible to this key")
+        path = Path(dataset.path) / MOCK_FILE
+        if not path.exists():
+            raise Problem("not-found", f"dataset {name} has no mock data")
+        return path.read_bytes()
+
+    body = await run_in_threadpool(read)
+    return Response(body, media_type="application/vnd.apache.parquet")
+
+
 async def upload_model(request: Request) -> Response:
     node: Node = request.app.state.node
     principal = _principal(request)
@@ -245,6 +269,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/healthz", healthz),
             Route("/openapi.json", openapi),
             Route("/v1/datasets", list_datasets),
+            Route("/v1/datasets/{name}/mock", dataset_mock),
             Route("/v1/models", upload_model, methods=["POST"]),
             Route("/v1/estimate", estimate, methods=["POST"]),
             Route("/v1/calibrate", calibrate, methods=["POST"]),

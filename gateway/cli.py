@@ -153,6 +153,12 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
         evaluation_fraction=args.evaluation_fraction,
         split_key=node.deployment.split_key.read_bytes(),
     )
+    from engine.datastore import load_schema
+    from engine.mock import MOCK_FILE, parse_ranges, write_mock
+
+    loaded = load_schema(dest)
+    write_mock(loaded, dest / MOCK_FILE, users=args.mock_users,
+               ranges=parse_ranges(args.mock_range, loaded.feature_columns))
     schema = json.loads((dest / "schema.json").read_text())
     parts = schema["partitions"]
     with node.session() as s, s.begin():
@@ -322,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of users held out for DP evaluation (default 0.2)")
     p.add_argument("--epsilon-total", type=float, required=True, help="total ε for the dataset")
     p.add_argument("--delta", type=float, required=True, help="total δ for the dataset")
+    p.add_argument("--mock-range", action="append", metavar="FEATURE=LOW:HIGH",
+                   help="range of a feature in the public mock data (default -1:1); repeatable")
+    p.add_argument("--mock-users", type=int, default=200, help="users in the mock data")
     p.set_defaults(func=cmd_dataset_import)
     p = sub.add_parser("list", help="list datasets")
     p.add_argument("--json", action="store_true")

@@ -210,6 +210,13 @@ class Client:
     def datasets(self) -> list[dict[str, Any]]:
         return self._get("/v1/datasets")["datasets"]
 
+    def mock_data(self, dataset: str, path: str | Path) -> Path:
+        """Download the dataset's public mock data (Parquet, same schema, synthetic values)."""
+        response = self._http.get(f"/v1/datasets/{dataset}/mock")
+        _raise_for_problem(response)
+        Path(path).write_bytes(response.content)
+        return Path(path)
+
     def upload_model(self, artifact: dict[str, Any] | bytes) -> str:
         """Upload a keras-json-v1 artifact; returns its content digest."""
         body = artifact if isinstance(artifact, bytes) else canonical_json(artifact)

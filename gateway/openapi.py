@@ -100,6 +100,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
     ("/openapi.json", "get"): ("This document", None, 200, {"type": "object"}, True),
     ("/v1/datasets", "get"): ("Datasets this key may estimate on", None, 200,
                               {"type": "object"}, False),
+    ("/v1/datasets/{name}/mock", "get"): ("Public mock data of a dataset (Parquet)", None, 200,
+                                          None, False),
     ("/v1/models", "post"): ("Upload a model artifact (content-addressed)", _ref("ModelArtifact"),
                              201, {"type": "object"}, False),
     ("/v1/estimate", "post"): ("ε of a proposed job and whether it fits (nothing charged)",
@@ -128,17 +130,21 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
 def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for (path, method), (summary, request, status, response, public) in OPERATIONS.items():
+        success = ({"description": summary, **_json(response)} if response is not None else
+                   {"description": summary, "content": {"application/vnd.apache.parquet": {
+                       "schema": {"type": "string", "format": "binary"}}}})
         operation: dict[str, Any] = {
             "summary": summary,
             "responses": {
-                str(status): {"description": summary, **_json(response)},
+                str(status): success,
                 "default": {"description": "RFC 9457 problem",
                             "content": {"application/problem+json": {"schema": _ref("Problem")}}},
             },
         }
-        if "{job_id}" in path:
-            operation["parameters"] = [{"name": "job_id", "in": "path", "required": True,
-                                        "schema": STRING}]
+        for name in ("job_id", "name"):
+            if "{" + name + "}" in path:
+                operation["parameters"] = [{"name": name, "in": "path", "required": True,
+                                            "schema": STRING}]
         if request is not None:
             operation["requestBody"] = {"required": True, **_json(request)}
         if not public:

@@ -246,3 +246,30 @@ def test_openapi_document_lists_exactly_the_mounted_routes_and_matches_docs(node
         assert anonymous.get("/openapi.json").json() == document
     committed = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
     assert committed == document, "docs/openapi.json is stale: run make openapi"
+
+
+def test_mock_data_has_the_private_schema_and_no_private_value(
+    node_dir: Path, synthetic_table: Path, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        response = client.get("/v1/datasets/demo/mock")
+        missing = client.get("/v1/datasets/other/mock")
+    assert response.status_code == 200
+    assert missing.json()["type"] == "urn:fedgate:problem:unknown-dataset"
+    path = tmp_path / "mock.parquet"
+    path.write_bytes(response.content)
+    mock, private = pq.read_table(path), pq.read_table(synthetic_table)
+    assert mock.schema.names == private.schema.names
+    private_users = set(private.column("user_id").to_pylist())
+    assert not private_users & set(mock.column("user_id").to_pylist())
+    assert set(mock.column("label").to_pylist()) <= set(range(5))
+    # The mock is a function of the schema alone: the same schema with every private value
+    # changed yields the same mock.
+    from engine.datastore import load_schema
+    from engine.mock import generate_mock_table
+
+    schema = load_schema(node_dir / "datasets" / "demo")
+    assert generate_mock_table(schema).equals(mock)
