@@ -12,9 +12,9 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import accounting, audit
+from bench import accounting, audit, policy
 
-BENCHMARKS = {"accounting": accounting.run, "audit": audit.run}
+BENCHMARKS = {"accounting": accounting.run, "audit": audit.run, "policy": policy.run}
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 

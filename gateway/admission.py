@@ -8,16 +8,24 @@ is never executed here: the artifact is validated as JSON data only.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from engine.artifact import ModelRejected, parse_artifact, validate_artifact
+from engine.artifact import (
+    ModelRejected,
+    parse_artifact,
+    validate_artifact,
+    validate_artifact_structure,
+)
 from gateway.node import Node
-from gateway.policy import PolicyDecision
+from gateway.policy import PolicyDecision, RequestContext, researcher_epsilon_spent
 from gateway.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger import accounting
@@ -84,8 +92,9 @@ class JobRequest:
 
         need(isinstance(self.dataset, str) and 0 < len(self.dataset) <= 128, "dataset",
              "a dataset name")
-        need(isinstance(self.model_digest, str) and self.model_digest.startswith("sha256:")
-             and len(self.model_digest) == 71, "model_digest", "'sha256:' + 64 hex digits")
+        need(isinstance(self.model_digest, str)
+             and re.fullmatch(r"sha256:[0-9a-f]{64}", self.model_digest) is not None,
+             "model_digest", "'sha256:' + 64 lowercase hex digits")
         need(isinstance(self.rounds, int) and 1 <= self.rounds <= MAX_ROUNDS, "rounds",
              f"an integer in 1..{MAX_ROUNDS}")
         need(finite(self.clients_per_round) and self.clients_per_round >= 1,
@@ -213,9 +222,47 @@ def check_model(node: Node, dataset: Dataset, digest: str) -> None:
         raise Problem("model-rejected", str(exc)) from None
 
 
-def decide_policy(node: Node, principal: VerifiedRequest, dataset: str, action: str) -> PolicyDecision:
-    return node.policy().decide(subject=principal.principal, domain=node.config.owner,
-                                dataset=dataset, action=action)
+def decide_policy(
+    node: Node, principal: VerifiedRequest, dataset: Dataset, action: str, request: JobRequest
+) -> PolicyDecision:
+    """The owner policy's decision on ``request`` in the dataset owner's domain.
+
+    The request's parameters are stated as they are; the facts that cost something (the
+    projected ε, the model's family and size, the researcher's ε in a window) are computed
+    only when a matching constraint reads them. A fact that cannot be computed (an unknown
+    model, more clients than users) stays unstated, which denies a ``train`` request whose
+    constraints need it (``gateway.policy`` contract).
+    """
+    policy = node.policy()
+    now = dt.datetime.now(dt.UTC)
+    asked = {"subject": principal.principal, "domain": dataset.owner, "dataset": dataset.name,
+             "action": action}
+    needs = policy.facts_read(**asked)
+    facts: dict[str, Any] = {}
+    if "epsilon" in needs:
+        with contextlib.suppress(Problem):
+            facts["epsilon"] = project_cost(node, dataset, request).epsilon
+    if needs & {"model_family", "model_bytes", "model_parameters"} and re.fullmatch(
+        r"sha256:[0-9a-f]{64}", request.model_digest
+    ):
+        path = node.deployment.models_dir / (request.model_digest.removeprefix("sha256:") + ".json")
+        with contextlib.suppress(OSError, ModelRejected):
+            raw = path.read_bytes()
+            summary = validate_artifact_structure(parse_artifact(raw))
+            facts.update(model_family=summary.family, model_bytes=len(raw),
+                         model_parameters=summary.parameter_count)
+
+    def epsilon_spent(window: dt.timedelta) -> float:
+        with node.session() as s:
+            return researcher_epsilon_spent(s, researcher=principal.principal,
+                                            dataset=dataset.name, since=now - window)
+
+    context = RequestContext(
+        now=now, rounds=request.rounds, noise_multiplier=float(request.noise_multiplier),
+        clients_per_round=float(request.clients_per_round),
+        researcher_epsilon_spent=epsilon_spent, **facts,
+    )
+    return policy.decide(**asked, context=context)
 
 
 def admit_job(
@@ -228,7 +275,7 @@ def admit_job(
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
         raise _deny(node, audit, Problem("unknown-dataset", f"no dataset {request.dataset!r}"))
-    decision = decide_policy(node, principal, dataset.name, "train")
+    decision = decide_policy(node, principal, dataset, "train", request)
     audit["policy_version"] = decision.policy_version
     if not decision.allowed:
         raise _deny(node, audit, Problem("policy-denied", decision.explanation,
@@ -288,7 +335,7 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
         raise Problem("unknown-dataset", f"no dataset {request.dataset!r}")
-    decision = decide_policy(node, principal, dataset.name, "estimate")
+    decision = decide_policy(node, principal, dataset, "estimate", request)
     if not decision.allowed:
         raise Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
     projection = project_cost(node, dataset, request)
@@ -332,7 +379,7 @@ def calibrate_job(node: Node, principal: VerifiedRequest, body: Any) -> dict[str
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
         raise Problem("unknown-dataset", f"no dataset {request.dataset!r}")
-    decision = decide_policy(node, principal, dataset.name, "estimate")
+    decision = decide_policy(node, principal, dataset, "estimate", request)
     if not decision.allowed:
         raise Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
     q = float(request.clients_per_round) / float(dataset.training_users)

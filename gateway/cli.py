@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ def cmd_principal_add(args: argparse.Namespace) -> int:
     node = _node(args)
     public_key = keys.load_public_key(Path(args.public_key))
     group = args.group if args.group is not None else f"{args.role}s"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", group) or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        raise ValueError("names and groups may contain only letters, digits and . _ -")
     with node.session() as s, s.begin():
         principal = add_principal(
             s, name=args.name, role=args.role, key_id=keys.key_id(public_key),
@@ -346,9 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_budget_show)
 
-    from gateway import cli_audit, cli_researcher
+    from gateway import cli_audit, cli_policy, cli_researcher
 
     cli_audit.register(commands)
+    cli_policy.register(commands)
     cli_researcher.register(commands)
 
     p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")

@@ -2,12 +2,13 @@
 
 ``Node`` is the one object the gateway's handlers and the CLI share; it owns no
 request state. The policy engine is rebuilt when the policy files or the key registry
-change (a rebuild that fails validation keeps the previous engine).
+change (a rebuild that fails validation keeps the previous engine; both are audited).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from sqlmodel import Session, select
 
 from gateway import keys
 from gateway.deployment import Deployment, NodeConfig
-from gateway.policy import PolicyEngine, PolicyInvalid
+from gateway.policy import PolicyEngine, registry_memberships
 from gateway.signatures import RegisteredKey
+from ledger.audit import append_entry
 from ledger.db import create_schema, database_url, make_engine, session
 from ledger.models import Principal
 
@@ -59,25 +61,55 @@ class Node:
             revoked=row.status != "active",
         )
 
+    # Serialises rebuilds, so one change is built and audited once.
+    _policy_lock = threading.Lock()
+
     def policy(self) -> PolicyEngine:
-        """The current policy engine, rebuilt if its inputs changed."""
+        """The current policy engine, rebuilt when its inputs change.
+
+        Inputs: the model and policy files (mtime, size, inode) and the key registry (count
+        and latest change). A rebuild to a new version swaps the engine atomically and
+        appends a ``policy`` audit entry (``reloaded``); a rebuild that fails validation
+        keeps the previous engine, logs why and appends ``rejected`` with the reason, once
+        per change. With no previous engine (the first build) a failure raises.
+        """
         d = self.deployment
         with self.session() as s:
             registry = s.exec(
                 select(func.count(), func.max(Principal.created_at), func.max(Principal.revoked_at))
             ).one()
-            memberships = [
-                (p.name, p.group, self.config.owner)
-                for p in s.exec(select(Principal).where(Principal.status == "active")).all()
-                if p.group
-            ]
-        stamp = (d.policy_model.stat().st_mtime_ns, d.policy_file.stat().st_mtime_ns, *registry)
-        if self._policy is None or stamp != self._policy_stamp:
+        try:
+            files = tuple((st.st_mtime_ns, st.st_size, st.st_ino)
+                          for st in (d.policy_model.stat(), d.policy_file.stat()))
+        except OSError:
+            files = ()  # a missing file fails the rebuild below, which keeps the old engine
+        stamp = (*files, *registry)
+        if self._policy is not None and stamp == self._policy_stamp:
+            return self._policy
+        with self._policy_lock:
+            previous = self._policy
+            if previous is not None and stamp == self._policy_stamp:
+                return previous
             try:
-                self._policy = PolicyEngine(d.policy_model, d.policy_file, memberships)
-            except PolicyInvalid:
-                if self._policy is None:
+                with self.session() as s:
+                    memberships = registry_memberships(s, self.config.owner)
+                engine = PolicyEngine.from_files(d.policy_model, d.policy_file, memberships)
+            except (ValueError, OSError) as exc:  # PolicyInvalid, undecodable or missing files
+                if previous is None:
                     raise
-                log.exception("policy reload failed; keeping policy %s", self._policy.version)
+                log.error("policy reload failed; keeping policy %s: %s", previous.version, exc)
+                with self.session() as s, s.begin():
+                    append_entry(s, action="policy", actor="gateway", decision="rejected",
+                                 policy_version=previous.version, reason=str(exc))
+            else:
+                if previous is None or engine.version != previous.version:
+                    self._policy = engine
+                if previous is not None and engine.version != previous.version:
+                    log.info("policy reloaded: %s (was %s)", engine.version, previous.version)
+                    with self.session() as s, s.begin():
+                        append_entry(s, action="policy", actor="gateway", decision="reloaded",
+                                     policy_version=engine.version,
+                                     previous_version=previous.version)
             self._policy_stamp = stamp
+        assert self._policy is not None
         return self._policy

@@ -65,6 +65,7 @@ AUDIT_ACTIONS = frozenset(
         "release",  # DP outputs of a job were released
         "key",  # the key registry changed
         "dataset",  # a dataset was registered or its budget set
+        "policy",  # an owner policy was accepted, reloaded, or rejected (old policy kept)
     }
 )
 

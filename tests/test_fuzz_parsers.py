@@ -73,3 +73,14 @@ def test_job_parameter_validation_refuses_garbage_with_invalid_request(data: obj
         JobRequest.from_json(data)
     except Problem as problem:
         assert problem.slug == "invalid-request"
+
+
+def test_a_model_digest_cannot_name_a_path() -> None:
+    import pytest
+
+    base = {"dataset": "demo", "rounds": 1, "clients_per_round": 1, "noise_multiplier": 1.0,
+            "clip": 1.0}
+    sneaky = "sha256:" + "../../node.key".ljust(64, "a")
+    with pytest.raises(Problem) as refused:
+        JobRequest.from_json({**base, "model_digest": sneaky})
+    assert refused.value.extra["field"] == "model_digest"
