@@ -1,36 +1,52 @@
 """Start one engine job from the gateway (asyncio; never imports TensorFlow).
 
-The runner (``python -I -m engine.runner JOB_DIR``) gets its own session and process group,
-so the whole job — including TFF's ``worker_binary``, which can outlive its parent — is killed
-as one group when the job ends, times out, or this coroutine is cancelled: SIGTERM, a short
-grace period, then SIGKILL, always.
+The runner (``python -I -m engine.runner JOB_DIR``) runs in the sandbox that
+:class:`~engine.sandbox.SandboxSettings` describe — by default bubblewrap with a seccomp filter
+and resource limits, as an unprivileged uid (:mod:`engine.sandbox`, docs/sandbox.md) — and in
+its own session and process group, so the whole job — including TFF's ``worker_binary``, which
+can outlive its parent — is killed as one group when the job ends, times out, or this coroutine
+is cancelled: SIGTERM, a short grace period, then SIGKILL, always. Under bubblewrap the job also
+has its own pid namespace, which the kernel empties as soon as bubblewrap dies.
 
 What comes back to the gateway is deliberately small: success, whether user data was touched
-(the ``data_access`` marker, which decides refund vs. commit), the release path, and a generic
-failure text. The runner's stdout/stderr go to the owner's local log only; progress arrives on
-a dedicated pipe and only lines that are exactly one of the four event shapes in
-:mod:`engine.job` are passed on.
+(the ``data_access`` marker or event, which decides refund vs. commit), the release path, and a
+generic failure text. The runner's stdout/stderr go to the owner's local log only (through a
+pipe, capped per job, so the job never holds the log file itself); progress arrives on a
+dedicated pipe and only lines that are exactly one of the four event shapes in :mod:`engine.job`
+are passed on. A job whose sandbox cannot be set up fails before it starts (no data access, so
+its budget is refunded) and the owner's log says why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import signal
+import stat
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.job import DATA_ACCESS_MARKER, PROGRESS_FD_ENV, RELEASE_FILE, parse_event
+from engine.job import DATA_ACCESS_MARKER, RELEASE_FILE, parse_event
+from engine.sandbox import SandboxSettings, SandboxUnavailable
+from engine.sandbox_launch import Launch, prepare_launch
 
-__all__ = ["JobOutcome", "run_job"]
+__all__ = ["RUNNER_PROGRAM", "JobOutcome", "run_job"]
 
 TERMINATE_GRACE_S = 2.0
+RUNNER_PROGRAM = ("-m", "engine.runner")
+MAX_OUTPUT_BYTES = 8 << 20
+"""Engine stdout/stderr kept in the owner's log per job; the rest is dropped (and said so)."""
+
 _DRAIN_TIMEOUT_S = 5.0
 _LINE_LIMIT = 4096
+_SIGNALLED = 128  # bwrap reports a program killed by signal n as exit status 128 + n
+
+log = logging.getLogger("fedgate.engine")
 
 EventCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 
@@ -51,36 +67,85 @@ async def run_job(
     *,
     on_event: EventCallback,
     timeout_s: float,
-    python: str = sys.executable,
     stderr_log: Path,
+    sandbox: SandboxSettings | None = None,
+    python: str = sys.executable,
+    program: Sequence[str] = RUNNER_PROGRAM,
 ) -> JobOutcome:
     """Run ``JOB_DIR`` to completion (or timeout) and kill its whole process group.
 
     ``on_event`` is called, in order, with each valid progress event. Cancelling this coroutine
-    kills the job as well.
+    kills the job as well. ``sandbox`` defaults to bubblewrap with the default limits;
+    ``program`` (the interpreter arguments before ``JOB_DIR``) exists for tests that run a
+    probe in exactly the sandbox a job gets.
     """
     job_dir = Path(job_dir)
+    sandbox = sandbox or SandboxSettings()
+    owner_log = _OwnerLog(stderr_log, job_dir.name)
+    if sandbox.mode == "none":
+        owner_log.warning('SANDBOX DISABLED ([engine] sandbox = "none"): this job runs without '
+                          "bubblewrap, seccomp or an unprivileged uid; never use it in production")
     read_fd, write_fd = os.pipe()
     try:
-        with open(stderr_log, "ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                python, "-I", "-m", "engine.runner", str(job_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=job_dir,
-                env={**os.environ, PROGRESS_FD_ENV: str(write_fd)},
-                pass_fds=(write_fd,),
-                start_new_session=True,
-            )
+        launch = prepare_launch(sandbox, job_dir, program, python=python, progress_fd=write_fd)
+    except SandboxUnavailable as error:
+        os.close(read_fd)
+        os.close(write_fd)
+        owner_log.error(f"job not started, the sandbox is unavailable: {error.reason}")
+        return JobOutcome(succeeded=False, data_accessed=False, release_path=None,
+                          failure="sandbox unavailable")
+    output_read, output_write = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *launch.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=output_write,
+            stderr=output_write,
+            cwd=launch.cwd,
+            env=launch.env,
+            pass_fds=launch.pass_fds,
+            start_new_session=True,
+            preexec_fn=launch.preexec_fn,
+        )
     except BaseException:
         os.close(read_fd)
+        os.close(output_read)
+        launch.close()
         raise
     finally:
-        os.close(write_fd)  # the runner holds the only write end now
+        os.close(write_fd)  # the runner holds the only write ends now
+        os.close(output_write)
+        launch.started()
 
+    try:
+        outcome = await _supervise(process, launch, job_dir, read_fd, output_read, on_event,
+                                   timeout_s, stderr_log)
+        if outcome.setup_failed and not launch.sandbox_started():
+            owner_log.error("the bubblewrap sandbox could not be set up (bwrap exited with "
+                            f"status {process.returncode}; its message is above in this log); "
+                            "the job did not start")
+            return JobOutcome(succeeded=False, data_accessed=outcome.result.data_accessed,
+                              release_path=None, failure="sandbox could not be set up")
+        return outcome.result
+    finally:
+        launch.close()
+
+
+@dataclass(frozen=True)
+class _Supervised:
+    result: JobOutcome
+    setup_failed: bool  # exited on its own with an error: the sandbox may not have started
+
+
+async def _supervise(process: asyncio.subprocess.Process, launch: Launch, job_dir: Path,
+                     read_fd: int, output_fd: int, on_event: EventCallback, timeout_s: float,
+                     stderr_log: Path) -> _Supervised:
+    """Wait for the job (or its timeout), then make sure every process of it is gone *before*
+    reading the data-access marker, so that no process can still begin data access unseen."""
     progress = _ProgressReader(read_fd, on_event)
+    output = _OutputPump(output_fd, stderr_log)
     reader = asyncio.create_task(progress.read_all())
+    pump = asyncio.create_task(output.pump_all())
     exited = asyncio.ensure_future(process.wait())
     timed_out = False
     try:
@@ -92,40 +157,64 @@ async def run_job(
         timed_out = True
     finally:
         await _kill_group(process)
-        if not reader.done():  # with the group dead, the pipe's EOF is imminent
-            await asyncio.wait({reader}, timeout=_DRAIN_TIMEOUT_S)
+        await _await_sandbox_exit(launch.sandbox_init())
+        # With the job dead, both pipes' EOF is imminent.
+        pending = {task for task in (reader, pump) if not task.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S)
         reader.cancel()
+        pump.cancel()
         progress.close()
+        output.close()
     if not reader.cancelled():
         reader.result()  # re-raise an on_event failure
 
-    data_accessed = (job_dir / DATA_ACCESS_MARKER).exists() or progress.saw_data_access
+    # lexists: a marker replaced by a symlink still counts as data access (charge, not refund).
+    data_accessed = os.path.lexists(job_dir / DATA_ACCESS_MARKER) or progress.saw_data_access
     release = job_dir / RELEASE_FILE
-    code = process.returncode
+    code = _program_status(process.returncode, sandboxed=launch.status_fd is not None)
     if timed_out:
         failure: str | None = f"timed out after {timeout_s:g} s"
     elif code is not None and code < 0:
         failure = f"engine killed by signal {-code}"
     elif code != 0:
         failure = f"engine exited with status {code}"
-    elif not release.is_file():
+    elif not _regular_file(release):
         failure = "engine produced no release"
     else:
         failure = None
-    return JobOutcome(
+    result = JobOutcome(
         succeeded=failure is None,
         data_accessed=data_accessed,
         release_path=release if failure is None else None,
         failure=failure,
         ignored_progress_lines=progress.ignored,
     )
+    return _Supervised(result, setup_failed=not timed_out and code not in (0, None))
+
+
+def _program_status(code: int | None, *, sandboxed: bool) -> int | None:
+    """The program's exit status, negative if a signal killed it (bwrap reports that as
+    128 + the signal number)."""
+    if sandboxed and code is not None and code > _SIGNALLED:
+        return -(code - _SIGNALLED)
+    return code
+
+
+def _regular_file(path: Path) -> bool:
+    """True for a regular file, not a symlink (the job could plant one pointing anywhere)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 async def _kill_group(process: asyncio.subprocess.Process) -> None:
     """SIGTERM the job's process group, wait briefly, then SIGKILL it regardless.
 
-    The group id is the runner's pid (``start_new_session``); it stays valid while any member
-    (e.g. an orphaned worker_binary) is alive, even after the runner itself has exited.
+    The group id is the started process's pid (``start_new_session``): bubblewrap's, or the
+    runner's without a sandbox; it stays valid while any member (e.g. an orphaned
+    worker_binary) is alive, even after that process itself has exited.
     """
     group = process.pid
     if _signal_group(group, signal.SIGTERM):
@@ -136,6 +225,38 @@ async def _kill_group(process: asyncio.subprocess.Process) -> None:
         finally:  # also when this coroutine is cancelled during the grace period
             _signal_group(group, signal.SIGKILL)
     await process.wait()
+
+
+async def _await_sandbox_exit(init: tuple[int, int] | None) -> None:
+    """Kill the sandbox's pid 1 if it is still there and wait until it has exited: only then
+    is its pid namespace — every process of the job — gone. bubblewrap has exited already.
+    ``init`` is (host pid, pid-namespace inode) as bubblewrap reported them."""
+    if init is None:
+        return
+    pid, namespace = init
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        try:  # the pidfd pins this process; make sure it is the reaper, not a pid reuse
+            if os.stat(f"/proc/{pid}/ns/pid").st_ino != namespace:
+                return
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await asyncio.wait_for(exited, _DRAIN_TIMEOUT_S)
+        except TimeoutError:  # not seen in practice: SIGKILL cannot be ignored
+            log.error("the sandbox's pid 1 (host pid %d) survived SIGKILL for %g s", pid,
+                      _DRAIN_TIMEOUT_S)
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def _signal_group(group: int, sig: signal.Signals) -> bool:
@@ -183,3 +304,59 @@ class _ProgressReader:
 
     def close(self) -> None:
         self._file.close()
+
+
+class _OutputPump:
+    """Copies the job's stdout/stderr from a pipe into the owner's log, at most
+    :data:`MAX_OUTPUT_BYTES` per job. The job never holds the log file: it cannot truncate it,
+    and the file-size limit of the sandbox does not apply to the shared log."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._pipe = os.fdopen(fd, "rb", buffering=0)
+        self._path = path
+        self._kept = 0
+        self._dropped = False
+
+    async def pump_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self._pipe
+        )
+        try:
+            with open(self._path, "ab") as sink:
+                while chunk := await reader.read(65536):
+                    room = MAX_OUTPUT_BYTES - self._kept
+                    if room > 0:
+                        sink.write(chunk[:room])
+                        sink.flush()
+                        self._kept += min(room, len(chunk))
+                    if len(chunk) > room and not self._dropped:
+                        self._dropped = True
+                        sink.write(b"\nfedgate: further engine output of this job dropped\n")
+                        sink.flush()
+        finally:
+            transport.close()
+
+    def close(self) -> None:
+        self._pipe.close()
+
+
+class _OwnerLog:
+    """Lines for the node owner about one job: in the engine log and the gateway's log."""
+
+    def __init__(self, path: Path, job: str) -> None:
+        self._path = path
+        self._job = job
+
+    def warning(self, message: str) -> None:
+        log.warning("job %s: %s", self._job, message)
+        self._append("WARNING", message)
+
+    def error(self, message: str) -> None:
+        log.error("job %s: %s", self._job, message)
+        self._append("ERROR", message)
+
+    def _append(self, level: str, message: str) -> None:
+        with open(self._path, "a") as f:
+            f.write(f"fedgate {level}: job {self._job}: {message}\n")

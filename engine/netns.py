@@ -5,7 +5,9 @@ address is not configurable (``--port`` is its only network flag). Inside a fres
 namespace "all interfaces" means this namespace's loopback only, so nothing outside the job can
 reach the worker, and the job itself has no network.
 
-If the process is already in such a namespace (e.g. ``bwrap --unshare-net``) nothing changes.
+If the process is already in such a namespace (the engine sandbox: ``bwrap --unshare-net``)
+nothing changes; there the seccomp filter would refuse ``unshare`` anyway, so a sandboxed job
+that saw another interface could only refuse to run.
 Otherwise it unshares one (directly as root, else through a user namespace). If neither works
 the job must not run: :func:`isolate_network` raises.
 

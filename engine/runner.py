@@ -3,7 +3,9 @@ TensorFlow).
 
 Order of operations, which the budget refund rule depends on:
 
-1. enter a loopback-only network namespace (see :mod:`engine.netns`);
+1. make sure the process is in a loopback-only network namespace (:mod:`engine.netns`): in
+   the bubblewrap sandbox it already is and this only checks it; with ``sandbox = "none"``
+   the runner unshares one itself; a process that still sees another interface refuses to run;
 2. validate ``job.json`` and the model artifact, build the Keras model and the TFF process —
    no user data is read (``schema.json`` is dataset metadata the gateway already publishes);
 3. create ``JOB_DIR/data_access`` (fsynced) and emit ``{"event": "data_access"}``;

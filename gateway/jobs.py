@@ -124,6 +124,7 @@ class JobRunner:
                 on_event=on_event,
                 timeout_s=self.node.config.job_timeout_seconds,
                 stderr_log=self.node.deployment.engine_log,
+                sandbox=self.node.config.sandbox_settings,
             )
             await run_in_threadpool(self._settle, job_id, outcome)
         except asyncio.CancelledError:

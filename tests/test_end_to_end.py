@@ -21,14 +21,16 @@ JOB = {"rounds": 3, "clients_per_round": 20, "noise_multiplier": 1.0, "clip": 1.
        "client_learning_rate": 0.1, "batch_size": 16}
 
 
-def _worker_binaries() -> list[int]:
-    pids = []
+def _worker_binaries() -> set[int]:
+    """Live (non-zombie) TFF worker processes on this host."""
+    pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if b"worker_binary" in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if b"worker_binary" in (proc / "cmdline").read_bytes() and state != "Z":
+                    pids.add(int(proc.name))
+            except (OSError, IndexError):
                 continue
     return pids
 
@@ -55,6 +57,7 @@ def test_signed_job_trains_with_tff_and_releases_only_dp_outputs(
     model = tf.keras.Sequential([tf.keras.layers.InputLayer(input_shape=(20,)),
                                  tf.keras.layers.Dense(5, activation="softmax")])
     before = [w.copy() for w in model.get_weights()]
+    workers_before = _worker_binaries()
     with running_gateway(sqlite_node, log_path=tmp_path / "gateway.log") as url:
         client = Client(url, key=alice, node_public_key=sqlite_node / "node.pub")
         release = client.train_model(model, "demo", progress=False, **JOB)
@@ -76,4 +79,4 @@ def test_signed_job_trains_with_tff_and_releases_only_dp_outputs(
     admit = actions.index("admit")
     assert actions[admit:admit + 3] == ["admit", "charge", "release"]
     assert actions[-1] == "deny"
-    assert _worker_binaries() == []
+    assert _worker_binaries() - workers_before == set()

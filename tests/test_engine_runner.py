@@ -1,4 +1,5 @@
-"""The engine runner, run for real through the launcher (TensorFlow Federated, subprocesses).
+"""The engine runner, run for real through the launcher in its default sandbox (bubblewrap,
+seccomp, unprivileged uid; TensorFlow Federated, subprocesses).
 
 A small job: 500-user Synthetic(1, 1) dataset, 60 → 10 softmax regression, 3 rounds of
 DP-FedAvg with about 20 clients per round, DP evaluation on held-out users.
@@ -20,6 +21,7 @@ from engine.artifact import decode_array, linear_classifier_artifact
 from engine.datastore import generate_synthetic, import_dataset
 from engine.job import DATA_ACCESS_MARKER, RELEASE_FILE
 from engine.launcher import JobOutcome, run_job
+from engine.sandbox import SANDBOX_ID
 
 pytestmark = pytest.mark.tff
 
@@ -56,16 +58,26 @@ def live_members(group: int) -> list[Process]:
     return [p for p in processes() if p.group == group and p.state != "Z"]
 
 
-def runner_pid(job_dir: Path) -> int:
+def credentials(pid: int) -> dict[str, str]:
+    """The uid, capabilities and seccomp mode of a process, from the host's view."""
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    return {key: status[key].split()[0] for key in ("Uid", "CapEff", "NoNewPrivs", "Seccomp")}
+
+
+def runner_pid(job_dir: Path) -> int | None:
+    """The runner itself (bwrap's own command line names the runner too), if still running."""
     for entry in os.scandir("/proc"):
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+            with open(f"/proc/{entry.name}/comm") as f:
+                name = f.read().strip()
         except (OSError, ValueError):
             continue
-        if b"engine.runner" in argv and str(job_dir).encode() in argv:
+        if name != "bwrap" and b"engine.runner" in argv and str(job_dir).encode() in argv:
             return int(entry.name)
-    raise AssertionError("runner process not found")
+    return None
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Run:
     group: int | None = None
     members_during_training: list[Process] = field(default_factory=list)
     worker_network_namespace: str | None = None
+    credentials: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +127,11 @@ def launch(run: Run, *, timeout_s: float = 300, cancel_after_round: int | None =
     async def on_event(event: dict[str, Any]) -> None:
         run.events.append(event)
         if event == {"event": "round", "round": 1, "rounds": event.get("rounds")}:
-            run.group = runner_pid(run.job_dir)
-            run.members_during_training = live_members(run.group)
+            pid = runner_pid(run.job_dir)
+            run.group = next((p.group for p in processes() if p.pid == pid), None)
+            run.members_during_training = live_members(run.group) if run.group else []
+            for member in run.members_during_training:
+                run.credentials[member.name] = credentials(member.pid)
             workers = [p for p in run.members_during_training if p.name == "worker_binary"]
             if workers:
                 run.worker_network_namespace = os.readlink(f"/proc/{workers[0].pid}/ns/net")
@@ -176,6 +192,16 @@ def test_worker_binary_runs_in_the_job_group_in_a_private_network(completed: Run
     assert "worker_binary" in names
     assert completed.worker_network_namespace is not None
     assert completed.worker_network_namespace != os.readlink("/proc/self/ns/net")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the gateway switches uid only as root")
+def test_runner_and_worker_run_as_the_sandbox_uid_under_seccomp(completed: Run) -> None:
+    confined = {"Uid": str(SANDBOX_ID), "CapEff": "0000000000000000", "NoNewPrivs": "1",
+                "Seccomp": "2"}
+    assert {"python", "worker_binary"} <= set(completed.credentials)
+    for name, found in completed.credentials.items():
+        if name != "bwrap":  # bwrap's pid 1 reaper stays root, outside the filter
+            assert found == confined, name
 
 
 def test_no_worker_binary_survives_the_job(completed: Run) -> None:
