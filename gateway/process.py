@@ -37,10 +37,10 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) ->
     raise RuntimeError("the gateway did not become healthy in time")
 
 
-@contextlib.contextmanager
-def running_gateway(node_dir: Path, *, log_path: Path, timeout: float = 60.0) -> Iterator[str]:
-    """Start ``fedgate serve`` for ``node_dir``; yield its base URL; stop it on exit."""
-    port = free_port()
+def start_gateway(node_dir: Path, *, log_path: Path, timeout: float = 60.0,
+                  port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start ``fedgate serve`` for ``node_dir`` and wait until it is healthy."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     with log_path.open("ab") as log:
         # A fixed argv of this interpreter, no shell: nothing untrusted reaches it.
@@ -52,12 +52,28 @@ def running_gateway(node_dir: Path, *, log_path: Path, timeout: float = 60.0) ->
         )
     try:
         _wait_healthy(url, process, timeout)
+    except BaseException:
+        stop_gateway(process)
+        raise
+    return url, process
+
+
+def stop_gateway(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT (graceful), then SIGKILL the gateway's whole session."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def running_gateway(node_dir: Path, *, log_path: Path, timeout: float = 60.0) -> Iterator[str]:
+    """Start ``fedgate serve`` for ``node_dir``; yield its base URL; stop it on exit."""
+    url, process = start_gateway(node_dir, log_path=log_path, timeout=timeout)
+    try:
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop_gateway(process)
