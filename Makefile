@@ -26,7 +26,16 @@ tests/interop/node_modules/.installed: tests/interop/package-lock.json
 	cd tests/interop && npm ci --silent --no-audit --no-fund
 	touch $@
 
-env: .venv/.synced tests/interop/node_modules/.installed ## install uv if missing, sync .venv from uv.lock, test deps
+# Debian's Chromium for the dashboard's browser test; Playwright drives it and never
+# downloads a browser of its own. Installed once (the file is the target).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+env: .venv/.synced tests/interop/node_modules/.installed $(CHROMIUM) ## install uv if missing, sync .venv from uv.lock, test deps (incl. chromium)
 
 test: env ## run the full test suite (TFF and PostgreSQL included)
 	$(PYTEST) -q

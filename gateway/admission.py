@@ -20,12 +20,19 @@ from typing import Any
 
 from engine.artifact import (
     ModelRejected,
+    ModelSummary,
     parse_artifact,
     validate_artifact,
     validate_artifact_structure,
 )
 from gateway.node import Node
-from gateway.policy import PolicyDecision, RequestContext, researcher_epsilon_spent
+from gateway.policy import (
+    PolicyDecision,
+    RequestContext,
+    committed_model_digests,
+    researcher_committed_jobs,
+    researcher_epsilon_spent,
+)
 from gateway.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger import accounting
@@ -39,6 +46,7 @@ from ledger.budget import (
 )
 from ledger.canonical import canonical_json
 from ledger.models import Dataset, Job
+from ledger.review import open_review
 
 MAX_ROUNDS = 100_000
 NO_MODEL = "sha256:" + "0" * 64  # estimates do not need an uploaded model
@@ -222,16 +230,29 @@ def check_model(node: Node, dataset: Dataset, digest: str) -> None:
         raise Problem("model-rejected", str(exc)) from None
 
 
+def _stored_model(node: Node, digest: str) -> tuple[ModelSummary, int] | None:
+    """Structure summary and size of an uploaded artifact; ``None`` if it cannot be read."""
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        return None
+    path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
+    try:
+        raw = path.read_bytes()
+        return validate_artifact_structure(parse_artifact(raw)), len(raw)
+    except (OSError, ModelRejected):
+        return None
+
+
 def decide_policy(
     node: Node, principal: VerifiedRequest, dataset: Dataset, action: str, request: JobRequest
 ) -> PolicyDecision:
     """The owner policy's decision on ``request`` in the dataset owner's domain.
 
     The request's parameters are stated as they are; the facts that cost something (the
-    projected ε, the model's family and size, the researcher's ε in a window) are computed
-    only when a matching constraint reads them. A fact that cannot be computed (an unknown
-    model, more clients than users) stays unstated, which denies a ``train`` request whose
-    constraints need it (``gateway.policy`` contract).
+    projected ε, the model's family and size, the researcher's ε in a window, the jobs that
+    ran before) are computed only when a matching constraint or obligation reads them. A fact
+    that cannot be computed (an unknown model, more clients than users) stays unstated, which
+    denies a ``train`` request whose constraints need it and holds it for review if a review
+    condition needs it (``gateway.policy`` contract).
     """
     policy = node.policy()
     now = dt.datetime.now(dt.UTC)
@@ -242,15 +263,23 @@ def decide_policy(
     if "epsilon" in needs:
         with contextlib.suppress(Problem):
             facts["epsilon"] = project_cost(node, dataset, request).epsilon
-    if needs & {"model_family", "model_bytes", "model_parameters"} and re.fullmatch(
-        r"sha256:[0-9a-f]{64}", request.model_digest
-    ):
-        path = node.deployment.models_dir / (request.model_digest.removeprefix("sha256:") + ".json")
-        with contextlib.suppress(OSError, ModelRejected):
-            raw = path.read_bytes()
-            summary = validate_artifact_structure(parse_artifact(raw))
-            facts.update(model_family=summary.family, model_bytes=len(raw),
+    if needs & {"model_family", "model_bytes", "model_parameters"}:
+        stored = _stored_model(node, request.model_digest)
+        if stored is not None:
+            summary, size = stored
+            facts.update(model_family=summary.family, model_bytes=size,
                          model_parameters=summary.parameter_count)
+    if "researcher_committed_jobs" in needs:
+        with node.session() as s:
+            facts["researcher_committed_jobs"] = researcher_committed_jobs(
+                s, researcher=principal.principal, dataset=dataset.name)
+    if "dataset_model_families" in needs:
+        with node.session() as s:
+            digests = committed_model_digests(s, dataset=dataset.name)
+        # A model that can no longer be read counts as unseen: more reviews, never fewer.
+        facts["dataset_model_families"] = frozenset(
+            stored[0].family for digest in sorted(digests)
+            if (stored := _stored_model(node, digest)) is not None)
 
     def epsilon_spent(window: dt.timedelta) -> float:
         with node.session() as s:
@@ -268,7 +297,13 @@ def decide_policy(
 def admit_job(
     node: Node, principal: VerifiedRequest, request: JobRequest, request_digest: str
 ) -> Job:
-    """Admit ``request`` and reserve its budget, or raise the ``Problem`` that refused it."""
+    """Admit ``request`` and reserve its budget, or raise the ``Problem`` that refused it.
+
+    The admitted job is ``queued``, or ``pending_review`` when the policy holds it for the
+    owner's review; either way its budget is reserved in the same transaction as the
+    ``admit`` entry (and the review's ``requested`` entry), so held jobs count against the
+    privacy filter for every later admission (``ledger.review``).
+    """
     audit = _audit_fields(principal, request, request_digest, node)
     if principal.role != "researcher":
         raise _deny(node, audit, Problem("policy-denied", "only researchers may submit jobs"))
@@ -287,6 +322,8 @@ def admit_job(
         raise _deny(node, audit, problem) from None
     audit.update(epsilon=projection.epsilon, delta=projection.delta,
                  policy_explanation=decision.explanation)
+    if decision.review is not None:
+        audit["review"] = decision.review
     now = time.time()
     job = Job(
         id="job-" + uuid.uuid4().hex[:16],
@@ -301,7 +338,7 @@ def admit_job(
         cost_rdp="[]",
         epsilon=projection.epsilon,
         delta=projection.delta,
-        state="queued",
+        state="queued" if decision.review is None else "pending_review",
         budget_state="reserved",
         rounds=request.rounds,
         policy_version=decision.policy_version,
@@ -316,7 +353,13 @@ def admit_job(
                     raise Problem("invalid-request", "idempotency_key was already used for a "
                                   "different request; use a new key", field="idempotency_key")
                 return existing
-            return reserve_budget(s, job, projection.cost_rdp, audit)
+            job = reserve_budget(s, job, projection.cost_rdp, audit)
+            if decision.review is not None:
+                open_review(s, job, required_because=decision.review,
+                            policy_explanation=decision.explanation,
+                            expires_at=now + node.config.review_expiry_hours * 3600.0,
+                            actor=principal.key_id)
+            return job
     except BudgetExceeded as exc:
         problem = Problem(
             "budget-exceeded",
@@ -330,14 +373,20 @@ def admit_job(
         raise _deny(node, audit, problem) from None
 
 
-def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) -> dict[str, Any]:
-    """Dry run: the job's ε/δ, whether it fits now, how many such jobs fit. Charges nothing."""
+def _dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRequest) -> Dataset:
+    """The requested dataset, if the policy lets this principal estimate on it."""
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
         raise Problem("unknown-dataset", f"no dataset {request.dataset!r}")
     decision = decide_policy(node, principal, dataset, "estimate", request)
     if not decision.allowed:
         raise Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
+    return dataset
+
+
+def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) -> dict[str, Any]:
+    """Dry run: the job's ε/δ, whether it fits now, how many such jobs fit. Charges nothing."""
+    dataset = _dataset_for_estimate(node, principal, request)
     projection = project_cost(node, dataset, request)
     fit = budget_fit(dataset, projection.cost_rdp)
     result: dict[str, Any] = {
@@ -376,12 +425,7 @@ def calibrate_job(node: Node, principal: VerifiedRequest, body: Any) -> dict[str
                       field="target_epsilon")
     body[solve_for] = 1
     request = JobRequest.from_json(body, needs_model=False)
-    dataset = _load_dataset(node, request.dataset)
-    if dataset is None:
-        raise Problem("unknown-dataset", f"no dataset {request.dataset!r}")
-    decision = decide_policy(node, principal, dataset, "estimate", request)
-    if not decision.allowed:
-        raise Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
+    dataset = _dataset_for_estimate(node, principal, request)
     q = float(request.clients_per_round) / float(dataset.training_users)
     if q > 1:
         raise Problem("invalid-request", "clients_per_round exceeds the training users",

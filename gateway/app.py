@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -26,15 +28,19 @@ from starlette.routing import Route
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact_structure
 from gateway import audit_api
 from gateway.admission import JobRequest, admit_job, calibrate_job, estimate_job
+from gateway.dashboard import Dashboard
 from gateway.jobs import JobRunner, recover_interrupted_jobs
 from gateway.middleware import BodyLimitMiddleware, SignatureAuthMiddleware
 from gateway.node import Node
 from gateway.openapi import openapi_document
+from gateway.output_policy import fetch_release
 from gateway.problems import Problem, problem_response
+from gateway.review import review_status, review_watch
 from gateway.signatures import VerifiedRequest
 from ledger.audit import append_entry
 from ledger.canonical import sha256_digest
-from ledger.models import Dataset, Job, ModelArtifact
+from ledger.models import Dataset, Job, JobReview, ModelArtifact
+from ledger.review import HELD_JOB_STATES, withdraw_review
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -63,6 +69,17 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
+def _budget_used(dataset: Dataset) -> float:
+    """Privacy-filter usage at its best order (1.0 = nothing more fits), rounded."""
+    from ledger import accounting
+    from ledger.burndown import filter_usage
+
+    usage = filter_usage(accounting.vector_from_json(json.loads(dataset.spent_rdp)),
+                         accounting.vector_from_json(json.loads(dataset.filter_budget)),
+                         json.loads(dataset.filter_orders))
+    return round(min(usage.fraction, 1.0), 4)
+
+
 async def list_datasets(request: Request) -> Response:
     node: Node = request.app.state.node
     principal = _principal(request)
@@ -76,12 +93,14 @@ async def list_datasets(request: Request) -> Response:
         return [
             {
                 "name": d.name,
+                **_columns(d),
                 "num_features": d.num_features,
                 "num_classes": d.num_classes,
                 "training_users_rounded": _rounded_users(d.training_users),
                 "evaluation_users_rounded": _rounded_users(d.evaluation_users),
                 "epsilon_total": d.epsilon_total,
                 "delta": d.delta,
+                "budget_used": _budget_used(d),
             }
             for d in rows
             if policy.decide(subject=principal.principal, domain=node.config.owner,
@@ -89,6 +108,16 @@ async def list_datasets(request: Request) -> Response:
         ]
 
     return JSONResponse({"datasets": await run_in_threadpool(visible)})
+
+
+def _columns(dataset: Dataset) -> dict[str, Any]:
+    """The dataset's column names (public: its mock data has the same columns), so a
+    researcher can import the mock exactly as the owner imported the data."""
+    from engine.datastore import load_schema
+
+    schema = load_schema(Path(dataset.path))
+    return {"user_id_column": schema.user_id_column, "label_column": schema.label_column,
+            "feature_columns": list(schema.feature_columns)}
 
 
 async def dataset_mock(request: Request) -> Response:
@@ -127,11 +156,13 @@ async def upload_model(request: Request) -> Response:
         except (ValueError, ModelRejected) as exc:
             raise Problem("model-rejected", str(exc)) from None
         path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
+        if not path.exists():  # a temporary name per upload: concurrent uploads may race here
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
             tmp.write_bytes(body)
             tmp.replace(path)
-        with node.session() as s, s.begin():
+        # Content-addressed, so a concurrent upload of the same bytes that recorded it first
+        # is the same outcome.
+        with contextlib.suppress(IntegrityError), node.session() as s, s.begin():
             if s.get(ModelArtifact, digest) is None:
                 s.add(ModelArtifact(digest=digest, size=len(body), uploaded_by=principal.key_id,
                                     created_at=time.time()))
@@ -174,11 +205,14 @@ async def submit_job(request: Request) -> Response:
     job = await run_in_threadpool(admit_job, node, principal, job_request, request_digest)
     if job.state == "queued":
         request.app.state.runner.start(job)
-    return JSONResponse(_job_status(job), status_code=202,
-                        headers={"Location": f"/v1/jobs/{job.id}"})
+    status = await run_in_threadpool(_job_status, node, job)
+    return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-def _job_status(job: Job) -> dict[str, Any]:
+def _job_status(node: Node, job: Job) -> dict[str, Any]:
+    """The researcher's view of a job; ``review`` when the policy held it for review."""
+    with node.session() as s:
+        review = s.get(JobReview, job.id)
     status: dict[str, Any] = {
         "job_id": job.id,
         "dataset": job.dataset,
@@ -191,6 +225,8 @@ def _job_status(job: Job) -> dict[str, Any]:
     }
     if job.failure:
         status["failure"] = job.failure
+    if review is not None:
+        status["review"] = review_status(review)
     return status
 
 
@@ -206,23 +242,37 @@ def _own_job(request: Request) -> Job:
 
 async def job_status(request: Request) -> Response:
     job = await run_in_threadpool(_own_job, request)
-    return JSONResponse(_job_status(job))
+    return JSONResponse(await run_in_threadpool(_job_status, request.app.state.node, job))
+
+
+def _withdraw(node: Node, job_id: str, actor: str) -> None:
+    with node.session() as s, s.begin():
+        withdraw_review(s, job_id, actor=actor)
 
 
 async def cancel_job(request: Request) -> Response:
+    """Cancel a job: a held one (pending or approved review) is withdrawn and refunded; a
+    queued or running one is stopped and settled by the data-access rule."""
+    node: Node = request.app.state.node
     job = await run_in_threadpool(_own_job, request)
+    if job.state in HELD_JOB_STATES:
+        await run_in_threadpool(_withdraw, node, job.id, _principal(request).key_id)
+        job = await run_in_threadpool(_own_job, request)  # the gateway may have claimed it
     if job.state in ("queued", "running"):
         await request.app.state.runner.cancel(job.id)
         job = await run_in_threadpool(_own_job, request)
-    return JSONResponse(_job_status(job))
+    return JSONResponse(await run_in_threadpool(_job_status, node, job))
 
 
 async def job_result(request: Request) -> Response:
+    """The signed release, if the job succeeded and its output policy allows one more fetch."""
     job = await run_in_threadpool(_own_job, request)
     if job.state != "succeeded" or job.release is None:
         raise Problem("not-ready", f"job {job.id} is {job.state}; results exist only for "
                                    "succeeded jobs", state=job.state)
-    return Response(job.release, media_type="application/json")
+    release = await run_in_threadpool(fetch_release, request.app.state.node, _principal(request),
+                                      job)
+    return Response(release, media_type="application/json")
 
 
 async def _problem_handler(request: Request, exc: Exception) -> Response:
@@ -257,7 +307,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
         settled = await run_in_threadpool(recover_interrupted_jobs, node)
         if settled:
             log.warning("settled %d jobs interrupted by a restart", len(settled))
-        async with audit_api.periodic_checkpoints(node):
+        async with audit_api.periodic_checkpoints(node), review_watch(node, runner):
             yield
         await runner.shutdown()
 
@@ -278,6 +328,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/jobs/{job_id}/result", job_result),
             Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
             *audit_api.routes(),
+            *Dashboard(node).routes(),
         ],
         middleware=[
             Middleware(BodyLimitMiddleware, limit_for_path=limit_for_path),

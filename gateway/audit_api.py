@@ -9,7 +9,6 @@ authorise; the work is in ``gateway.node_audit``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import node_audit
+from gateway.background import every
 from gateway.node import Node
 from gateway.problems import Problem
 from gateway.signatures import VerifiedRequest
@@ -84,23 +84,14 @@ async def periodic_checkpoints(
     Use in the app's lifespan: ``async with periodic_checkpoints(node): yield``.
     """
 
-    async def publish_forever() -> None:
-        while True:
-            try:
-                await run_in_threadpool(node_audit.publish_node_checkpoint, node)
-            except AuditLogCorrupted as exc:
-                log.error("not signing a checkpoint: %s", exc)
-            except Exception:
-                log.exception("periodic audit checkpoint failed")
-            await asyncio.sleep(interval_seconds)
+    async def step() -> None:
+        try:
+            await run_in_threadpool(node_audit.publish_node_checkpoint, node)
+        except AuditLogCorrupted as exc:
+            log.error("not signing a checkpoint: %s", exc)
 
-    task = asyncio.create_task(publish_forever())
-    try:
+    async with every(interval_seconds, step, "periodic audit checkpoint"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _officer_call(request: Request, operation: Callable[..., Any], *args: Any) -> Any:
@@ -109,15 +100,7 @@ async def _officer_call(request: Request, operation: Callable[..., Any], *args: 
     principal: VerifiedRequest = request.scope["fedgate.principal"]
 
     def authorised_call() -> Any:
-        decision = node.policy().decide(subject=principal.principal, domain=node.config.owner,
-                                        dataset=AUDIT_OBJECT, action="read-audit")
-        if not decision.allowed:
-            with node.session() as s, s.begin():
-                append_entry(s, action="deny", decision="deny", reason="policy-denied",
-                             explanation=decision.explanation, actor=principal.key_id,
-                             principal=principal.principal, request_action="read-audit",
-                             policy_version=decision.policy_version)
-            raise Problem("policy-denied", decision.explanation)
+        authorise_audit_reader(node, subject=principal.principal, key_id=principal.key_id)
         try:
             return operation(node, *args)
         except node_audit.AuditRequestInvalid as exc:
@@ -127,6 +110,19 @@ async def _officer_call(request: Request, operation: Callable[..., Any], *args: 
                                             "export it and run `fedgate audit verify`") from None
 
     return await run_in_threadpool(authorised_call)
+
+
+def authorise_audit_reader(node: Node, *, subject: str, key_id: str) -> None:
+    """Raise ``policy-denied`` (and audit the refusal) unless the policy allows ``subject``
+    to ``read-audit``. Blocking: call it off the event loop."""
+    decision = node.policy().decide(subject=subject, domain=node.config.owner,
+                                    dataset=AUDIT_OBJECT, action="read-audit")
+    if not decision.allowed:
+        with node.session() as s, s.begin():
+            append_entry(s, action="deny", decision="deny", reason="policy-denied",
+                         explanation=decision.explanation, actor=key_id, principal=subject,
+                         request_action="read-audit", policy_version=decision.policy_version)
+        raise Problem("policy-denied", decision.explanation)
 
 
 def _optional_int(request: Request, name: str) -> int | None:

@@ -199,6 +199,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     from sqlmodel import select
 
     from ledger import accounting
+    from ledger.burndown import filter_usage
     from ledger.models import Dataset, Job
 
     node = _node(args)
@@ -211,9 +212,8 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
             jobs = s.exec(select(Job).where(Job.dataset == d.name)).all()
             spent = accounting.vector_from_json(json.loads(d.spent_rdp))
             budget = accounting.vector_from_json(json.loads(d.filter_budget))
-            usable = [(float(sp / b), order) for sp, b, order
-                      in zip(spent, budget, json.loads(d.filter_orders), strict=True) if b > 0]
-            used, order = min(usable) if usable else (1.0, None)
+            usage = filter_usage(spent, budget, json.loads(d.filter_orders))
+            used, order = usage.fraction, usage.best_order
             by_researcher: dict[str, dict[str, float]] = {}
             for job in jobs:
                 if job.budget_state in ("reserved", "committed"):
@@ -349,10 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_budget_show)
 
-    from gateway import cli_audit, cli_policy, cli_researcher
+    from gateway import cli_audit, cli_dashboard, cli_policy, cli_researcher, cli_review
 
     cli_audit.register(commands)
+    cli_dashboard.register(commands)
     cli_policy.register(commands)
+    cli_review.register(commands)
     cli_researcher.register(commands)
 
     p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")

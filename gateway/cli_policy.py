@@ -30,8 +30,10 @@ from gateway.audit_api import AUDIT_OBJECT
 from gateway.policy import (
     ACTIONS,
     JOB_ACTIONS,
+    OBLIGATION_ACTIONS,
     Constraint,
     Grant,
+    Obligation,
     PolicyDecision,
     PolicyEngine,
     PolicyInvalid,
@@ -85,7 +87,8 @@ def lint_policy(engine: PolicyEngine, *, owner: str, datasets: Mapping[str, int]
         if m.member not in principals and m.member not in groups:
             warn(m.where, f"member {m.member!r} is neither a registered principal nor a group")
 
-    rules: list[Grant | Constraint] = [*engine.rows.grants, *engine.rows.constraints]
+    rules: list[Grant | Constraint | Obligation] = [*engine.rows.grants, *engine.rows.constraints,
+                                                    *engine.rows.obligations]
     first_seen: dict[tuple[str, ...], str] = {}
     for rule in rules:
         if rule.cells in first_seen:
@@ -120,6 +123,24 @@ def lint_policy(engine: PolicyEngine, *, owner: str, datasets: Mapping[str, int]
             break
 
     findings.extend(_lint_constraints(engine, datasets=datasets, now=now))
+    findings.extend(_lint_obligations(engine))
+    return findings
+
+
+def _lint_obligations(engine: PolicyEngine) -> list[Finding]:
+    """Obligations on actions that create no job never apply; repeated output limits."""
+    findings: list[Finding] = []
+    same_scope: dict[tuple[str, ...], Obligation] = {}
+    for duty in engine.rows.obligations:
+        if duty.action not in (*OBLIGATION_ACTIONS, "*"):
+            findings.append(Finding("warning", duty.where, f"{duty.kind.name} never applies to "
+                                    f"{duty.action}: only {', '.join(sorted(OBLIGATION_ACTIONS))} "
+                                    "requests create jobs"))
+        key = (*duty.cells[1:5], duty.kind.name)
+        earlier = same_scope.setdefault(key, duty)
+        if earlier is not duty and duty.kind.stage == "output":
+            findings.append(Finding("warning", duty.where, f"repeats {duty.kind.name} of "
+                                    f"{earlier.where}: both apply, so the stricter one decides"))
     return findings
 
 
@@ -172,6 +193,11 @@ class Expectation:
     params: str
     context: RequestContext
     allowed: bool
+    review: bool = False  # ``expect`` is ``review``: allowed, and held for the owner's review
+
+    @property
+    def expected(self) -> str:
+        return "review" if self.review else "allow" if self.allowed else "deny"
 
 
 def parse_params(words: list[str], *, domain: str, now: dt.datetime) -> tuple[str, RequestContext]:
@@ -194,7 +220,9 @@ def parse_expectations(text: str, *, domain: str, now: dt.datetime,
     """Parse a CSV table with the header ``subject,dataset,action,params,expect``.
 
     ``params`` holds space-separated ``NAME=VALUE`` words (``rounds=500 at=2025-06-02T09:00Z``);
-    ``expect`` is ``allow`` or ``deny``. Blank lines and lines starting with ``#`` are skipped.
+    ``expect`` is ``allow``, ``deny`` or ``review`` (allowed, and held for the owner's review;
+    ``allow`` then means allowed without review). Blank lines and lines starting with ``#``
+    are skipped.
     Raises ValueError naming the line of the first malformed row.
     """
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
@@ -212,22 +240,30 @@ def parse_expectations(text: str, *, domain: str, now: dt.datetime,
         subject, dataset, action, params, expect = cells
         if action not in ACTIONS:
             raise ValueError(f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})")
-        if expect not in ("allow", "deny"):
-            raise ValueError(f"{where}: expect must be allow or deny, not {expect!r}")
+        if expect not in ("allow", "deny", "review"):
+            raise ValueError(f"{where}: expect must be allow, deny or review, not {expect!r}")
         try:
             row_domain, context = parse_params(params.split(), domain=domain, now=now)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         expectations.append(Expectation(where, subject, row_domain, dataset, action, params,
-                                        context, expect == "allow"))
+                                        context, expect != "deny", expect == "review"))
     return expectations
 
 
 def run_expectations(engine: PolicyEngine, expectations: list[Expectation]
                      ) -> list[tuple[Expectation, PolicyDecision]]:
-    """Each expectation with the engine's decision (compare ``decision.allowed``)."""
+    """Each expectation with the engine's decision (compare ``outcome(decision)`` with
+    ``expectation.expected``)."""
     return [(e, engine.decide(subject=e.subject, domain=e.domain, dataset=e.dataset,
                               action=e.action, context=e.context)) for e in expectations]
+
+
+def outcome(decision: PolicyDecision) -> str:
+    """``allow``, ``deny`` or ``review`` (allowed, and held for the owner's review)."""
+    if not decision.allowed:
+        return "deny"
+    return "review" if decision.review is not None else "allow"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +329,9 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     for finding in findings:
         print(finding)
     rows = engine.rows
+    obligations = f"{len(rows.obligations)} obligations, " if rows.obligations else ""
     print(f"{path}: valid ({len(rows.grants)} rules, {len(rows.constraints)} constraints, "
-          f"{len(engine.memberships)} memberships), {len(findings)} warning(s); "
+          f"{obligations}{len(engine.memberships)} memberships), {len(findings)} warning(s); "
           f"version {engine.version}")
     return 1 if findings and args.strict else 0
 
@@ -309,8 +346,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
                                       now=_now(args), source=table.name)
     failed = 0
     for expectation, decision in run_expectations(engine, expectations):
-        want = "allow" if expectation.allowed else "deny"
-        got = "allow" if decision.allowed else "deny"
+        want, got = expectation.expected, outcome(decision)
         request = (f"{expectation.subject} {expectation.action} {expectation.dataset} "
                    f"{expectation.params}").rstrip()
         if want == got:
@@ -353,11 +389,12 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         "rule": ", ".join(decision.rule) if decision.rule else None,
         "groups": list(engine.subjects(args.subject, domain)[1:]),
         "policy_version": decision.policy_version,
+        "review": decision.review,
     }
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        print(("allow: " if decision.allowed else "deny: ") + decision.explanation)
+        print(f"{outcome(decision)}: {decision.explanation}")
         print(f"  rule:    {report['rule'] or '(none)'}")
         print(f"  groups:  {', '.join(report['groups']) or '(none)'}")
         print(f"  policy:  {decision.policy_version}")

@@ -23,6 +23,8 @@ examples:
   fedgate calibrate demo --target-epsilon 2 --rounds 40 --clients-per-round 100 --clip 1.0
   fedgate model from-keras model.keras model.json
   fedgate train demo --model model.json --rounds 40 --clients-per-round 100 \\
+      --noise-multiplier 1.0 --clip 1.0 --rehearse      # locally on mock data; free
+  fedgate train demo --model model.json --rounds 40 --clients-per-round 100 \\
       --noise-multiplier 1.0 --clip 1.0 --out weights.json
   fedgate job status JOB_ID
 """
@@ -52,6 +54,18 @@ def _job_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _show(data: Any, args: argparse.Namespace, human: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else human)
+
+
+def _verified_release(job):  # type: ignore[no-untyped-def]
+    """The job's verified release, or None after saying on stderr why there is none (the job
+    failed, or the release does not verify against the node key)."""
+    from gateway.client import JobFailed, ReleaseVerificationFailed
+
+    try:
+        return job.result()
+    except (JobFailed, ReleaseVerificationFailed) as exc:
+        print(f"fedgate: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -91,14 +105,37 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    """``fedgate train --rehearse``: the job runs locally on the mock data; nothing is
+    uploaded, reserved or audited on the node."""
+    from dataclasses import asdict
+
+    from engine.artifact import parse_artifact
+
+    artifact = parse_artifact(Path(args.model).read_bytes())
+    with _client(args) as client:
+        report = client.rehearse(artifact, args.dataset, **_job_parameters(args))
+    human = f"rehearsal of {args.dataset}: {report.summary()}"
+    if report.engine_log:
+        human += "\nengine log (mock data):\n" + report.engine_log
+    _show({**asdict(report), "seconds_per_round": report.seconds_per_round}, args, human)
+    return 0 if report.ok else 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from engine.artifact import encode_array, parse_artifact
 
+    if args.rehearse:
+        return cmd_rehearse(args)
     artifact = parse_artifact(Path(args.model).read_bytes())
     with _client(args) as client:
         digest = client.upload_model(artifact)
         job = client.submit(args.dataset, digest, **_job_parameters(args))
-        print(f"submitted {job.id} (ε {job.last_status['epsilon']:.3f}); waiting", file=sys.stderr)
+        print(f"submitted {job.id} (ε {job.last_status['epsilon']:.3f})"
+              + ("" if args.no_wait else "; waiting"), file=sys.stderr)
+        if "review" in job.last_status:
+            print(f"{job.id} waits for the data owner's review (budget reserved): "
+                  f"{job.last_status['review']['required_because']}", file=sys.stderr)
         if args.no_wait:
             _show(job.last_status, args, f"job {job.id} is {job.last_status['state']}")
             return 0
@@ -106,7 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if status["state"] != "succeeded":
             _show(status, args, f"job {job.id} failed: {status.get('failure')}")
             return 1
-        release = job.result()
+        release = _verified_release(job)
+        if release is None:
+            return 1
     released = {"format": "keras-json-v1", "config": artifact["config"],
                 "weights": [encode_array(w) for w in release.weights]}
     if args.out:
@@ -127,15 +166,24 @@ def cmd_job(args: argparse.Namespace) -> int:
         job = Job(client, {"job_id": args.job_id, "rounds": 0, "state": "unknown"})
         if args.action == "status":
             status = job.status()
-            _show(status, args, f"{status['job_id']}: {status['state']}, round {status['round']}"
-                                f"/{status['rounds']}, ε {status['epsilon']:.3f}")
+            human = (f"{status['job_id']}: {status['state']}, round {status['round']}"
+                     f"/{status['rounds']}, ε {status['epsilon']:.3f}")
+            if "review" in status:
+                review = status["review"]
+                human += (f"\n  review {review['state']}: "
+                          f"{review['reason'] or review['required_because']}")
+            if "failure" in status:
+                human += f"\n  failure: {status['failure']}"
+            _show(status, args, human)
         elif args.action == "cancel":
             status = job.cancel()
             _show(status, args, f"{status['job_id']}: {status['state']} "
                                 f"(budget {status['budget']})")
         else:
             job.status()
-            release = job.result()
+            release = _verified_release(job)
+            if release is None:
+                return 1
             data = {"manifest": release.manifest}
             _show(data, args, f"{release.job_id}: ε {release.epsilon:.3f}, metrics "
                               f"{release.metrics} (node signature verified)")
@@ -206,6 +254,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
                    "from-keras makes one)")
     p.add_argument("--out", help="write the released DP model (keras-json-v1) here")
     p.add_argument("--no-wait", action="store_true", help="submit and return the job id")
+    p.add_argument("--rehearse", action="store_true", help="run the job locally on the "
+                   "dataset's mock data instead (needs TFF; reserves nothing on the node)")
     _connection_options(p)
     p.set_defaults(func=cmd_train)
 

@@ -8,8 +8,9 @@ exceptions that carry the server's problem+json document.
 Example::
 
     client = Client("http://127.0.0.1:8620", key="alice.key", node_public_key="node.pub")
-    result = client.train_model(model, "demo", rounds=20, clients_per_round=50,
-                                noise_multiplier=1.0, clip=0.5)
+    job = dict(rounds=20, clients_per_round=50, noise_multiplier=1.0, clip=0.5)
+    print(client.rehearse(model, "demo", **job).summary())  # locally, on mock data: free
+    result = client.train_model(model, "demo", **job)
     print(result.epsilon, result.metrics)
 """
 
@@ -19,7 +20,7 @@ import base64
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from cryptography.exceptions import InvalidSignature
@@ -29,6 +30,9 @@ from gateway import keys
 from gateway.problems import TYPE_PREFIX
 from gateway.request_signing import SignedRequestAuth
 from ledger.canonical import canonical_json, sha256_digest
+
+if TYPE_CHECKING:
+    from gateway.rehearsal import RehearsalReport
 
 
 class FedgateError(Exception):
@@ -57,6 +61,10 @@ class ModelRejected(FedgateError):
     """The model artifact was refused by validation."""
 
 
+class OutputPolicyRefused(FedgateError):
+    """The owner's output policy refuses this fetch (e.g. a single release was fetched)."""
+
+
 class JobFailed(Exception):
     """The job ended without a release."""
 
@@ -69,7 +77,10 @@ _ERRORS: dict[str, type[FedgateError]] = {
     "policy-denied": PolicyDenied,
     "budget-exceeded": BudgetExceeded,
     "model-rejected": ModelRejected,
+    "output-policy": OutputPolicyRefused,
 }
+# States of a job held for the data owner's review (its budget is reserved meanwhile).
+HELD_STATES = ("pending_review", "approved")
 
 
 def _raise_for_problem(response: httpx.Response) -> None:
@@ -127,6 +138,17 @@ def _load_public(key: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
     return key if isinstance(key, Ed25519PublicKey) else keys.load_public_key(Path(key))
 
 
+def _artifact(model_or_artifact: Any) -> dict[str, Any]:
+    """A keras-json-v1 artifact from a Keras model, an artifact dict or its bytes."""
+    from engine.artifact import artifact_from_keras, parse_artifact
+
+    if isinstance(model_or_artifact, dict):
+        return model_or_artifact
+    if isinstance(model_or_artifact, bytes):
+        return parse_artifact(model_or_artifact)
+    return artifact_from_keras(model_or_artifact)
+
+
 class Job:
     """Handle of a submitted job."""
 
@@ -145,8 +167,15 @@ class Job:
         return self.last_status
 
     def wait(self, *, progress: bool = True, poll_seconds: float = 0.5,
-             timeout_seconds: float = 3600.0) -> dict[str, Any]:
-        """Poll until the job ends; show a progress bar of rounds when ``progress``."""
+             timeout_seconds: float = 3600.0, review_poll_seconds: float = 5.0) -> dict[str, Any]:
+        """Poll until the job ends; show a progress bar of rounds when ``progress``.
+
+        A job the owner's policy holds for review (``pending_review``, then ``approved``)
+        is polled every ``review_poll_seconds``, and time spent in review does not count
+        toward ``timeout_seconds``: the review's own deadline bounds it (an expired review
+        ends the job, refunded). The bar shows the state; ``status()['review']`` has the
+        owner's reason.
+        """
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -156,14 +185,17 @@ class Job:
         try:
             while True:
                 status = self.status()
+                held = status["state"] in HELD_STATES
                 if bar is not None:
                     bar.update(status["round"] - bar.n)
-                    bar.set_postfix(state=status["state"], refresh=False)
+                    bar.set_postfix(state=status["state"], refresh=held)
                 if status["state"] in ("succeeded", "failed"):
                     return status
-                if time.monotonic() > deadline:
+                if held:
+                    deadline = time.monotonic() + timeout_seconds
+                elif time.monotonic() > deadline:
                     raise TimeoutError(f"job {self.id} still {status['state']}")
-                time.sleep(poll_seconds)
+                time.sleep(review_poll_seconds if held else poll_seconds)
         finally:
             if bar is not None:
                 bar.close()
@@ -233,6 +265,20 @@ class Client:
         body = {"dataset": dataset, "target_epsilon": target_epsilon, "solve_for": solve_for,
                 **parameters}
         return self._post("/v1/calibrate", canonical_json(body))
+
+    def rehearse(self, model_or_artifact: Any, dataset: str, *, timeout_seconds: float = 3600.0,
+                 **parameters: Any) -> RehearsalReport:
+        """Run the job you would submit locally on ``dataset``'s mock data; reserves nothing.
+
+        ``model_or_artifact`` is a Keras model or a keras-json-v1 artifact (dict or bytes).
+        The report has the validation refusal the node would give, or the engine's failure,
+        or the time per round and the mock DP metrics; and the job's ε on the node (from the
+        free estimate). Needs TensorFlow Federated locally. See ``gateway.rehearsal``.
+        """
+        from gateway.rehearsal import rehearse
+
+        return rehearse(self, _artifact(model_or_artifact), dataset, parameters,
+                        timeout_s=timeout_seconds)
 
     def submit(self, dataset: str, model_digest: str, **parameters: Any) -> Job:
         body = {"dataset": dataset, "model_digest": model_digest, **parameters}

@@ -77,6 +77,11 @@ processes = {limits.processes}
 file_size_bytes = {limits.file_size_bytes}
 # Size of the job's private /tmp and /dev/shm (memory-backed).
 tmp_bytes = {limits.tmp_bytes}
+
+[review]
+# A job the policy holds for owner review (require_review) that is neither approved nor denied
+# within this many hours expires and its reserved budget is refunded (docs/review-and-rehearsal.md).
+expiry_hours = 72
 """
 
 
@@ -96,6 +101,7 @@ class NodeConfig:
     sandbox_uid: int = SANDBOX_ID
     sandbox_gid: int = SANDBOX_ID
     sandbox_limits: ResourceLimits = DEFAULT_LIMITS
+    review_expiry_hours: float = 72.0
 
     @property
     def sandbox_settings(self) -> SandboxSettings:
@@ -172,6 +178,7 @@ class Deployment:
             sandbox_uid=int(engine.get("sandbox_uid", SANDBOX_ID)),
             sandbox_gid=int(engine.get("sandbox_gid", SANDBOX_ID)),
             sandbox_limits=_sandbox_limits(engine.get("limits", {})),
+            review_expiry_hours=float(data.get("review", {}).get("expiry_hours", 72.0)),
         )
 
 

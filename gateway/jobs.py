@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +30,27 @@ from ledger.audit import append_entry
 from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import canonical_json, sha256_digest
 from ledger.models import Dataset, Job
+from ledger.review import claim_approved_jobs
 
 log = logging.getLogger("fedgate.jobs")
 
 
-def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
-    """Create the engine's working directory with its job.json."""
-    spec = json.loads(job.spec)
-    job_dir = node.deployment.jobs_dir / job.id
-    job_dir.mkdir(parents=True, exist_ok=False)
-    q = float(spec["clients_per_round"]) / float(dataset.training_users)
-    engine_job = {
-        "job_id": job.id,
-        "dataset_dir": str(Path(dataset.path).resolve()),
-        "model_path": str(node.deployment.models_dir / (job.model_digest.removeprefix("sha256:")
-                                                        + ".json")),
+def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
+                        spec: Mapping[str, Any], training_users: int,
+                        evaluation_noise_multiplier: float,
+                        evaluation_loss_clip: float) -> dict[str, Any]:
+    """The engine's job.json (``engine.job.JobSpec``) for an admitted job's ``spec``.
+
+    Pure, and the one place a spec becomes engine parameters, so a rehearsal on mock data
+    (``gateway.rehearsal``) runs exactly what the node would: the sampling rate is
+    q = clients_per_round / training_users and the noisy sum is divided by the expected
+    count clients_per_round (= q × training users), as the ε was accounted.
+    """
+    q = float(spec["clients_per_round"]) / float(training_users)
+    return {
+        "job_id": job_id,
+        "dataset_dir": str(Path(dataset_dir).resolve()),
+        "model_path": str(model_path),
         "rounds": int(spec["rounds"]),
         "sampling_rate": q,
         "expected_clients_per_round": float(spec["clients_per_round"]),
@@ -55,15 +62,27 @@ def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
         "local_epochs": int(spec["local_epochs"]),
         "batch_size": int(spec["batch_size"]),
         "evaluation": (
-            {
-                "noise_multiplier": node.config.evaluation_noise_multiplier,
-                "loss_clip": node.config.evaluation_loss_clip,
-            }
+            {"noise_multiplier": evaluation_noise_multiplier, "loss_clip": evaluation_loss_clip}
             if spec["evaluate"]
             else None
         ),
     }
-    (job_dir / "job.json").write_text(json.dumps(engine_job, indent=2))
+
+
+def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
+    """Create the engine's working directory with its job.json."""
+    job_dir = node.deployment.jobs_dir / job.id
+    job_dir.mkdir(parents=True, exist_ok=False)
+    document = engine_job_document(
+        job_id=job.id,
+        dataset_dir=Path(dataset.path),
+        model_path=node.deployment.models_dir / (job.model_digest.removeprefix("sha256:") + ".json"),
+        spec=json.loads(job.spec),
+        training_users=dataset.training_users,
+        evaluation_noise_multiplier=node.config.evaluation_noise_multiplier,
+        evaluation_loss_clip=node.config.evaluation_loss_clip,
+    )
+    (job_dir / "job.json").write_text(json.dumps(document, indent=2))
     return job_dir
 
 
@@ -77,6 +96,19 @@ class JobRunner:
     def start(self, job: Job) -> None:
         if job.id not in self._tasks:
             self._tasks[job.id] = asyncio.create_task(self._run(job.id), name=job.id)
+
+    async def start_approved(self) -> list[str]:
+        """Claim the jobs the owner approved (``approved`` → ``queued``, ``ledger.review``)
+        and start them; returns their ids. Their budget has been reserved since admission."""
+
+        def claim() -> list[Job]:
+            with self.node.session() as s, s.begin():
+                return claim_approved_jobs(s)
+
+        jobs = await run_in_threadpool(claim)
+        for job in jobs:
+            self.start(job)
+        return [job.id for job in jobs]
 
     async def cancel(self, job_id: str) -> None:
         """Stop a job at the researcher's request and settle it (charged if data was read)."""

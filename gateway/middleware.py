@@ -7,7 +7,10 @@ is put in ``scope["fedgate.body"]`` and replayed to the application.
 ``SignatureAuthMiddleware`` authenticates every request except the explicitly public
 paths (RFC 9421, see ``gateway.signatures``), records the nonce (a replay, even after a
 restart, is refused) and sets ``scope["fedgate.principal"]`` to the ``VerifiedRequest``.
-No handler behind it runs unauthenticated.
+The one other exemption is the officer dashboard (``/dashboard`` and paths under
+``/dashboard/``, exactly: see ``cookie_authenticated``), which browsers use without
+signatures: its handlers authenticate by session cookie themselves and refuse every
+page without one (``gateway.dashboard``). No handler behind it runs unauthenticated.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from gateway.signatures import verify_request
 from ledger.registry import prune_nonces, remember_nonce
 
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+COOKIE_AUTH_PREFIXES = ("/dashboard",)
 NONCE_PRUNE_INTERVAL_SECONDS = 60.0
 
 
@@ -81,6 +85,12 @@ def target_uri(scope: Scope) -> str:
     return uri + ("?" + query.decode("latin-1") if query else "")
 
 
+def cookie_authenticated(path: str) -> bool:
+    """True for the dashboard's own paths, whose handlers check a session cookie instead of a
+    signature: a prefix itself or anything below it, never a mere extension of its name."""
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in COOKIE_AUTH_PREFIXES)
+
+
 class SignatureAuthMiddleware:
     def __init__(self, app: ASGIApp, *, node: Node) -> None:
         self.app = app
@@ -88,7 +98,7 @@ class SignatureAuthMiddleware:
         self._last_prune = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or cookie_authenticated(scope["path"]):
             await self.app(scope, receive, send)
             return
         try:

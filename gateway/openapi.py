@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.middleware import cookie_authenticated
 from gateway.problems import PROBLEM_TYPES, TYPE_PREFIX
 
 NUMBER = {"type": "number"}
@@ -29,6 +30,10 @@ JOB_PARAMETERS: dict[str, Any] = {
     "batch_size": {**INTEGER, "minimum": 1, "maximum": 10_000},
     "evaluate": {"type": "boolean"},
 }
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 SCHEMAS: dict[str, Any] = {
     "Problem": {
         "type": "object",
@@ -67,10 +72,22 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["job_id", "dataset", "state", "round", "rounds", "epsilon", "delta", "budget"],
         "properties": {"job_id": STRING, "dataset": STRING,
-                       "state": {**STRING, "enum": ["queued", "running", "succeeded", "failed"]},
+                       "state": {**STRING, "enum": ["pending_review", "approved", "queued",
+                                                    "running", "succeeded", "failed"]},
                        "round": INTEGER, "rounds": INTEGER, "epsilon": NUMBER, "delta": NUMBER,
                        "budget": {**STRING, "enum": ["reserved", "committed", "refunded"]},
-                       "failure": STRING},
+                       "failure": STRING, "review": _ref("Review")},
+    },
+    "Review": {
+        "type": "object", "required": ["state", "reason", "required_because", "expires_at"],
+        "description": "The data owner's review of a job the policy held; the budget stays "
+                       "reserved while pending and is refunded if denied, expired or withdrawn",
+        "properties": {"state": {**STRING, "enum": ["pending", "approved", "denied", "expired",
+                                                    "withdrawn"]},
+                       "reason": {"type": ["string", "null"],
+                                  "description": "the owner's reason, once decided"},
+                       "required_because": STRING,
+                       "expires_at": {**STRING, "format": "date-time"}},
     },
     "Release": {
         "type": "object", "additionalProperties": False,
@@ -86,12 +103,22 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema_or_content: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema as an application/json body; a ready ``{"content": ...}`` map as is."""
+    return schema_or_content if "content" in schema_or_content else _json(schema_or_content)
+
+
+# The officer dashboard (gateway.dashboard): HTML pages, sign-in by a one-time token.
+HTML_PAGE: dict[str, Any] = {"content": {"text/html": {"schema": STRING}}}
+LOGIN_FORM: dict[str, Any] = {"content": {"application/x-www-form-urlencoded": {"schema": {
+    "type": "object", "required": ["token"],
+    "properties": {"token": {**STRING, "maxLength": 128,
+                             "description": "one-time token from `fedgate officer token NAME`"}},
+}}}}
 
 
 # (path, method) -> (summary, request schema or None, success status, response schema, public)
@@ -124,13 +151,20 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
                                              {"type": "object"}, False),
     ("/v1/audit/export", "get"): ("Export of the audit log (officers)", None, 200,
                                   {"type": "object"}, False),
+    ("/dashboard", "get"): ("Officer dashboard (HTML; needs a dashboard session)", None, 200,
+                            HTML_PAGE, False),
+    ("/dashboard/login", "get"): ("Dashboard sign-in form, or ?token= traded for a session "
+                                  "cookie", None, 200, HTML_PAGE, True),
+    ("/dashboard/login", "post"): ("Dashboard sign-in: the form's token traded for a session "
+                                   "cookie", LOGIN_FORM, 200, HTML_PAGE, True),
+    ("/dashboard/logout", "post"): ("End the dashboard session", None, 200, HTML_PAGE, True),
 }
 
 
 def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for (path, method), (summary, request, status, response, public) in OPERATIONS.items():
-        success = ({"description": summary, **_json(response)} if response is not None else
+        success = ({"description": summary, **_body(response)} if response is not None else
                    {"description": summary, "content": {"application/vnd.apache.parquet": {
                        "schema": {"type": "string", "format": "binary"}}}})
         operation: dict[str, Any] = {
@@ -146,15 +180,20 @@ def openapi_document() -> dict[str, Any]:
                 operation["parameters"] = [{"name": name, "in": "path", "required": True,
                                             "schema": STRING}]
         if request is not None:
-            operation["requestBody"] = {"required": True, **_json(request)}
-        if not public:
+            operation["requestBody"] = {"required": True, **_body(request)}
+        if not public and cookie_authenticated(path):
+            operation["x-fedgate-session-cookie"] = True  # from /dashboard/login
+        elif not public:
             operation["x-fedgate-signed"] = True  # RFC 9421; not an OpenAPI security scheme
         paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "fedgate gateway", "version": "1",
                  "description": "Every non-public operation needs an RFC 9421 HTTP Message "
-                                "Signature (ed25519, tag=\"fedgate\"); see docs/security.md."},
+                                "Signature (ed25519, tag=\"fedgate\"); see docs/security.md. "
+                                "The officer dashboard's pages (x-fedgate-session-cookie) need "
+                                "a session from /dashboard/login instead; see "
+                                "docs/compliance.md."},
         "paths": paths,
         "components": {"schemas": SCHEMAS},
     }

@@ -6,6 +6,10 @@ Rows (``policies/policy.csv``, one per line, ``#`` starts a comment line)::
     g,  MEMBER, GROUP, DOMAIN                                    group membership
     p2, SUBJECT, DOMAIN, DATASET, ACTION|*, CONSTRAINT, VALUE    constrain matching requests
 
+A ``p2`` row names either a *constraint* (``CONSTRAINTS``: it can refuse a request) or an
+*obligation* (``OBLIGATIONS``: it never refuses; it attaches a duty to an allowed ``train``
+request — hold the job for owner review, or limit how its result is released).
+
 Contract:
 
 * Rows are data. Names match ``[A-Za-z0-9_.-]+``; a dataset is a name or a prefix glob
@@ -24,6 +28,11 @@ Contract:
 * A constraint compares one or more facts of the request (``RequestContext``). A fact the
   request does not state is not compared, except for ``train``, which must state every fact
   a matching constraint reads: an unstated fact denies a ``train`` request.
+* Obligations only add duties to an allowed request, never grant or refuse. A ``train``
+  request is held for review iff some matching ``require_review`` row's condition holds; a
+  condition whose facts are unstated holds (fail safe: the owner looks). A result's output
+  policy is the strictest of the matching ``max_result_fetches`` / ``result_available_days``
+  rows (``OutputPolicy``).
 * ``policy_version`` is the SHA-256 over the model file, the policy file and the group
   memberships from the key registry; it is recorded with every decision.
 * The engine is immutable once built and evaluates the model through an index (Casbin's
@@ -38,9 +47,9 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from casbin.model import Model
@@ -60,6 +69,8 @@ MODEL_FAMILIES = tuple(sorted(set(MODEL_CLASSES.values())))
 MAX_GROUP_NESTING = 9
 # For these actions the request states every fact; an unstated fact a constraint reads denies.
 STATES_EVERY_FACT = frozenset({"train"})
+# Obligations attach to the requests that create a job and its result.
+OBLIGATION_ACTIONS = frozenset({"train"})
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DATASET = re.compile(r"^[A-Za-z0-9_.-]*\*?$")
@@ -131,6 +142,13 @@ def parse_count(text: str) -> int:
     return int(count)
 
 
+def parse_whole(text: str) -> int:
+    """A whole number ≥ 0 written with digits only."""
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"{text!r} is not a whole number ≥ 0")
+    return int(text)
+
+
 def parse_model_family(text: str) -> str:
     if text not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {text!r} (known: {', '.join(MODEL_FAMILIES)})")
@@ -140,6 +158,11 @@ def parse_model_family(text: str) -> str:
 def parse_model_families(text: str) -> frozenset[str]:
     """One family or several joined by ``|``: ``keras-sequential|keras-functional``."""
     return frozenset(parse_model_family(part.strip()) for part in text.split("|"))
+
+
+def parse_known_model_families(text: str) -> frozenset[str]:
+    """``none`` or families joined by ``|`` (for ``dataset_model_families`` in tests)."""
+    return frozenset() if text == "none" else parse_model_families(text)
 
 
 _DURATION = re.compile(r"^(?P<n>[0-9]{1,4})(?P<unit>[hdw])$")
@@ -276,7 +299,9 @@ class RequestContext:
     ``now`` is timezone-aware. ``epsilon`` is the job's projected ε at the dataset's δ.
     ``researcher_epsilon_spent(window)`` is the sum of ε of the requester's jobs on the
     dataset whose budget is reserved or committed and that were created within ``window``
-    before ``now``.
+    before ``now``. ``researcher_committed_jobs`` counts the requester's jobs on the dataset
+    whose budget is committed (jobs that ran); ``dataset_model_families`` are the model
+    families of every committed job on the dataset.
     """
 
     now: dt.datetime
@@ -288,6 +313,8 @@ class RequestContext:
     model_bytes: int | None = None
     model_parameters: int | None = None
     researcher_epsilon_spent: Callable[[dt.timedelta], float] | None = None
+    researcher_committed_jobs: int | None = None
+    dataset_model_families: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:
@@ -309,6 +336,8 @@ REQUEST_PARAMETERS: Mapping[str, Callable[[str], Any]] = {
     "model_family": parse_model_family,
     "model_bytes": parse_size,
     "model_parameters": parse_count,
+    "researcher_committed_jobs": parse_whole,
+    "dataset_model_families": parse_known_model_families,
 }
 
 
@@ -441,6 +470,134 @@ CONSTRAINTS: Mapping[str, ConstraintKind] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# Obligations: registered parsers of ``p2`` values that add a duty to an allowed request.
+
+
+@dataclass(frozen=True)
+class ReviewCondition:
+    """When a ``require_review`` row holds a ``train`` request for the data owner's review."""
+
+    name: str  # a key of REVIEW_CONDITIONS
+    threshold: float | None
+    text: str
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return REVIEW_CONDITIONS[self.name]
+
+    def holds(self, ctx: RequestContext, *, subject: str, dataset: str) -> str | None:
+        """Why the condition holds for this request, or ``None``.
+
+        A condition whose facts the request does not state holds: when the gateway cannot
+        tell, the owner looks (the job is held, never silently started).
+        """
+        unstated = [name for name in self.reads if getattr(ctx, name) is None]
+        if unstated:
+            return f"the gateway cannot establish {' and '.join(unstated)}"
+        if self.name == "always":
+            return "every such job is reviewed"
+        if self.name == "first_job":
+            return (f"it would be {subject}'s first job to run on {dataset}"
+                    if ctx.researcher_committed_jobs == 0 else None)
+        if self.name == "epsilon_above":
+            assert ctx.epsilon is not None and self.threshold is not None
+            return (f"its projected ε {_g(ctx.epsilon)} is above {_g(self.threshold)}"
+                    if ctx.epsilon > self.threshold else None)
+        assert ctx.dataset_model_families is not None
+        return (f"no job has run on {dataset} with a {ctx.model_family} model yet"
+                if ctx.model_family not in ctx.dataset_model_families else None)
+
+
+# condition -> the RequestContext facts it reads
+REVIEW_CONDITIONS: Mapping[str, tuple[str, ...]] = {
+    "always": (),
+    "first_job": ("researcher_committed_jobs",),
+    "epsilon_above": ("epsilon",),
+    "new_model_family": ("model_family", "dataset_model_families"),
+}
+
+
+def parse_review_condition(text: str) -> ReviewCondition:
+    """``always``, ``first_job``, ``new_model_family`` or ``epsilon_above NUMBER``."""
+    name, _, argument = text.partition(" ")
+    if name not in REVIEW_CONDITIONS:
+        raise ValueError(f"unknown review condition {name!r} (known: "
+                         f"{', '.join(sorted(REVIEW_CONDITIONS))})")
+    if name == "epsilon_above":
+        return ReviewCondition(name, parse_number(argument.strip()), text)
+    if argument:
+        raise ValueError(f"review condition {name} takes no value, got {argument!r}")
+    return ReviewCondition(name, None, text)
+
+
+def parse_review_conditions(text: str) -> tuple[ReviewCondition, ...]:
+    """One condition or several joined by ``|`` (review when any of them holds)."""
+    return tuple(parse_review_condition(part.strip()) for part in text.split("|"))
+
+
+@dataclass(frozen=True)
+class ObligationKind:
+    """An obligation: how to parse its value, and which facts of the request it reads.
+
+    ``stage`` is ``review`` (decided with the ``train`` request: hold the job for the owner)
+    or ``output`` (applied when the job's result is fetched, see ``OutputPolicy``).
+    """
+
+    name: str
+    stage: Literal["review", "output"]
+    parse: Callable[[str], Any]
+    reads: Callable[[Any], tuple[str, ...]]
+    value_help: str
+
+
+def _reads_nothing(value: Any) -> tuple[str, ...]:
+    return ()
+
+
+def _review_reads(conditions: tuple[ReviewCondition, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name for condition in conditions for name in condition.reads))
+
+
+OBLIGATIONS: Mapping[str, ObligationKind] = {
+    kind.name: kind
+    for kind in (
+        ObligationKind("require_review", "review", parse_review_conditions, _review_reads,
+                       "conditions joined by |: always, first_job, epsilon_above 1.5, "
+                       "new_model_family"),
+        ObligationKind("max_result_fetches", "output", parse_integer, _reads_nothing,
+                       "a whole number, e.g. 1"),
+        ObligationKind("result_available_days", "output", parse_positive, _reads_nothing,
+                       "a number of days, e.g. 7"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """How a job's released result may be fetched: at most ``max_fetches`` times in all and
+    only within ``available_days`` of its release (``None``: no limit). ``*_rule`` cite the
+    rows that set each limit, the strictest of all that match."""
+
+    max_fetches: int | None = None
+    max_fetches_rule: str | None = None
+    available_days: float | None = None
+    available_days_rule: str | None = None
+
+    def refusal(self, *, fetches: int, released_at: dt.datetime, now: dt.datetime) -> str | None:
+        """Why one more fetch (after ``fetches`` earlier ones) is refused now, or ``None``."""
+        if self.max_fetches is not None and fetches >= self.max_fetches:
+            return (f"the result may be fetched at most {self.max_fetches} time(s) and was "
+                    f"fetched {fetches}: rule {self.max_fetches_rule}")
+        if self.available_days is not None:
+            ends = released_at + dt.timedelta(days=self.available_days)
+            if now >= ends:
+                return (f"the result was available for {_g(self.available_days)} days after its "
+                        f"release, until {ends:%Y-%m-%d %H:%M} UTC: rule "
+                        f"{self.available_days_rule}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Rows
 
 
@@ -491,6 +648,18 @@ class Constraint(Rule):
 
 
 @dataclass(frozen=True)
+class Obligation(Rule):
+    """A ``p2`` row naming an obligation, with its parsed value."""
+
+    kind: ObligationKind
+    value: Any
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.kind.reads(self.value)
+
+
+@dataclass(frozen=True)
 class Membership:
     """A ``g`` row, ``cells = ("g", member, group, domain)``, or a key-registry membership."""
 
@@ -515,6 +684,7 @@ class PolicyRows:
     grants: tuple[Grant, ...] = ()
     constraints: tuple[Constraint, ...] = ()
     memberships: tuple[Membership, ...] = ()
+    obligations: tuple[Obligation, ...] = ()
 
 
 def _validate_row(cells: tuple[str, ...]) -> str | None:
@@ -541,11 +711,12 @@ def _validate_row(cells: tuple[str, ...]) -> str | None:
         return f"unknown action {cells[4]!r} (one of {', '.join(actions)})"
     if kind == "p":
         return None if cells[5] in EFFECTS else f"effect must be allow or deny, not {cells[5]!r}"
-    if cells[5] not in CONSTRAINTS:
-        return f"unknown constraint {cells[5]!r} (known: {', '.join(CONSTRAINTS)})"
+    known = CONSTRAINTS.get(cells[5]) or OBLIGATIONS.get(cells[5])
+    if known is None:
+        return f"unknown constraint {cells[5]!r} (known: {', '.join([*CONSTRAINTS, *OBLIGATIONS])})"
     if not _VALUE.match(cells[6]):
         return (f"value {cells[6]!r} may contain only letters, digits, spaces and . _ : / | + - "
-                f"({cells[5]} takes {CONSTRAINTS[cells[5]].value_help})")
+                f"({cells[5]} takes {known.value_help})")
     return None
 
 
@@ -553,6 +724,7 @@ def parse_policy(text: str, source: str = "policy.csv") -> PolicyRows:
     """Validate every row; raise ``PolicyInvalid`` listing every bad row, else the rows."""
     grants: list[Grant] = []
     constraints: list[Constraint] = []
+    obligations: list[Obligation] = []
     memberships: list[Membership] = []
     problems: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -568,15 +740,21 @@ def parse_policy(text: str, source: str = "policy.csv") -> PolicyRows:
             grants.append(Grant(cells, where, number))
         elif cells[0] == "g":
             memberships.append(Membership(cells, where))
-        else:
+        elif cells[5] in CONSTRAINTS:
             kind = CONSTRAINTS[cells[5]]
             try:
                 constraints.append(Constraint(cells, where, number, kind, kind.parse(cells[6])))
             except ValueError as exc:
                 problems.append(f"{where}: {cells[5]}: {exc} (takes {kind.value_help})")
+        else:
+            duty = OBLIGATIONS[cells[5]]
+            try:
+                obligations.append(Obligation(cells, where, number, duty, duty.parse(cells[6])))
+            except ValueError as exc:
+                problems.append(f"{where}: {cells[5]}: {exc} (takes {duty.value_help})")
     if problems:
         raise PolicyInvalid(problems)
-    return PolicyRows(tuple(grants), tuple(constraints), tuple(memberships))
+    return PolicyRows(tuple(grants), tuple(constraints), tuple(memberships), tuple(obligations))
 
 
 def check_model(model_text: str, source: str = "model.conf") -> None:
@@ -638,13 +816,16 @@ class PolicyDecision:
     """The outcome of one policy evaluation, as recorded in the audit log.
 
     ``rule`` is the deciding row's cells: the allow rule that granted, the deny rule or the
-    first violated constraint that refused; ``None`` when no rule granted.
+    first violated constraint that refused; ``None`` when no rule granted. ``review`` says
+    why an allowed ``train`` request must wait for the owner's review (``None``: it need
+    not); the explanation says so too.
     """
 
     allowed: bool
     rule: tuple[str, ...] | None
     explanation: str
     policy_version: str
+    review: str | None = None
 
 
 def _group_closure(memberships: Iterable[Membership]) -> tuple[dict[tuple[str, str], tuple[str, ...]],
@@ -721,6 +902,10 @@ class PolicyEngine:
         for rule in rows.constraints:
             key = (rule.domain, rule.subject, rule.action)
             self._constraints.setdefault(key, _Bucket()).add(rule)
+        self._obligations: dict[tuple[str, str, str], _Bucket[Obligation]] = {}
+        for duty in rows.obligations:
+            key = (duty.domain, duty.subject, duty.action)
+            self._obligations.setdefault(key, _Bucket()).add(duty)
 
     @classmethod
     def from_files(cls, model_path: Path, policy_path: Path,
@@ -745,11 +930,21 @@ class PolicyEngine:
                  for rule in bucket.matching(dataset)]
         return sorted(found, key=lambda rule: rule.order)
 
+    def matching_obligations(self, subject: str, domain: str, dataset: str,
+                             action: str) -> list[Obligation]:
+        found = [rule for s in self.subjects(subject, domain) for a in (action, "*")
+                 if (bucket := self._obligations.get((domain, s, a)))
+                 for rule in bucket.matching(dataset)]
+        return sorted(found, key=lambda rule: rule.order)
+
     def facts_read(self, *, subject: str, domain: str, dataset: str, action: str) -> frozenset[str]:
-        """The ``RequestContext`` facts the constraints matching this request compare, so a
-        caller computes only those (projected ε, the model's size, the ε spent)."""
-        return frozenset(name for rule in self.matching_constraints(subject, domain, dataset, action)
-                         for name in rule.kind.reads)
+        """The ``RequestContext`` facts the constraints and obligations matching this request
+        compare, so a caller computes only those (projected ε, the model's size, the ε spent)."""
+        constraints = self.matching_constraints(subject, domain, dataset, action)
+        duties = (self.matching_obligations(subject, domain, dataset, action)
+                  if action in OBLIGATION_ACTIONS else [])
+        return frozenset({*(name for rule in constraints for name in rule.kind.reads),
+                          *(name for duty in duties for name in duty.reads)})
 
     def decide(self, *, subject: str, domain: str, dataset: str, action: str,
                context: RequestContext | None = None) -> PolicyDecision:
@@ -791,15 +986,52 @@ class PolicyEngine:
                                     for rule, problem in violations)
             return self._decision(False, violations[0][0], f"{asked}: {reasons}")
         allow = grants[0]
-        return self._decision(True, allow, f"{subject} may {action} on {dataset}: rule "
-                              f"'{allow.text}' ({allow.where}) grants it{self._via(subject, allow)}"
-                              ", no deny rule matches and every matching constraint holds")
+        explanation = (f"{subject} may {action} on {dataset}: rule '{allow.text}' ({allow.where}) "
+                       f"grants it{self._via(subject, allow)}, no deny rule matches and every "
+                       "matching constraint holds")
+        review = self._review(subject, domain, dataset, action, context)
+        if review is not None:
+            explanation += f"; the job waits for the data owner's review: {review}"
+        return self._decision(True, allow, explanation, review=review)
+
+    def _review(self, subject: str, domain: str, dataset: str, action: str,
+                context: RequestContext) -> str | None:
+        """Why an allowed request is held for review (every matching row whose condition
+        holds, cited), or ``None``."""
+        if action not in OBLIGATION_ACTIONS:
+            return None
+        reasons = []
+        for duty in self.matching_obligations(subject, domain, dataset, action):
+            if duty.kind.stage != "review":
+                continue
+            held = next((why for condition in duty.value
+                         if (why := condition.holds(context, subject=subject, dataset=dataset))),
+                        None)
+            if held is not None:
+                reasons.append(f"rule '{duty.text}' ({duty.where}) requires review: {held}")
+        return "; and ".join(reasons) or None
+
+    def output_policy(self, *, subject: str, domain: str, dataset: str) -> OutputPolicy:
+        """The strictest output limits of the rows matching ``subject``'s ``train`` grant on
+        ``dataset`` (module contract); no matching row means no limit."""
+        policy = OutputPolicy()
+        for duty in self.matching_obligations(subject, domain, dataset, "train"):
+            cited = f"'{duty.text}' ({duty.where})"
+            if (duty.kind.name == "max_result_fetches"
+                    and (policy.max_fetches is None or duty.value < policy.max_fetches)):
+                policy = replace(policy, max_fetches=duty.value, max_fetches_rule=cited)
+            if (duty.kind.name == "result_available_days"
+                    and (policy.available_days is None or duty.value < policy.available_days)):
+                policy = replace(policy, available_days=duty.value, available_days_rule=cited)
+        return policy
 
     def _via(self, subject: str, rule: Rule) -> str:
         return "" if rule.subject == subject else f" ({subject} is in group {rule.subject})"
 
-    def _decision(self, allowed: bool, rule: Rule | None, explanation: str) -> PolicyDecision:
-        return PolicyDecision(allowed, rule.cells if rule else None, explanation, self.version)
+    def _decision(self, allowed: bool, rule: Rule | None, explanation: str, *,
+                  review: str | None = None) -> PolicyDecision:
+        return PolicyDecision(allowed, rule.cells if rule else None, explanation, self.version,
+                              review)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,3 +1058,19 @@ def researcher_epsilon_spent(session: Session, *, researcher: str, dataset: str,
     ).one()
     return float(total)
 
+
+
+def researcher_committed_jobs(session: Session, *, researcher: str, dataset: str) -> int:
+    """How many of ``researcher``'s jobs on ``dataset`` ran (budget committed)."""
+    return int(session.exec(
+        select(func.count()).select_from(Job).where(
+            Job.researcher == researcher, Job.dataset == dataset, Job.budget_state == "committed")
+    ).one())
+
+
+def committed_model_digests(session: Session, *, dataset: str) -> frozenset[str]:
+    """Digests of the models of every job that ran on ``dataset`` (budget committed)."""
+    return frozenset(session.exec(
+        select(Job.model_digest).where(Job.dataset == dataset, Job.budget_state == "committed")
+        .distinct()
+    ).all())

@@ -63,9 +63,12 @@ AUDIT_ACTIONS = frozenset(
         "charge",  # a reservation was committed
         "refund",  # a reservation was released (failure before data access)
         "release",  # DP outputs of a job were released
+        "review",  # owner review of a held job: requested, approved, denied, expired, withdrawn
+        "fetch",  # a released result was fetched (counted by output policies)
         "key",  # the key registry changed
         "dataset",  # a dataset was registered or its budget set
         "policy",  # an owner policy was accepted, reloaded, or rejected (old policy kept)
+        "token",  # an officer dashboard login token was issued or exchanged for a session
     }
 )
 

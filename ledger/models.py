@@ -73,7 +73,11 @@ class Job(SQLModel, table=True):
 
     ``budget_state`` lifecycle: ``reserved`` (at admission) → ``committed`` (at release,
     or on failure after data access began) | ``refunded`` (failure before any user
-    data was read).
+    data was read, including a denied, expired or withdrawn review).
+
+    ``state`` lifecycle: ``queued`` → ``running`` → ``succeeded`` | ``failed``; a job the
+    policy holds for owner review starts as ``pending_review`` (budget reserved) and
+    becomes ``approved`` → ``queued`` (the gateway starts it) or ``failed`` (refunded).
     """
 
     __table_args__ = (UniqueConstraint("researcher_key_id", "idempotency_key"),)
@@ -89,7 +93,8 @@ class Job(SQLModel, table=True):
     cost_rdp: str = Field(sa_column=Column(Text, nullable=False))  # exact RDP vector charged
     epsilon: float
     delta: float
-    state: str = Field(index=True, max_length=32)  # queued|running|succeeded|failed
+    # pending_review|approved|queued|running|succeeded|failed
+    state: str = Field(index=True, max_length=32)
     budget_state: str = Field(max_length=16)  # reserved|committed|refunded
     data_accessed: bool = False
     round: int = 0
@@ -99,6 +104,39 @@ class Job(SQLModel, table=True):
     release: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: float
     updated_at: float
+
+
+class JobReview(SQLModel, table=True):
+    """The data owner's review of a job the policy held (``ledger.review``).
+
+    ``state``: ``pending`` → ``approved`` | ``denied`` | ``expired`` (at ``expires_at``) |
+    ``withdrawn`` (the researcher cancelled). While pending, the job's budget stays reserved.
+    """
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    state: str = Field(index=True, max_length=16)
+    required_because: str = Field(sa_column=Column(Text, nullable=False))
+    policy_explanation: str = Field(sa_column=Column(Text, nullable=False))
+    requested_at: float
+    expires_at: float
+    decided_at: float | None = None
+    decided_by: str | None = Field(default=None, max_length=128)
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class ResultFetch(SQLModel, table=True):
+    """One fetch of a job's released result; output policies limit how many there may be.
+
+    ``number`` counts a job's fetches 1, 2, ... without gaps (unique per job, so two
+    concurrent fetches can never both be the n-th).
+    """
+
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=64)
+    number: int
+    key_id: str = Field(max_length=64)
+    fetched_at: float
 
 
 class AuditHead(SQLModel, table=True):
@@ -125,3 +163,29 @@ class AuditCheckpoint(SQLModel, table=True):
 
     size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     text: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class DashboardToken(SQLModel, table=True):
+    """A one-time login token for the officer dashboard (``ledger.officer_login``).
+
+    Only the SHA-256 of the token is stored; ``exchanged_at`` is set when it is traded for
+    a session, after which it logs nobody in again.
+    """
+
+    id: str = Field(primary_key=True, max_length=32)
+    token_hash: str = Field(unique=True, max_length=64)
+    key_id: str = Field(max_length=64)
+    created_at: float
+    expires_at: float
+    exchanged_at: float | None = None
+
+
+class DashboardSession(SQLModel, table=True):
+    """A dashboard session: the SHA-256 of its opaque cookie value, the officer key it acts
+    for and the token it came from. It ends at ``expires_at`` (that of its token)."""
+
+    session_hash: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(max_length=64)
+    token_id: str = Field(max_length=32)
+    created_at: float
+    expires_at: float = Field(index=True)

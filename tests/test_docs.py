@@ -33,7 +33,7 @@ from gateway.process import free_port
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REPO = DOCS.parent
-QUICKSTARTS = ("quickstart-owner.md", "quickstart-researcher.md")
+QUICKSTARTS = ("quickstart-owner.md", "quickstart-researcher.md", "review-and-rehearsal.md")
 DEFAULT_PORT = "8620"
 _FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
 _TITLE = re.compile(r'title="(?P<file>[\w.-]+)"')
@@ -158,3 +158,9 @@ def test_researcher_quickstart_trains_a_model_as_written(tmp_path: Path) -> None
     assert "exit status 3" in run.stdout  # the CLI's budget refusal
     assert "urn:fedgate:problem:budget-exceeded" in run.stdout  # the SDK's BudgetExceeded
     assert "404 urn:fedgate:problem:unknown-dataset" in run.stdout
+
+
+@pytest.mark.tff
+def test_review_and_rehearsal_guide_runs_as_written(tmp_path: Path) -> None:
+    run = run_doc("review-and-rehearsal.md", tmp_path, timeout=600)
+    assert run.stdout

@@ -142,7 +142,8 @@ bob,notes,estimate,domain=hospital,deny
 
 @pytest.mark.parametrize(("table", "message"), [
     ("who,dataset,action,params,expect\n", "the first row must be the header"),
-    ("subject,dataset,action,params,expect\nbob,notes,train,,perhaps\n", "expect must be allow or deny"),
+    ("subject,dataset,action,params,expect\nbob,notes,train,,perhaps\n",
+     "expect must be allow, deny or review"),
     ("subject,dataset,action,params,expect\nbob,notes,fly,,allow\n", "unknown action 'fly'"),
     ("subject,dataset,action,params,expect\nbob,notes,train,rounds=many,allow\n", "parameter rounds"),
     ("subject,dataset,action,params,expect\nbob,notes,train,speed=3,allow\n", "unknown parameter 'speed'"),

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway import keys
 from gateway.admission import JobRequest, admit_job
 from gateway.jobs import recover_interrupted_jobs
 from gateway.node import Node
@@ -18,22 +17,7 @@ from ledger import accounting
 from ledger.audit import read_entries
 from ledger.canonical import sha256_digest
 from ledger.models import Dataset, Job
-from tests.conftest import make_researcher
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _principal(node_dir: Path) -> VerifiedRequest:
-    key = make_researcher(node_dir, "alice")
-    return VerifiedRequest(key_id=keys.key_id(key.public_key()), principal="alice",
-                           role="researcher", nonce="n", nonce_expires_at=0.0)
-
-
-def _upload(node: Node) -> str:
-    body = (FIXTURES / "logreg-20x5.json").read_bytes()
-    digest = sha256_digest(body)
-    (node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")).write_bytes(body)
-    return digest
+from tests.ledger_activity import researcher, upload_model
 
 
 def _admit(node: Node, principal: VerifiedRequest, digest: str, **extra) -> Job:  # type: ignore[no-untyped-def]
@@ -58,8 +42,8 @@ def test_restart_refunds_jobs_that_never_read_data_and_charges_those_that_did(
     node_dir: Path,
 ) -> None:
     node = Node(node_dir)
-    principal = _principal(node_dir)
-    digest = _upload(node)
+    principal = researcher(node_dir)
+    digest = upload_model(node)
     empty = _spent(node)
     queued = _admit(node, principal, digest)
     with_marker = _admit(node, principal, digest)
@@ -89,8 +73,8 @@ def test_restart_refunds_jobs_that_never_read_data_and_charges_those_that_did(
 
 def test_a_retried_submission_with_the_same_idempotency_key_is_charged_once(node_dir: Path) -> None:
     node = Node(node_dir)
-    principal = _principal(node_dir)
-    digest = _upload(node)
+    principal = researcher(node_dir)
+    digest = upload_model(node)
     first = _admit(node, principal, digest, idempotency_key="retry-1")
     spent = _spent(node)
     again = _admit(node, principal, digest, idempotency_key="retry-1")

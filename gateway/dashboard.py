@@ -1,0 +1,152 @@
+"""The officer dashboard's routes: sign-in by one-time token, session cookie, pages.
+
+``SignatureAuthMiddleware`` lets ``/dashboard`` and ``/dashboard/...`` through unsigned
+(browsers cannot sign RFC 9421 requests); this module is their authentication:
+
+* ``GET /dashboard/login?token=...`` or ``POST /dashboard/login`` (form field ``token``)
+  trades a token from ``fedgate officer token NAME`` for a session (``ledger.officer_login``)
+  and sets it as a cookie: ``HttpOnly`` (no script can read it), ``SameSite=Strict`` (no
+  other site can make the browser send it), ``Path=/dashboard``, ``Secure`` over HTTPS,
+  expiring with the session. ``GET /dashboard/login`` alone shows the sign-in form.
+* Every other dashboard page is wrapped in ``officer_page``: without a live session of an
+  active officer key it answers ``401 login-required``; if the policy does not allow
+  that officer ``read-audit`` it answers ``403 policy-denied`` (audited, as for the
+  signed audit API). Nothing is read before both checks pass.
+* ``POST /dashboard/logout`` ends the session and clears the cookie.
+
+Pages are read-only and carry a strict Content-Security-Policy (``gateway.dashboard_pages``).
+Refusals are problem+json like every other API refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from gateway import dashboard_pages
+from gateway.audit_api import authorise_audit_reader
+from gateway.dashboard_data import LogVerification, load_overview
+from gateway.node import Node
+from gateway.problems import Problem
+from ledger.officer_login import (
+    LoginRefused,
+    OfficerLogin,
+    end_session,
+    exchange_login_token,
+    session_login,
+)
+
+log = logging.getLogger("fedgate.dashboard")
+
+SESSION_COOKIE = "fedgate_dashboard"
+COOKIE_PATH = "/dashboard"
+MAX_TOKEN_CHARS = 128
+
+OfficerPage = Callable[[Request, OfficerLogin], Awaitable[Response]]
+
+
+class Dashboard:
+    """The dashboard of one node; holds the cached log verification."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.verification = LogVerification(node)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/dashboard", self.officer_page(self.overview)),
+            Route("/dashboard/login", self.login, methods=["GET", "POST"]),
+            Route("/dashboard/logout", self.logout, methods=["POST"]),
+        ]
+
+    def officer_page(self, page: OfficerPage) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap ``page`` so it runs only for a live session allowed to ``read-audit``."""
+
+        async def authenticated(request: Request) -> Response:
+            login = await run_in_threadpool(self._authorised_login, request.cookies.get(SESSION_COOKIE))
+            return await page(request, login)
+
+        return authenticated
+
+    def _authorised_login(self, cookie: str | None) -> OfficerLogin:
+        """The session's login, or the ``Problem`` that refuses it (blocking)."""
+        with self.node.session() as s:
+            login = session_login(s, cookie, now=time.time()) if cookie else None
+        if login is None:
+            raise Problem("login-required", "this page needs a dashboard session: sign in at "
+                          "/dashboard/login with a token from the data owner (`fedgate officer "
+                          "token NAME`); sessions end at their expiry, at sign-out, and when the "
+                          "officer's key is revoked or rotated")
+        authorise_audit_reader(self.node, subject=login.officer, key_id=login.key_id)
+        return login
+
+    async def overview(self, request: Request, login: OfficerLogin) -> Response:
+        def render() -> str:
+            now = time.time()
+            return dashboard_pages.overview_page(load_overview(self.node), self.verification.status(now),
+                                                 login, now=now)
+
+        return _html(await run_in_threadpool(render))
+
+    async def login(self, request: Request) -> Response:
+        if request.method == "POST":
+            token = _form_token(request.scope.get("fedgate.body", b""))
+        else:
+            token = request.query_params.get("token")
+            if token is None:
+                return _html(dashboard_pages.login_form_page())
+        value, login = await run_in_threadpool(self._exchange, token)
+        response = _html(dashboard_pages.signed_in_page(login))
+        response.set_cookie(SESSION_COOKIE, value, max_age=max(0, int(login.expires_at - time.time())),
+                            path=COOKIE_PATH, secure=request.url.scheme == "https", httponly=True,
+                            samesite="strict")
+        return response
+
+    def _exchange(self, token: str) -> tuple[str, OfficerLogin]:
+        refused = Problem("login-required", "the login token is unknown, expired or already used; "
+                          "ask the data owner for a new one (`fedgate officer token NAME`)")
+        if not token.isascii() or not 0 < len(token) <= MAX_TOKEN_CHARS:
+            raise refused
+        try:
+            with self.node.session() as s, s.begin():
+                value, login = exchange_login_token(s, token, now=time.time())
+        except LoginRefused:
+            raise refused from None
+        log.info("dashboard sign-in by officer key %s", login.key_id)
+        return value, login
+
+    async def logout(self, request: Request) -> Response:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie:
+            await run_in_threadpool(self._end, cookie)
+        response = _html(dashboard_pages.signed_out_page())
+        response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH, secure=request.url.scheme == "https",
+                               httponly=True, samesite="strict")
+        return response
+
+    def _end(self, cookie: str) -> None:
+        with self.node.session() as s, s.begin():
+            end_session(s, cookie)
+
+
+def _form_token(body: bytes) -> str:
+    """The ``token`` field of a url-encoded sign-in form."""
+    try:
+        form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
+    except ValueError:  # too many fields
+        form = {}
+    if "token" not in form:
+        raise Problem("invalid-request", "send the sign-in form: a url-encoded body with the "
+                      "field 'token'", field="token")
+    return form["token"][0]
+
+
+def _html(text: str) -> HTMLResponse:
+    return HTMLResponse(text, headers=dashboard_pages.SECURITY_HEADERS)

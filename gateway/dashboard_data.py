@@ -1,0 +1,157 @@
+"""What the officer dashboard shows, read from the node's ledger (no HTML here).
+
+Reads only, except that checking the log publishes a checkpoint first (exactly as an
+export does), so the verification covers every entry. Entry fields are returned as
+stored: they include researcher-supplied strings, which the page layer must escape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import select
+
+from gateway import node_audit
+from gateway.node import Node
+from ledger.audit import audit_size
+from ledger.audit_verify import verify_export
+from ledger.burndown import BurnDown, burn_down
+from ledger.models import AuditEntry, Dataset, Job
+
+log = logging.getLogger("fedgate.dashboard")
+
+DECISION_ACTIONS = frozenset({"admit", "deny", "charge", "refund", "release", "review", "policy",
+                              "key"})
+RECENT_DECISIONS = 50
+RECENT_SCAN = 2000  # recent decisions are looked for among this many newest entries
+VERIFICATION_TTL_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class DenialGroup:
+    """Denials sharing a reason (problem type) and deciding rule, newest example first."""
+
+    reason: str
+    rule: str | None
+    count: int
+    last_seen: str
+    latest_explanation: str
+    request_actions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Overview:
+    owner: str
+    datasets: tuple[BurnDown, ...]
+    recent: tuple[dict[str, Any], ...]  # decoded entries, newest first
+    denials: tuple[DenialGroup, ...]  # most frequent first
+    log_size: int
+
+
+def load_overview(node: Node) -> Overview:
+    """Every panel's data but the verification status (see ``LogVerification``)."""
+    with node.session() as s:
+        datasets = s.exec(select(Dataset).order_by(Dataset.name)).all()
+        jobs = s.exec(select(Job)).all()
+        newest = s.exec(select(AuditEntry.entry).order_by(AuditEntry.seq.desc())  # type: ignore[attr-defined]
+                        .limit(RECENT_SCAN)).all()
+        # Canonical JSON has no spaces and escapes quotes inside strings, so this pattern
+        # only matches the action member itself; each hit is still decoded and checked.
+        denials = s.exec(select(AuditEntry.entry).where(
+            AuditEntry.entry.contains('"action":"deny"'))).all()  # type: ignore[attr-defined]
+        log_size = audit_size(s)
+    return Overview(
+        owner=node.config.owner,
+        datasets=tuple(burn_down(d, jobs) for d in datasets),
+        recent=tuple(recent_decisions(json.loads(e) for e in newest)),
+        denials=tuple(denials_by_reason(json.loads(e) for e in denials)),
+        log_size=log_size,
+    )
+
+
+def recent_decisions(newest_first: Iterable[dict[str, Any]],
+                     limit: int = RECENT_DECISIONS) -> list[dict[str, Any]]:
+    """The first ``limit`` entries whose action is a decision (``DECISION_ACTIONS``)."""
+    found = []
+    for entry in newest_first:
+        if entry.get("action") in DECISION_ACTIONS:
+            found.append(entry)
+            if len(found) == limit:
+                break
+    return found
+
+
+def denials_by_reason(entries: Iterable[dict[str, Any]]) -> list[DenialGroup]:
+    """``deny`` entries grouped by (reason, rule), most frequent first.
+
+    ``rule`` is the deciding policy row's cells when the entry records one, else None.
+    """
+    groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    for entry in entries:
+        if entry.get("action") != "deny":
+            continue
+        rule = entry.get("rule")
+        key = (str(entry.get("reason", "unspecified")),
+               ", ".join(map(str, rule)) if isinstance(rule, list) and rule else None)
+        groups.setdefault(key, []).append(entry)
+    result = []
+    for (reason, rule), members in groups.items():
+        latest = max(members, key=lambda e: e.get("seq", -1))
+        result.append(DenialGroup(
+            reason=reason, rule=rule, count=len(members), last_seen=str(latest.get("timestamp", "")),
+            latest_explanation=str(latest.get("explanation", "")),
+            request_actions=tuple(sorted({str(e.get("request_action", "?")) for e in members}))))
+    return sorted(result, key=lambda g: (-g.count, g.reason, g.rule or ""))
+
+
+@dataclass(frozen=True)
+class VerificationStatus:
+    """The offline verifier's verdict on a fresh export, as of ``checked_at``."""
+
+    ok: bool
+    summary: Sequence[str]  # the verifier's report, line by line
+    warning: str | None  # set when the node refused to sign a new checkpoint
+    checked_at: float
+
+
+class LogVerification:
+    """Runs ``verify_export`` on a fresh export against the node's own public key, at most
+    once per ``ttl`` seconds (concurrent callers wait for and share one run).
+
+    This is the same check an officer runs offline; it detects tampering with stored
+    entries or checkpoints, but being run by the node on itself it is no substitute for
+    an officer verifying an export with a public key obtained independently.
+    """
+
+    def __init__(self, node: Node, ttl: float = VERIFICATION_TTL_SECONDS) -> None:
+        self.node = node
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._status: VerificationStatus | None = None
+
+    def status(self, now: float | None = None) -> VerificationStatus:
+        """The cached status, or a new one if older than ``ttl`` (blocking)."""
+        with self._lock:
+            now = time.time() if now is None else now
+            if self._status is None or now - self._status.checked_at >= self.ttl:
+                self._status = self._verify(now)
+            return self._status
+
+    def _verify(self, now: float) -> VerificationStatus:
+        try:
+            export, warning = node_audit.export_node_audit(self.node)
+            report = verify_export(export, self.node.node_key.public_key())
+        except Exception as exc:  # fail closed: the panel says the log could not be verified
+            log.exception("dashboard log verification failed to run")
+            return VerificationStatus(ok=False, summary=[f"verification could not run "
+                                                         f"({type(exc).__name__})"],
+                                      warning=None, checked_at=now)
+        return VerificationStatus(ok=report.ok and warning is None,
+                                  summary=report.summary().splitlines(), warning=warning,
+                                  checked_at=now)

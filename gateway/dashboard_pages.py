@@ -1,0 +1,314 @@
+"""HTML of the officer dashboard (pure: values in, text out).
+
+Security invariants:
+
+* Every value that comes from the ledger (dataset names, principals, explanations, rule
+  cells — many researcher-supplied) goes through ``html.escape`` before it reaches the
+  page, in text and in attributes alike; CSS class names are only ever chosen from
+  fixed sets.
+* The pages load nothing: no script, no external stylesheet, font or image. The one
+  inline stylesheet is allowed by its SHA-256 in ``CONTENT_SECURITY_POLICY``, which
+  forbids everything else (``default-src 'none'``), framing and foreign form targets.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+from gateway.dashboard_chart import burn_down_svg
+from gateway.dashboard_data import DECISION_ACTIONS, DenialGroup, Overview, VerificationStatus
+from ledger.burndown import BurnDown
+from ledger.officer_login import OfficerLogin
+
+STYLESHEET = """
+:root { --ink: #1f2933; --muted: #5f6b7a; --line: #d9dee5; --card: #fff; --bg: #f3f5f8;
+  --filter: #1d4ed8; --sum: #c2410c; --ok: #15803d; --bad: #b91c1c; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+header.top { display: flex; justify-content: space-between; align-items: center; gap: 16px;
+  padding: 12px 28px; background: #111827; color: #e5e7eb; }
+header.top .brand { font-size: 17px; font-weight: 600; color: #fff; }
+header.top .brand span { font-weight: 400; color: #9ca3af; margin-left: 6px; }
+header.top .who { display: flex; align-items: center; gap: 14px; font-size: 13px; }
+header.top button { background: transparent; color: #e5e7eb; border: 1px solid #4b5563;
+  border-radius: 6px; padding: 4px 10px; font: inherit; cursor: pointer; }
+main { max-width: 1120px; margin: 0 auto; padding: 22px 28px 40px; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+h2 { font-size: 16px; margin: 0 0 10px; }
+h3 { font-size: 15px; margin: 0; }
+.lead { color: var(--muted); margin: 0 0 18px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px;
+  padding: 16px 20px; margin-bottom: 18px; }
+.verdict { display: flex; align-items: baseline; gap: 12px; }
+.badge { display: inline-block; border-radius: 999px; padding: 2px 10px; font-size: 12px;
+  font-weight: 600; color: #fff; }
+.ok .badge, .badge.ok { background: var(--ok); }
+.bad .badge, .badge.bad { background: var(--bad); }
+.verification.bad { border-color: var(--bad); }
+pre { margin: 8px 0 0; white-space: pre-wrap; word-break: break-all;
+  font: 12.5px/1.5 ui-monospace, "DejaVu Sans Mono", monospace; color: #374151; }
+.meta { color: var(--muted); font-size: 12.5px; margin: 6px 0 0; }
+.dataset-head { display: flex; justify-content: space-between; align-items: baseline; gap: 12px;
+  flex-wrap: wrap; }
+.stats { display: flex; gap: 22px; flex-wrap: wrap; margin: 10px 0 4px; }
+.stat b { display: block; font-size: 18px; }
+.stat span { color: var(--muted); font-size: 12.5px; }
+.warning { color: var(--bad); font-weight: 600; }
+svg.chart { width: 100%; height: auto; display: block; margin-top: 6px; }
+svg.chart text { font-size: 11.5px; fill: var(--muted); }
+svg.chart .grid { stroke: #e8ebf0; stroke-width: 1; }
+svg.chart .axis { stroke: #9aa5b1; stroke-width: 1; }
+svg.chart .limit { stroke: var(--bad); stroke-width: 1.5; stroke-dasharray: 2 3; }
+svg.chart text.limit-label { fill: var(--bad); paint-order: stroke; stroke: #fff; stroke-width: 4px; }
+svg.chart text.empty { font-size: 13px; }
+svg.chart .series-filter { fill: none; stroke: var(--filter); stroke-width: 2.5; }
+svg.chart .series-sum { fill: none; stroke: var(--sum); stroke-width: 2; stroke-dasharray: 7 4; }
+svg.chart .marker { stroke: var(--filter); stroke-width: 2; }
+svg.chart .marker.committed { fill: var(--filter); }
+svg.chart .marker.reserved { fill: #fff; }
+ul.legend { list-style: none; padding: 0; margin: 8px 0 0; color: #374151; font-size: 13px; }
+ul.legend li { display: flex; gap: 10px; align-items: flex-start; margin: 4px 0; }
+ul.legend svg { flex: none; margin-top: 3px; }
+.swatch-filter { stroke: var(--filter); stroke-width: 3; }
+.swatch-sum { stroke: var(--sum); stroke-width: 2.5; stroke-dasharray: 5 3; }
+.swatch-marker { stroke: var(--filter); stroke-width: 2; fill: var(--filter); }
+.swatch-marker.hollow { fill: #fff; }
+table { width: 100%; border-collapse: collapse; font-size: 13px; }
+th { text-align: left; color: var(--muted); font-weight: 600; border-bottom: 1px solid var(--line);
+  padding: 6px 8px; white-space: nowrap; }
+td { border-bottom: 1px solid #eef0f3; padding: 6px 8px; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.nowrap { white-space: nowrap; }
+td.details { color: #374151; max-width: 420px; overflow-wrap: anywhere; }
+code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
+.action { display: inline-block; border-radius: 4px; padding: 0 6px; font-size: 12px;
+  font-weight: 600; background: #e5e7eb; color: #374151; }
+.action-admit, .action-release { background: #dcfce7; color: #166534; }
+.action-deny { background: #fee2e2; color: #991b1b; }
+.action-charge { background: #dbeafe; color: #1e40af; }
+.action-refund { background: #fef3c7; color: #92400e; }
+.empty-note { color: var(--muted); margin: 0; }
+form.login { display: flex; gap: 10px; margin-top: 12px; }
+form.login input { flex: 1; padding: 8px 10px; border: 1px solid var(--line); border-radius: 6px;
+  font: inherit; }
+form.login button { padding: 8px 16px; border: 0; border-radius: 6px; background: var(--filter);
+  color: #fff; font: inherit; cursor: pointer; }
+"""
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; "
+    f"style-src 'sha256-{base64.b64encode(hashlib.sha256(STYLESHEET.encode()).digest()).decode()}'; "
+    "img-src data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",  # the login URL carries a token
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+DETAILS_SHOWN = 160  # characters of an explanation shown inline; the rest is in the tooltip
+
+
+def overview_page(overview: Overview, verification: VerificationStatus, login: OfficerLogin,
+                  *, now: float) -> str:
+    """The dashboard: log verification, budget per dataset, denials, recent decisions."""
+    body = [
+        _top_bar(overview.owner, login),
+        "<main>",
+        "<h1>Compliance overview</h1>",
+        f'<p class="lead">Node of {escape(overview.owner)} · audit log of {overview.log_size} entries '
+        f"· shown at {_time(now)} UTC. Read-only: nothing here changes the node.</p>",
+        _verification_card(verification),
+        "<h2>Privacy budget</h2>",
+        *(_dataset_card(chart, now) for chart in overview.datasets),
+        "" if overview.datasets else '<section class="card"><p class="empty-note">No dataset is '
+                                     "registered.</p></section>",
+        _denials_card(overview.denials),
+        _recent_card(overview.recent),
+        "</main>",
+    ]
+    return _page("fedgate · officer dashboard", "".join(body))
+
+
+def login_form_page() -> str:
+    return _page("fedgate · sign in", (
+        '<main><section class="card"><h1>Officer dashboard</h1>'
+        '<p class="lead">Sign in with the one-time login token the data owner issued for you '
+        "(<code>fedgate officer token NAME</code>). A token works once.</p>"
+        '<form class="login" method="post" action="/dashboard/login">'
+        '<input type="password" name="token" autocomplete="off" aria-label="login token" '
+        'placeholder="fgt_…" required><button type="submit">Sign in</button></form>'
+        "</section></main>"))
+
+
+def signed_in_page(login: OfficerLogin) -> str:
+    """Sent with the session cookie; moves on to the dashboard and drops the token URL."""
+    return _page("fedgate · signed in", (
+        f'<main><section class="card"><h1>Signed in as {escape(login.officer)}</h1>'
+        f'<p class="lead">Your session lasts until {_time(login.expires_at)} UTC. '
+        '<a href="/dashboard">Continue to the dashboard</a>.</p></section></main>'),
+        head='<meta http-equiv="refresh" content="0; url=/dashboard">')
+
+
+def signed_out_page() -> str:
+    return _page("fedgate · signed out", (
+        '<main><section class="card"><h1>Signed out</h1><p class="lead">The session has ended. '
+        'Signing in again needs a new token: <a href="/dashboard/login">sign in</a>.</p>'
+        "</section></main>"))
+
+
+def _page(title: str, body: str, *, head: str = "") -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<link rel="icon" href="data:,">{head}<title>{escape(title)}</title>'
+            f"<style>{STYLESHEET}</style></head><body>{body}</body></html>")
+
+
+def _top_bar(owner: str, login: OfficerLogin) -> str:
+    return (f'<header class="top"><div class="brand">fedgate<span>officer dashboard · '
+            f"{escape(owner)}</span></div>"
+            f'<div class="who"><span>signed in as <b>{escape(login.officer)}</b> '
+            f"(<code>{escape(login.key_id)}</code>) until {_time(login.expires_at)} UTC</span>"
+            '<form method="post" action="/dashboard/logout"><button type="submit">Sign out'
+            "</button></form></div></header>")
+
+
+def _verification_card(status: VerificationStatus) -> str:
+    state, verdict = ("ok", "Verified") if status.ok else ("bad", "NOT verified")
+    warning = (f'<p class="warning">{escape(status.warning)}</p>' if status.warning else "")
+    return (f'<section class="card verification {state}"><div class="verdict">'
+            f'<h2>Audit log verification</h2><span class="badge">{verdict}</span></div>'
+            f"<pre>{escape(chr(10).join(status.summary))}</pre>{warning}"
+            f'<p class="meta">A fresh export checked against the node public key, as '
+            f"<code>fedgate audit verify</code> does, at {_time(status.checked_at)} UTC (at most "
+            "every 30 s). Verify an export yourself with the key the owner gave you: a node "
+            "cannot vouch for itself.</p></section>")
+
+
+def _dataset_card(chart: BurnDown, now: float) -> str:
+    committed = sum(p.budget_state == "committed" for p in chart.points)
+    reserved = len(chart.points) - committed
+    order = f"at α = {chart.current.best_order:g}" if chart.current.best_order is not None else ""
+    mismatch = ("" if chart.matches_ledger else
+                '<p class="warning">The jobs\' charges do not add up to the ledger\'s running '
+                "total for this dataset: the chart cannot be trusted; export and verify the "
+                "log.</p>")
+    stats = [
+        (f"{chart.current.fraction:.1%}", f"privacy filter used {order}"),
+        (f"{chart.epsilon_total:g}", "ε_total"),
+        (f"{chart.delta:g}", "δ"),
+        (f"{chart.epsilon_sum:.3g}", "Σ ε of jobs (reference)"),
+        (f"{committed} / {reserved}", "jobs committed / reserved"),
+    ]
+    return (f'<section class="card dataset"><div class="dataset-head"><h3>{escape(chart.dataset)}'
+            "</h3></div>"
+            '<div class="stats">'
+            + "".join(f'<div class="stat"><b>{escape(v)}</b><span>{escape(label)}</span></div>'
+                      for v, label in stats)
+            + f"</div>{mismatch}{burn_down_svg(chart, now=now)}{_legend()}</section>")
+
+
+def _legend() -> str:
+    def line(css: str) -> str:
+        return (f'<svg width="30" height="10" aria-hidden="true"><line class="{css}" x1="1" x2="29" '
+                'y1="5" y2="5"/></svg>')
+
+    def dot(hollow: bool) -> str:
+        return (f'<svg width="30" height="12" aria-hidden="true"><circle class="swatch-marker'
+                f'{" hollow" if hollow else ""}" cx="15" cy="6" r="4"/></svg>')
+
+    return ('<ul class="legend">'
+            f'<li>{line("swatch-filter")}<span><b>Privacy filter used</b>, at its best RDP order '
+            "(the order with the most room left). <b>This is what limits admission</b>: a job is "
+            "admitted only if some order still has room for it, and at 100 % none has.</span></li>"
+            f'<li>{line("swatch-sum")}<span><b>Σ ε of the jobs ÷ ε_total</b>, for reference only. '
+            "The ε of separate jobs does not add up under RDP composition, so this sum is not the "
+            "budget spent: it may pass 100 % while jobs are still admitted, or stay below it when "
+            "the filter is full.</span></li>"
+            f"<li>{dot(False)}{dot(True)}<span>one job each: filled = committed (charged for "
+            "good), hollow = reserved (queued, running or awaiting review; refunded if it fails "
+            "before reading data). Refunded jobs are not shown.</span></li></ul>")
+
+
+def _denials_card(groups: Sequence[DenialGroup]) -> str:
+    if not groups:
+        return ('<section class="card"><h2>Denials by reason</h2>'
+                '<p class="empty-note">No request has been denied.</p></section>')
+    rows = "".join(
+        f'<tr><td class="num">{g.count}</td><td><code>{escape(g.reason)}</code></td>'
+        f"<td>{escape(g.rule) if g.rule else '—'}</td>"
+        f'<td class="nowrap">{escape(", ".join(g.request_actions))}</td>'
+        f'<td class="nowrap">{escape(_short_time(g.last_seen))}</td>'
+        f"<td class=\"details\">{_clipped(g.latest_explanation)}</td></tr>"
+        for g in groups)
+    return ('<section class="card"><h2>Denials by reason</h2><table><thead><tr>'
+            "<th>count</th><th>reason</th><th>rule</th><th>requested</th><th>last</th>"
+            f"<th>latest explanation</th></tr></thead><tbody>{rows}</tbody></table></section>")
+
+
+def _recent_card(entries: Sequence[dict[str, Any]]) -> str:
+    if not entries:
+        return ('<section class="card"><h2>Recent decisions</h2>'
+                '<p class="empty-note">No decision yet.</p></section>')
+    rows = "".join(_decision_row(e) for e in entries)
+    return (f'<section class="card"><h2>Recent decisions</h2><p class="meta">The latest '
+            f"{len(entries)} admit, deny, charge, refund, release, review, policy and key entries, "
+            "newest first.</p><table><thead><tr><th>seq</th><th>time (UTC)</th><th>action</th>"
+            "<th>decision</th><th>principal</th><th>dataset</th><th>job</th><th>ε</th>"
+            f"<th>reason / details</th></tr></thead><tbody>{rows}</tbody></table></section>")
+
+
+def _decision_row(entry: dict[str, Any]) -> str:
+    action = str(entry.get("action", ""))
+    css = f"action action-{action}" if action in DECISION_ACTIONS else "action"
+    epsilon = entry.get("epsilon")
+    epsilon_text = f"{epsilon:.3g}" if isinstance(epsilon, int | float) else ""
+    cells = [
+        f'<td class="num">{escape(str(entry.get("seq", "")))}</td>',
+        f'<td class="nowrap">{escape(_short_time(str(entry.get("timestamp", ""))))}</td>',
+        f'<td><span class="{css}">{escape(action)}</span></td>',
+        f'<td>{escape(str(entry.get("decision", "")))}</td>',
+        f'<td class="nowrap">{escape(str(entry.get("principal") or entry.get("actor") or ""))}</td>',
+        f'<td>{escape(str(entry.get("dataset", "")))}</td>',
+        f'<td class="nowrap"><code>{escape(str(entry.get("job_id", "")))}</code></td>',
+        f'<td class="num">{epsilon_text}</td>',
+        f'<td class="details">{_clipped(_details(entry))}</td>',
+    ]
+    return f"<tr>{''.join(cells)}</tr>"
+
+
+def _details(entry: dict[str, Any]) -> str:
+    """The entry's reason in words: why it was denied, admitted, charged, held, reloaded..."""
+    reason, explanation = entry.get("reason"), entry.get("explanation")
+    if reason and explanation:
+        return f"{reason}: {explanation}"
+    parts = [str(entry[k]) for k in ("reason", "review", "policy_explanation", "role")
+             if entry.get(k)]
+    if entry.get("action") == "policy" and entry.get("policy_version"):
+        parts.append(f"version {str(entry['policy_version'])[:19]}…")
+    return "; ".join(parts)
+
+
+def _clipped(text: str) -> str:
+    if len(text) <= DETAILS_SHOWN:
+        return escape(text)
+    return f'<span title="{escape(text)}">{escape(text[:DETAILS_SHOWN - 1])}…</span>'
+
+
+def _short_time(timestamp: str) -> str:
+    """``2026-11-25T10:42:00.123456Z`` → ``2026-11-25 10:42:00``."""
+    return timestamp.replace("T", " ").split(".")[0].removesuffix("Z")
+
+
+def _time(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")

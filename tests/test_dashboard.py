@@ -1,0 +1,345 @@
+"""The officer dashboard: sign-in by one-time token, session cookie, authorisation,
+escaping and the numbers it shows — over real HTTP semantics (Starlette TestClient),
+real Casbin policy and a real ledger on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.cli import main as fedgate
+from gateway.dashboard import SESSION_COOKIE
+from gateway.dashboard_data import LogVerification, denials_by_reason, load_overview
+from gateway.dashboard_pages import CONTENT_SECURITY_POLICY, STYLESHEET
+from gateway.node import Node
+from gateway.problems import Problem
+from gateway.request_signing import SignedRequestAuth
+from ledger.audit import append_entry, read_entries
+from ledger.burndown import burn_down, filter_usage
+from ledger.models import AuditEntry, DashboardSession, DashboardToken, Dataset, Job
+from ledger.officer_login import LoginRefused, exchange_login_token, secret_digest
+from tests.conftest import make_researcher
+from tests.ledger_activity import demo_activity, login_token, researcher, submit
+from tests.test_audit_api import make_officer
+
+
+def problem_type(response) -> str:  # type: ignore[no-untyped-def]
+    assert response.headers["content-type"] == "application/problem+json", response.text
+    return response.json()["type"].removeprefix("urn:fedgate:problem:")
+
+
+def signed_in(client: TestClient, token: str) -> TestClient:
+    response = client.get("/dashboard/login", params={"token": token})
+    assert response.status_code == 200, response.text
+    return client
+
+
+# --- tokens and sessions --------------------------------------------------------------
+
+
+def test_a_token_is_stored_only_as_its_digest_and_its_issuance_is_audited(node_dir: Path) -> None:
+    make_officer(node_dir)
+    issued = login_token(node_dir)
+    node = Node(node_dir)
+    with node.session() as s:
+        row = s.get(DashboardToken, issued.token_id)
+        entries = read_entries(s)
+    assert row is not None and row.token_hash == hashlib.sha256(issued.token.encode()).hexdigest()
+    assert row.key_id == issued.key_id and row.exchanged_at is None
+    assert entries[-1] | {"timestamp": None, "seq": None, "expires": None} == {
+        "action": "token", "decision": "issued", "actor": "owner-cli", "token_id": issued.token_id,
+        "key_id": issued.key_id, "principal": "olivia", "timestamp": None, "seq": None,
+        "expires": None}
+    assert all(issued.token not in json.dumps(e) for e in entries)
+
+
+def test_a_token_signs_in_once_with_an_httponly_samesite_strict_cookie(node_dir: Path) -> None:
+    make_officer(node_dir)
+    issued = login_token(node_dir)
+    with TestClient(create_app(node_dir)) as browser:
+        login = browser.get("/dashboard/login", params={"token": issued.token})
+        page = browser.get("/dashboard")
+        again = TestClient(browser.app).get("/dashboard/login", params={"token": issued.token})
+    assert login.status_code == 200
+    cookie = login.headers["set-cookie"]
+    assert cookie.startswith(f"{SESSION_COOKIE}=")
+    assert {"HttpOnly", "Path=/dashboard", "SameSite=strict"} <= {a.strip() for a in cookie.split(";")}
+    assert "Secure" not in cookie  # plain HTTP here; set over HTTPS
+    assert 8 * 3600 - 60 < int(re.search(r"Max-Age=(\d+)", cookie).group(1)) <= 8 * 3600
+    assert page.status_code == 200 and "demo" in page.text
+    assert again.status_code == 401 and problem_type(again) == "login-required"
+    node = Node(node_dir)
+    with node.session() as s:
+        sessions = s.exec(select(DashboardSession)).all()
+        exchanged = [e for e in read_entries(s) if e.get("decision") == "exchanged"]
+    value = cookie.split(";")[0].split("=", 1)[1]
+    assert [r.session_hash for r in sessions] == [secret_digest(value)]  # the cookie is not stored
+    assert [(e["action"], e["token_id"], e["principal"]) for e in exchanged] == [
+        ("token", issued.token_id, "olivia")]
+
+
+def test_the_sign_in_form_posts_the_token(node_dir: Path) -> None:
+    make_officer(node_dir)
+    issued = login_token(node_dir)
+    with TestClient(create_app(node_dir)) as browser:
+        form = browser.get("/dashboard/login")
+        posted = browser.post("/dashboard/login", data={"token": issued.token})
+        page = browser.get("/dashboard")
+    assert form.status_code == 200 and 'name="token"' in form.text
+    assert posted.status_code == 200 and SESSION_COOKIE in posted.headers["set-cookie"]
+    assert page.status_code == 200
+
+
+def test_dashboard_pages_answer_401_without_a_valid_session_cookie(node_dir: Path) -> None:
+    make_officer(node_dir)
+    with TestClient(create_app(node_dir)) as anonymous:
+        missing = anonymous.get("/dashboard")
+        anonymous.cookies.set(SESSION_COOKIE, "made-up", path="/dashboard")
+        forged = anonymous.get("/dashboard")
+        bad_token = anonymous.get("/dashboard/login", params={"token": "fgt_guess"})
+    for response in (missing, forged, bad_token):
+        assert response.status_code == 401
+        assert problem_type(response) == "login-required"
+
+
+def test_expired_tokens_and_sessions_are_refused(node_dir: Path) -> None:
+    make_officer(node_dir)
+    stale = login_token(node_dir, hours=1, now=time.time() - 3601)
+    fresh = login_token(node_dir)
+    node = Node(node_dir)
+    with pytest.raises(LoginRefused), node.session() as s, s.begin():
+        exchange_login_token(s, stale.token, now=time.time())
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, fresh.token)
+        assert browser.get("/dashboard").status_code == 200
+        with node.session() as s, s.begin():
+            for row in s.exec(select(DashboardSession)).all():
+                row.expires_at = time.time() - 1
+                s.add(row)
+        expired = browser.get("/dashboard")
+    assert expired.status_code == 401 and problem_type(expired) == "login-required"
+
+
+def test_revoking_the_officer_ends_the_session_at_the_next_request(node_dir: Path) -> None:
+    make_officer(node_dir)
+    issued = login_token(node_dir)
+    unused = login_token(node_dir)
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, issued.token)
+        assert browser.get("/dashboard").status_code == 200
+        assert fedgate(["-d", str(node_dir), "officer", "revoke", "olivia"]) == 0
+        after = browser.get("/dashboard")
+        unused_login = TestClient(browser.app).get("/dashboard/login", params={"token": unused.token})
+    assert after.status_code == 401 and problem_type(after) == "login-required"
+    assert unused_login.status_code == 401
+
+
+def test_sign_out_ends_the_session_and_clears_the_cookie(node_dir: Path) -> None:
+    make_officer(node_dir)
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        value = browser.cookies.get(SESSION_COOKIE)
+        out = browser.post("/dashboard/logout")
+        browser.cookies.set(SESSION_COOKIE, value, path="/dashboard")  # a copied cookie
+        replayed = browser.get("/dashboard")
+    assert out.status_code == 200 and 'Max-Age=0' in out.headers["set-cookie"]
+    assert replayed.status_code == 401
+
+
+# --- who may use it -------------------------------------------------------------------
+
+
+def test_researchers_get_no_token_and_their_signatures_do_not_open_the_dashboard(
+    node_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_researcher(node_dir, "alice")
+    assert fedgate(["-d", str(node_dir), "officer", "token", "alice"]) == 2
+    assert "no active officer named 'alice'" in capsys.readouterr().err
+    with TestClient(create_app(node_dir)) as client:
+        client.auth = SignedRequestAuth(alice)
+        response = client.get("/dashboard")
+    assert response.status_code == 401 and problem_type(response) == "login-required"
+    node = Node(node_dir)
+    with node.session() as s:
+        assert s.exec(select(DashboardToken)).all() == []
+
+
+def test_an_officer_the_policy_does_not_allow_to_read_audit_is_refused_and_audited(
+    node_dir: Path,
+) -> None:
+    from gateway import keys
+
+    key = keys.generate_private_key()
+    _, public = keys.write_key_pair(key, node_dir / "trainee")
+    assert fedgate(["-d", str(node_dir), "officer", "add", "trainee", "--public-key", str(public),
+                    "--group", "trainees"]) == 0
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir, "trainee").token)
+        response = browser.get("/dashboard")
+    assert response.status_code == 403 and problem_type(response) == "policy-denied"
+    node = Node(node_dir)
+    with node.session() as s:
+        denial = read_entries(s)[-1]
+    assert (denial["action"], denial["principal"], denial["request_action"]) == (
+        "deny", "trainee", "read-audit")
+
+
+def test_only_the_sign_in_and_sign_out_routes_work_without_a_session(node_dir: Path) -> None:
+    app = create_app(node_dir)
+    pages = [r.path for r in app.routes if isinstance(r, Route) and r.path.startswith("/dashboard")
+             and r.path not in ("/dashboard/login", "/dashboard/logout")]
+    assert pages == ["/dashboard"]
+    with TestClient(app) as anonymous:
+        for path in pages:
+            assert anonymous.get(path).status_code == 401
+        # The exemption covers the dashboard's own paths only, never a longer name or /v1.
+        for path in ("/dashboard-admin", "/dashboardx", "/v1/audit/export", "/v1/datasets"):
+            response = anonymous.get(path)
+            assert response.status_code == 401 and problem_type(response) == "signature-missing"
+        assert anonymous.get("/dashboard/nothing-here").status_code == 404
+
+
+# --- what it shows --------------------------------------------------------------------
+
+
+def test_pages_are_escaped_and_run_under_a_strict_content_security_policy(node_dir: Path) -> None:
+    make_officer(node_dir)
+    node = Node(node_dir)
+    alice = researcher(node_dir)
+    attack = '<script>alert("x")</script>'
+    assert submit(node, alice, dataset=attack).slug == "unknown-dataset"  # type: ignore[union-attr]
+    with node.session() as s, s.begin():
+        append_entry(s, action="deny", decision="deny", reason="policy-denied",
+                     principal='"><img src=x onerror=alert(1)>', rule=["p", "<b>bold</b>"],
+                     explanation="</td></tr></table><h1>forged</h1>", request_action="train")
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        page = browser.get("/dashboard")
+    html = page.text
+    for raw in (attack, "<img src=x", "<b>bold</b>", "<h1>forged</h1>"):
+        assert raw not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    assert "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<script" not in html.lower()
+    csp = page.headers["content-security-policy"]
+    assert csp == CONTENT_SECURITY_POLICY and csp.startswith("default-src 'none';")
+    style_hash = base64.b64encode(hashlib.sha256(STYLESHEET.encode()).digest()).decode()
+    assert f"'sha256-{style_hash}'" in csp and f"<style>{STYLESHEET}</style>" in html
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert page.headers["cache-control"] == "no-store"
+
+
+def test_overview_shows_the_burn_down_denials_and_recent_decisions(node_dir: Path) -> None:
+    make_officer(node_dir)
+    demo_activity(node_dir)
+    overview = load_overview(Node(node_dir))
+    (chart,) = overview.datasets
+    assert [p.budget_state for p in chart.points] == ["committed"] * 3  # the refund is gone
+    assert chart.matches_ledger
+    assert chart.points[-1].filter_used == chart.current.fraction
+    assert {(g.reason, g.count) for g in overview.denials} == {("budget-exceeded", 1),
+                                                                ("unknown-dataset", 1)}
+    assert overview.recent[0]["action"] == "deny"
+    assert {e["action"] for e in overview.recent} >= {"admit", "deny", "charge", "refund", "key"}
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        html = browser.get("/dashboard").text
+    assert html.count('<svg class="chart"') == 1
+    assert html.count('<circle class="marker committed"') == 3
+    assert "Privacy filter used" in html and "for reference only" in html
+    assert f"{chart.current.fraction:.1%}" in html
+
+
+def test_budget_use_is_the_filter_at_its_best_order_not_the_sum_of_epsilons(node_dir: Path) -> None:
+    """20-round jobs (ε ≈ 2.2 each) on ε_total 4 until the filter refuses one: by then their ε
+    add up to well over the budget, yet the filter (what admits) is not full. The chart must
+    not present the sum as what limits."""
+    node = Node(node_dir)
+    alice = researcher(node_dir)
+    admitted: list[Job] = []
+    while len(admitted) < 10 and isinstance(outcome := submit(node, alice), Job):
+        admitted.append(outcome)
+    assert isinstance(outcome, Problem) and outcome.slug == "budget-exceeded", outcome
+    with node.session() as s:
+        dataset = s.get(Dataset, "demo")
+        chart = burn_down(dataset, s.exec(select(Job)).all())
+    assert [p.job_id for p in chart.points] == [job.id for job in admitted]
+    assert chart.epsilon_sum / chart.epsilon_total > 1.5 and 0.5 < chart.current.fraction < 1, chart
+    assert [p.filter_used for p in chart.points] == sorted(p.filter_used for p in chart.points)
+    assert chart.points[-1].filter_used == chart.current.fraction and chart.matches_ledger
+
+
+def test_filter_usage_is_the_smallest_used_fraction_over_the_budgeted_orders() -> None:
+    spent = (Fraction(1), Fraction(1), Fraction(5))
+    budget = (Fraction(2), Fraction(4), Fraction(0))
+    usage = filter_usage(spent, budget, (2.0, 4.0, 8.0))
+    assert (usage.fraction, usage.best_order) == (0.25, 4.0)
+    assert filter_usage(spent, (Fraction(0),) * 3, (2.0, 4.0, 8.0)).fraction == 1.0
+
+
+def test_denials_are_grouped_by_reason_and_rule_most_frequent_first() -> None:
+    entries = [
+        {"seq": 1, "action": "deny", "reason": "budget-exceeded", "explanation": "old",
+         "request_action": "train"},
+        {"seq": 2, "action": "admit"},
+        {"seq": 3, "action": "deny", "reason": "policy-denied", "rule": ["p", "bob", "deny"],
+         "explanation": "deny rule", "request_action": "train"},
+        {"seq": 4, "action": "deny", "reason": "budget-exceeded", "explanation": "new",
+         "request_action": "train"},
+    ]
+    groups = denials_by_reason(entries)
+    assert [(g.reason, g.rule, g.count, g.latest_explanation) for g in groups] == [
+        ("budget-exceeded", None, 2, "new"), ("policy-denied", "p, bob, deny", 1, "deny rule")]
+
+
+def test_verification_status_is_cached_and_reports_a_tampered_entry(node_dir: Path) -> None:
+    make_officer(node_dir)
+    node = Node(node_dir)
+    verification = LogVerification(node, ttl=30.0)
+    first = verification.status(now=1000.0)
+    assert first.ok and first.summary[0].startswith("OK:")
+    with node.session() as s, s.begin():
+        row = s.exec(select(AuditEntry).where(AuditEntry.entry.contains('"olivia"'))).first()
+        row.entry = row.entry.replace('"olivia"', '"mallory"')
+        s.add(row)
+    assert verification.status(now=1029.0) is first  # cached for the ttl
+    later = verification.status(now=1030.0)
+    assert not later.ok
+    assert any("modified-entries" in line or "malformed-entry" in line for line in later.summary)
+
+
+def test_chart_axis_reaches_past_the_largest_value_in_round_steps() -> None:
+    from gateway.dashboard_chart import burn_down_svg
+    from ledger.burndown import BurnDown, BurnDownPoint, FilterUsage
+
+    point = BurnDownPoint(time=100.0, job_id="job-1", researcher="<alice>", budget_state="committed",
+                          epsilon=6.6, filter_used=0.63, best_order=5.0, epsilon_sum=6.6)
+    chart = BurnDown(dataset="demo", epsilon_total=4.0, delta=1e-5, start=0.0, points=(point,),
+                     current=FilterUsage(0.63, 5.0), matches_ledger=True)
+    svg = burn_down_svg(chart, now=200.0)
+    assert re.findall(r'class="tick"[^>]*>(\d+)%<', svg) == ["0", "50", "100", "150", "200"]
+    assert "by &lt;alice&gt;" in svg and "<alice>" not in svg
+
+
+def test_the_owner_cli_prints_a_login_url_and_bounds_the_lifetime(
+    node_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_officer(node_dir)
+    capsys.readouterr()
+    assert fedgate(["-d", str(node_dir), "officer", "token", "olivia", "--hours", "2", "--json"]) == 0
+    issued = json.loads(capsys.readouterr().out)
+    assert issued["login_url"] == (f"http://127.0.0.1:8620/dashboard/login?token={issued['token']}")
+    assert 2 * 3600 - 60 < issued["expires_at"] - time.time() <= 2 * 3600
+    for hours in ("0", "169"):
+        assert fedgate(["-d", str(node_dir), "officer", "token", "olivia", "--hours", hours]) == 2
