@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from engine.datastore import Partition
 
-__all__ = ["FederatedTraining", "prepare_training"]
+__all__ = ["FederatedTraining", "dp_aggregator", "poisson_sample", "prepare_training"]
 
 
 @dataclass
@@ -53,7 +53,7 @@ class FederatedTraining:
 
         rng = np.random.default_rng(secrets.randbits(128))
         for round_number in range(1, self.spec.rounds + 1):
-            sampled = np.flatnonzero(rng.random(partition.users) < self.spec.sampling_rate)
+            sampled = poisson_sample(rng, partition.users, self.spec.sampling_rate)
             clients = [self._client_dataset(*partition.user_examples(int(user)))
                        for user in sampled]
             self.state = self.process.next(self.state, clients).state  # metrics dropped
@@ -71,6 +71,33 @@ class FederatedTraining:
             .repeat(self.spec.local_epochs)
             .batch(self.spec.batch_size)
         )
+
+
+def poisson_sample(rng: np.random.Generator, population: int, sampling_rate: float) -> np.ndarray:
+    """Indices of the members of ``range(population)`` included in one round: each independently
+    with probability ``sampling_rate`` (the PoissonSampled event the ledger accounts)."""
+    return np.flatnonzero(rng.random(population) < sampling_rate)
+
+
+def dp_aggregator(spec: JobSpec, *, audit_noise_disabled: bool = False) -> Any:
+    """The DP-FedAvg model aggregator: the one place the engine's privacy mechanism is built.
+
+    Clips each client's delta to L2 norm ``spec.clip`` jointly over all tensors, adds
+    N(0, (noise_multiplier·clip)²) to the sum of clipped deltas and divides by the constant
+    ``spec.expected_clients_per_round``.
+
+    ``audit_noise_disabled`` builds the same aggregator with noise multiplier 0 — a deliberately
+    broken mechanism for :mod:`engine.privacy_audit` to detect. It is keyword-only, is not a
+    :class:`JobSpec` field and is never passed by :func:`prepare_training`, so no job (and
+    nothing the gateway accepts) can reach it.
+    """
+    import tensorflow_federated as tff
+
+    return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+        noise_multiplier=0.0 if audit_noise_disabled else spec.noise_multiplier,
+        clients_per_round=spec.expected_clients_per_round,
+        clip=spec.clip,
+    )
 
 
 def prepare_training(doc: dict[str, Any], summary: ModelSummary, spec: JobSpec,
@@ -92,11 +119,7 @@ def prepare_training(doc: dict[str, Any], summary: ModelSummary, spec: JobSpec,
             input_spec=input_spec,
         )
 
-    aggregator = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
-        noise_multiplier=spec.noise_multiplier,
-        clients_per_round=spec.expected_clients_per_round,
-        clip=spec.clip,
-    )
+    aggregator = dp_aggregator(spec)
     process = tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn,
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(spec.client_learning_rate),

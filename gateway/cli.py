@@ -349,12 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_budget_show)
 
-    from gateway import cli_audit, cli_dashboard, cli_policy, cli_researcher, cli_review
+    from gateway import (
+        cli_audit,
+        cli_dashboard,
+        cli_policy,
+        cli_privacy_audit,
+        cli_researcher,
+        cli_review,
+    )
 
     cli_audit.register(commands)
     cli_dashboard.register(commands)
     cli_policy.register(commands)
     cli_review.register(commands)
+    cli_privacy_audit.register(commands)
     cli_researcher.register(commands)
 
     p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")
