@@ -89,6 +89,7 @@ async def list_datasets(request: Request) -> Response:
 
         policy = node.policy()
         with node.session() as s:
+            # reviewed: SQLModel query object, not Python exec
             rows = s.exec(select(Dataset).order_by(Dataset.name)).all()
         return [
             {

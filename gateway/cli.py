@@ -189,6 +189,7 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
             {"name": d.name, "training_users": d.training_users,
              "evaluation_users": d.evaluation_users, "epsilon_total": d.epsilon_total,
              "delta": d.delta}
+            # reviewed: SQLModel query object, not Python exec
             for d in s.exec(select(Dataset).order_by(Dataset.name)).all()
         ]
     _print(rows, args.json)
@@ -208,7 +209,9 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
         query = select(Dataset).order_by(Dataset.name)
         if args.dataset:
             query = query.where(Dataset.name == args.dataset)
+        # reviewed: SQLModel query object, not Python exec
         for d in s.exec(query).all():
+            # reviewed: SQLModel query object, not Python exec
             jobs = s.exec(select(Job).where(Job.dataset == d.name)).all()
             spent = accounting.vector_from_json(json.loads(d.spent_rdp))
             budget = accounting.vector_from_json(json.loads(d.filter_budget))

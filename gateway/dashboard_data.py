@@ -57,12 +57,16 @@ class Overview:
 def load_overview(node: Node) -> Overview:
     """Every panel's data but the verification status (see ``LogVerification``)."""
     with node.session() as s:
+        # reviewed: SQLModel query object, not Python exec
         datasets = s.exec(select(Dataset).order_by(Dataset.name)).all()
+        # reviewed: SQLModel query object, not Python exec
         jobs = s.exec(select(Job)).all()
+        # reviewed: SQLModel query object, not Python exec
         newest = s.exec(select(AuditEntry.entry).order_by(AuditEntry.seq.desc())  # type: ignore[attr-defined]
                         .limit(RECENT_SCAN)).all()
         # Canonical JSON has no spaces and escapes quotes inside strings, so this pattern
         # only matches the action member itself; each hit is still decoded and checked.
+        # reviewed: SQLModel query object, not Python exec
         denials = s.exec(select(AuditEntry.entry).where(
             AuditEntry.entry.contains('"action":"deny"'))).all()  # type: ignore[attr-defined]
         log_size = audit_size(s)

@@ -240,6 +240,7 @@ def recover_interrupted_jobs(node: Node) -> list[str]:
     from sqlmodel import select
 
     with node.session() as s:
+        # reviewed: SQLModel query object, not Python exec
         stale = s.exec(select(Job).where(Job.state.in_(("queued", "running")))).all()  # type: ignore[attr-defined]
     runner = JobRunner(node)
     for job in stale:
