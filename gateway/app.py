@@ -71,13 +71,9 @@ async def openapi(request: Request) -> Response:
 
 def _budget_used(dataset: Dataset) -> float:
     """Privacy-filter usage at its best order (1.0 = nothing more fits), rounded."""
-    from ledger import accounting
-    from ledger.burndown import filter_usage
+    from ledger.burndown import dataset_filter_usage
 
-    usage = filter_usage(accounting.vector_from_json(json.loads(dataset.spent_rdp)),
-                         accounting.vector_from_json(json.loads(dataset.filter_budget)),
-                         json.loads(dataset.filter_orders))
-    return round(min(usage.fraction, 1.0), 4)
+    return round(min(dataset_filter_usage(dataset).fraction, 1.0), 4)
 
 
 async def list_datasets(request: Request) -> Response:

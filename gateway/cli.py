@@ -199,8 +199,7 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
 def cmd_budget_show(args: argparse.Namespace) -> int:
     from sqlmodel import select
 
-    from ledger import accounting
-    from ledger.burndown import filter_usage
+    from ledger.burndown import dataset_filter_usage
     from ledger.models import Dataset, Job
 
     node = _node(args)
@@ -213,9 +212,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
         for d in s.exec(query).all():
             # reviewed: SQLModel query object, not Python exec
             jobs = s.exec(select(Job).where(Job.dataset == d.name)).all()
-            spent = accounting.vector_from_json(json.loads(d.spent_rdp))
-            budget = accounting.vector_from_json(json.loads(d.filter_budget))
-            usage = filter_usage(spent, budget, json.loads(d.filter_orders))
+            usage = dataset_filter_usage(d)
             used, order = usage.fraction, usage.best_order
             by_researcher: dict[str, dict[str, float]] = {}
             for job in jobs:

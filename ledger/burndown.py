@@ -46,6 +46,13 @@ def filter_usage(
     return FilterUsage(float(fraction), order)
 
 
+def dataset_filter_usage(dataset: Dataset) -> FilterUsage:
+    """``filter_usage`` of a dataset's stored filter state (spent + reserved vs budget)."""
+    return filter_usage(accounting.vector_from_json(json.loads(dataset.spent_rdp)),
+                        accounting.vector_from_json(json.loads(dataset.filter_budget)),
+                        json.loads(dataset.filter_orders))
+
+
 @dataclass(frozen=True)
 class BurnDownPoint:
     """The dataset's budget use right after one job's charge was reserved."""
