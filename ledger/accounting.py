@@ -24,6 +24,7 @@ Numbers shown to people (``training_epsilon``, ``JobCost.epsilon``) come from dp
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -149,7 +150,17 @@ def evaluation_event(*, noise_multiplier: float) -> dp_accounting.DpEvent:
     return dp_accounting.GaussianDpEvent(_positive("noise_multiplier", noise_multiplier))
 
 
+@functools.lru_cache(maxsize=1024)
 def _event_rdp(event: dp_accounting.DpEvent, orders: tuple[float, ...]) -> tuple[float, ...]:
+    """dp-accounting's RDP curve of ``event`` at ``orders``, memoised on the (frozen) event.
+
+    ``RdpAccountant`` composes ``SelfComposedDpEvent(e, n)`` as ``n ×`` the curve of ``e``
+    (binary64, added to zeros), so computing the one-step curve once and scaling it gives the
+    same bits (a test checks it) while a job's T rounds, the suggestion's bisection over rounds
+    and repeated admissions share one dp-accounting call instead of one each.
+    """
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return tuple(event.count * r for r in _event_rdp(event.event, orders))
     return tuple(float(r) for r in RdpAccountant(list(orders)).compose(event).rdp)
 
 
@@ -205,6 +216,16 @@ class JobCost:
         orders = _orders(DEFAULT_RDP_ORDERS if orders is None else orders)
         epsilon, _ = compute_epsilon(orders, self.rdp(orders), delta)
         return float(epsilon)
+
+    def epsilon_after_rounds(self, rounds_done: int, delta: float) -> float:
+        """:func:`epsilon_after_rounds` with this job's parameters, read from its events."""
+        sampled = self.training.event
+        return epsilon_after_rounds(
+            sampling_rate=float(sampled.sampling_probability),
+            noise_multiplier=float(sampled.event.noise_multiplier), rounds=int(self.training.count),
+            rounds_done=rounds_done, delta=delta,
+            evaluation_noise_multiplier=(None if self.evaluation is None
+                                         else float(self.evaluation.noise_multiplier)))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict: each event in dp-accounting's named-tuple form, as nested objects."""
@@ -277,6 +298,46 @@ def training_epsilon(*, sampling_rate: float, noise_multiplier: float, rounds: i
     default orders and conversion (the figure researchers see)."""
     training = training_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, rounds=rounds)
     return JobCost(training, None).epsilon(delta)
+
+
+@functools.lru_cache(maxsize=4096)
+def epsilon_after_rounds(*, sampling_rate: float, noise_multiplier: float, rounds: int,
+                         rounds_done: int, delta: float,
+                         evaluation_noise_multiplier: float | None = None) -> float:
+    """ε spent after ``rounds_done`` of a job's ``rounds`` training rounds (its progress bar).
+
+    A function of the job's public parameters only (q, z, T, δ and the DP evaluation's noise
+    multiplier), never of data or of how many users a round really sampled: 0 before the
+    first round, then the RDP ε of ``rounds_done`` rounds of the job's training event
+    (``training_epsilon``), and at ``rounds_done == rounds`` the whole job's ε — training and
+    DP evaluation in parallel composition, i.e. exactly ``JobCost.for_job(...).epsilon(delta)``,
+    the ε charged. Non-decreasing in ``rounds_done``. Cached, and the one-round RDP curve is
+    computed once per (q, z): the gateway calls this on every status poll.
+    """
+    total = _count("rounds", rounds)
+    if rounds_done == 0:
+        return 0.0
+    done = _count("rounds_done", rounds_done)
+    if done > total:
+        raise InvalidPrivacyParameter(f"rounds_done {done} exceeds rounds {total}")
+    if done == total:
+        return JobCost.for_job(
+            sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, rounds=total,
+            evaluation_noise_multiplier=evaluation_noise_multiplier,
+        ).epsilon(delta)
+    # RdpAccountant composes T rounds as T × (one round's RDP), so this is bit-for-bit
+    # training_epsilon(rounds=done) (a test checks it) without recomputing the curve.
+    orders = _orders(DEFAULT_RDP_ORDERS)
+    one_round = _one_round_rdp(_sampling_rate(sampling_rate),
+                               _positive("noise_multiplier", noise_multiplier))
+    epsilon, _ = compute_epsilon(orders, [done * r for r in one_round], _delta(delta))
+    return float(epsilon)
+
+
+@functools.lru_cache(maxsize=256)
+def _one_round_rdp(sampling_rate: float, noise_multiplier: float) -> tuple[float, ...]:
+    event = training_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, rounds=1)
+    return _event_rdp(event, _orders(DEFAULT_RDP_ORDERS))
 
 
 def pld_epsilon(*, sampling_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -106,7 +106,11 @@ def register_dataset(
     return dataset
 
 
-def _locked_dataset(session: Session, name: str) -> Dataset:
+def lock_dataset(session: Session, name: str) -> Dataset:
+    """The dataset row, locked for this transaction (``SELECT … FOR UPDATE``).
+
+    Lock order, which every writer follows so PostgreSQL never deadlocks: job row, then dataset
+    row, then the audit log head (taken by :func:`ledger.audit.append_entry`)."""
     dataset = session.exec(select(Dataset).where(Dataset.name == name).with_for_update()).first()
     if dataset is None:
         raise UnknownDataset(name)
@@ -145,7 +149,7 @@ def reserve_budget(
     The ``admit`` entry is appended in this transaction. On ``BudgetExceeded`` the caller
     must roll back and record the ``deny`` in a transaction of its own.
     """
-    dataset = _locked_dataset(session, job.dataset)
+    dataset = lock_dataset(session, job.dataset)
     fit = budget_fit(dataset, cost_rdp)
     if not fit.fits:
         raise BudgetExceeded(dataset.name, job.epsilon, fit.jobs_that_fit)
@@ -200,7 +204,7 @@ def refund_budget(session: Session, job_id: str, *, reason: str, actor: str) -> 
         return job
     if job.budget_state != "reserved":
         raise LedgerError(f"job {job_id} budget is {job.budget_state}, cannot refund")
-    dataset = _locked_dataset(session, job.dataset)
+    dataset = lock_dataset(session, job.dataset)
     append_entry(
         session,
         action="refund",

@@ -31,7 +31,7 @@ from typing import Literal
 from sqlmodel import Session, select
 
 from ledger.audit import append_entry
-from ledger.budget import LedgerError, refund_budget
+from ledger.budget import LedgerError, lock_dataset, refund_budget
 from ledger.models import Job, JobReview
 
 REVIEW_STATES = ("pending", "approved", "denied", "expired", "withdrawn")
@@ -87,7 +87,12 @@ def open_review(session: Session, job: Job, *, required_because: str, policy_exp
 
 def _close(session: Session, job: Job, review: JobReview, state: Literal["denied", "expired",
            "withdrawn"], *, actor: str, reason: str, failure: str) -> JobReview:
-    """End a held job without running it: review ``state``, job failed, budget refunded."""
+    """End a held job without running it: review ``state``, job failed, budget refunded.
+
+    The dataset row is locked before the review's audit entry takes the audit head, in the
+    order admission takes them (dataset, then audit head); the other order deadlocked against
+    concurrent admissions on PostgreSQL (found by tests/test_soak.py)."""
+    lock_dataset(session, job.dataset)
     now = time.time()
     if review.state == "pending":
         review.state = state

@@ -88,6 +88,16 @@ def test_single_job_epsilon_matches_dp_accounting_rdp(q, z, rounds, delta, pinne
     assert epsilon == pytest.approx(pinned, rel=1e-9, abs=0)
 
 
+@settings(max_examples=25, deadline=None)
+@given(q=st.floats(0.001, 1.0), z=st.floats(0.3, 20.0), rounds=st.integers(1, 5000))
+def test_memoised_rdp_curve_is_bit_identical_to_dp_accounting_composition(q, z, rounds):
+    orders = FILTER_ORDERS
+    event = training_event(sampling_rate=q, noise_multiplier=z, rounds=rounds)
+    reference = tuple(float(r) for r in RdpAccountant(list(orders)).compose(event).rdp)
+    assert JobCost(event, None).rdp(orders) == reference
+    assert JobCost(event, None).rdp(orders) == reference  # and again, from the cache
+
+
 def test_pld_epsilon_is_tighter_than_rdp_for_a_single_job():
     params = dict(sampling_rate=0.01, noise_multiplier=1.0, rounds=1000, delta=1e-6)
     assert 0 < pld_epsilon(**params) < training_epsilon(**params)
