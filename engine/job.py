@@ -17,22 +17,29 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CLIENT_OPTIMIZERS",
     "DATA_ACCESS_EVENT",
     "DATA_ACCESS_MARKER",
     "DONE_EVENT",
     "EVALUATION_EVENT",
     "JOB_FILE",
+    "OPTIMIZER_FIELDS",
+    "OPTIMIZER_HYPERPARAMETERS",
     "PROGRESS_FD_ENV",
     "RELEASE_FILE",
+    "SERVER_OPTIMIZERS",
     "EvaluationSpec",
     "JobSpec",
     "JobSpecInvalid",
+    "OptimizerInvalid",
     "format_event",
+    "optimizer_hyperparameters",
     "parse_event",
     "round_event",
 ]
@@ -43,6 +50,89 @@ RELEASE_FILE = "release.json"
 PROGRESS_FD_ENV = "FEDGATE_PROGRESS_FD"
 
 _MAX_LINE = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers: a closed choice from tff.learning.optimizers, by name.
+#
+# Privacy: the client optimizer is part of each user's local training, whose result is clipped
+# to C before it is noised; the server optimizer transforms the noised aggregate (post-
+# processing). Neither changes the mechanism the ledger accounts, so neither changes ε.
+
+CLIENT_OPTIMIZERS = ("sgd", "sgdm")
+SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi", "adagrad")
+
+OPTIMIZER_HYPERPARAMETERS: dict[str, dict[str, float]] = {
+    "sgd": {},
+    "sgdm": {"momentum": 0.0},
+    "adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+    "yogi": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-3,
+             "initial_preconditioner_value": 1e-6},
+    "adagrad": {"initial_preconditioner_value": 0.1, "epsilon": 1e-7},
+}
+"""The hyperparameters each optimizer takes besides its learning rate, with the defaults of
+its ``tff.learning.optimizers.build_*`` function (sgdm's momentum defaults to 0: plain SGD)."""
+
+# name → (low, high, low inclusive, high inclusive)
+_HYPERPARAMETER_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "momentum": (0.0, 1.0, True, False),
+    "beta_1": (0.0, 1.0, True, False),
+    "beta_2": (0.0, 1.0, True, False),
+    "epsilon": (0.0, 1.0, False, True),
+    "initial_preconditioner_value": (0.0, 100.0, True, True),
+}
+
+OPTIMIZER_FIELDS: tuple[str, ...] = (
+    "client_optimizer", "client_momentum", "server_optimizer", "server_momentum",
+    "server_beta_1", "server_beta_2", "server_epsilon", "server_initial_preconditioner_value",
+)
+"""Job fields that choose and tune the optimizers (the learning rates are separate fields)."""
+
+
+class OptimizerInvalid(ValueError):
+    """An optimizer name outside the closed choice, or a hyperparameter out of range or not
+    taken by the chosen optimizer; ``field`` is the job field, ``allowed`` the valid names."""
+
+    def __init__(self, field: str, reason: str, allowed: tuple[str, ...] = ()) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+        self.allowed = allowed
+
+
+def optimizer_hyperparameters(side: str, name: object,
+                              given: Mapping[str, object]) -> dict[str, float]:
+    """The chosen ``side`` ("client" or "server") optimizer's hyperparameters, defaults filled in.
+
+    ``given`` maps hyperparameter names (``momentum``, ``beta_1`` …, without the side prefix)
+    to the values asked for, None meaning unset. A value for a hyperparameter the optimizer
+    does not take is refused (a momentum of 0 counts as unset: it is the field's default).
+    Values must be finite numbers in range. Pure; raises :class:`OptimizerInvalid`.
+    """
+    allowed = CLIENT_OPTIMIZERS if side == "client" else SERVER_OPTIMIZERS
+    if not isinstance(name, str) or name not in allowed:
+        raise OptimizerInvalid(f"{side}_optimizer",
+                               f"{side}_optimizer must be one of {', '.join(allowed)}", allowed)
+    resolved = dict(OPTIMIZER_HYPERPARAMETERS[name])
+    for key, value in given.items():
+        field = f"{side}_{key}"
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise OptimizerInvalid(field, f"{field} must be a finite number")
+        if key not in resolved:
+            if key == "momentum" and value == 0:
+                continue
+            takes = ", ".join(f"{side}_{k}" for k in resolved) or "no hyperparameters"
+            raise OptimizerInvalid(field, f"{field} does not apply to {side}_optimizer {name!r} "
+                                          f"(it takes {takes} besides the learning rate)")
+        low, high, low_in, high_in = _HYPERPARAMETER_RANGES[key]
+        if not ((value >= low if low_in else value > low) and
+                (value <= high if high_in else value < high)):
+            raise OptimizerInvalid(field, f"{field} must be in {'[' if low_in else '('}{low:g}, "
+                                          f"{high:g}{']' if high_in else ')'}")
+        resolved[key] = float(value)
+    return resolved
 
 
 class JobSpecInvalid(ValueError):
@@ -69,6 +159,12 @@ class JobSpec:
     probability ``sampling_rate``; each sampled user's model delta is clipped to L2 norm
     ``clip``; Gaussian noise with std ``noise_multiplier * clip`` is added to the sum, which is
     divided by the constant ``expected_clients_per_round`` (= sampling_rate × training users).
+
+    The optimizers (``client_optimizer`` for local training, ``server_optimizer`` on the noised
+    aggregate; see :data:`OPTIMIZER_HYPERPARAMETERS`) do not change ε. Hyperparameters an
+    optimizer does not take are None (momentum 0). The optimizer fields are optional in
+    job.json, defaulting to client "sgd" and server "sgdm" (the only choice before there was
+    one), so earlier job files keep their meaning.
     """
 
     job_id: str
@@ -85,6 +181,22 @@ class JobSpec:
     local_epochs: int
     batch_size: int
     evaluation: EvaluationSpec | None
+    client_optimizer: str = "sgd"
+    client_momentum: float = 0.0
+    server_optimizer: str = "sgdm"
+    server_beta_1: float | None = None
+    server_beta_2: float | None = None
+    server_epsilon: float | None = None
+    server_initial_preconditioner_value: float | None = None
+
+    def optimizer(self, side: str) -> tuple[str, float, dict[str, float]]:
+        """(name, learning rate, other hyperparameters) of the ``side`` optimizer, as
+        ``tff.learning.optimizers.build_<name>`` takes them (sgd is sgdm without momentum)."""
+        name = self.client_optimizer if side == "client" else self.server_optimizer
+        rate = self.client_learning_rate if side == "client" else self.server_learning_rate
+        given = {key: getattr(self, f"{side}_{key}", None)
+                 for key in _HYPERPARAMETER_RANGES}
+        return name, rate, optimizer_hyperparameters(side, name, given)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -123,10 +235,12 @@ class JobSpec:
                                                exclusive=True),
             server_learning_rate=fields.number("server_learning_rate", minimum=0.0,
                                                exclusive=True),
-            server_momentum=fields.number("server_momentum", minimum=0.0, maximum=0.999),
+            server_momentum=(server_momentum := fields.number("server_momentum", minimum=0.0,
+                                                              maximum=0.999)),
             local_epochs=fields.integer("local_epochs", 1, 1000),
             batch_size=fields.integer("batch_size", 1, 1_000_000),
             evaluation=evaluation,
+            **_optimizer_fields(fields, server_momentum=server_momentum),
         )
         fields.done()
         return spec
@@ -139,6 +253,30 @@ class JobSpec:
             raise JobSpecInvalid(f"cannot read {JOB_FILE} ({error.__class__.__name__})") \
                 from error
         return cls.from_json(data)
+
+
+def _optimizer_fields(fields: _Fields, server_momentum: float) -> dict[str, Any]:
+    """The optional optimizer fields of job.json, validated and resolved (defaults filled)."""
+    chosen: dict[str, Any] = {}
+    for side, default in (("client", "sgd"), ("server", "sgdm")):
+        name = fields.optional(f"{side}_optimizer")
+        name = default if name is None else name
+        given = {key: fields.optional(f"{side}_{key}") for key in _HYPERPARAMETER_RANGES
+                 if f"{side}_{key}" in OPTIMIZER_FIELDS and f"{side}_{key}" != "server_momentum"}
+        if side == "server":
+            given["momentum"] = server_momentum
+        try:
+            resolved = optimizer_hyperparameters(side, name, given)
+        except OptimizerInvalid as error:
+            raise JobSpecInvalid(error.reason) from None
+        chosen[f"{side}_optimizer"] = name
+        for key in given:
+            if key == "momentum":
+                if side == "client":
+                    chosen["client_momentum"] = resolved.get("momentum", 0.0)
+            else:
+                chosen[f"{side}_{key}"] = resolved.get(key)
+    return chosen
 
 
 def _no_constant(name: str) -> None:
@@ -156,6 +294,10 @@ class _Fields:
         if key not in self._data:
             raise JobSpecInvalid(f"{self._what} is missing {key!r}")
         return self._data.pop(key)
+
+    def optional(self, key: str) -> Any:
+        """The value of an optional field; None if absent or null."""
+        return self._data.pop(key, None)
 
     def done(self) -> None:
         if self._data:

@@ -5,7 +5,8 @@ learning"), reimplemented:
 
 * ``canaries`` extra clients each submit a fixed model delta: a uniformly random direction on
   the unit sphere of the model's parameter space, scaled to ``CANARY_NORM_FACTOR``·clip so
-  that the aggregator's clipping is exercised and each canary arrives with norm exactly C;
+  that the aggregator's clipping is exercised and each canary arrives with norm exactly C
+  (an aggregator that does not clip lets them through ten times larger);
 * every round, each canary participates independently with the job's sampling rate q
   (:func:`engine.training.poisson_sample`), and the round's participating canaries go through
   the engine's aggregator (:func:`engine.training.dp_aggregator`: joint L2 clipping to C,
@@ -19,13 +20,22 @@ learning"), reimplemented:
   A percentile bootstrap over canaries and null directions gives a two-sided interval at
   ``confidence``.
 
-What is shared with a real job: the sampling function and the aggregator (clipping, noise,
-denominator) are the very objects the engine's training builds. What is not: real users' local
+What is shared with a real job: the sampling function and the aggregator (clipping, noise
+scale, denominator) are built by the engine's own functions; only the noise's random generator
+is the seeded copy unless ``noise_seed`` is None. What is not: real users' local
 training — their updates are data-dependent and nearly orthogonal to random canary directions,
 so leaving them out can only make the canaries easier to see (a conservative audit).
 
-The noise comes from the aggregator's own unseeded generator (we audit the real mechanism);
-canary directions, null directions and participation are drawn from ``seed``.
+Randomness: canary directions, null directions, participation and the bootstrap are drawn
+from ``seed``. The aggregator's Gaussian noise is drawn from ``noise_seed``
+(:class:`engine.seeded_noise.SeededGaussianSumQuery`: TF Privacy's query with only its random
+generator replaced by a stateless seeded one), so an audit is bit-for-bit reproducible; with
+``noise_seed=None`` it comes from the job's own unseeded generator instead.
+
+Broken mechanisms (:data:`BROKEN_MECHANISMS`, audit only): ``"noise"`` builds the engine's
+aggregator with noise multiplier 0, ``"clipping"`` builds it without clipping (noise still
+calibrated to C). Both are keyword-only switches of :func:`engine.training.dp_aggregator`
+that no job can reach; the analytic ε stays the configured job's, so the audit must fail.
 
 Like a job, the audit runs in its own process (:data:`AUDIT_ENTRY`): TFF's ``worker_binary``
 listens on all interfaces without authentication, so the process first moves into a
@@ -50,6 +60,7 @@ from ledger.accounting import training_epsilon
 
 __all__ = [
     "AUDIT_ENTRY",
+    "BROKEN_MECHANISMS",
     "CANARY_NORM_FACTOR",
     "AuditConfig",
     "PrivacyAuditFailed",
@@ -60,8 +71,14 @@ __all__ = [
     "run_canary_audit",
 ]
 
-CANARY_NORM_FACTOR = 2.0
-"""Canary deltas have norm 2·C before clipping, so an aggregator that stops clipping shows."""
+CANARY_NORM_FACTOR = 10.0
+"""Canary deltas have norm 10·C before clipping, so an aggregator that stops clipping shows."""
+
+BROKEN_MECHANISMS = {
+    "noise": "noise disabled (audit only)",
+    "clipping": "clipping removed (audit only)",
+}
+"""Deliberately broken copies of the mechanism the audit must catch, and how reports name them."""
 
 METHOD = ("Andrew et al. 2024 one-shot estimate: cosine of final delta with random canary "
           "directions vs never-inserted directions, Gaussian fit, mu-GDP epsilon at delta; "
@@ -70,7 +87,7 @@ METHOD = ("Andrew et al. 2024 one-shot estimate: cosine of final delta with rand
 
 AUDIT_ENTRY = ("import os, sys; from engine.netns import isolate_network; isolate_network(); "
                "from engine.privacy_audit import main; os._exit(main(sys.argv[1:]))")
-"""``python -c AUDIT_ENTRY CONFIG_JSON OUT_FILE [noise-disabled]``: network isolation first;
+"""``python -c AUDIT_ENTRY CONFIG_JSON OUT_FILE [noise|clipping]``: network isolation first;
 ``os._exit`` because TF/TFF finalizers can block teardown (the caller kills the process group,
 ``worker_binary`` included)."""
 
@@ -86,6 +103,9 @@ class AuditConfig:
     ``population`` is the number of real training users N; it sets the aggregator's
     denominator q·N exactly as a job on such a dataset would. The model is the linear
     classifier (``num_features`` × ``num_classes`` kernel and a bias) that jobs upload.
+    ``seed`` draws canaries, null directions, participation and the bootstrap;
+    ``noise_seed`` draws the aggregator's noise (None: the job's unseeded generator, so the
+    run is not reproducible).
     """
 
     rounds: int = 30
@@ -101,6 +121,7 @@ class AuditConfig:
     confidence: float = 0.95
     bootstrap_samples: int = 1000
     seed: int = 0
+    noise_seed: int | None = 0
 
     def job_spec(self) -> JobSpec:
         """The job whose mechanism is audited (paths are unused: no data is read)."""
@@ -122,7 +143,7 @@ class AuditConfig:
 @dataclass(frozen=True)
 class PrivacyAuditResult:
     config: AuditConfig
-    noise_disabled: bool
+    broken: str | None
     analytic_epsilon: float
     empirical_epsilon: float
     interval: tuple[float, float]
@@ -138,7 +159,9 @@ class PrivacyAuditResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "parameters": asdict(self.config),
-            "mechanism": "noise disabled (audit only)" if self.noise_disabled else "as configured",
+            "mechanism": BROKEN_MECHANISMS[self.broken] if self.broken else "as configured",
+            "noise": ("seeded (audit only)" if self.config.noise_seed is not None
+                      else "fresh (the job's unseeded generator)"),
             "analytic_epsilon": self.analytic_epsilon,
             "empirical_epsilon": self.empirical_epsilon,
             "empirical_interval": list(self.interval),
@@ -157,17 +180,20 @@ class PrivacyAuditResult:
 def main(argv: list[str]) -> int:
     """Subprocess entry (see :data:`AUDIT_ENTRY`): run the audit, write its JSON to OUT_FILE."""
     config = AuditConfig(**json.loads(argv[0]))
-    result = run_canary_audit(config, audit_noise_disabled=argv[2:] == ["noise-disabled"])
+    result = run_canary_audit(config, broken=argv[2] if len(argv) > 2 else None)
     Path(argv[1]).write_text(json.dumps(result.to_json()))
     return 0
 
 
-def run_canary_audit(config: AuditConfig, *, audit_noise_disabled: bool = False) -> PrivacyAuditResult:
+def run_canary_audit(config: AuditConfig, *, broken: str | None = None) -> PrivacyAuditResult:
     """Run ``config.rounds`` rounds of the engine's DP aggregation with canaries; estimate ε.
 
-    ``audit_noise_disabled`` builds the engine's aggregator with its audit-only noise switch
-    (:func:`engine.training.dp_aggregator`); the analytic ε is still the configured job's.
+    ``broken`` (a key of :data:`BROKEN_MECHANISMS`) builds the engine's aggregator with the
+    matching audit-only switch of :func:`engine.training.dp_aggregator`; the analytic ε is
+    still the configured job's.
     """
+    if broken is not None and broken not in BROKEN_MECHANISMS:
+        raise ValueError(f"unknown broken mechanism {broken!r}; one of {sorted(BROKEN_MECHANISMS)}")
     import tensorflow_federated as tff
 
     spec = config.job_spec()
@@ -176,7 +202,10 @@ def run_canary_audit(config: AuditConfig, *, audit_noise_disabled: bool = False)
                                 delta=config.delta)
     value_type = tff.types.StructWithPythonType(
         [tff.types.TensorType(np.float32, shape) for shape in config.weight_shapes], list)
-    aggregation = dp_aggregator(spec, audit_noise_disabled=audit_noise_disabled).create(value_type)
+    aggregation = dp_aggregator(
+        spec, audit_noise_disabled=broken == "noise", audit_clipping_removed=broken == "clipping",
+        noise_seed=config.noise_seed,
+    ).create(value_type)
 
     direction_seed, participation_seed, null_seed, bootstrap_seed = (
         np.random.SeedSequence(config.seed).spawn(4))
@@ -201,7 +230,7 @@ def run_canary_audit(config: AuditConfig, *, audit_noise_disabled: bool = False)
     interval = _bootstrap_interval(np.random.default_rng(bootstrap_seed), canary_cosines,
                                    null_cosines, config)
     return PrivacyAuditResult(
-        config=config, noise_disabled=audit_noise_disabled, analytic_epsilon=analytic,
+        config=config, broken=broken, analytic_epsilon=analytic,
         empirical_epsilon=estimate, interval=interval, mu=_mu(canary_cosines, null_cosines),
         canary_cosines=canary_cosines, null_cosines=null_cosines,
     )

@@ -3,16 +3,22 @@
 Runs :mod:`engine.privacy_audit` in its own process (own session, loopback-only network) and
 prints the analytic ε beside the empirical estimate. Exit codes: 0 the estimate is consistent
 with the analytic ε, 1 the audit failed (the interval's lower end is above the analytic ε),
-2 usage errors. ``--disable-noise`` audits a deliberately broken copy of the mechanism (noise
-multiplier 0) to show that the audit catches it; it exists only in this command. See
-docs/privacy-audit.md.
+2 usage errors.
+
+The run is reproducible: canaries come from --seed and the aggregator's noise from
+--noise-seed (both 0 by default); --fresh-noise uses the job's own unseeded noise instead.
+--break noise|clipping audits a deliberately broken copy of the mechanism (noise multiplier 0,
+or no clipping) against the configured job's analytic ε, to show that the audit catches it;
+these switches exist only in this command, never in a job. See docs/privacy-audit.md.
 
 Examples:
 
-    fedgate audit-privacy
+    fedgate audit-privacy                      # PASS: exit 0
     fedgate audit-privacy --rounds 30 --canaries 50 --noise-multiplier 1.0 \\
         --clients-per-round 50 --plot audit.png
-    fedgate audit-privacy --disable-noise      # must fail: exit 1
+    fedgate audit-privacy --fresh-noise        # the job's unseeded noise, not reproducible
+    fedgate audit-privacy --break noise        # must FAIL: exit 1
+    fedgate audit-privacy --break clipping     # must FAIL: exit 1
 """
 
 from __future__ import annotations
@@ -42,16 +48,18 @@ class AuditProcessFailed(RuntimeError):
     """The audit subprocess exited without a result."""
 
 
-def run_audit_process(config: AuditConfig, *, noise_disabled: bool = False) -> dict[str, Any]:
+def run_audit_process(config: AuditConfig, *, broken: str | None = None) -> dict[str, Any]:
     """Run the audit in a new session and return its JSON result; kill the whole session
-    afterwards (TFF's ``worker_binary`` outlives the audit process otherwise)."""
+    afterwards (TFF's ``worker_binary`` outlives the audit process otherwise). ``broken``: a
+    key of :data:`engine.privacy_audit.BROKEN_MECHANISMS`, or None for the mechanism as
+    configured."""
     from engine.privacy_audit import AUDIT_ENTRY
 
     with tempfile.TemporaryDirectory(prefix="fedgate-audit-") as tmp:
         out = Path(tmp) / "result.json"
         argv = [sys.executable, "-c", AUDIT_ENTRY, json.dumps(asdict(config)), str(out)]
-        if noise_disabled:
-            argv.append("noise-disabled")
+        if broken is not None:
+            argv.append(broken)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         log = Path(tmp) / "stderr"
         # stderr to a file, not a pipe: worker_binary inherits it and would hold a pipe open.
@@ -78,12 +86,16 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
               for name in ("rounds", "canaries", "noise_multiplier", "population", "delta", "seed")
               if getattr(args, name) is not None}
     config = AuditConfig(**chosen)
+    if args.fresh_noise:
+        config = replace(config, noise_seed=None)
+    elif args.noise_seed is not None:
+        config = replace(config, noise_seed=args.noise_seed)
     if args.clients_per_round is not None:
         if not 0 < args.clients_per_round <= config.population:
             print("--clients-per-round must be in (0, population]", file=sys.stderr)
             return 2
         config = replace(config, sampling_rate=args.clients_per_round / config.population)
-    result = run_audit_process(config, noise_disabled=args.disable_noise)
+    result = run_audit_process(config, broken=args.broken)
     if args.plot:
         Path(args.plot).write_bytes(histogram_png(result["canary_cosines"],
                                                   result["null_cosines"]))
@@ -104,6 +116,8 @@ def _print_report(summary: dict[str, Any]) -> None:
           f"T={p['rounds']}, δ={p['delta']:g}, clip={p['clip']:g}")
     print(f"canaries:          {p['canaries']} inserted, {p['null_directions']} null directions, "
           f"seed {p['seed']}")
+    noise_seed = "" if p["noise_seed"] is None else f", noise seed {p['noise_seed']}"
+    print(f"noise:             {summary['noise']}{noise_seed}")
     print(f"analytic ε:        {summary['analytic_epsilon']:.3f}  (ledger RDP accountant)")
     print(f"empirical ε:       {summary['empirical_epsilon']:.3f}  "
           f"({summary['confidence']:.0%} bootstrap interval [{low:.3f}, {high:.3f}], "
@@ -171,7 +185,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # Defaults live in engine.privacy_audit.AuditConfig (T=30, 200 canaries, z=1, 50 of 500
-    # clients per round, δ=1e-5, seed 0); None here means "the default".
+    # clients per round, δ=1e-5, seeds 0); None here means "the default".
     p.add_argument("--rounds", type=int, help="T (default 30)")
     p.add_argument("--canaries", type=int, help="inserted canary clients (default 200)")
     p.add_argument("--noise-multiplier", type=float, help="z (default 1.0)")
@@ -180,8 +194,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--population", type=int, help="training users N of the job (default 500)")
     p.add_argument("--delta", type=float, help="δ (default 1e-5)")
     p.add_argument("--seed", type=int, help="seed of canaries and participation (default 0)")
-    p.add_argument("--disable-noise", action="store_true",
-                   help="audit a deliberately broken mechanism (noise off); must FAIL")
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("--noise-seed", type=int,
+                       help="seed of the aggregator's Gaussian noise (default 0: reproducible)")
+    noise.add_argument("--fresh-noise", action="store_true",
+                       help="use the job's own unseeded noise generator (not reproducible)")
+    p.add_argument("--break", dest="broken", choices=["noise", "clipping"],
+                   help="audit a deliberately broken mechanism (noise multiplier 0, or no "
+                        "clipping) against the configured job's ε; must FAIL with exit 1")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write canary vs null histograms (PNG)")
     p.set_defaults(func=cmd_audit_privacy)

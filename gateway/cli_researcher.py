@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.job import CLIENT_OPTIMIZERS, OPTIMIZER_FIELDS, SERVER_OPTIMIZERS
+
 RESEARCHER_EXAMPLES = """\
 examples:
   export FEDGATE_URL=http://127.0.0.1:8620 FEDGATE_KEY=alice.key FEDGATE_NODE_KEY=node.pub
@@ -26,7 +28,15 @@ examples:
       --noise-multiplier 1.0 --clip 1.0 --rehearse      # locally on mock data; free
   fedgate train demo --model model.json --rounds 40 --clients-per-round 100 \\
       --noise-multiplier 1.0 --clip 1.0 --out weights.json
-  fedgate job status JOB_ID
+  fedgate train demo --model model.json --rounds 40 --clients-per-round 100 \\
+      --noise-multiplier 1.0 --clip 1.0 --server-optimizer adam --server-learning-rate 0.01
+  fedgate job status JOB_ID                             # round i/T and the ε spent so far
+
+optimizers (a closed choice from tff.learning.optimizers; they do not change ε):
+  client: sgd (default), sgdm (--client-momentum)
+  server: sgd, sgdm (default; --server-momentum), adam and yogi (--server-beta-1,
+          --server-beta-2, --server-epsilon), adagrad (--server-epsilon); yogi and adagrad
+          also take --server-initial-preconditioner-value
 """
 
 
@@ -45,7 +55,7 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _job_parameters(args: argparse.Namespace) -> dict[str, Any]:
     names = ("rounds", "clients_per_round", "noise_multiplier", "clip", "client_learning_rate",
-             "server_learning_rate", "server_momentum", "local_epochs", "batch_size")
+             "server_learning_rate", "local_epochs", "batch_size", *OPTIMIZER_FIELDS)
     parameters = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if getattr(args, "no_evaluation", False):
         parameters["evaluate"] = False
@@ -89,6 +99,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
              f"jobs like this that fit: {result['jobs_that_fit']}")
     if "suggestion" in result:
         human += f"\nto fit: {result['suggestion']}"
+    if "cost" in result:
+        cost = result["cost"]
+        human += f"\nprojected cost: {cost['total']} {cost['currency']} ({cost['basis']})"
     _show(result, args, human)
     return 0
 
@@ -167,11 +180,14 @@ def cmd_job(args: argparse.Namespace) -> int:
         if args.action == "status":
             status = job.status()
             human = (f"{status['job_id']}: {status['state']}, round {status['round']}"
-                     f"/{status['rounds']}, ε {status['epsilon']:.3f}")
+                     f"/{status['rounds']}, ε so far "
+                     f"{status['progress']['epsilon_so_far']:.3f} of {status['epsilon']:.3f}")
             if "review" in status:
                 review = status["review"]
                 human += (f"\n  review {review['state']}: "
                           f"{review['reason'] or review['required_because']}")
+            if "queue_position" in status:
+                human += f"\n  waiting for a free slot: position {status['queue_position']}"
             if "failure" in status:
                 human += f"\n  failure: {status['failure']}"
             _show(status, args, human)
@@ -217,9 +233,20 @@ def _job_options(parser: argparse.ArgumentParser, *, solve: bool = False) -> Non
     parser.add_argument("--noise-multiplier", type=float, required=not solve,
                         help="Gaussian noise std / clip")
     parser.add_argument("--clip", type=float, required=True, help="per-user L2 clip of updates")
-    parser.add_argument("--client-learning-rate", type=float)
-    parser.add_argument("--server-learning-rate", type=float)
-    parser.add_argument("--server-momentum", type=float)
+    parser.add_argument("--client-optimizer", choices=CLIENT_OPTIMIZERS,
+                        help="local training optimizer (default sgd)")
+    parser.add_argument("--client-learning-rate", type=float, help="default 0.1")
+    parser.add_argument("--client-momentum", type=float, help="sgdm only, in [0, 1)")
+    parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
+                        help="optimizer applied to the noised aggregate (default sgdm)")
+    parser.add_argument("--server-learning-rate", type=float, help="default 1.0")
+    parser.add_argument("--server-momentum", type=float, help="sgdm only, in [0, 1) (default 0)")
+    parser.add_argument("--server-beta-1", type=float, help="adam, yogi (default 0.9)")
+    parser.add_argument("--server-beta-2", type=float, help="adam, yogi (default 0.999)")
+    parser.add_argument("--server-epsilon", type=float,
+                        help="adam (default 1e-7), yogi (1e-3), adagrad (1e-7)")
+    parser.add_argument("--server-initial-preconditioner-value", type=float,
+                        help="yogi (default 1e-6), adagrad (0.1)")
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--no-evaluation", action="store_true",

@@ -57,6 +57,11 @@ class BudgetExceeded(FedgateError):
     """The job does not fit the dataset's privacy budget; ``detail`` says what to change."""
 
 
+class InvalidRequest(FedgateError):
+    """A parameter is malformed or out of range; ``problem['field']`` names it and, for a
+    closed choice such as an optimizer, ``problem['allowed']`` lists the valid values."""
+
+
 class ModelRejected(FedgateError):
     """The model artifact was refused by validation."""
 
@@ -76,6 +81,7 @@ class ReleaseVerificationFailed(Exception):
 _ERRORS: dict[str, type[FedgateError]] = {
     "policy-denied": PolicyDenied,
     "budget-exceeded": BudgetExceeded,
+    "invalid-request": InvalidRequest,
     "model-rejected": ModelRejected,
     "output-policy": OutputPolicyRefused,
 }
@@ -168,7 +174,12 @@ class Job:
 
     def wait(self, *, progress: bool = True, poll_seconds: float = 0.5,
              timeout_seconds: float = 3600.0, review_poll_seconds: float = 5.0) -> dict[str, Any]:
-        """Poll until the job ends; show a progress bar of rounds when ``progress``.
+        """Poll until the job ends; show a progress bar when ``progress`` (tqdm: a text bar in
+        a terminal, a widget in Jupyter) with rounds i/T, the ε spent so far and the state.
+
+        The ε so far is the node's ``progress.epsilon_so_far``: the ε of i rounds from the
+        job's public parameters (never from data or realised client counts); at the last round
+        it is the job's ε, which is also what a job that fails after reading data is charged.
 
         A job the owner's policy holds for review (``pending_review``, then ``approved``)
         is polled every ``review_poll_seconds``, and time spent in review does not count
@@ -186,9 +197,10 @@ class Job:
             while True:
                 status = self.status()
                 held = status["state"] in HELD_STATES
-                if bar is not None:
+                if bar is not None:  # postfix first: update() redraws the bar
+                    bar.set_postfix_str(progress_postfix(status), refresh=False)
                     bar.update(status["round"] - bar.n)
-                    bar.set_postfix(state=status["state"], refresh=held)
+                    bar.refresh()
                 if status["state"] in ("succeeded", "failed"):
                     return status
                 if held:
@@ -206,6 +218,13 @@ class Job:
             raise JobFailed(f"job {self.id} failed: {self.last_status.get('failure')}")
         return verify_release(self.client._get(f"/v1/jobs/{self.id}/result"),
                               self.client.node_public_key)
+
+
+def progress_postfix(status: dict[str, Any]) -> str:
+    """The text after the progress bar: ε spent so far of the job's ε, and its state."""
+    spent = status.get("progress", {}).get("epsilon_so_far")
+    so_far = "" if spent is None else f"ε {spent:.3g}/{status['epsilon']:.3g}, "
+    return f"{so_far}{status['state']}"
 
 
 class Client:
@@ -255,7 +274,8 @@ class Client:
         return self._post("/v1/models", body)["digest"]
 
     def estimate(self, dataset: str, **parameters: Any) -> dict[str, Any]:
-        """ε, δ of a proposed job, whether it fits now and how many such jobs fit."""
+        """ε, δ of a proposed job, whether it fits now and how many such jobs fit; with the
+        node's price list also ``cost``, its projected cost (an upper bound, see its ``basis``)."""
         body = {"dataset": dataset, **parameters}
         return self._post("/v1/estimate", canonical_json(body))
 
@@ -281,6 +301,8 @@ class Client:
                         timeout_s=timeout_seconds)
 
     def submit(self, dataset: str, model_digest: str, **parameters: Any) -> Job:
+        """Submit a job for an uploaded model; returns its handle at once (see ``train_model``
+        for the parameters)."""
         body = {"dataset": dataset, "model_digest": model_digest, **parameters}
         return Job(self, self._post("/v1/jobs", canonical_json(body)))
 
@@ -288,8 +310,20 @@ class Client:
                     **parameters: Any) -> Release:
         """Upload a Keras model, train it under DP on ``dataset``, load the DP weights.
 
-        Blocks until the job ends (progress bar of rounds), verifies the node's
+        Blocks until the job ends (progress bar of rounds and ε so far), verifies the node's
         signature on the result and sets the released weights on ``model``.
+
+        ``parameters`` are the job request's fields: ``rounds``, ``clients_per_round``,
+        ``noise_multiplier``, ``clip`` (these four set ε); ``local_epochs``, ``batch_size``,
+        ``evaluate``; and the optimizers, a closed choice from ``tff.learning.optimizers``:
+        ``client_optimizer`` "sgd" (default) or "sgdm" with ``client_learning_rate`` (0.1) and
+        ``client_momentum``; ``server_optimizer`` "sgd", "sgdm" (default; ``server_momentum``
+        0), "adam", "yogi" or "adagrad" with ``server_learning_rate`` (1.0) and, as the optimizer
+        takes them, ``server_beta_1``, ``server_beta_2``, ``server_epsilon``,
+        ``server_initial_preconditioner_value``. The optimizers do not change ε (local training
+        is clipped before the noise, the server step comes after it). An unknown name or an
+        out-of-range value is refused with ``invalid-request`` naming the field (and the
+        allowed names).
         """
         from engine.artifact import artifact_from_keras
 

@@ -1,21 +1,31 @@
-"""The researcher CLI against a live gateway over real HTTP on loopback."""
+"""The researcher CLI and SDK against a live gateway over real HTTP on loopback; the optimizer
+choice from request to job.json and manifest; the progress bar's ε so far."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from engine.job import SERVER_OPTIMIZERS, JobSpec, JobSpecInvalid
+from gateway.admission import JobRequest
 from gateway.cli import main as fedgate
+from gateway.client import Client, InvalidRequest, progress_postfix
+from gateway.jobs import engine_job_document
+from gateway.problems import Problem
 from gateway.process import running_gateway
+from ledger import accounting
 from tests.conftest import make_researcher
 from tests.test_end_to_end import sqlite_node  # noqa: F401  (fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 JOB_ARGS = ["--rounds", "2", "--clients-per-round", "20", "--noise-multiplier", "1.0",
             "--clip", "1.0"]
+JOB = {"rounds": 2, "clients_per_round": 20, "noise_multiplier": 1.0, "clip": 1.0}
 
 
 @pytest.fixture
@@ -30,6 +40,15 @@ def researcher_env(sqlite_node: Path, tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setenv("FEDGATE_KEY", str(key_path))
         monkeypatch.setenv("FEDGATE_NODE_KEY", str(sqlite_node / "node.pub"))
         yield sqlite_node
+
+
+@pytest.fixture
+def sdk(researcher_env: Path) -> Iterator[Client]:
+    import os
+
+    with Client(os.environ["FEDGATE_URL"], key=os.environ["FEDGATE_KEY"],
+                node_public_key=os.environ["FEDGATE_NODE_KEY"]) as client:
+        yield client
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
@@ -56,6 +75,7 @@ def test_researcher_cli_lists_estimates_calibrates_trains_and_fetches(
     assert released["format"] == "keras-json-v1" and len(released["weights"]) == 2
     status = _json(capsys, ["job", "status", trained["job_id"], "--json"])
     assert status["state"] == "succeeded" and status["budget"] == "committed"
+    assert status["progress"] == {"round": 2, "rounds": 2, "epsilon_so_far": status["epsilon"]}
     result = _json(capsys, ["job", "result", trained["job_id"], "--json"])
     assert result["manifest"]["job_id"] == trained["job_id"]
 
@@ -81,3 +101,160 @@ def test_researcher_cli_without_connection_settings_says_what_to_set(
         monkeypatch.delenv(name, raising=False)
     assert fedgate(["datasets"]) == 2
     assert "FEDGATE_URL" in capsys.readouterr().err
+
+
+# --- optimizer choice -------------------------------------------------------------------------
+
+
+def test_unknown_optimizer_is_refused_over_http_and_known_ones_do_not_change_epsilon(
+    sdk: Client,
+) -> None:
+    plain = sdk.estimate("demo", **JOB)
+    for optimizer in SERVER_OPTIMIZERS:  # post-processing: the accounted mechanism is the same
+        assert sdk.estimate("demo", **JOB, server_optimizer=optimizer)["epsilon"] == plain["epsilon"]
+    with pytest.raises(InvalidRequest) as refused:
+        sdk.estimate("demo", **JOB, server_optimizer="rmsprop")
+    problem = refused.value.problem
+    assert problem["status"] == 422 and problem["field"] == "server_optimizer"
+    assert problem["allowed"] == list(SERVER_OPTIMIZERS)
+    assert "adam" in problem["detail"]
+    with pytest.raises(InvalidRequest) as refused:
+        sdk.submit("demo", "sha256:" + "0" * 64, **JOB, client_optimizer="adam")
+    assert refused.value.problem["allowed"] == ["sgd", "sgdm"]
+
+
+@pytest.mark.parametrize(("parameters", "field"), [
+    ({"server_optimizer": "adam", "server_beta_1": 1.0}, "server_beta_1"),
+    ({"server_optimizer": "adam", "server_epsilon": 0.0}, "server_epsilon"),
+    ({"server_optimizer": "sgdm", "server_beta_2": 0.99}, "server_beta_2"),
+    ({"server_optimizer": "adam", "server_momentum": 0.9}, "server_momentum"),
+    ({"client_optimizer": "sgd", "client_momentum": 0.9}, "client_momentum"),
+    ({"client_optimizer": "sgdm", "client_momentum": -0.1}, "client_momentum"),
+    ({"server_optimizer": "yogi", "server_initial_preconditioner_value": 1e9},
+     "server_initial_preconditioner_value"),
+    ({"server_optimizer": ["adam"]}, "server_optimizer"),
+    ({"server_optimizer": "adagrad", "server_epsilon": True}, "server_epsilon"),
+])
+def test_optimizer_hyperparameters_are_typed_range_checked_and_only_for_their_optimizer(
+    parameters: dict[str, object], field: str
+) -> None:
+    with pytest.raises(Problem) as refused:
+        JobRequest.from_json({"dataset": "demo", **JOB, **parameters}, needs_model=False)
+    assert refused.value.slug == "invalid-request" and refused.value.extra["field"] == field
+
+
+def test_default_optimizers_are_the_training_fedgate_always_did() -> None:
+    spec = JobRequest.from_json({"dataset": "demo", **JOB}, needs_model=False).spec()
+    assert {k: v for k, v in spec.items() if "optimizer" in k or "momentum" in k
+            or "learning_rate" in k} == {
+        "client_optimizer": "sgd", "client_learning_rate": 0.1,
+        "server_optimizer": "sgdm", "server_learning_rate": 1.0, "server_momentum": 0.0}
+    document = engine_job_document(job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"),
+                                   spec=spec, training_users=100, evaluation_noise_multiplier=1.0,
+                                   evaluation_loss_clip=1.0)
+    engine = JobSpec.from_json(document)
+    assert engine.optimizer("client") == ("sgd", 0.1, {})
+    assert engine.optimizer("server") == ("sgdm", 1.0, {"momentum": 0.0})
+
+
+def test_optimizer_choice_travels_from_request_to_manifest_parameters_and_job_json() -> None:
+    request = JobRequest.from_json({"dataset": "demo", **JOB, "server_optimizer": "yogi",
+                                    "server_learning_rate": 0.01, "server_beta_2": 0.99,
+                                    "client_optimizer": "sgdm", "client_momentum": 0.5},
+                                   needs_model=False)
+    spec = request.spec()  # what the audit log and the signed manifest record
+    assert {k: spec[k] for k in spec if k.startswith("server_") or k.startswith("client_")} == {
+        "client_optimizer": "sgdm", "client_learning_rate": 0.1, "client_momentum": 0.5,
+        "server_optimizer": "yogi", "server_learning_rate": 0.01, "server_beta_1": 0.9,
+        "server_beta_2": 0.99, "server_epsilon": 1e-3,
+        "server_initial_preconditioner_value": 1e-6}
+    document = engine_job_document(job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"),
+                                   spec=json.loads(json.dumps(spec)), training_users=100,
+                                   evaluation_noise_multiplier=1.0, evaluation_loss_clip=1.0)
+    engine = JobSpec.from_json(json.loads(json.dumps(document)))
+    assert engine.optimizer("server") == ("yogi", 0.01, {
+        "beta_1": 0.9, "beta_2": 0.99, "epsilon": 1e-3, "initial_preconditioner_value": 1e-6})
+    assert engine.optimizer("client") == ("sgdm", 0.1, {"momentum": 0.5})
+    with pytest.raises(JobSpecInvalid, match="server_optimizer must be one of"):
+        JobSpec.from_json({**document, "server_optimizer": "lbfgs"})
+
+
+# --- ε so far -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("evaluation", [None, 1.0, 0.3])
+def test_epsilon_so_far_grows_with_rounds_and_is_the_charge_at_the_last_round(
+    evaluation: float | None,
+) -> None:
+    public = {"sampling_rate": 0.04, "noise_multiplier": 1.1, "rounds": 25, "delta": 1e-5,
+              "evaluation_noise_multiplier": evaluation}
+    so_far = [accounting.epsilon_after_rounds(rounds_done=i, **public) for i in range(26)]
+    assert so_far[0] == 0.0
+    assert all(a < b for a, b in itertools.pairwise(so_far))
+    charged = accounting.JobCost.for_job(
+        sampling_rate=0.04, noise_multiplier=1.1, rounds=25,
+        evaluation_noise_multiplier=evaluation).epsilon(1e-5)
+    assert so_far[-1] == charged
+    for i in (1, 2, 10, 24):  # before the last round: the training event of i rounds, exactly
+        assert so_far[i] == accounting.training_epsilon(sampling_rate=0.04, noise_multiplier=1.1,
+                                                        rounds=i, delta=1e-5)
+    cost = accounting.JobCost.from_json(accounting.JobCost.for_job(
+        sampling_rate=0.04, noise_multiplier=1.1, rounds=25,
+        evaluation_noise_multiplier=evaluation).to_json())
+    assert [cost.epsilon_after_rounds(i, 1e-5) for i in range(26)] == so_far
+    with pytest.raises(accounting.InvalidPrivacyParameter, match="exceeds rounds"):
+        accounting.epsilon_after_rounds(rounds_done=26, **public)
+
+
+def test_progress_bar_text_shows_epsilon_so_far_of_the_job_epsilon() -> None:
+    status = {"state": "running", "round": 3, "rounds": 10, "epsilon": 2.5,
+              "progress": {"round": 3, "rounds": 10, "epsilon_so_far": 0.91234}}
+    assert progress_postfix(status) == "ε 0.912/2.5, running"
+    assert progress_postfix({"state": "queued", "epsilon": 2.5}) == "queued"
+
+
+@pytest.mark.tff
+def test_job_with_adam_server_optimizer_trains_and_its_manifest_records_the_choice(
+    sdk: Client,
+) -> None:
+    artifact = json.loads((FIXTURES / "logreg-20x5.json").read_text())
+    job = sdk.submit("demo", sdk.upload_model(artifact), **JOB, server_optimizer="adam",
+                     server_learning_rate=0.05, server_beta_2=0.99)
+    assert job.last_status["progress"] == {"round": 0, "rounds": 2, "epsilon_so_far": 0.0}
+    status = job.wait(progress=True)
+    assert status["state"] == "succeeded"
+    assert status["progress"]["epsilon_so_far"] == status["epsilon"]
+    release = job.result()  # node signature verified
+    parameters = release.manifest["parameters"]
+    assert (parameters["server_optimizer"], parameters["server_beta_2"]) == ("adam", 0.99)
+    assert "server_momentum" not in parameters
+    assert release.epsilon == sdk.estimate("demo", **JOB)["epsilon"]
+    assert [w.shape for w in release.weights] == [(20, 5), (5,)]
+
+
+@pytest.mark.tff
+@pytest.mark.parametrize(("side", "chosen", "expected"), [
+    ("client", {}, {"learning_rate": 0.1}),
+    ("server", {}, {"learning_rate": 1.0}),  # sgdm without momentum: as before the choice
+    ("client", {"client_optimizer": "sgdm", "client_momentum": 0.5},
+     {"learning_rate": 0.1, "momentum": 0.5}),
+    ("server", {"server_optimizer": "adam", "server_beta_2": 0.99, "server_momentum": 0.0},
+     {"learning_rate": 1.0, "beta_1": 0.9, "beta_2": 0.99, "epsilon": 1e-7}),
+    ("server", {"server_optimizer": "adagrad", "server_momentum": 0.0},  # (its initial
+     {"learning_rate": 1.0, "epsilon": 1e-7}),  # preconditioner is state, not a hyperparameter)
+])
+def test_engine_builds_the_named_tff_optimizer_with_its_hyperparameters(
+    side: str, chosen: dict[str, object], expected: dict[str, float]
+) -> None:
+    import tensorflow as tf
+
+    from engine import training
+
+    spec = JobSpec.from_json({**engine_job_document(
+        job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"),
+        spec=JobRequest.from_json({"dataset": "demo", **JOB}, needs_model=False).spec(),
+        training_users=100, evaluation_noise_multiplier=1.0, evaluation_loss_clip=1.0),
+        "client_learning_rate": 0.1, "server_learning_rate": 1.0, **chosen})
+    optimizer = training._optimizer(spec, side)
+    hparams = optimizer.get_hparams(optimizer.initialize([tf.TensorSpec((2,), tf.float32)]))
+    assert {k: pytest.approx(float(v)) for k, v in hparams.items()} == expected
