@@ -12,9 +12,11 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import accounting, audit, policy
+from bench import accounting, audit, dataset_import, engine, gateway, policy
 
-BENCHMARKS = {"accounting": accounting.run, "audit": audit.run, "policy": policy.run}
+BENCHMARKS = {"accounting": accounting.run, "audit": audit.run, "policy": policy.run,
+              "gateway": gateway.run, "dataset_import": dataset_import.run,
+              "engine": engine.run}
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 

@@ -6,8 +6,11 @@ Order of operations, which the budget refund rule depends on:
 1. make sure the process is in a loopback-only network namespace (:mod:`engine.netns`): in
    the bubblewrap sandbox it already is and this only checks it; with ``sandbox = "none"``
    the runner unshares one itself; a process that still sees another interface refuses to run;
-2. validate ``job.json`` and the model artifact, build the Keras model and the TFF process —
-   no user data is read (``schema.json`` is dataset metadata the gateway already publishes);
+2. validate ``job.json`` and the model artifact; with remote workers (``FEDGATE_REMOTE_WORKERS``,
+   set by the launcher: gRPC targets of its relay) make sure every worker answers and run all
+   TFF computations on them (:func:`use_remote_workers`); build the Keras model and the TFF
+   process — no user data is read (``schema.json`` is dataset metadata the gateway already
+   publishes), so a job whose workers are down fails here and is refunded;
 3. create ``JOB_DIR/data_access`` (fsynced) and emit ``{"event": "data_access"}``;
 4. only then open the partitions: DP-FedAvg training, then DP evaluation on held-out users;
 5. write ``JOB_DIR/release.json`` = ``{"weights": [...], "metrics": {...}}`` atomically and emit
@@ -43,10 +46,18 @@ from engine.job import (
     round_event,
 )
 from engine.keras_config import ModelRejected
+from engine.meter import COUNTS_FILE
 from engine.netns import NetworkIsolationError, isolate_network
+from engine.sandbox import REMOTE_WORKERS_ENV
 
 EXIT_REJECTED = 2
 EXIT_FAILED = 1
+WORKER_READY_TIMEOUT_S = 30.0
+_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000  # as TFF's own channels to its worker
+
+
+class RemoteWorkersUnavailable(RuntimeError):
+    """A remote worker did not answer before training began (no data was read)."""
 
 
 class ProgressChannel:
@@ -94,6 +105,9 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
                                          num_classes=schema.num_classes)
 
     _quiet_tensorflow()
+    targets = [t for t in os.environ.get(REMOTE_WORKERS_ENV, "").split(",") if t]
+    if targets:
+        use_remote_workers(targets)
     from engine.training import prepare_training
 
     training = prepare_training(doc, summary, spec, schema.num_features)
@@ -105,6 +119,9 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
     model = training.run(
         partition, on_round=lambda i: progress.emit(round_event(i, spec.rounds))
     )
+    # Owner-local metering only (engine.meter.read_counts); the release never carries it.
+    _write_durably(job_dir / COUNTS_FILE, json.dumps({"client_updates": training.client_updates})
+                   .encode())
     metrics: dict[str, float] = {}
     if spec.evaluation is not None:
         from engine.dp_evaluation import evaluate_privately
@@ -122,6 +139,49 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
                "metrics": metrics}
     _write_durably(job_dir / RELEASE_FILE, json.dumps(release).encode())
     progress.emit(DONE_EVENT)
+
+
+def use_remote_workers(targets: list[str], timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
+    """Run every TFF computation of this process on the remote workers at ``targets``.
+
+    TFF 0.87's multi-worker runtime is the mergeable-computation context: each round's client
+    list is split into one subround per worker; each worker trains its share of the sampled
+    users and sums their clipped deltas (``up_to_merge``), the partial sums are added
+    (``merge``) and the server step — noise on the sum, the fixed denominator, the optimizer —
+    runs once on the total (``after_merge``). So the DP mechanism is the same as with the local
+    runtime: per-user clipping, one draw of noise on the full sum, division by q·N. No local
+    ``worker_binary`` is started. Raises :class:`RemoteWorkersUnavailable` if a worker does not
+    complete a gRPC handshake within ``timeout_s`` (before any data is read).
+    """
+    import grpc
+    import tensorflow_federated as tff
+
+    options = [("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES)]
+    contexts = []
+    for index, target in enumerate(targets):
+        channel = grpc.insecure_channel(target, options)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise RemoteWorkersUnavailable(
+                f"remote worker {index} did not answer within {timeout_s:g} s") from None
+        stub = tff.framework.RemoteExecutorGrpcStub(channel)
+
+        def executor(cardinalities: dict[Any, int], stub: Any = stub) -> Any:
+            cardinalities.setdefault(tff.CLIENTS, 0)  # as TFF's local factory does
+            remote = tff.framework.RemoteExecutor(stub)
+            remote.set_cardinalities(cardinalities)
+            return remote
+
+        contexts.append(tff.framework.AsyncExecutionContext(
+            executor_fn=tff.framework.ResourceManagingExecutorFactory(executor),
+            compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+            transform_args=tff.tensorflow.transform_args,
+            transform_result=tff.tensorflow.transform_result,
+        ))
+    tff.backends.native.set_mergeable_comp_execution_context(contexts)
 
 
 def _quiet_tensorflow() -> None:

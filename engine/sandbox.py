@@ -22,7 +22,10 @@ Invariants of a command built by :func:`build_command`:
   environment, e.g. a database URL, never enters);
 * the network namespace has only loopback (bwrap brings ``lo`` up), so TFF's
   ``worker_binary``, which listens on ``[::]`` without authentication, is reachable only from
-  inside this job, and the job reaches nothing outside.
+  inside this job, and the job reaches nothing outside. With remote workers configured
+  (``SandboxSettings.remote_workers``) the namespace stays the same: the job reaches exactly
+  those workers, and nothing else, through Unix sockets of the launcher's relay
+  (:mod:`engine.worker_relay`), bound read-only from one relay directory.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Literal
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "REMOTE_WORKERS_ENV",
     "SANDBOX_ID",
     "SANDBOX_MODES",
     "Bind",
@@ -46,6 +50,7 @@ __all__ = [
     "SandboxSettings",
     "SandboxUnavailable",
     "UidSwitch",
+    "WorkerAddress",
     "build_command",
     "job_binds",
     "rlimit_settings",
@@ -56,6 +61,8 @@ SandboxMode = Literal["bwrap", "none"]
 SANDBOX_MODES: tuple[SandboxMode, ...] = ("bwrap", "none")
 SANDBOX_ID = 65534
 """uid and gid of the job inside its user namespace (``nobody``/``nogroup``)."""
+REMOTE_WORKERS_ENV = "FEDGATE_REMOTE_WORKERS"
+"""The runner's gRPC targets for remote workers (comma-separated ``unix:`` relay sockets)."""
 
 _SYSTEM_TREE = Path("/usr")
 _SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -126,17 +133,55 @@ def rlimit_settings(limits: ResourceLimits) -> tuple[tuple[int, tuple[int, int]]
 
 
 @dataclass(frozen=True)
+class WorkerAddress:
+    """One TFF remote worker (``worker_binary --port N`` on an owner-operated host)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: object) -> WorkerAddress:
+        """``host:port`` or ``[v6]:port``; a port in 1–65535, a host of letters, digits, dots,
+        hyphens (or colons inside brackets) only — nothing a URL or gRPC target could
+        reinterpret."""
+        if not isinstance(text, str):
+            raise ValueError(f"remote worker {text!r} must be a string host:port")
+        host, colon, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host, allowed = host[1:-1], set("0123456789abcdefABCDEF:.")
+        else:
+            allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
+        if not (colon and host and set(host) <= allowed and port.isdigit()
+                and 0 < int(port) < 65536 and len(host) <= 253):
+            raise ValueError(f"remote worker {text!r} is not host:port")
+        return cls(host=host, port=int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class SandboxSettings:
     """How the node runs jobs: ``mode`` "bwrap" (production) or "none" (development only:
-    a plain process group and a private network namespace, nothing else), the limits, and the
-    host uid/gid a root gateway switches to before starting bubblewrap."""
+    a plain process group and a private network namespace, nothing else), the limits, the
+    host uid/gid a root gateway switches to before starting bubblewrap, and the TFF remote
+    workers the owner configured (empty: TFF's local runtime inside the sandbox).
+
+    ``remote_workers`` receive the sampled users' data and the model (TFF's executor protocol,
+    plain gRPC without authentication): they must be hosts the owner operates, in the node's
+    trust domain (docs/sandbox.md, "Remote workers")."""
 
     mode: SandboxMode = "bwrap"
     limits: ResourceLimits = DEFAULT_LIMITS
     host_uid: int = SANDBOX_ID
     host_gid: int = SANDBOX_ID
+    remote_workers: tuple[WorkerAddress, ...] = ()
 
     def __post_init__(self) -> None:
+        if not all(isinstance(worker, WorkerAddress) for worker in self.remote_workers):
+            raise ValueError("remote_workers must be WorkerAddress values")
+        if len(set(self.remote_workers)) != len(self.remote_workers):
+            raise ValueError("remote_workers lists a worker twice")
         if self.mode not in SANDBOX_MODES:
             raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}, "
                              f"not {self.mode!r}")
@@ -199,12 +244,14 @@ class Runtime:
 
 
 def job_binds(job_dir: Path, dataset_dir: Path | None, model_path: Path | None,
-              runtime: Runtime) -> tuple[Bind, ...]:
+              runtime: Runtime, relay_dir: Path | None = None) -> tuple[Bind, ...]:
     """What one job sees of the host besides the system: runtime, dataset and model read-only,
-    the job directory writable. ``dataset_dir``/``model_path`` are None when ``job.json`` is
-    unreadable (the runner then rejects the job without needing them)."""
+    the job directory writable, and with remote workers the relay's socket directory read-only
+    (connecting to a Unix socket needs no write access to its mount). ``dataset_dir``/
+    ``model_path`` are None when ``job.json`` is unreadable (the runner then rejects the job
+    without needing them)."""
     binds = [Bind(tree) for tree in runtime.trees]
-    binds += [Bind(path) for path in (dataset_dir, model_path) if path is not None]
+    binds += [Bind(path) for path in (dataset_dir, model_path, relay_dir) if path is not None]
     binds.append(Bind(job_dir, writable=True))
     for bind in binds:
         if not bind.path.is_absolute():
@@ -215,15 +262,20 @@ def job_binds(job_dir: Path, dataset_dir: Path | None, model_path: Path | None,
     return tuple(binds)
 
 
-def sandbox_environment(progress_fd_env: str, progress_fd: int) -> dict[str, str]:
-    """The job's entire environment: no variable of the gateway's is passed through."""
-    return {
+def sandbox_environment(progress_fd_env: str, progress_fd: int,
+                        worker_targets: Sequence[str] = ()) -> dict[str, str]:
+    """The job's entire environment: no variable of the gateway's is passed through.
+    ``worker_targets`` are the relay's gRPC targets for the remote workers, if any."""
+    env = {
         "PATH": _SANDBOX_PATH,
         "HOME": _PRIVATE_TMP,
         "TMPDIR": _PRIVATE_TMP,
         "LANG": "C.UTF-8",
         progress_fd_env: str(progress_fd),
     }
+    if worker_targets:
+        env[REMOTE_WORKERS_ENV] = ",".join(worker_targets)
+    return env
 
 
 @dataclass(frozen=True)

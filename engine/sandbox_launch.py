@@ -24,6 +24,7 @@ from pathlib import Path
 
 from engine.job import PROGRESS_FD_ENV, JobSpec, JobSpecInvalid
 from engine.sandbox import (
+    REMOTE_WORKERS_ENV,
     HostLayout,
     Runtime,
     SandboxSettings,
@@ -132,18 +133,25 @@ def find_bwrap() -> str:
 
 
 def prepare_launch(settings: SandboxSettings, job_dir: Path, program: Sequence[str], *,
-                   python: str, progress_fd: int) -> Launch:
+                   python: str, progress_fd: int, worker_targets: Sequence[str] = (),
+                   relay_dir: Path | None = None) -> Launch:
     """The :class:`Launch` running ``python -I *program JOB_DIR`` as ``settings`` say.
 
     The caller owns ``progress_fd`` (it is passed, not closed). On any error every descriptor
     opened here is closed again. In "none" mode only the limits apply (and the runner's own
     network namespace); the environment is the gateway's, as before the sandbox existed.
+    ``worker_targets``/``relay_dir``: the remote-worker relay (:mod:`engine.worker_relay`)
+    the runner is told about and that is bound read-only into the sandbox.
     """
     argv = [python, "-I", *program, str(job_dir)]
     apply_limits = _limits_applier(settings)
     if settings.mode == "none":
-        return Launch(argv=argv, env={**os.environ, PROGRESS_FD_ENV: str(progress_fd)},
-                      cwd=job_dir, pass_fds=(progress_fd,), preexec_fn=apply_limits)
+        env = {**os.environ, PROGRESS_FD_ENV: str(progress_fd)}
+        env.pop(REMOTE_WORKERS_ENV, None)
+        if worker_targets:
+            env[REMOTE_WORKERS_ENV] = ",".join(worker_targets)
+        return Launch(argv=argv, env=env, cwd=job_dir, pass_fds=(progress_fd,),
+                      preexec_fn=apply_limits)
 
     bwrap = find_bwrap()
     from engine.seccomp import SeccompUnavailable, compile_filter
@@ -156,7 +164,7 @@ def prepare_launch(settings: SandboxSettings, job_dir: Path, program: Sequence[s
     if os.geteuid() == 0:
         switch = UidSwitch(settings.host_uid, settings.host_gid, find_setpriv())
     dataset_dir, model_path = _job_inputs(job_dir)
-    binds = job_binds(job_dir, dataset_dir, model_path, Runtime.current(python))
+    binds = job_binds(job_dir, dataset_dir, model_path, Runtime.current(python), relay_dir)
     if switch is not None and dataset_dir is not None and model_path is not None:
         for path in (dataset_dir, dataset_dir / "schema.json", model_path):
             _check_readable(path, switch)
@@ -167,7 +175,8 @@ def prepare_launch(settings: SandboxSettings, job_dir: Path, program: Sequence[s
         seccomp_fd = _memfd("fedgate-seccomp", filter_program, opened)
         command = build_command(
             bwrap, layout=HostLayout.current(), binds=binds, argv=argv,
-            env=sandbox_environment(PROGRESS_FD_ENV, progress_fd), workdir=job_dir,
+            env=sandbox_environment(PROGRESS_FD_ENV, progress_fd, worker_targets),
+            workdir=job_dir,
             limits=settings.limits, seccomp_fd=seccomp_fd, status_fd=status_write,
             switch=switch,
         )

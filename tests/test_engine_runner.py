@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,8 @@ def credentials(pid: int) -> dict[str, str]:
 
 
 def runner_pid(job_dir: Path) -> int | None:
-    """The runner itself (bwrap's own command line names the runner too), if still running."""
+    """The runner itself (the command lines of bwrap and of the meter around it name the
+    runner too), if still running."""
     for entry in os.scandir("/proc"):
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
@@ -75,7 +76,8 @@ def runner_pid(job_dir: Path) -> int | None:
                 name = f.read().strip()
         except (OSError, ValueError):
             continue
-        if name != "bwrap" and b"engine.runner" in argv and str(job_dir).encode() in argv:
+        if (name != "bwrap" and b"engine.meter" not in argv and b"engine.runner" in argv
+                and str(job_dir).encode() in argv):
             return int(entry.name)
     return None
 
@@ -237,8 +239,9 @@ def test_invalid_model_fails_before_data_access(tmp_path: Path,
 def test_timeout_kills_the_job(tmp_path: Path, dataset: tuple[Path, int]) -> None:
     run = Run(write_job(tmp_path, dataset, linear_classifier_artifact(60, 10)))
     launch(run, timeout_s=2)
-    assert run.outcome == JobOutcome(succeeded=False, data_accessed=False, release_path=None,
-                                     failure="timed out after 2 s")
+    assert run.outcome is not None
+    assert replace(run.outcome, usage=None) == JobOutcome(
+        succeeded=False, data_accessed=False, release_path=None, failure="timed out after 2 s")
     assert not [p for p in processes() if p.state != "Z" and _is_job(p, run.job_dir)]
 
 
