@@ -20,6 +20,7 @@ its budget is refunded) and the owner's log says why.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -27,13 +28,15 @@ import signal
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from engine.job import DATA_ACCESS_MARKER, RELEASE_FILE, parse_event
+from engine.meter import ResourceUsage, metered_argv, read_report
 from engine.sandbox import SandboxSettings, SandboxUnavailable
 from engine.sandbox_launch import Launch, prepare_launch
+from engine.worker_relay import WorkerRelay, WorkersUnreachable, check_reachable
 
 __all__ = ["RUNNER_PROGRAM", "JobOutcome", "run_job"]
 
@@ -60,6 +63,9 @@ class JobOutcome:
     release_path: Path | None
     failure: str | None
     ignored_progress_lines: int = 0
+    usage: ResourceUsage | None = None
+    """What the meter measured (:mod:`engine.meter`); None if the job never started or the meter
+    was killed before it reported. Owner-side only: never shown to researchers as is."""
 
 
 async def run_job(
@@ -71,13 +77,62 @@ async def run_job(
     sandbox: SandboxSettings | None = None,
     python: str = sys.executable,
     program: Sequence[str] = RUNNER_PROGRAM,
+    cpu_limit_s: float | None = None,
+) -> JobOutcome:
+    """Run ``JOB_DIR`` in its sandbox (:func:`_run_job`), with the remote-worker relay if the
+    owner configured remote workers (``sandbox.remote_workers``).
+
+    Remote workers are checked first: a job whose workers do not accept connections fails
+    before it starts (no data access, refunded) and the owner's log names the worker. During
+    the job, :class:`~engine.worker_relay.WorkerRelay` is the sandbox's only way out, to exactly
+    those workers; it is closed when the job has ended, and the owner's log records how many
+    connections went to each worker.
+    """
+    sandbox = sandbox or SandboxSettings()
+    run = functools.partial(_run_job, Path(job_dir), on_event=on_event, timeout_s=timeout_s,
+                            stderr_log=stderr_log, sandbox=sandbox, python=python,
+                            program=program, cpu_limit_s=cpu_limit_s)
+    if not sandbox.remote_workers:
+        return await run(relay=None)
+    owner_log = _OwnerLog(stderr_log, Path(job_dir).name)
+    workers = ", ".join(str(worker) for worker in sandbox.remote_workers)
+    try:
+        await check_reachable(sandbox.remote_workers)
+    except WorkersUnreachable as error:
+        owner_log.error(f"job not started: {error.reason}")
+        return JobOutcome(succeeded=False, data_accessed=False, release_path=None,
+                          failure="remote workers unreachable")
+    owner_log.warning(f"remote workers {workers}: this job's sampled users' data and model "
+                      "go to them over unauthenticated gRPC (docs/sandbox.md)")
+    async with WorkerRelay(sandbox.remote_workers) as relay:
+        try:
+            return await run(relay=relay)
+        finally:
+            counts = ", ".join(f"{worker}: {count}" for worker, count
+                               in zip(relay.workers, relay.connections, strict=True))
+            owner_log.info(f"remote-worker connections relayed: {counts}")
+
+
+async def _run_job(
+    job_dir: Path,
+    *,
+    on_event: EventCallback,
+    timeout_s: float,
+    stderr_log: Path,
+    sandbox: SandboxSettings,
+    python: str,
+    program: Sequence[str],
+    cpu_limit_s: float | None,
+    relay: WorkerRelay | None,
 ) -> JobOutcome:
     """Run ``JOB_DIR`` to completion (or timeout) and kill its whole process group.
 
     ``on_event`` is called, in order, with each valid progress event. Cancelling this coroutine
     kills the job as well. ``sandbox`` defaults to bubblewrap with the default limits;
     ``program`` (the interpreter arguments before ``JOB_DIR``) exists for tests that run a
-    probe in exactly the sandbox a job gets.
+    probe in exactly the sandbox a job gets. The job runs under :mod:`engine.meter`, which
+    measures its CPU, memory and wall time from the kernel and stops it once its processes
+    together used ``cpu_limit_s`` CPU seconds (the outcome's ``failure`` then says so).
     """
     job_dir = Path(job_dir)
     sandbox = sandbox or SandboxSettings()
@@ -87,7 +142,11 @@ async def run_job(
                           "bubblewrap, seccomp or an unprivileged uid; never use it in production")
     read_fd, write_fd = os.pipe()
     try:
-        launch = prepare_launch(sandbox, job_dir, program, python=python, progress_fd=write_fd)
+        launch = prepare_launch(
+            sandbox, job_dir, program, python=python, progress_fd=write_fd,
+            worker_targets=relay.targets if relay else (),
+            relay_dir=relay.directory if relay else None,
+        )
     except SandboxUnavailable as error:
         os.close(read_fd)
         os.close(write_fd)
@@ -95,39 +154,52 @@ async def run_job(
         return JobOutcome(succeeded=False, data_accessed=False, release_path=None,
                           failure="sandbox unavailable")
     output_read, output_write = os.pipe()
+    report_read, report_write = os.pipe()
     try:
         process = await asyncio.create_subprocess_exec(
-            *launch.argv,
+            *metered_argv(python, report_write, cpu_limit_s, launch.argv),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=output_write,
             stderr=output_write,
             cwd=launch.cwd,
             env=launch.env,
-            pass_fds=launch.pass_fds,
+            pass_fds=(*launch.pass_fds, report_write),
             start_new_session=True,
             preexec_fn=launch.preexec_fn,
         )
     except BaseException:
         os.close(read_fd)
         os.close(output_read)
+        os.close(report_read)
         launch.close()
         raise
     finally:
         os.close(write_fd)  # the runner holds the only write ends now
         os.close(output_write)
+        os.close(report_write)
         launch.started()
 
     try:
         outcome = await _supervise(process, launch, job_dir, read_fd, output_read, on_event,
                                    timeout_s, stderr_log)
+        usage = read_report(report_read)
+        if usage is not None and usage.stopped == "cpu_limit":
+            owner_log.error(f"stopped at its CPU reservation of {cpu_limit_s:g} s "
+                            f"(used {usage.cpu_seconds:.1f} s)")
+            return replace(outcome.result, succeeded=False, release_path=None, usage=usage,
+                           failure=f"stopped at its CPU reservation of {cpu_limit_s:g} s")
         if outcome.setup_failed and not launch.sandbox_started():
             owner_log.error("the bubblewrap sandbox could not be set up (bwrap exited with "
                             f"status {process.returncode}; its message is above in this log); "
                             "the job did not start")
             return JobOutcome(succeeded=False, data_accessed=outcome.result.data_accessed,
-                              release_path=None, failure="sandbox could not be set up")
-        return outcome.result
+                              release_path=None, failure="sandbox could not be set up",
+                              usage=usage)
+        if usage is None:
+            owner_log.error("the resource meter reported nothing for this job")
+        return replace(outcome.result, usage=usage)
     finally:
+        os.close(report_read)
         launch.close()
 
 
@@ -356,6 +428,10 @@ class _OwnerLog:
     def error(self, message: str) -> None:
         log.error("job %s: %s", self._job, message)
         self._append("ERROR", message)
+
+    def info(self, message: str) -> None:
+        log.info("job %s: %s", self._job, message)
+        self._append("INFO", message)
 
     def _append(self, level: str, message: str) -> None:
         with open(self._path, "a") as f:

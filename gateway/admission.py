@@ -25,6 +25,8 @@ from engine.artifact import (
     validate_artifact,
     validate_artifact_structure,
 )
+from engine.job import OPTIMIZER_FIELDS, OptimizerInvalid, optimizer_hyperparameters
+from gateway import billing
 from gateway.node import Node
 from gateway.policy import (
     PolicyDecision,
@@ -34,6 +36,7 @@ from gateway.policy import (
     researcher_epsilon_spent,
 )
 from gateway.problems import Problem
+from gateway.quotas import QuotaExceeded, enforce_quotas
 from gateway.signatures import VerifiedRequest
 from ledger import accounting
 from ledger.audit import append_entry
@@ -45,6 +48,7 @@ from ledger.budget import (
     reserve_budget,
 )
 from ledger.canonical import canonical_json
+from ledger.metering import reserve_compute
 from ledger.models import Dataset, Job
 from ledger.review import open_review
 
@@ -54,7 +58,13 @@ NO_MODEL = "sha256:" + "0" * 64  # estimates do not need an uploaded model
 
 @dataclass(frozen=True)
 class JobRequest:
-    """A researcher's training request, validated field by field."""
+    """A researcher's training request, validated field by field.
+
+    The optimizers are a closed choice by name (``engine.job.CLIENT_OPTIMIZERS``,
+    ``SERVER_OPTIMIZERS``) with range-checked hyperparameters; the defaults (client sgd,
+    server sgdm with momentum 0) are the training fedgate always did. They do not enter the
+    privacy cost: local training is clipped before the noise, the server step comes after it.
+    """
 
     dataset: str
     model_digest: str
@@ -65,6 +75,13 @@ class JobRequest:
     client_learning_rate: float = 0.1
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
+    client_optimizer: str = "sgd"
+    client_momentum: float = 0.0
+    server_optimizer: str = "sgdm"
+    server_beta_1: float | None = None
+    server_beta_2: float | None = None
+    server_epsilon: float | None = None
+    server_initial_preconditioner_value: float | None = None
     local_epochs: int = 1
     batch_size: int = 16
     evaluate: bool = True
@@ -122,12 +139,36 @@ class JobRequest:
         need(isinstance(self.evaluate, bool), "evaluate", "true or false")
         need(self.idempotency_key is None or (isinstance(self.idempotency_key, str)
              and 0 < len(self.idempotency_key) <= 128), "idempotency_key", "a short string")
+        self.optimizers()
+
+    def optimizers(self) -> dict[str, Any]:
+        """The optimizer fields with the chosen optimizers' defaults filled in and the
+        hyperparameters they do not take left out; raises ``invalid-request`` (with the
+        allowed names when a name is unknown)."""
+        chosen: dict[str, Any] = {}
+        for side in ("client", "server"):
+            given = {name.removeprefix(f"{side}_"): getattr(self, name)
+                     for name in OPTIMIZER_FIELDS
+                     if name.startswith(f"{side}_") and name != f"{side}_optimizer"}
+            try:
+                resolved = optimizer_hyperparameters(side, getattr(self, f"{side}_optimizer"),
+                                                     given)
+            except OptimizerInvalid as error:
+                extra = {"allowed": list(error.allowed)} if error.allowed else {}
+                raise Problem("invalid-request", error.reason, field=error.field,
+                              **extra) from None
+            chosen[f"{side}_optimizer"] = getattr(self, f"{side}_optimizer")
+            chosen.update({f"{side}_{key}": value for key, value in resolved.items()})
+        return chosen
 
     def spec(self) -> dict[str, Any]:
-        """The DP and training parameters, as recorded in the audit log and manifest."""
+        """The DP and training parameters, as recorded in the audit log and the signed release
+        manifest: the optimizers with exactly the hyperparameters they use."""
         data = asdict(self)
         data.pop("idempotency_key")
-        return data
+        for name in OPTIMIZER_FIELDS:
+            data.pop(name)
+        return {**data, **self.optimizers()}
 
 
 @dataclass(frozen=True)
@@ -152,24 +193,33 @@ def project_cost(node: Node, dataset: Dataset, request: JobRequest) -> Projectio
             field="clients_per_round",
         )
     q = float(request.clients_per_round) / float(dataset.training_users)
-    cost = accounting.JobCost.for_job(
-        sampling_rate=q,
+    cost = _job_cost(node, q, request)
+    cost_rdp = cost.rdp(filter_orders(dataset))
+    return Projection(dataset, q, cost, cost_rdp, cost.epsilon(dataset.delta), dataset.delta)
+
+
+def _job_cost(node: Node, sampling_rate: float, request: JobRequest) -> accounting.JobCost:
+    return accounting.JobCost.for_job(
+        sampling_rate=sampling_rate,
         noise_multiplier=float(request.noise_multiplier),
         rounds=int(request.rounds),
         evaluation_noise_multiplier=(
             node.config.evaluation_noise_multiplier if request.evaluate else None
         ),
     )
-    cost_rdp = cost.rdp(filter_orders(dataset))
-    return Projection(dataset, q, cost, cost_rdp, cost.epsilon(dataset.delta), dataset.delta)
 
 
 def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
-    """What to change so the job fits now: fewer rounds, or more noise (bisection)."""
+    """What to change so the job fits now: fewer rounds, or more noise (bisection).
+
+    Each probe computes only the filter's RDP vector (memoised per noise level), never ε, so a
+    refusal costs a few dp-accounting calls rather than dozens (found by the soak benchmark)."""
+    q = float(request.clients_per_round) / float(dataset.training_users)
+    orders = filter_orders(dataset)
 
     def fits(**change: Any) -> bool:
         changed = JobRequest(**{**asdict(request), **change})
-        return budget_fit(dataset, project_cost(node, dataset, changed).cost_rdp).fits
+        return budget_fit(dataset, _job_cost(node, q, changed).rdp(orders)).fits
 
     if not fits(rounds=1):
         hint = "even one round does not fit"
@@ -202,7 +252,7 @@ def _audit_fields(
         "request_digest": request_digest,
         "model_digest": request.model_digest,
         "parameters": request.spec(),
-        "sandbox": node.config.sandbox,
+        **node.config.engine_audit_fields,
     }
 
 
@@ -302,7 +352,9 @@ def admit_job(
     The admitted job is ``queued``, or ``pending_review`` when the policy holds it for the
     owner's review; either way its budget is reserved in the same transaction as the
     ``admit`` entry (and the review's ``requested`` entry), so held jobs count against the
-    privacy filter for every later admission (``ledger.review``).
+    privacy filter for every later admission (``ledger.review``). The same transaction
+    reserves the job's CPU and checks the owner's compute quotas (``gateway.quotas``): a job
+    over a quota is refused with ``quota-exceeded`` and nothing stays reserved.
     """
     audit = _audit_fields(principal, request, request_digest, node)
     if principal.role != "researcher":
@@ -324,6 +376,11 @@ def admit_job(
                  policy_explanation=decision.explanation)
     if decision.review is not None:
         audit["review"] = decision.review
+    # Compute quotas are checked in the reservation transaction below (``gateway.quotas``);
+    # every job reserves the node's per-job CPU limit, at which the engine's meter stops it.
+    quotas = node.policy().quotas(subject=principal.principal, domain=dataset.owner,
+                                  dataset=dataset.name)
+    cpu_reserved = float(node.config.sandbox_limits.cpu_seconds)
     now = time.time()
     job = Job(
         id="job-" + uuid.uuid4().hex[:16],
@@ -354,12 +411,17 @@ def admit_job(
                                   "different request; use a new key", field="idempotency_key")
                 return existing
             job = reserve_budget(s, job, projection.cost_rdp, audit)
+            reserve_compute(s, job, cpu_reserved)
             if decision.review is not None:
                 open_review(s, job, required_because=decision.review,
                             policy_explanation=decision.explanation,
                             expires_at=now + node.config.review_expiry_hours * 3600.0,
                             actor=principal.key_id)
+            enforce_quotas(s, quotas, job=job, cpu_reserved_seconds=cpu_reserved,
+                           prices=node.config.billing, default_reservation=cpu_reserved)
             return job
+    except QuotaExceeded as exc:
+        raise _deny(node, audit, exc.problem) from None
     except BudgetExceeded as exc:
         problem = Problem(
             "budget-exceeded",
@@ -385,7 +447,9 @@ def _dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRe
 
 
 def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) -> dict[str, Any]:
-    """Dry run: the job's ε/δ, whether it fits now, how many such jobs fit. Charges nothing."""
+    """Dry run: the job's ε/δ, whether it fits now, how many such jobs fit, and — when the node
+    has a price list — its projected cost (``gateway.billing.project_cost``: an upper bound of
+    the CPU, per-job and ε items at the CPU the job would reserve). Charges nothing."""
     dataset = _dataset_for_estimate(node, principal, request)
     projection = project_cost(node, dataset, request)
     fit = budget_fit(dataset, projection.cost_rdp)
@@ -399,6 +463,10 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
     }
     if not fit.fits:
         result["suggestion"] = _suggestion(node, dataset, request)
+    if node.config.billing is not None:
+        result["cost"] = billing.project_cost(
+            node.config.billing, cpu_reserved_seconds=float(node.config.sandbox_limits.cpu_seconds),
+            epsilon=projection.epsilon).to_json()
     return result
 
 

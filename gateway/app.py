@@ -37,6 +37,7 @@ from gateway.output_policy import fetch_release
 from gateway.problems import Problem, problem_response
 from gateway.review import review_status, review_watch
 from gateway.signatures import VerifiedRequest
+from ledger.accounting import JobCost
 from ledger.audit import append_entry
 from ledger.canonical import sha256_digest
 from ledger.models import Dataset, Job, JobReview, ModelArtifact
@@ -202,20 +203,35 @@ async def submit_job(request: Request) -> Response:
     job = await run_in_threadpool(admit_job, node, principal, job_request, request_digest)
     if job.state == "queued":
         request.app.state.runner.start(job)
-    status = await run_in_threadpool(_job_status, node, job)
+    status = _with_queue_position(request, await run_in_threadpool(_job_status, node, job))
     return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
+def _with_queue_position(request: Request, status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` with ``queue_position`` (1 = starts next) while the job waits for a slot
+    (``[engine] max_concurrent_jobs``, ``gateway.scheduler``)."""
+    position = request.app.state.runner.queue_position(status["job_id"])
+    return status if position is None else {**status, "queue_position": position}
+
+
 def _job_status(node: Node, job: Job) -> dict[str, Any]:
-    """The researcher's view of a job; ``review`` when the policy held it for review."""
+    """The researcher's view of a job; ``review`` when the policy held it for review.
+
+    ``progress.epsilon_so_far`` is the ε of the rounds run so far, from the job's public
+    parameters alone (``ledger.accounting.epsilon_after_rounds``); at the last round it is the
+    job's ``epsilon``. What is charged is always ``epsilon`` (also for a job that fails or is
+    cancelled after reading data)."""
     with node.session() as s:
         review = s.get(JobReview, job.id)
+    epsilon_so_far = JobCost.from_json(json.loads(job.cost)).epsilon_after_rounds(
+        job.round, job.delta)
     status: dict[str, Any] = {
         "job_id": job.id,
         "dataset": job.dataset,
         "state": job.state,
         "round": job.round,
         "rounds": job.rounds,
+        "progress": {"round": job.round, "rounds": job.rounds, "epsilon_so_far": epsilon_so_far},
         "epsilon": job.epsilon,
         "delta": job.delta,
         "budget": job.budget_state,
@@ -239,7 +255,8 @@ def _own_job(request: Request) -> Job:
 
 async def job_status(request: Request) -> Response:
     job = await run_in_threadpool(_own_job, request)
-    return JSONResponse(await run_in_threadpool(_job_status, request.app.state.node, job))
+    return JSONResponse(_with_queue_position(
+        request, await run_in_threadpool(_job_status, request.app.state.node, job)))
 
 
 def _withdraw(node: Node, job_id: str, actor: str) -> None:

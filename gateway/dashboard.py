@@ -8,6 +8,9 @@
   and sets it as a cookie: ``HttpOnly`` (no script can read it), ``SameSite=Strict`` (no
   other site can make the browser send it), ``Path=/dashboard``, ``Secure`` over HTTPS,
   expiring with the session. ``GET /dashboard/login`` alone shows the sign-in form.
+* ``GET /dashboard/billing?month=YYYY-MM`` shows a month's compute charges per researcher
+  and job (``gateway.billing.statement``), reconciled with the audit log's ``bill`` entries;
+  a malformed month is ``422 invalid-request``.
 * Every other dashboard page is wrapped in ``officer_page``: without a live session of an
   active officer key it answers ``401 login-required``; if the policy does not allow
   that officer ``read-audit`` it answers ``403 policy-denied`` (audited, as for the
@@ -32,7 +35,7 @@ from starlette.routing import Route
 
 from gateway import dashboard_pages
 from gateway.audit_api import authorise_audit_reader
-from gateway.dashboard_data import LogVerification, load_overview
+from gateway.dashboard_data import LogVerification, load_billing, load_overview, parse_month
 from gateway.node import Node
 from gateway.problems import Problem
 from ledger.officer_login import (
@@ -62,6 +65,7 @@ class Dashboard:
     def routes(self) -> list[Route]:
         return [
             Route("/dashboard", self.officer_page(self.overview)),
+            Route("/dashboard/billing", self.officer_page(self.billing)),
             Route("/dashboard/login", self.login, methods=["GET", "POST"]),
             Route("/dashboard/logout", self.logout, methods=["POST"]),
         ]
@@ -92,6 +96,20 @@ class Dashboard:
             now = time.time()
             return dashboard_pages.overview_page(load_overview(self.node), self.verification.status(now),
                                                  login, now=now)
+
+        return _html(await run_in_threadpool(render))
+
+    async def billing(self, request: Request, login: OfficerLogin) -> Response:
+        """``?month=YYYY-MM`` (UTC; default the current month): every researcher's charges."""
+        now = time.time()
+        try:
+            month = parse_month(request.query_params.get("month"), now=now)
+        except ValueError:
+            raise Problem("invalid-request", "month must be a month such as 2026-11 (YYYY-MM, UTC)",
+                          field="month") from None
+
+        def render() -> str:
+            return dashboard_pages.billing_page(load_billing(self.node, month), login, now=now)
 
         return _html(await run_in_threadpool(render))
 

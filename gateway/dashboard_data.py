@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlmodel import select
 
 from gateway import node_audit
+from gateway.billing import statement
 from gateway.node import Node
 from ledger.audit import audit_size
 from ledger.audit_verify import verify_export
 from ledger.burndown import BurnDown, burn_down
-from ledger.models import AuditEntry, Dataset, Job
+from ledger.metering import month_bounds, month_of
+from ledger.models import AuditEntry, BillingCharge, Dataset, Job
 
 log = logging.getLogger("fedgate.dashboard")
 
@@ -159,3 +163,84 @@ class LogVerification:
         return VerificationStatus(ok=report.ok and warning is None,
                                   summary=report.summary().splitlines(), warning=warning,
                                   checked_at=now)
+
+
+MONTH_PATTERN = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+
+
+def parse_month(text: str | None, *, now: float) -> str:
+    """The ``YYYY-MM`` month (UTC) a billing page is for: ``text``, or ``now``'s month if
+    absent. Raises ``ValueError`` for anything but a well-formed month."""
+    if text is None:
+        return month_of(now)
+    if not MONTH_PATTERN.fullmatch(text):
+        raise ValueError(f"{text!r} is not a month such as 2026-11")
+    try:
+        month_bounds(text)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{text!r} is not a month such as 2026-11") from None
+    return text
+
+
+@dataclass(frozen=True)
+class ResearcherBill:
+    """One researcher's month: ``statement`` (``gateway.billing``) as is, plus the CPU-hours of
+    its lines. Researcher-facing: rounds and *expected* client updates, never the exact count."""
+
+    researcher: str
+    statement: dict[str, Any]
+    cpu_hours: Decimal
+
+
+@dataclass(frozen=True)
+class BillingMonth:
+    owner: str
+    month: str
+    researchers: tuple[ResearcherBill, ...]  # by name
+    totals: dict[str, str]  # currency -> exact sum of every researcher's statement
+    audit_totals: dict[str, str]  # currency -> exact sum of the month's ``bill`` audit entries
+    audit_bills: int
+
+    @property
+    def matches_audit_log(self) -> bool:
+        """Whether the statements add up to the audit log's ``bill`` entries, per currency."""
+        lines = sum(len(r.statement["lines"]) for r in self.researchers)
+        return self.totals == self.audit_totals and lines == self.audit_bills
+
+
+def load_billing(node: Node, month: str) -> BillingMonth:
+    """Every researcher's statement for ``month`` and, independently, the sums of the audit
+    log's ``bill`` entries of that month (so the page can show whether they agree)."""
+    start, end = month_bounds(month)
+    with node.session() as s:
+        # reviewed: SQLModel query object, not Python exec
+        names = s.exec(select(BillingCharge.researcher).where(
+            BillingCharge.charged_at >= start, BillingCharge.charged_at < end)  # type: ignore[operator]
+            .distinct()).all()
+        statements = [statement(s, researcher=name, month=month) for name in sorted(names)]
+        # reviewed: SQLModel query object, not Python exec
+        bills = s.exec(select(AuditEntry.entry).where(
+            AuditEntry.entry.contains('"action":"bill"'))).all()  # type: ignore[attr-defined]
+    totals: dict[str, Decimal] = {}
+    for document in statements:
+        for currency, total in document["totals"].items():
+            totals[currency] = totals.get(currency, Decimal(0)) + Decimal(total)
+    audit_totals: dict[str, Decimal] = {}
+    audit_bills = 0
+    for entry in map(json.loads, bills):
+        if entry.get("action") == "bill" and entry.get("month") == month:
+            currency = str(entry.get("currency"))
+            audit_totals[currency] = audit_totals.get(currency, Decimal(0)) + Decimal(str(entry["total"]))
+            audit_bills += 1
+    return BillingMonth(
+        owner=node.config.owner, month=month,
+        researchers=tuple(ResearcherBill(d["researcher"], d, _cpu_hours(d["lines"])) for d in statements),
+        totals={c: str(t) for c, t in sorted(totals.items())},
+        audit_totals={c: str(t) for c, t in sorted(audit_totals.items())},
+        audit_bills=audit_bills)
+
+
+def _cpu_hours(lines: Iterable[dict[str, Any]]) -> Decimal:
+    seconds = sum((Decimal(str(line["cpu_seconds"])) for line in lines
+                   if line.get("cpu_seconds") is not None), Decimal(0))
+    return seconds / 3600

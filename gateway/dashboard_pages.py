@@ -21,7 +21,14 @@ from html import escape
 from typing import Any
 
 from gateway.dashboard_chart import burn_down_svg
-from gateway.dashboard_data import DECISION_ACTIONS, DenialGroup, Overview, VerificationStatus
+from gateway.dashboard_data import (
+    DECISION_ACTIONS,
+    BillingMonth,
+    DenialGroup,
+    Overview,
+    ResearcherBill,
+    VerificationStatus,
+)
 from ledger.burndown import BurnDown
 from ledger.officer_login import OfficerLogin
 
@@ -38,6 +45,14 @@ header.top .brand span { font-weight: 400; color: #9ca3af; margin-left: 6px; }
 header.top .who { display: flex; align-items: center; gap: 14px; font-size: 13px; }
 header.top button { background: transparent; color: #e5e7eb; border: 1px solid #4b5563;
   border-radius: 6px; padding: 4px 10px; font: inherit; cursor: pointer; }
+header.top nav { display: flex; gap: 14px; font-size: 13.5px; }
+header.top nav a { color: #d1d5db; text-decoration: none; }
+header.top nav a.here { color: #fff; font-weight: 600; }
+.month-nav { display: flex; gap: 12px; align-items: center; margin: 0 0 18px; font-size: 13px; }
+.month-nav input { padding: 3px 6px; border: 1px solid var(--line); border-radius: 6px; font: inherit; }
+.month-nav button { padding: 3px 10px; border: 1px solid var(--line); border-radius: 6px;
+  background: #fff; font: inherit; cursor: pointer; }
+tr.total td { font-weight: 600; border-top: 1px solid var(--line); }
 main { max-width: 1120px; margin: 0 auto; padding: 22px 28px 40px; }
 h1 { font-size: 20px; margin: 0 0 4px; }
 h2 { font-size: 16px; margin: 0 0 10px; }
@@ -140,6 +155,110 @@ def overview_page(overview: Overview, verification: VerificationStatus, login: O
     return _page("fedgate · officer dashboard", "".join(body))
 
 
+def billing_page(billing: BillingMonth, login: OfficerLogin, *, now: float) -> str:
+    """One month's charges: per researcher, then per job, reconciled with the audit log.
+
+    Shows what a researcher's statement shows (rounds and *expected* client updates, never
+    the exact client-update count: docs/billing.md), so the page may be shown to them."""
+    month = escape(billing.month)
+    body = [
+        _top_bar(billing.owner, login, "billing"),
+        "<main>",
+        f"<h1>Billing · {month}</h1>",
+        f'<p class="lead">Compute charges of the node of {escape(billing.owner)} in {month} (UTC, by '
+        f"settlement time) · shown at {_time(now)} UTC. The same numbers as <code>fedgate billing "
+        "statement</code>; each job cites its <code>bill</code> audit entry.</p>",
+        _month_nav(billing.month),
+        _reconciliation_card(billing),
+        _researchers_card(billing),
+        *(_statement_card(index, bill) for index, bill in enumerate(billing.researchers)),
+        "</main>",
+    ]
+    return _page(f"fedgate · billing {billing.month}", "".join(body))
+
+
+def _month_nav(month: str) -> str:
+    year, number = map(int, month.split("-"))
+    previous = f"{year - (number == 1):04d}-{(number - 2) % 12 + 1:02d}"
+    following = f"{year + (number == 12):04d}-{number % 12 + 1:02d}"
+    return ('<div class="month-nav">'
+            f'<a href="/dashboard/billing?month={escape(previous)}">← {escape(previous)}</a>'
+            f'<a href="/dashboard/billing?month={escape(following)}">{escape(following)} →</a>'
+            '<form method="get" action="/dashboard/billing"><input type="month" name="month" '
+            f'value="{escape(month)}" aria-label="month" required> <button type="submit">Show'
+            "</button></form></div>")
+
+
+def _money(totals: dict[str, str]) -> str:
+    return "<br>".join(f"{escape(total)} {escape(currency)}" for currency, total in totals.items()) or "0"
+
+
+def _reconciliation_card(billing: BillingMonth) -> str:
+    state, verdict = (("ok", "Matches the audit log") if billing.matches_audit_log else
+                      ("bad", "Does NOT match the audit log"))
+    warning = ("" if billing.matches_audit_log else
+               '<p class="warning">The statements below do not add up to the audit log\'s '
+               "<code>bill</code> entries of this month: export and verify the log, and compare "
+               "with <code>fedgate billing statement</code>.</p>")
+    return (f'<section class="card verification {state}"><div class="verdict"><h2>Totals</h2>'
+            f'<span class="badge">{verdict}</span></div><div class="stats">'
+            f'<div class="stat"><b>{_money(billing.totals)}</b><span>charged in {escape(billing.month)}'
+            "</span></div>"
+            f'<div class="stat"><b>{_money(billing.audit_totals)}</b><span>sum of the audit log\'s '
+            f"{billing.audit_bills} <code>bill</code> entries</span></div></div>{warning}</section>")
+
+
+def _researchers_card(billing: BillingMonth) -> str:
+    if not billing.researchers:
+        return ('<section class="card"><h2>By researcher</h2><p class="empty-note">No job was '
+                f"charged in {escape(billing.month)}.</p></section>")
+    rows = "".join(
+        f'<tr><td><a href="#researcher-{index}">{escape(bill.researcher)}</a></td>'
+        f'<td class="num">{len(bill.statement["lines"])}</td>'
+        f'<td class="num">{bill.cpu_hours:.4f}</td>'
+        f'<td class="num">{_money(bill.statement["totals"])}</td></tr>'
+        for index, bill in enumerate(billing.researchers))
+    return ('<section class="card"><h2>By researcher</h2><table><thead><tr><th>researcher</th>'
+            "<th>jobs</th><th>CPU-hours</th><th>spend</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></section>")
+
+
+def _statement_card(index: int, bill: ResearcherBill) -> str:
+    rows = "".join(_charge_row(line) for line in bill.statement["lines"])
+    totals = "".join(
+        f'<tr class="total"><td colspan="8">total</td><td class="num">{escape(total)} '
+        f"{escape(currency)}</td><td></td></tr>" for currency, total in bill.statement["totals"].items())
+    return (f'<section class="card" id="researcher-{index}"><h3>{escape(bill.researcher)}</h3>'
+            f'<p class="meta">{_jobs(len(bill.statement["lines"]))} · {bill.cpu_hours:.4f} CPU-hours. '
+            "Client updates are the expected number, never the exact count, as on the "
+            "researcher's statement.</p>"
+            "<table><thead><tr><th>job</th><th>dataset</th><th>charged (UTC)</th><th>rounds</th>"
+            "<th>expected client updates</th><th>CPU s</th><th>peak memory</th><th>wall s</th>"
+            f"<th>total</th><th>audit</th></tr></thead><tbody>{rows}{totals}</tbody></table></section>")
+
+
+def _jobs(count: int) -> str:
+    return f"{count} job" if count == 1 else f"{count} jobs"
+
+
+def _charge_row(line: dict[str, Any]) -> str:
+    def cell(key: str) -> str:
+        value = line.get(key)
+        return "—" if value is None else escape(str(value))
+
+    memory = line.get("peak_memory_bytes")
+    memory_text = "—" if memory is None else f"{int(memory) / 10**6:,.1f} MB"
+    return ("<tr>"
+            f'<td class="nowrap"><code>{cell("job_id")}</code></td><td>{cell("dataset")}</td>'
+            f'<td class="nowrap">{escape(_short_time(str(line.get("charged_at", ""))))}</td>'
+            f'<td class="num">{cell("rounds_run")}</td>'
+            f'<td class="num">{cell("expected_client_updates")}</td>'
+            f'<td class="num">{cell("cpu_seconds")}</td><td class="num">{escape(memory_text)}</td>'
+            f'<td class="num">{cell("wall_seconds")}</td>'
+            f'<td class="num">{cell("total")} {cell("currency")}</td>'
+            f'<td class="num">#{cell("audit_seq")}</td></tr>')
+
+
 def login_form_page() -> str:
     return _page("fedgate · sign in", (
         '<main><section class="card"><h1>Officer dashboard</h1>'
@@ -174,9 +293,15 @@ def _page(title: str, body: str, *, head: str = "") -> str:
             f"<style>{STYLESHEET}</style></head><body>{body}</body></html>")
 
 
-def _top_bar(owner: str, login: OfficerLogin) -> str:
+NAVIGATION = (("overview", "/dashboard", "Overview"), ("billing", "/dashboard/billing", "Billing"))
+
+
+def _top_bar(owner: str, login: OfficerLogin, here: str = "overview") -> str:
+    current = ' class="here" aria-current="page"'
+    links = "".join(f'<a href="{href}"{current if name == here else ""}>{label}</a>'
+                    for name, href, label in NAVIGATION)
     return (f'<header class="top"><div class="brand">fedgate<span>officer dashboard · '
-            f"{escape(owner)}</span></div>"
+            f"{escape(owner)}</span></div><nav>{links}</nav>"
             f'<div class="who"><span>signed in as <b>{escape(login.officer)}</b> '
             f"(<code>{escape(login.key_id)}</code>) until {_time(login.expires_at)} UTC</span>"
             '<form method="post" action="/dashboard/logout"><button type="submit">Sign out'

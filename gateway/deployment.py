@@ -30,8 +30,10 @@ from engine.sandbox import (
     ResourceLimits,
     SandboxMode,
     SandboxSettings,
+    WorkerAddress,
 )
 from gateway import keys
+from ledger.pricing import PriceList
 
 POLICY_TEMPLATES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -65,6 +67,14 @@ sandbox_gid = 65534
 # DP evaluation on held-out users: noise multiplier and per-user loss clip.
 evaluation_noise_multiplier = 10.0
 evaluation_loss_clip = 5.0
+# TFF remote workers ("host:port" of worker_binary on hosts you operate), e.g.
+# ["10.0.0.5:8000", "10.0.0.6:8000"]. Empty: TFF's local runtime inside each job's sandbox.
+# Remote workers receive the sampled users' data over unauthenticated gRPC: list only hosts in
+# this node's trust domain, on a private network (docs/sandbox.md, "Remote workers").
+remote_workers = []
+# At most this many jobs run at once; further admitted jobs wait, started round robin across
+# researchers (docs/billing.md). Absent: every admitted job starts at once.
+# max_concurrent_jobs = 2
 
 [engine.limits]
 # Per process of a job (TFF's worker_binary has its own), except `processes`: all tasks,
@@ -77,6 +87,15 @@ processes = {limits.processes}
 file_size_bytes = {limits.file_size_bytes}
 # Size of the job's private /tmp and /dev/shm (memory-backed).
 tmp_bytes = {limits.tmp_bytes}
+
+# [billing]
+# Charge researchers for the compute their jobs use (docs/billing.md). Uncomment to enable:
+# every settled job is then priced and a `bill` audit entry records the charge.
+# currency = "EUR"
+# per_cpu_hour = 0.05      # per CPU-hour (user + system time of all the job's processes)
+# per_gb_hour = 0.01       # per GB (10^9 bytes) of peak memory × wall-clock hours
+# per_job = 0.10           # per job that ran in the engine
+# per_epsilon = 1.00       # optional: per unit of ε committed
 
 [review]
 # A job the policy holds for owner review (require_review) that is neither approved nor denied
@@ -102,12 +121,25 @@ class NodeConfig:
     sandbox_gid: int = SANDBOX_ID
     sandbox_limits: ResourceLimits = DEFAULT_LIMITS
     review_expiry_hours: float = 72.0
+    remote_workers: tuple[WorkerAddress, ...] = ()
+    billing: PriceList | None = None  # None: jobs are metered but not charged
+    max_concurrent_jobs: int | None = None  # None: every admitted job starts at once
 
     @property
     def sandbox_settings(self) -> SandboxSettings:
         """How the engine contains each job (``sandbox`` is the mode recorded in audit entries)."""
         return SandboxSettings(mode=self.sandbox, limits=self.sandbox_limits,
-                               host_uid=self.sandbox_uid, host_gid=self.sandbox_gid)
+                               host_uid=self.sandbox_uid, host_gid=self.sandbox_gid,
+                               remote_workers=self.remote_workers)
+
+    @property
+    def engine_audit_fields(self) -> dict[str, object]:
+        """How jobs run, recorded in every admit, deny and release entry: the sandbox mode and,
+        when configured, the remote workers that receive sampled users' examples."""
+        fields: dict[str, object] = {"sandbox": self.sandbox}
+        if self.remote_workers:
+            fields["remote_workers"] = [str(worker) for worker in self.remote_workers]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -179,7 +211,19 @@ class Deployment:
             sandbox_gid=int(engine.get("sandbox_gid", SANDBOX_ID)),
             sandbox_limits=_sandbox_limits(engine.get("limits", {})),
             review_expiry_hours=float(data.get("review", {}).get("expiry_hours", 72.0)),
+            remote_workers=_remote_workers(engine.get("remote_workers", [])),
+            billing=PriceList.from_table(data["billing"]) if "billing" in data else None,
+            max_concurrent_jobs=_max_concurrent_jobs(engine.get("max_concurrent_jobs")),
         )
+
+
+def _max_concurrent_jobs(value: object) -> int | None:
+    """``[engine] max_concurrent_jobs``: a whole number ≥ 1; absent means no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("[engine] max_concurrent_jobs must be a whole number ≥ 1")
+    return value
 
 
 def _sandbox_mode(value: object) -> SandboxMode:
@@ -189,6 +233,17 @@ def _sandbox_mode(value: object) -> SandboxMode:
         if value == mode or (value, mode) == ("process", "none"):
             return mode
     raise ValueError(f"[engine] sandbox must be one of {', '.join(SANDBOX_MODES)}, not {value!r}")
+
+
+def _remote_workers(value: object) -> tuple[WorkerAddress, ...]:
+    """``[engine] remote_workers``: a list of "host:port"; absent (older deployments) or empty
+    means TFF's local runtime."""
+    if not isinstance(value, list):
+        raise ValueError('[engine] remote_workers must be a list of "host:port" strings')
+    workers = tuple(WorkerAddress.parse(item) for item in value)
+    if len(set(workers)) != len(workers):
+        raise ValueError("[engine] remote_workers lists a worker twice")
+    return workers
 
 
 def _sandbox_limits(table: dict[str, Any]) -> ResourceLimits:

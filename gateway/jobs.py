@@ -8,7 +8,10 @@ Contract for every job, whatever happens:
 * success → release gate → ``charge`` + ``release`` audit entries and the commit, in one
   transaction, *before* the release becomes fetchable;
 * failure → ``charge`` if data access began, else ``refund``; the researcher sees a
-  generic failure, the engine's stderr stays in the owner's local log.
+  generic failure, the engine's stderr stays in the owner's local log;
+* either way the job's metering (and, with a price list, its ``bill`` entry and charge) is
+  written in that same settlement transaction (``gateway.billing.settle_usage``); the engine
+  is stopped once its processes used the job's CPU reservation (``engine.meter``).
 """
 
 from __future__ import annotations
@@ -16,20 +19,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from engine.job import OPTIMIZER_FIELDS
 from engine.launcher import JobOutcome, run_job
+from engine.meter import read_counts
+from engine.sandbox import SandboxSettings
+from gateway.billing import settle_usage
 from gateway.node import Node
 from gateway.release import ReleaseRefused, build_release, gate_engine_output, read_engine_output
+from gateway.scheduler import FairQueue
 from ledger.audit import append_entry
 from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import canonical_json, sha256_digest
-from ledger.models import Dataset, Job
+from ledger.models import Dataset, Job, JobMeter
 from ledger.review import claim_approved_jobs
 
 log = logging.getLogger("fedgate.jobs")
@@ -44,7 +55,9 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
     Pure, and the one place a spec becomes engine parameters, so a rehearsal on mock data
     (``gateway.rehearsal``) runs exactly what the node would: the sampling rate is
     q = clients_per_round / training_users and the noisy sum is divided by the expected
-    count clients_per_round (= q × training users), as the ε was accounted.
+    count clients_per_round (= q × training users), as the ε was accounted. The optimizer
+    fields pass through as admitted (absent in specs admitted before the choice existed:
+    the engine's defaults are that old behaviour).
     """
     q = float(spec["clients_per_round"]) / float(training_users)
     return {
@@ -58,7 +71,9 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
         "clip": float(spec["clip"]),
         "client_learning_rate": float(spec["client_learning_rate"]),
         "server_learning_rate": float(spec["server_learning_rate"]),
-        "server_momentum": float(spec["server_momentum"]),
+        "server_momentum": float(spec.get("server_momentum", 0.0)),
+        **{name: spec[name] for name in OPTIMIZER_FIELDS
+           if name in spec and name != "server_momentum"},
         "local_epochs": int(spec["local_epochs"]),
         "batch_size": int(spec["batch_size"]),
         "evaluation": (
@@ -87,15 +102,39 @@ def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
 
 
 class JobRunner:
-    """Starts engine processes for admitted jobs and settles them when they end."""
+    """Starts engine processes for admitted jobs and settles them when they end; at most
+    ``[engine] max_concurrent_jobs`` run at once, the others wait in a ``FairQueue``
+    (``gateway.scheduler``: round robin across researchers)."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._waiting = FairQueue()
 
     def start(self, job: Job) -> None:
-        if job.id not in self._tasks:
-            self._tasks[job.id] = asyncio.create_task(self._run(job.id), name=job.id)
+        """Run ``job`` now if the node has a free slot, else queue it."""
+        if job.id in self._tasks or job.id in self._waiting:
+            return
+        self._waiting.push(job.researcher, job.id)
+        self._start_waiting()
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 if ``job_id`` starts next, …; ``None`` when it is not waiting for a slot."""
+        return self._waiting.position(job_id)
+
+    def _start_waiting(self) -> None:
+        capacity = self.node.config.max_concurrent_jobs
+        while capacity is None or len(self._tasks) < capacity:
+            job_id = self._waiting.pop()
+            if job_id is None:
+                return
+            task = asyncio.create_task(self._run(job_id), name=job_id)
+            self._tasks[job_id] = task
+            task.add_done_callback(lambda _, job_id=job_id: self._ended(job_id))
+
+    def _ended(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._start_waiting()
 
     async def start_approved(self) -> list[str]:
         """Claim the jobs the owner approved (``approved`` → ``queued``, ``ledger.review``)
@@ -112,6 +151,7 @@ class JobRunner:
 
     async def cancel(self, job_id: str) -> None:
         """Stop a job at the researcher's request and settle it (charged if data was read)."""
+        self._waiting.remove(job_id)
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
@@ -121,9 +161,10 @@ class JobRunner:
                                 marker.exists())
 
     async def shutdown(self) -> None:
-        for task in self._tasks.values():
+        self._waiting = FairQueue()  # waiting jobs are settled at the next start-up
+        for task in list(self._tasks.values()):
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 
     def _update(self, job_id: str, **changes: Any) -> None:
         with self.node.session() as s, s.begin():
@@ -151,12 +192,14 @@ class JobRunner:
                 elif event["event"] == "round":
                     await run_in_threadpool(self._update, job_id, round=int(event["round"]))
 
+            cpu_reserved = await run_in_threadpool(self._cpu_reservation, job_id)
             outcome = await run_job(
                 job_dir,
                 on_event=on_event,
                 timeout_s=self.node.config.job_timeout_seconds,
                 stderr_log=self.node.deployment.engine_log,
-                sandbox=self.node.config.sandbox_settings,
+                sandbox=_with_cpu_limit(self.node.config.sandbox_settings, cpu_reserved),
+                cpu_limit_s=cpu_reserved,
             )
             await run_in_threadpool(self._settle, job_id, outcome)
         except asyncio.CancelledError:
@@ -167,9 +210,27 @@ class JobRunner:
         finally:
             self._tasks.pop(job_id, None)
 
+    def _cpu_reservation(self, job_id: str) -> float:
+        """The CPU seconds reserved for the job at admission (``ledger.metering``), else the
+        node's per-process CPU limit."""
+        with self.node.session() as s:
+            meter = s.get(JobMeter, job_id)
+        default = float(self.node.config.sandbox_limits.cpu_seconds)
+        return meter.cpu_reserved_seconds if meter is not None else default
+
+    def _settle_usage(self, s: Session, job: Job, outcome: JobOutcome | None, *,
+                      bytes_released: int, succeeded: bool) -> None:
+        settle_usage(s, job=job, usage=outcome.usage if outcome is not None else None,
+                     client_updates=read_counts(self.node.deployment.jobs_dir / job.id),
+                     bytes_released=bytes_released, succeeded=succeeded,
+                     cpu_reserved_seconds=float(self.node.config.sandbox_limits.cpu_seconds),
+                     prices=self.node.config.billing, actor=self.node.node_key_id,
+                     now=time.time())
+
     def _settle(self, job_id: str, outcome: JobOutcome) -> None:
         if not outcome.succeeded or outcome.release_path is None:
-            self._settle_failure(job_id, outcome.failure or "engine failed", outcome.data_accessed)
+            self._settle_failure(job_id, outcome.failure or "engine failed", outcome.data_accessed,
+                                 outcome)
             return
         with self.node.session() as s:
             job = s.get(Job, job_id)
@@ -182,7 +243,8 @@ class JobRunner:
             )
         except (ReleaseRefused, ValueError, KeyError) as exc:
             log.error("job %s: release refused: %s", job_id, exc)
-            self._settle_failure(job_id, "the engine output failed the release gate", True)
+            self._settle_failure(job_id, "the engine output failed the release gate", True,
+                                 outcome)
             return
         release = build_release(job=job, weights=weights, metrics=metrics,
                                 node_key=self.node.node_key, node_key_id=self.node.node_key_id)
@@ -198,7 +260,7 @@ class JobRunner:
                 epsilon=job.epsilon,
                 delta=job.delta,
                 release_manifest_digest=sha256_digest(canonical_json(release["manifest"])),
-                sandbox=self.node.config.sandbox,
+                **self.node.config.engine_audit_fields,
             )
             row = s.get(Job, job_id, with_for_update=True)
             assert row is not None
@@ -208,9 +270,13 @@ class JobRunner:
             row.release = release_text
             row.updated_at = time.time()
             s.add(row)
+            self._settle_usage(s, row, outcome, bytes_released=len(release_text.encode()),
+                               succeeded=True)
 
-    def _settle_failure(self, job_id: str, failure: str, data_accessed: bool | None) -> None:
-        """Fail a job: charge it if it read data (engine marker or DB flag), else refund."""
+    def _settle_failure(self, job_id: str, failure: str, data_accessed: bool | None,
+                        outcome: JobOutcome | None = None) -> None:
+        """Fail a job: charge it if it read data (engine marker or DB flag), else refund;
+        record what it used (``outcome``'s metering; None: not measured)."""
         with self.node.session() as s, s.begin():
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.state in ("succeeded", "failed"):
@@ -228,6 +294,14 @@ class JobRunner:
             else:
                 refund_budget(s, job_id, reason=f"failed before data access: {failure}",
                               actor=self.node.node_key_id)
+            self._settle_usage(s, job, outcome, bytes_released=0, succeeded=False)
+
+
+def _with_cpu_limit(settings: SandboxSettings, cpu_seconds: float) -> SandboxSettings:
+    """``settings`` with each process's RLIMIT_CPU at most the job's CPU reservation (a
+    backstop: the meter stops the job once all its processes together used it)."""
+    limit = max(1, min(settings.limits.cpu_seconds, math.ceil(cpu_seconds)))
+    return replace(settings, limits=replace(settings.limits, cpu_seconds=limit))
 
 
 def recover_interrupted_jobs(node: Node) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.job import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from gateway.middleware import cookie_authenticated
 from gateway.problems import PROBLEM_TYPES, TYPE_PREFIX
 
@@ -25,7 +26,23 @@ JOB_PARAMETERS: dict[str, Any] = {
     "clip": {**NUMBER, "exclusiveMinimum": 0, "description": "per-user L2 clip of updates"},
     "client_learning_rate": {**NUMBER, "exclusiveMinimum": 0, "maximum": 100},
     "server_learning_rate": {**NUMBER, "exclusiveMinimum": 0, "maximum": 100},
-    "server_momentum": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1},
+    "server_momentum": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
+                        "description": "server_optimizer sgdm only"},
+    "client_optimizer": {**STRING, "enum": list(CLIENT_OPTIMIZERS), "default": "sgd",
+                         "description": "local training; does not change ε"},
+    "client_momentum": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
+                        "description": "client_optimizer sgdm only"},
+    "server_optimizer": {**STRING, "enum": list(SERVER_OPTIMIZERS), "default": "sgdm",
+                         "description": "applied to the noised aggregate (post-processing); "
+                                        "does not change ε"},
+    "server_beta_1": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
+                      "description": "adam, yogi (default 0.9)"},
+    "server_beta_2": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
+                      "description": "adam, yogi (default 0.999)"},
+    "server_epsilon": {**NUMBER, "exclusiveMinimum": 0, "maximum": 1,
+                       "description": "adam (default 1e-7), yogi (1e-3), adagrad (1e-7)"},
+    "server_initial_preconditioner_value": {**NUMBER, "minimum": 0, "maximum": 100,
+                                            "description": "yogi (default 1e-6), adagrad (0.1)"},
     "local_epochs": {**INTEGER, "minimum": 1, "maximum": 100},
     "batch_size": {**INTEGER, "minimum": 1, "maximum": 10_000},
     "evaluate": {"type": "boolean"},
@@ -66,17 +83,42 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["dataset", "epsilon", "delta", "fits", "jobs_that_fit"],
         "properties": {"dataset": STRING, "epsilon": NUMBER, "delta": NUMBER,
                        "accountant": STRING, "fits": {"type": "boolean"},
-                       "jobs_that_fit": INTEGER, "suggestion": STRING},
+                       "jobs_that_fit": INTEGER, "suggestion": STRING,
+                       "cost": _ref("CostProjection")},
+    },
+    "CostProjection": {
+        "type": "object", "required": ["currency", "total", "items", "upper_bound", "basis"],
+        "description": "Projected cost when the node has a price list (docs/billing.md): the CPU "
+                       "reservation × per_cpu_hour + per_job + per_epsilon × projected ε, exact "
+                       "decimals as strings; memory is charged as measured and not included",
+        "properties": {"currency": STRING, "total": STRING,
+                       "items": {"type": "object", "additionalProperties": STRING},
+                       "upper_bound": {"type": "boolean",
+                                       "description": "false when memory is priced (not bounded "
+                                                      "in advance)"},
+                       "basis": STRING},
     },
     "JobStatus": {
         "type": "object",
-        "required": ["job_id", "dataset", "state", "round", "rounds", "epsilon", "delta", "budget"],
+        "required": ["job_id", "dataset", "state", "round", "rounds", "progress", "epsilon",
+                     "delta", "budget"],
         "properties": {"job_id": STRING, "dataset": STRING,
                        "state": {**STRING, "enum": ["pending_review", "approved", "queued",
                                                     "running", "succeeded", "failed"]},
-                       "round": INTEGER, "rounds": INTEGER, "epsilon": NUMBER, "delta": NUMBER,
+                       "round": INTEGER, "rounds": INTEGER,
+                       "progress": {
+                           "type": "object", "required": ["round", "rounds", "epsilon_so_far"],
+                           "description": "rounds done and the ε they spent, from the job's "
+                                          "public parameters only; at the last round "
+                                          "epsilon_so_far equals epsilon",
+                           "properties": {"round": INTEGER, "rounds": INTEGER,
+                                          "epsilon_so_far": NUMBER}},
+                       "epsilon": NUMBER, "delta": NUMBER,
                        "budget": {**STRING, "enum": ["reserved", "committed", "refunded"]},
-                       "failure": STRING, "review": _ref("Review")},
+                       "failure": STRING, "review": _ref("Review"),
+                       "queue_position": {**INTEGER, "description": "while a queued job waits "
+                                          "for a free slot (node setting max_concurrent_jobs): "
+                                          "1 = starts next; researchers are served round robin"}},
     },
     "Review": {
         "type": "object", "required": ["state", "reason", "required_because", "expires_at"],
@@ -153,6 +195,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
                                   {"type": "object"}, False),
     ("/dashboard", "get"): ("Officer dashboard (HTML; needs a dashboard session)", None, 200,
                             HTML_PAGE, False),
+    ("/dashboard/billing", "get"): ("Monthly compute charges per researcher, ?month=YYYY-MM (HTML; "
+                                    "needs a dashboard session)", None, 200, HTML_PAGE, False),
     ("/dashboard/login", "get"): ("Dashboard sign-in form, or ?token= traded for a session "
                                   "cookie", None, 200, HTML_PAGE, True),
     ("/dashboard/login", "post"): ("Dashboard sign-in: the form's token traded for a session "

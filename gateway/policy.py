@@ -33,6 +33,11 @@ Contract:
   condition whose facts are unstated holds (fail safe: the owner looks). A result's output
   policy is the strictest of the matching ``max_result_fetches`` / ``result_available_days``
   rows (``OutputPolicy``).
+* Quotas (``max_concurrent_jobs``, ``max_cpu_hours_per_month``, ``max_spend_per_month``) are
+  obligations the policy cannot decide alone: they compare a limit with the ledger's current
+  use. ``PolicyEngine.quotas`` lists the matching ones (``Quota``); admission checks each in
+  the transaction that reserves the job (``gateway.quotas``) and refuses a job that would
+  exceed one. A group's quota is one pool shared by all its members.
 * ``policy_version`` is the SHA-256 over the model file, the policy file and the group
   memberships from the key registry; it is recorded with every decision.
 * The engine is immutable once built and evaluates the model through an index (Casbin's
@@ -48,6 +53,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -147,6 +153,16 @@ def parse_whole(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise ValueError(f"{text!r} is not a whole number ≥ 0")
     return int(text)
+
+
+_AMOUNT = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,6})?$")
+
+
+def parse_amount(text: str) -> Decimal:
+    """An amount of money ≥ 0 as plain decimal text (``25``, ``12.50``), kept exact."""
+    if not _AMOUNT.match(text):
+        raise ValueError(f"{text!r} is not an amount such as 25 or 12.50")
+    return Decimal(text)
 
 
 def parse_model_family(text: str) -> str:
@@ -540,11 +556,12 @@ class ObligationKind:
     """An obligation: how to parse its value, and which facts of the request it reads.
 
     ``stage`` is ``review`` (decided with the ``train`` request: hold the job for the owner)
-    or ``output`` (applied when the job's result is fetched, see ``OutputPolicy``).
+    or ``output`` (applied when the job's result is fetched, see ``OutputPolicy``) or
+    ``quota`` (checked against the ledger when the job is admitted, see ``Quota``).
     """
 
     name: str
-    stage: Literal["review", "output"]
+    stage: Literal["review", "output", "quota"]
     parse: Callable[[str], Any]
     reads: Callable[[Any], tuple[str, ...]]
     value_help: str
@@ -568,8 +585,30 @@ OBLIGATIONS: Mapping[str, ObligationKind] = {
                        "a whole number, e.g. 1"),
         ObligationKind("result_available_days", "output", parse_positive, _reads_nothing,
                        "a number of days, e.g. 7"),
+        ObligationKind("max_concurrent_jobs", "quota", parse_integer, _reads_nothing,
+                       "a whole number of jobs, e.g. 2"),
+        ObligationKind("max_cpu_hours_per_month", "quota", parse_positive, _reads_nothing,
+                       "CPU-hours per calendar month (UTC), e.g. 40"),
+        ObligationKind("max_spend_per_month", "quota", parse_amount, _reads_nothing,
+                       "an amount in the [billing] currency per calendar month (UTC), e.g. 25.00"),
     )
 }
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A quota row matching a ``train`` request: at most ``limit`` (jobs at once, CPU-hours or
+    an amount per UTC month) for the jobs of ``members`` on the datasets of ``domain`` that
+    match ``dataset_pattern``. ``members`` are the row's subject and, if it is a group, every
+    member of the group (transitively): one pool the group shares. ``rule`` cites the row."""
+
+    name: str
+    limit: Any
+    subject: str
+    members: tuple[str, ...]
+    domain: str
+    dataset_pattern: str
+    rule: str
 
 
 @dataclass(frozen=True)
@@ -1025,6 +1064,20 @@ class PolicyEngine:
                     and (policy.available_days is None or duty.value < policy.available_days)):
                 policy = replace(policy, available_days=duty.value, available_days_rule=cited)
         return policy
+
+    def quotas(self, *, subject: str, domain: str, dataset: str) -> tuple[Quota, ...]:
+        """Every quota row matching ``subject``'s ``train`` request on ``dataset`` (each is
+        checked on its own; no matching row means no quota)."""
+        return tuple(
+            Quota(duty.kind.name, duty.value, duty.subject, self.members(duty.subject, domain),
+                  domain, duty.dataset, f"'{duty.text}' ({duty.where})")
+            for duty in self.matching_obligations(subject, domain, dataset, "train")
+            if duty.kind.stage == "quota")
+
+    def members(self, subject: str, domain: str) -> tuple[str, ...]:
+        """``subject`` and every principal that is, transitively, in group ``subject``."""
+        return tuple(sorted({subject, *(member for (where, member), groups in self._closure.items()
+                                        if where == domain and subject in groups)}))
 
     def _via(self, subject: str, rule: Rule) -> str:
         return "" if rule.subject == subject else f" ({subject} is in group {rule.subject})"

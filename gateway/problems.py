@@ -33,6 +33,8 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "policy-denied": (403, "Denied by the data owner's policy"),
     "budget-exceeded": (403, "Privacy budget exceeded"),
     "output-policy": (403, "Refused by the output policy"),
+    # 429, not 403: the refusal lifts by itself (jobs end, the month turns), no policy change needed.
+    "quota-exceeded": (429, "Compute quota exceeded"),
     "invalid-request": (422, "Request is invalid"),
     "model-rejected": (422, "Model artifact rejected"),
     "unknown-dataset": (404, "Unknown dataset"),

@@ -14,7 +14,7 @@ Invariants kept by the code that writes these rows (``ledger.budget``, ``ledger.
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -189,3 +189,56 @@ class DashboardSession(SQLModel, table=True):
     token_id: str = Field(max_length=32)
     created_at: float
     expires_at: float = Field(index=True)
+
+
+class JobMeter(SQLModel, table=True):
+    """Resources one job reserved and used (``ledger.metering``): one row per job.
+
+    Written at admission with the CPU reservation (``state`` ``reserved``) and completed when
+    the job settles (``metered``). CPU, wall time and memory are measured by the engine's meter
+    from the kernel (``engine.meter``), never reported by the job. ``client_updates`` is the
+    exact, data-dependent count (it reveals how many users were sampled): owner-local only,
+    never shown to researchers, who see ``expected_client_updates`` (q·N·rounds from public
+    parameters) instead. Quantities are decimal text (``ledger.pricing.decimal_text``).
+    """
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    researcher: str = Field(index=True, max_length=128)
+    dataset: str = Field(max_length=128)
+    state: str = Field(default="reserved", max_length=16)  # reserved|metered
+    cpu_reserved_seconds: float
+    reserved_at: float
+    settled_at: float | None = Field(default=None, index=True)
+    measured: bool = False  # False: the meter reported nothing (job never started, cancelled)
+    cpu_seconds: str = Field(default="0", max_length=32)
+    cpu_user_seconds: str = Field(default="0", max_length=32)
+    cpu_system_seconds: str = Field(default="0", max_length=32)
+    wall_seconds: str = Field(default="0", max_length=32)
+    max_rss_bytes: int = Field(default=0, sa_type=BigInteger)
+    peak_tree_rss_bytes: int = Field(default=0, sa_type=BigInteger)
+    peak_memory_bytes: int = Field(default=0, sa_type=BigInteger)
+    rounds_run: int = 0
+    expected_client_updates: int = 0
+    client_updates: int | None = None
+    bytes_released: int = Field(default=0, sa_type=BigInteger)
+    stopped: str | None = Field(default=None, max_length=32)
+    outcome: str | None = Field(default=None, max_length=16)  # succeeded|failed
+
+
+class BillingCharge(SQLModel, table=True):
+    """The money charged for one job by the owner's price list (``gateway.billing``).
+
+    Written in the same transaction as the ``bill`` audit entry whose sequence number it keeps;
+    ``total`` is the exact decimal sum of ``items``; ``month`` (UTC, ``YYYY-MM``) is that of
+    ``charged_at`` and is what statements group by.
+    """
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    researcher: str = Field(index=True, max_length=128)
+    dataset: str = Field(max_length=128)
+    month: str = Field(index=True, max_length=7)
+    currency: str = Field(max_length=16)
+    total: str = Field(max_length=40)
+    items: str = Field(sa_column=Column(Text, nullable=False))  # JSON {item: decimal text}
+    audit_seq: int
+    charged_at: float

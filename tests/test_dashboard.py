@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import time
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,17 +19,27 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.billing import statement
 from gateway.cli import main as fedgate
 from gateway.dashboard import SESSION_COOKIE
-from gateway.dashboard_data import LogVerification, denials_by_reason, load_overview
-from gateway.dashboard_pages import CONTENT_SECURITY_POLICY, STYLESHEET
+from gateway.dashboard_data import (
+    BillingMonth,
+    LogVerification,
+    ResearcherBill,
+    denials_by_reason,
+    load_billing,
+    load_overview,
+    parse_month,
+)
+from gateway.dashboard_pages import CONTENT_SECURITY_POLICY, STYLESHEET, billing_page
 from gateway.node import Node
 from gateway.problems import Problem
 from gateway.request_signing import SignedRequestAuth
 from ledger.audit import append_entry, read_entries
 from ledger.burndown import burn_down, filter_usage
-from ledger.models import AuditEntry, DashboardSession, DashboardToken, Dataset, Job
-from ledger.officer_login import LoginRefused, exchange_login_token, secret_digest
+from ledger.metering import month_of
+from ledger.models import AuditEntry, DashboardSession, DashboardToken, Dataset, Job, JobMeter
+from ledger.officer_login import LoginRefused, OfficerLogin, exchange_login_token, secret_digest
 from tests.conftest import make_researcher
 from tests.ledger_activity import demo_activity, login_token, researcher, submit
 from tests.test_audit_api import make_officer
@@ -199,7 +210,7 @@ def test_only_the_sign_in_and_sign_out_routes_work_without_a_session(node_dir: P
     app = create_app(node_dir)
     pages = [r.path for r in app.routes if isinstance(r, Route) and r.path.startswith("/dashboard")
              and r.path not in ("/dashboard/login", "/dashboard/logout")]
-    assert pages == ["/dashboard"]
+    assert pages == ["/dashboard", "/dashboard/billing"]
     with TestClient(app) as anonymous:
         for path in pages:
             assert anonymous.get(path).status_code == 401
@@ -343,3 +354,132 @@ def test_the_owner_cli_prints_a_login_url_and_bounds_the_lifetime(
     assert 2 * 3600 - 60 < issued["expires_at"] - time.time() <= 2 * 3600
     for hours in ("0", "169"):
         assert fedgate(["-d", str(node_dir), "officer", "token", "olivia", "--hours", hours]) == 2
+
+
+# --- billing ----------------------------------------------------------------------------
+
+PRICES = """
+[billing]
+currency = "EUR"
+per_cpu_hour = 0.05
+per_gb_hour = "0.01"
+per_job = 0.1
+per_epsilon = 1.5
+"""
+
+
+def charged_jobs(node_dir: Path) -> tuple[Node, list[Job]]:
+    """Alice's two and Bob's one job, charged as the runner settles a job that failed after
+    reading data (metered, priced, ``bill`` audited); the exact client counts are 987654."""
+    from engine.launcher import JobOutcome
+    from engine.meter import ResourceUsage
+    from gateway.deployment import Deployment
+    from gateway.jobs import JobRunner
+
+    config = Deployment(node_dir).config_path
+    config.write_text(config.read_text() + PRICES)
+    node = Node(node_dir)
+    usage = ResourceUsage(cpu_seconds=360.5, cpu_user_seconds=350.0, cpu_system_seconds=10.5,
+                          cpu_sampled_seconds=360.0, wall_seconds=200.0, max_rss_bytes=2 * 10**9,
+                          peak_tree_rss_bytes=3 * 10**9)
+    alice, bob = researcher(node_dir, "alice"), researcher(node_dir, "bob")
+    jobs = []
+    for who in (alice, bob, alice):
+        job = submit(node, who, rounds=3)
+        assert isinstance(job, Job), job
+        JobRunner(node)._settle(job.id, JobOutcome(succeeded=False, data_accessed=True,
+                                                   release_path=None, failure="exit 1", usage=usage))
+        jobs.append(job)
+    with node.session() as s, s.begin():
+        for meter in s.exec(select(JobMeter)).all():
+            meter.client_updates = 987654
+            s.add(meter)
+    return node, jobs
+
+
+def test_the_billing_page_needs_a_dashboard_session(node_dir: Path) -> None:
+    make_officer(node_dir)
+    with TestClient(create_app(node_dir)) as anonymous:
+        response = anonymous.get("/dashboard/billing", params={"month": "2026-11"})
+    assert response.status_code == 401 and problem_type(response) == "login-required"
+
+
+def test_the_billing_page_lists_each_researchers_charges_and_totals_equal_the_audit_log(
+        node_dir: Path) -> None:
+    make_officer(node_dir)
+    node, jobs = charged_jobs(node_dir)
+    month = month_of(time.time())
+    with node.session() as s:
+        statements = {name: statement(s, researcher=name, month=month) for name in ("alice", "bob")}
+        bills = [e for e in read_entries(s) if e["action"] == "bill" and e["month"] == month]
+    audited = sum((Decimal(e["total"]) for e in bills), Decimal(0))
+    billing = load_billing(node, month)
+    assert [(r.researcher, r.statement) for r in billing.researchers] == sorted(statements.items())
+    assert billing.totals == billing.audit_totals == {"EUR": str(audited)} and audited > 0
+    assert billing.matches_audit_log and billing.audit_bills == 3
+    assert billing.researchers[0].cpu_hours == Decimal("721.0") / 3600
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        overview = browser.get("/dashboard").text
+        page = browser.get("/dashboard/billing", params={"month": month})
+        current = browser.get("/dashboard/billing")
+    assert '<a href="/dashboard/billing">Billing</a>' in overview
+    assert page.status_code == 200 and current.text.split("shown at")[0] == page.text.split("shown at")[0]
+    html = page.text
+    assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "<script" not in html.lower() and "Matches the audit log" in html
+    assert all(job.id in html for job in jobs)
+    for document in statements.values():
+        assert f'{document["totals"]["EUR"]} EUR' in html
+        assert all(f'{line["total"]} EUR' in html and f'#{line["audit_seq"]}' in html
+                   for line in document["lines"])
+    assert f"{audited} EUR" in html
+    assert "987654" not in html  # the exact client-update count never appears
+    assert all("client_updates" not in line for d in statements.values() for line in d["lines"])
+
+
+def test_the_billing_page_flags_statements_that_do_not_match_the_audit_log(node_dir: Path) -> None:
+    make_officer(node_dir)
+    node, _ = charged_jobs(node_dir)
+    month = month_of(time.time())
+    with node.session() as s, s.begin():  # a bill entry without its charge row
+        append_entry(s, action="bill", actor="owner-cli", job_id="job-forged", researcher="alice",
+                     dataset="demo", month=month, currency="EUR", total="1.000000")
+    billing = load_billing(node, month)
+    assert not billing.matches_audit_log and billing.audit_bills == 4
+    html = billing_page(billing, _login(), now=time.time())
+    assert "Does NOT match the audit log" in html
+
+
+def test_a_malformed_billing_month_is_a_clean_422(node_dir: Path) -> None:
+    make_officer(node_dir)
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        responses = [browser.get("/dashboard/billing", params={"month": month})
+                     for month in ("2026-13", "2026-1", "26-11", "", "9999-12", "2026-11-01", "<b>x</b>")]
+        empty = browser.get("/dashboard/billing", params={"month": "2001-01"})
+    for response in responses:
+        assert response.status_code == 422 and problem_type(response) == "invalid-request"
+        assert response.json()["field"] == "month" and "<b>" not in response.text
+    assert empty.status_code == 200 and "No job was charged in 2001-01" in empty.text
+    assert parse_month(None, now=0.0) == "1970-01"
+
+
+def _login() -> OfficerLogin:
+    return OfficerLogin(officer="olivia", key_id="k", expires_at=time.time() + 60)
+
+
+def test_the_billing_page_escapes_researcher_and_ledger_values() -> None:
+    line = {"job_id": "<i>job</i>", "dataset": '"><script>x</script>', "charged_at": "2026-11-01T00:00:00Z",
+            "audit_seq": 7, "rounds_run": 3, "expected_client_updates": 12.5, "cpu_seconds": "1.000000",
+            "wall_seconds": "2.000000", "peak_memory_bytes": 10**6, "total": "0.1", "currency": "<u>E</u>"}
+    document = {"researcher": "<img src=x>", "month": "2026-11", "lines": [line],
+                "totals": {"<u>E</u>": "0.1"}}
+    billing = BillingMonth(owner="<owner>", month="2026-11",
+                           researchers=(ResearcherBill("<img src=x>", document, Decimal(1) / 3600),),
+                           totals={"<u>E</u>": "0.1"}, audit_totals={"<u>E</u>": "0.1"}, audit_bills=1)
+    html = billing_page(billing, _login(), now=0.0)
+    for raw in ("<i>job", "<script>x", "<u>E", "<img src=x>", "<owner>"):
+        assert raw not in html
+    assert "&lt;img src=x&gt;" in html and "&lt;i&gt;job&lt;/i&gt;" in html
+    assert "1.0 MB" in html and 'href="#researcher-0"' in html

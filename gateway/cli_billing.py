@@ -1,0 +1,105 @@
+"""`fedgate billing`: the data owner's view of what researchers' jobs cost (docs/billing.md).
+
+Examples:
+
+    fedgate -d ./node billing statement --researcher alice --month 2026-11
+    fedgate -d ./node billing statement --researcher alice --month 2026-11 --format csv > alice.csv
+    fedgate -d ./node billing usage --month 2026-11        # every researcher, owner-local detail
+
+A statement lists one researcher's charges of one month (UTC) — each cites its ``bill`` audit
+entry — and totals them per currency; the totals equal the sum of those audit entries exactly.
+It shows rounds and *expected* client updates only, so it can be sent to the researcher.
+``usage`` is for the owner alone: it includes the exact client-update counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from gateway.node import Node
+
+    return Node(Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or "."))
+
+
+def _month(text: str) -> str:
+    from ledger.metering import month_bounds
+
+    try:
+        month_bounds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month such as 2026-11") from None
+    return text
+
+
+def cmd_statement(args: argparse.Namespace) -> int:
+    from gateway.billing import statement, statement_csv
+
+    node = _node(args)
+    with node.session() as s:
+        document = statement(s, researcher=args.researcher, month=args.month)
+    if args.format == "csv":
+        sys.stdout.write(statement_csv(document))
+    elif args.format == "json":
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print(f"statement for {args.researcher}, {args.month} (UTC)")
+        for line in document["lines"]:
+            print(f"  {line['charged_at']}  {line['job_id']}  {line['dataset']}  "
+                  f"{line['rounds_run']} rounds, CPU {line['cpu_seconds']} s  "
+                  f"{line['total']} {line['currency']}  (audit #{line['audit_seq']})")
+        if not document["lines"]:
+            print("  no charges")
+        for currency, total in document["totals"].items():
+            print(f"total: {total} {currency}")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Owner-local: every job metered in the month, with the exact client-update counts."""
+    from sqlmodel import select
+
+    from ledger.metering import month_bounds
+    from ledger.models import JobMeter
+
+    node = _node(args)
+    start, end = month_bounds(args.month)
+    with node.session() as s:
+        # reviewed: SQLModel query object, not Python exec
+        rows = s.exec(select(JobMeter).where(
+            JobMeter.settled_at >= start, JobMeter.settled_at < end)  # type: ignore[operator]
+            .order_by(JobMeter.settled_at)).all()
+    data = [{key: getattr(row, key) for key in (
+        "job_id", "researcher", "dataset", "outcome", "measured", "cpu_reserved_seconds",
+        "cpu_seconds", "wall_seconds", "max_rss_bytes", "peak_tree_rss_bytes", "rounds_run",
+        "expected_client_updates", "client_updates", "bytes_released", "stopped")}
+        for row in rows]
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    for row in data:
+        print("  ".join(f"{key}={value}" for key, value in row.items()))
+    if not data:
+        print("no jobs metered in that month")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    billing = commands.add_parser("billing", help="compute charges: statements and usage (owner)",
+                                  description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = billing.add_subparsers(dest="billing_command", required=True)
+    p = sub.add_parser("statement", help="one researcher's charges in one month")
+    p.add_argument("--researcher", required=True)
+    p.add_argument("--month", required=True, type=_month, help="YYYY-MM (UTC)")
+    p.add_argument("--format", choices=("text", "csv", "json"), default="text")
+    p.set_defaults(func=cmd_statement)
+    p = sub.add_parser("usage", help="every job metered in one month (owner-local detail)")
+    p.add_argument("--month", required=True, type=_month, help="YYYY-MM (UTC)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_usage)

@@ -1,0 +1,181 @@
+"""Per-job resource metering in the ledger: reservations at admission, usage at settlement.
+
+Contract:
+
+* ``reserve_compute`` runs in the admission transaction: the job's CPU reservation (what its
+  quota check counted, and the limit the engine's meter stops it at) is stored with the job.
+* ``record_usage`` runs in the settlement transaction (``gateway.jobs``) and fills in what the
+  meter measured from the kernel (``engine.meter``): CPU seconds, wall seconds, peak memory —
+  plus rounds run (from the engine's progress events), client updates and bytes released.
+* Privacy invariant: ``JobMeter.client_updates`` — the exact number of client updates, i.e.
+  the realised Poisson sample sizes summed — is data-dependent and stays with the owner.
+  Everything a researcher sees (job status, statements) uses :func:`researcher_usage`, which
+  shows rounds and the *expected* count q·N·rounds = clients_per_round × rounds, computed from
+  public job parameters. (CPU and wall time depend on the work done and are shown on
+  statements because charges are computed from them; they are no finer than the job's
+  duration, which a researcher observes anyway.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlmodel import Session, select
+
+from engine.meter import ResourceUsage
+from ledger.models import AuditHead, Job, JobMeter
+from ledger.pricing import decimal_text
+
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "active_jobs",
+    "active_reservations",
+    "cpu_seconds_used",
+    "expected_client_updates",
+    "lock_usage",
+    "month_bounds",
+    "month_of",
+    "record_usage",
+    "researcher_usage",
+    "reserve_compute",
+]
+
+ACTIVE_JOB_STATES = ("pending_review", "approved", "queued", "running")
+"""Admitted and not yet settled: such a job counts fully against concurrency and CPU quotas."""
+
+
+def expected_client_updates(clients_per_round: float, rounds: int) -> int:
+    """q·N·rounds = clients_per_round × rounds, rounded: the data-independent stand-in for the
+    exact count (public parameters only)."""
+    return round(float(clients_per_round) * int(rounds))
+
+
+def month_of(timestamp: float) -> str:
+    """``YYYY-MM`` (UTC) of a POSIX timestamp: the month a charge or usage belongs to."""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m")
+
+
+def month_bounds(month: str) -> tuple[float, float]:
+    """[start, end) POSIX timestamps of ``YYYY-MM`` in UTC; ValueError if malformed."""
+    start = dt.datetime.strptime(month + "-01", "%Y-%m-%d").replace(tzinfo=dt.UTC)
+    end = (start + dt.timedelta(days=32)).replace(day=1)
+    return start.timestamp(), end.timestamp()
+
+
+def reserve_compute(session: Session, job: Job, cpu_reserved_seconds: float) -> JobMeter:
+    """Store ``job``'s CPU reservation (in the caller's admission transaction)."""
+    meter = JobMeter(job_id=job.id, researcher=job.researcher, dataset=job.dataset,
+                     cpu_reserved_seconds=float(cpu_reserved_seconds), reserved_at=job.created_at)
+    session.add(meter)
+    session.flush()
+    return meter
+
+
+def record_usage(session: Session, job: Job, *, usage: ResourceUsage | None,
+                 client_updates: int | None, bytes_released: int, succeeded: bool,
+                 cpu_reserved_seconds: float, now: float | None = None) -> JobMeter:
+    """Complete (or create) ``job``'s meter row in the caller's settlement transaction.
+
+    ``usage`` None (the job never started, or was cancelled before the meter reported) is
+    recorded as ``measured = False`` with zero resources. Idempotent for a metered job.
+    """
+    now = time.time() if now is None else now
+    meter = session.get(JobMeter, job.id, with_for_update=True)
+    if meter is None:
+        meter = JobMeter(job_id=job.id, researcher=job.researcher, dataset=job.dataset,
+                         cpu_reserved_seconds=float(cpu_reserved_seconds),
+                         reserved_at=job.created_at)
+    if meter.state == "metered":
+        return meter
+    spec_clients = _clients_per_round(job)
+    meter.state = "metered"
+    meter.settled_at = now
+    meter.outcome = "succeeded" if succeeded else "failed"
+    meter.rounds_run = job.rounds if succeeded else job.round
+    meter.expected_client_updates = expected_client_updates(spec_clients, meter.rounds_run)
+    meter.client_updates = client_updates
+    meter.bytes_released = bytes_released
+    if usage is not None:
+        meter.measured = True
+        meter.cpu_seconds = decimal_text(usage.cpu_seconds)
+        meter.cpu_user_seconds = decimal_text(usage.cpu_user_seconds)
+        meter.cpu_system_seconds = decimal_text(usage.cpu_system_seconds)
+        meter.wall_seconds = decimal_text(usage.wall_seconds)
+        meter.max_rss_bytes = usage.max_rss_bytes
+        meter.peak_tree_rss_bytes = usage.peak_tree_rss_bytes
+        meter.peak_memory_bytes = usage.peak_memory_bytes
+        meter.stopped = usage.stopped
+    session.add(meter)
+    session.flush()
+    return meter
+
+
+def _clients_per_round(job: Job) -> float:
+    import json
+
+    return float(json.loads(job.spec)["clients_per_round"])
+
+
+def researcher_usage(meter: JobMeter) -> dict[str, Any]:
+    """What a researcher may see of a job's metering (module invariant): rounds, the
+    *expected* client updates, and the measured resources; never the exact client count."""
+    return {
+        "rounds_run": meter.rounds_run,
+        "expected_client_updates": meter.expected_client_updates,
+        "cpu_reserved_seconds": meter.cpu_reserved_seconds,
+        "cpu_seconds": meter.cpu_seconds,
+        "wall_seconds": meter.wall_seconds,
+        "peak_memory_bytes": meter.peak_memory_bytes,
+        "bytes_released": meter.bytes_released,
+    }
+
+
+def active_jobs(session: Session, researchers: Iterable[str]) -> list[Job]:
+    """Admitted, unsettled jobs (``ACTIVE_JOB_STATES``) of any of ``researchers``."""
+    names = sorted(set(researchers))
+    # reviewed: SQLModel query object, not Python exec
+    return list(session.exec(select(Job).where(
+        Job.researcher.in_(names), Job.state.in_(ACTIVE_JOB_STATES))).all())  # type: ignore[attr-defined]
+
+
+def cpu_seconds_used(session: Session, researchers: Iterable[str], month: str, *,
+                     default_reservation: float,
+                     on_dataset: Callable[[str], bool] = lambda name: True) -> float:
+    """CPU seconds of ``researchers``' jobs metered in ``month`` plus the full reservations of
+    their active jobs (which may still settle this month; a job admitted before reservations
+    were stored counts ``default_reservation``), on datasets ``on_dataset`` accepts."""
+    names = sorted(set(researchers))
+    start, end = month_bounds(month)
+    # reviewed: SQLModel query object, not Python exec
+    metered = session.exec(select(JobMeter).where(
+        JobMeter.researcher.in_(names), JobMeter.state == "metered",  # type: ignore[attr-defined]
+        JobMeter.settled_at >= start, JobMeter.settled_at < end)).all()  # type: ignore[operator]
+    total = sum(float(m.cpu_seconds) for m in metered if on_dataset(m.dataset))
+    return total + sum(reserved for _, reserved in active_reservations(
+        session, names, default_reservation=default_reservation, on_dataset=on_dataset))
+
+
+def active_reservations(session: Session, researchers: Iterable[str], *,
+                        default_reservation: float,
+                        on_dataset: Callable[[str], bool] = lambda name: True) -> list[tuple[Job, float]]:
+    """``researchers``' active jobs on datasets ``on_dataset`` accepts, each with its CPU
+    reservation (``default_reservation`` for a job admitted before reservations were stored)."""
+    found = []
+    for job in active_jobs(session, researchers):
+        if on_dataset(job.dataset):
+            meter = session.get(JobMeter, job.id)
+            found.append((job, meter.cpu_reserved_seconds if meter is not None else default_reservation))
+    return found
+
+
+def lock_usage(session: Session) -> None:
+    """Serialise quota checks: take the audit log head's row lock (``SELECT … FOR UPDATE``;
+    SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock). Every admission
+    appends an ``admit`` entry under this lock, so usage read after it includes every admission
+    that committed before, and none can commit until this transaction ends. Call it after
+    ``reserve_budget`` (dataset row, then audit head: the order every writer takes them)."""
+    # reviewed: SQLModel query object, not Python exec
+    session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
