@@ -9,10 +9,10 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 VENV_PY := $(CURDIR)/.venv/bin/python
 PYTEST := $(VENV_PY) -m pytest
 
-.PHONY: help env test test-fast demo bench lint openapi clean
+.PHONY: help env test test-fast soak demo demo-federation bench lint openapi clean
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(CURDIR)/.tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -43,8 +43,14 @@ test: env ## run the full test suite (TFF and PostgreSQL included)
 test-fast: env ## run the tests that do not train with TFF
 	$(PYTEST) -q -m "not tff"
 
+soak: env ## long concurrency soak: gateways on SQLite and PostgreSQL, ~10 min
+	FEDGATE_SOAK=long $(PYTEST) -q -rxs tests/test_soak.py
+
 demo: env ## run the end-to-end demo on a temporary node
 	$(VENV_PY) -m gateway.cli demo
+
+demo-federation: env ## train one model across three temporary nodes (cross-silo federation)
+	$(VENV_PY) -m gateway.cli demo-federation
 
 bench: env ## run the benchmarks and update docs/performance.md
 	$(VENV_PY) -m bench.run

@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gateway import (
         cli_audit,
+        cli_billing,
         cli_dashboard,
+        cli_federation,
         cli_policy,
         cli_privacy_audit,
         cli_researcher,
@@ -359,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     cli_audit.register(commands)
+    cli_billing.register(commands)
     cli_dashboard.register(commands)
     cli_policy.register(commands)
     cli_review.register(commands)
     cli_privacy_audit.register(commands)
     cli_researcher.register(commands)
+    cli_federation.register(commands)
 
     p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")
     p.add_argument("--host", default=None)
