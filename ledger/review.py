@@ -32,6 +32,7 @@ from sqlmodel import Session, select
 
 from ledger.audit import append_entry
 from ledger.budget import LedgerError, lock_dataset, refund_budget
+from ledger.metering import record_usage
 from ledger.models import Job, JobReview
 
 REVIEW_STATES = ("pending", "approved", "denied", "expired", "withdrawn")
@@ -106,6 +107,9 @@ def _close(session: Session, job: Job, review: JobReview, state: Literal["denied
     session.add_all([review, job])
     session.flush()
     refund_budget(session, job.id, reason=f"review {state}: {reason}", actor=actor)
+    # Its CPU reservation ends here too: never started, so nothing measured or billed.
+    record_usage(session, job, usage=None, client_updates=None, bytes_released=0,
+                 succeeded=False, cpu_reserved_seconds=0.0, now=now)
     return review
 
 

@@ -19,7 +19,7 @@ from gateway.app import create_app
 from gateway.cli import main as fedgate
 from gateway.policy import PolicyEngine, RequestContext
 from ledger.db import make_engine, session
-from ledger.models import Dataset, Job
+from ledger.models import Dataset, Job, JobMeter
 from tests.conftest import make_researcher
 from tests.test_end_to_end import sqlite_node  # noqa: F401  (fixture)
 from tests.test_gateway import JOB, audit_entries, signed_client
@@ -187,6 +187,9 @@ def test_a_denial_refunds_the_reservation_and_tells_the_researcher_why(
     assert review_actions(db_url, job_id) == [("admit", "allow"), ("review", "requested"),
                                               ("review", "denied"), ("refund", None)]
     assert "refunded" in capsys.readouterr().out
+    with session(make_engine(db_url)) as s:
+        meter = s.get(JobMeter, job_id)
+        assert meter is not None and meter.state == "metered" and not meter.measured
 
 
 def test_an_expired_review_refunds_the_reservation(node_dir: Path, db_url: str) -> None:
