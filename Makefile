@@ -38,7 +38,7 @@ $(CHROMIUM):
 env: .venv/.synced tests/interop/node_modules/.installed $(CHROMIUM) ## install uv if missing, sync .venv from uv.lock, test deps (incl. chromium)
 
 test: env ## run the full test suite (TFF and PostgreSQL included)
-	$(PYTEST) -q
+	$(PYTEST) -q --durations=25
 
 test-fast: env ## run the tests that do not train with TFF
 	$(PYTEST) -q -m "not tff"
