@@ -282,8 +282,7 @@ def measure() -> dict[str, Any]:
         node = Node(root)
         with node.session() as s:
             audit_after = audit_size(s)
-            # reviewed: SQLModel query object, not Python exec
-            held = s.exec(select(func.count()).select_from(Job)
+            held = s.exec(select(func.count()).select_from(Job)  # reviewed: ORM query, not exec
                           .where(Job.state == "pending_review")).one()
         node.engine.dispose()
     return {"gateway": gateway, "bare": bare, "setup_seconds": setup_seconds,

@@ -86,8 +86,7 @@ async def list_datasets(request: Request) -> Response:
 
         policy = node.policy()
         with node.session() as s:
-            # reviewed: SQLModel query object, not Python exec
-            rows = s.exec(select(Dataset).order_by(Dataset.name)).all()
+            rows = s.exec(select(Dataset).order_by(Dataset.name)).all()  # reviewed: ORM query, not exec
         return [
             {
                 "name": d.name,

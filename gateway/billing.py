@@ -138,8 +138,7 @@ def spend_used(session: Session, researchers: Iterable[str], month: str, *, pric
     ``default_reservation``)."""
     names = sorted(set(researchers))
     start, end = month_bounds(month)
-    # reviewed: SQLModel query object, not Python exec
-    charges = session.exec(select(BillingCharge).where(
+    charges = session.exec(select(BillingCharge).where(  # reviewed: ORM query, not exec
         BillingCharge.researcher.in_(names), BillingCharge.charged_at >= start,  # type: ignore[attr-defined]
         BillingCharge.charged_at < end)).all()
     total = sum((Decimal(c.total) for c in charges if on_dataset(c.dataset)), Decimal(0))
@@ -158,8 +157,7 @@ def statement(session: Session, *, researcher: str, month: str) -> dict[str, Any
     """One researcher's charges in ``month`` (``YYYY-MM``, UTC), line by line, with totals per
     currency (exact decimal sums). Raises ValueError for a malformed month."""
     start, end = month_bounds(month)
-    # reviewed: SQLModel query object, not Python exec
-    charges = session.exec(select(BillingCharge).where(
+    charges = session.exec(select(BillingCharge).where(  # reviewed: ORM query, not exec
         BillingCharge.researcher == researcher, BillingCharge.charged_at >= start,
         BillingCharge.charged_at < end).order_by(BillingCharge.charged_at,
                                                  BillingCharge.job_id)).all()

@@ -189,8 +189,7 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
             {"name": d.name, "training_users": d.training_users,
              "evaluation_users": d.evaluation_users, "epsilon_total": d.epsilon_total,
              "delta": d.delta}
-            # reviewed: SQLModel query object, not Python exec
-            for d in s.exec(select(Dataset).order_by(Dataset.name)).all()
+            for d in s.exec(select(Dataset).order_by(Dataset.name)).all()  # reviewed: ORM query, not exec
         ]
     _print(rows, args.json)
     return 0
@@ -208,10 +207,8 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
         query = select(Dataset).order_by(Dataset.name)
         if args.dataset:
             query = query.where(Dataset.name == args.dataset)
-        # reviewed: SQLModel query object, not Python exec
-        for d in s.exec(query).all():
-            # reviewed: SQLModel query object, not Python exec
-            jobs = s.exec(select(Job).where(Job.dataset == d.name)).all()
+        for d in s.exec(query).all():  # reviewed: ORM query, not exec
+            jobs = s.exec(select(Job).where(Job.dataset == d.name)).all()  # reviewed: ORM query, not exec
             usage = dataset_filter_usage(d)
             used, order = usage.fraction, usage.best_order
             by_researcher: dict[str, dict[str, float]] = {}

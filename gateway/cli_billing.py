@@ -70,8 +70,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     node = _node(args)
     start, end = month_bounds(args.month)
     with node.session() as s:
-        # reviewed: SQLModel query object, not Python exec
-        rows = s.exec(select(JobMeter).where(
+        rows = s.exec(select(JobMeter).where(  # reviewed: ORM query, not exec
             JobMeter.settled_at >= start, JobMeter.settled_at < end)  # type: ignore[operator]
             .order_by(JobMeter.settled_at)).all()
     data = [{key: getattr(row, key) for key in (

@@ -285,10 +285,10 @@ def _registry(node) -> tuple[list[tuple[str, str, str]], set[str], dict[str, int
 
     with node.session() as s:
         memberships = registry_memberships(s, node.config.owner)
-        # reviewed: SQLModel query object, not Python exec
-        principals = {p.name for p in s.exec(select(Principal)).all() if p.status == "active"}
-        # reviewed: SQLModel query object, not Python exec
-        datasets = {d.name: d.training_users for d in s.exec(select(Dataset)).all()}
+        people = s.exec(select(Principal)).all()  # reviewed: ORM query, not exec
+        principals = {p.name for p in people if p.status == "active"}
+        rows = s.exec(select(Dataset)).all()  # reviewed: ORM query, not exec
+        datasets = {d.name: d.training_users for d in rows}
     return memberships, principals, datasets
 
 

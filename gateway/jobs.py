@@ -314,8 +314,7 @@ def recover_interrupted_jobs(node: Node) -> list[str]:
     from sqlmodel import select
 
     with node.session() as s:
-        # reviewed: SQLModel query object, not Python exec
-        stale = s.exec(select(Job).where(Job.state.in_(("queued", "running")))).all()  # type: ignore[attr-defined]
+        stale = s.exec(select(Job).where(Job.state.in_(("queued", "running")))).all()  # type: ignore[attr-defined]  # reviewed: ORM query, not exec
     runner = JobRunner(node)
     for job in stale:
         marker = node.deployment.jobs_dir / job.id / "data_access"

@@ -75,8 +75,7 @@ class Node:
         """
         d = self.deployment
         with self.session() as s:
-            # reviewed: SQLModel query object, not Python exec
-            registry = s.exec(
+            registry = s.exec(  # reviewed: ORM query, not exec
                 select(func.count(), func.max(Principal.created_at), func.max(Principal.revoked_at))
             ).one()
         try:

@@ -69,10 +69,9 @@ def fetch_release(node: Node, principal: VerifiedRequest, job: Job) -> str:
             "output-policy", "the output policy for this result cannot be evaluated, so it is "
             "not released; ask the data owner")) from None
     with node.session() as s, s.begin():
-        # reviewed: SQLModel query object, not Python exec
-        row = s.exec(select(Job).where(Job.id == job.id).with_for_update()).one()
-        # reviewed: SQLModel query object, not Python exec
-        fetches = int(s.exec(select(func.count()).select_from(ResultFetch)
+        statement = select(Job).where(Job.id == job.id).with_for_update()
+        row = s.exec(statement).one()  # reviewed: ORM query, not exec
+        fetches = int(s.exec(select(func.count()).select_from(ResultFetch)  # reviewed: ORM query, not exec
                              .where(ResultFetch.job_id == job.id)).one())
         refusal = policy.refusal(fetches=fetches, released_at=released_at,
                                  now=dt.datetime.now(dt.UTC))

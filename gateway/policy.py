@@ -809,8 +809,7 @@ def check_model(model_text: str, source: str = "model.conf") -> None:
         found = definitions(model_text)
     except Exception as exc:  # casbin raises bare exceptions on malformed models
         raise PolicyInvalid([f"{source}: not a Casbin model ({exc})"]) from None
-    # reviewed: rejects eval in matchers, evaluates nothing
-    if any("eval(" in value for value in found.values()):
+    if any("eval(" in value for value in found.values()):  # reviewed: substring test, runs nothing
         raise PolicyInvalid([f"{source}: matchers must not use eval()"])  # reviewed: message text
     expected = definitions((POLICY_TEMPLATES / "model.conf").read_text())
     differing = sorted({*expected, *found} - {k for k in expected if found.get(k) == expected[k]})
@@ -1094,8 +1093,7 @@ class PolicyEngine:
 
 def registry_memberships(session: Session, domain: str) -> list[tuple[str, str, str]]:
     """(principal, group, domain) of every active principal with a group."""
-    # reviewed: SQLModel query object, not Python exec
-    rows = session.exec(select(Principal.name, Principal.group)
+    rows = session.exec(select(Principal.name, Principal.group)  # reviewed: ORM query, not exec
                         .where(Principal.status == "active", Principal.group != "")).all()
     return sorted({(name, group, domain) for name, group in rows})
 
@@ -1104,8 +1102,7 @@ def researcher_epsilon_spent(session: Session, *, researcher: str, dataset: str,
                              since: dt.datetime) -> float:
     """Σ ε of ``researcher``'s jobs on ``dataset`` with budget reserved or committed,
     created at or after ``since`` (basic composition; an upper bound on the true ε)."""
-    # reviewed: SQLModel query object, not Python exec
-    total = session.exec(
+    total = session.exec(  # reviewed: ORM query, not exec
         select(func.coalesce(func.sum(Job.epsilon), 0.0)).where(
             Job.researcher == researcher, Job.dataset == dataset,
             Job.budget_state.in_(("reserved", "committed")),  # type: ignore[attr-defined]
@@ -1118,8 +1115,7 @@ def researcher_epsilon_spent(session: Session, *, researcher: str, dataset: str,
 
 def researcher_committed_jobs(session: Session, *, researcher: str, dataset: str) -> int:
     """How many of ``researcher``'s jobs on ``dataset`` ran (budget committed)."""
-    # reviewed: SQLModel query object, not Python exec
-    return int(session.exec(
+    return int(session.exec(  # reviewed: ORM query, not exec
         select(func.count()).select_from(Job).where(
             Job.researcher == researcher, Job.dataset == dataset, Job.budget_state == "committed")
     ).one())
@@ -1127,8 +1123,7 @@ def researcher_committed_jobs(session: Session, *, researcher: str, dataset: str
 
 def committed_model_digests(session: Session, *, dataset: str) -> frozenset[str]:
     """Digests of the models of every job that ran on ``dataset`` (budget committed)."""
-    # reviewed: SQLModel query object, not Python exec
-    return frozenset(session.exec(
+    return frozenset(session.exec(  # reviewed: ORM query, not exec
         select(Job.model_digest).where(Job.dataset == dataset, Job.budget_state == "committed")
         .distinct()
     ).all())

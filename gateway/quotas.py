@@ -50,8 +50,7 @@ class QuotaExceeded(Exception):
 
 
 def _on_datasets(session: Session, quota: Quota) -> Callable[[str], bool]:
-    # reviewed: SQLModel query object, not Python exec
-    owners = dict(session.exec(select(Dataset.name, Dataset.owner)).all())
+    owners = dict(session.exec(select(Dataset.name, Dataset.owner)).all())  # reviewed: ORM query, not exec
     return lambda name: owners.get(name) == quota.domain and dataset_matches(quota.dataset_pattern, name)
 
 

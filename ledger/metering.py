@@ -136,8 +136,7 @@ def researcher_usage(meter: JobMeter) -> dict[str, Any]:
 def active_jobs(session: Session, researchers: Iterable[str]) -> list[Job]:
     """Admitted, unsettled jobs (``ACTIVE_JOB_STATES``) of any of ``researchers``."""
     names = sorted(set(researchers))
-    # reviewed: SQLModel query object, not Python exec
-    return list(session.exec(select(Job).where(
+    return list(session.exec(select(Job).where(  # reviewed: ORM query, not exec
         Job.researcher.in_(names), Job.state.in_(ACTIVE_JOB_STATES))).all())  # type: ignore[attr-defined]
 
 
@@ -149,8 +148,7 @@ def cpu_seconds_used(session: Session, researchers: Iterable[str], month: str, *
     were stored counts ``default_reservation``), on datasets ``on_dataset`` accepts."""
     names = sorted(set(researchers))
     start, end = month_bounds(month)
-    # reviewed: SQLModel query object, not Python exec
-    metered = session.exec(select(JobMeter).where(
+    metered = session.exec(select(JobMeter).where(  # reviewed: ORM query, not exec
         JobMeter.researcher.in_(names), JobMeter.state == "metered",  # type: ignore[attr-defined]
         JobMeter.settled_at >= start, JobMeter.settled_at < end)).all()  # type: ignore[operator]
     total = sum(float(m.cpu_seconds) for m in metered if on_dataset(m.dataset))
@@ -177,5 +175,5 @@ def lock_usage(session: Session) -> None:
     appends an ``admit`` entry under this lock, so usage read after it includes every admission
     that committed before, and none can commit until this transaction ends. Call it after
     ``reserve_budget`` (dataset row, then audit head: the order every writer takes them)."""
-    # reviewed: SQLModel query object, not Python exec
-    session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+    statement = select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    session.exec(statement).first()  # reviewed: ORM query, not exec

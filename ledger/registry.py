@@ -54,7 +54,7 @@ def add_principal(
 
 def revoke_principal(session: Session, *, name_or_key_id: str, actor: str) -> list[Principal]:
     """Revoke every active key of a principal (or one key by id); returns them."""
-    rows = session.exec(
+    rows = session.exec(  # reviewed: ORM query, not exec
         select(Principal).where(
             (Principal.name == name_or_key_id) | (Principal.key_id == name_or_key_id),
             Principal.status == "active",
@@ -82,7 +82,7 @@ def rotate_principal(
     The principal keeps its role and group; requests signed with the old keys are refused
     from the next request on.
     """
-    current = session.exec(
+    current = session.exec(  # reviewed: ORM query, not exec
         select(Principal).where(Principal.name == name, Principal.role == role,
                                 Principal.status == "active")
     ).all()
@@ -95,7 +95,8 @@ def rotate_principal(
 
 
 def list_principals(session: Session) -> list[Principal]:
-    return list(session.exec(select(Principal).order_by(Principal.name)).all())
+    statement = select(Principal).order_by(Principal.name)
+    return list(session.exec(statement).all())  # reviewed: ORM query, not exec
 
 
 def remember_nonce(session: OrmSession, *, key_id: str, nonce: str, expires_at: float) -> bool:

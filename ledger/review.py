@@ -57,8 +57,9 @@ def _reason(text: str) -> str:
 
 
 def _locked(session: Session, job_id: str) -> tuple[Job, JobReview]:
-    job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
-    review = session.exec(
+    statement = select(Job).where(Job.id == job_id).with_for_update()
+    job = session.exec(statement).first()  # reviewed: ORM query, not exec
+    review = session.exec(  # reviewed: ORM query, not exec
         select(JobReview).where(JobReview.job_id == job_id).with_for_update()).first()
     if job is None or review is None:
         raise ReviewError(f"job {job_id!r} has no review")
@@ -183,7 +184,7 @@ def withdraw_review(session: Session, job_id: str, *, actor: str) -> JobReview |
 
 def overdue_reviews(session: Session, *, now: float) -> list[str]:
     """Job ids of pending reviews whose deadline has passed."""
-    return list(session.exec(select(JobReview.job_id).where(
+    return list(session.exec(select(JobReview.job_id).where(  # reviewed: ORM query, not exec
         JobReview.state == "pending", JobReview.expires_at <= now).order_by(JobReview.job_id)
     ).all())
 
@@ -194,7 +195,8 @@ def claim_approved_jobs(session: Session) -> list[Job]:
     Under the row locks only one gateway process claims a job; a job withdrawn meanwhile is
     no longer ``approved`` and is not claimed.
     """
-    jobs = list(session.exec(select(Job).where(Job.state == "approved").with_for_update()).all())
+    statement = select(Job).where(Job.state == "approved").with_for_update()
+    jobs = list(session.exec(statement).all())  # reviewed: ORM query, not exec
     now = time.time()
     for job in jobs:
         job.state = "queued"
