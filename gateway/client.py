@@ -214,10 +214,15 @@ class Job:
 
     def result(self) -> Release:
         """Fetch and verify the release; raises if the job failed."""
+        return self.signed_result()[0]
+
+    def signed_result(self) -> tuple[Release, str]:
+        """The verified release and the node's signature over its manifest (for a record that
+        cites it, e.g. a federation manifest); one fetch, raises if the job failed."""
         if self.last_status["state"] == "failed":
             raise JobFailed(f"job {self.id} failed: {self.last_status.get('failure')}")
-        return verify_release(self.client._get(f"/v1/jobs/{self.id}/result"),
-                              self.client.node_public_key)
+        document = self.client._get(f"/v1/jobs/{self.id}/result")
+        return verify_release(document, self.client.node_public_key), document["signature"]
 
 
 def progress_postfix(status: dict[str, Any]) -> str:

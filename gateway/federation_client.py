@@ -51,7 +51,6 @@ from gateway.client import (
     JobFailed,
     Release,
     ReleaseVerificationFailed,
-    verify_release,
 )
 from gateway.federation import (
     FEDERATION_FORMAT,
@@ -307,10 +306,9 @@ class Federation:
             raise
         if status["state"] != "succeeded":
             raise JobFailed(f"job {p.job.id} failed: {status.get('failure')}")
-        # Fetched once (an output policy may allow one fetch) and verified like Job.result(),
-        # keeping the node's signature for the federation manifest.
-        document = p.client._get(f"/v1/jobs/{p.job.id}/result")
-        return verify_release(document, p.client.node_public_key), document["signature"]
+        # Fetched once (an output policy may allow one fetch), keeping the node's signature for
+        # the federation manifest.
+        return p.job.signed_result()
 
     def _check_release(self, p: _Participant, release: Release, digest: str,
                        template: Sequence[Any]) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from engine.artifact import linear_classifier_artifact
 from gateway import keys
+from gateway.client import Job
 from gateway.federation import (
     FederationManifestInvalid,
     parse_nodes_toml,
@@ -217,9 +218,11 @@ class _FakeNode:
 
 
 class _FakeJob:
-    def __init__(self, node: _FakeNode, job_id: str) -> None:
-        self.node, self.id = node, job_id
-        self.last_status = node.jobs[job_id]["status"]
+    signed_result = Job.signed_result  # the real fetch-and-verify, through the fake client
+
+    def __init__(self, client: _FakeClient, job_id: str) -> None:
+        self.client, self.node, self.id = client, client.node, job_id
+        self.last_status = self.node.jobs[job_id]["status"]
 
     def wait(self, **_: Any) -> dict[str, Any]:
         return self.last_status
@@ -264,7 +267,7 @@ class _FakeClient:
             "job_id": job_id, "rounds": parameters["rounds"],
             "state": "failed" if failed else "succeeded",
             "budget": "committed", **({"failure": "engine failed"} if failed else {})}}
-        return _FakeJob(self.node, job_id)
+        return _FakeJob(self, job_id)
 
     def _get(self, path: str) -> dict[str, Any]:
         import base64
