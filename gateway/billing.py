@@ -4,20 +4,25 @@ Contract:
 
 * ``settle_usage`` runs inside the transaction that settles a job (``gateway.jobs``): it
   records the job's metering (``ledger.metering``) and, when the node has a price list
-  (``[billing]`` in ``fedgate.toml``) and the engine ran the job, prices it
-  (``ledger.pricing.price_job``), appends the ``bill`` audit entry and stores the
-  ``BillingCharge`` row — entry and row commit together with the settlement, or not at all
+  (``[billing]`` in ``fedgate.toml``) and the job ran (the meter reported, or it read user
+  data), prices it (``ledger.pricing.price_job``), appends the ``bill`` audit entry and stores
+  the ``BillingCharge`` row — entry and row commit together with the settlement, or not at all
   ("every decision audited before it takes effect").
+* Data independence (docs/billing.md, "What the researcher sees"): a charge, its ``bill``
+  entry and a statement are functions of public quantities only — the CPU *billed*
+  (``ledger.metering.billed_cpu``: the admission-time reservation once the job has read user
+  data), the committed ε, the price list, rounds and *expected* client updates. Measured CPU,
+  wall time, memory and the exact client-update count of a job that read user data never
+  reach them; they stay in ``JobMeter`` for the owner (``fedgate billing usage``).
 * A ``bill`` entry carries everything needed to recompute its amount: the priced quantities,
-  the price list and the rounded items. Never the exact client-update count.
+  the price list and the rounded items.
 * ``statement`` sums ``BillingCharge`` rows of one researcher and month (by ``charged_at``,
   UTC); each line cites its audit entry, and the totals equal the sum of those ``bill``
   entries exactly (``tests/test_billing.py``).
 * ``project_cost`` (estimates, spend quotas) prices a job before it runs at its CPU
-  reservation and projected ε: an upper bound of its ``cpu``, ``job`` and ``epsilon`` items;
-  ``spend_used`` (``gateway.quotas``) adds a month's charges and the projections of active jobs.
-* Researcher-facing numbers (statements, estimates, job status) follow the metering privacy
-  invariant: rounds and *expected* client updates, never the exact count.
+  reservation and projected ε: exactly what it will be charged if it reads user data, an
+  upper bound otherwise; ``spend_used`` (``gateway.quotas``) adds a month's charges and the
+  projections of active jobs.
 """
 
 from __future__ import annotations
@@ -35,9 +40,16 @@ from sqlmodel import Session, select
 
 from engine.meter import ResourceUsage
 from ledger.audit import append_entry
-from ledger.metering import active_reservations, month_bounds, month_of, record_usage, researcher_usage
+from ledger.metering import (
+    active_reservations,
+    billed_cpu,
+    month_bounds,
+    month_of,
+    record_usage,
+    researcher_usage,
+)
 from ledger.models import BillingCharge, Job, JobMeter
-from ledger.pricing import MeteredQuantities, PriceList, decimal_text, price_job
+from ledger.pricing import BilledQuantities, PriceList, decimal_text, price_job
 
 __all__ = ["STATEMENT_COLUMNS", "CostProjection", "charge_job", "project_cost", "settle_usage",
            "spend_used", "statement", "statement_csv"]
@@ -48,24 +60,27 @@ def settle_usage(session: Session, *, job: Job, usage: ResourceUsage | None,
                  cpu_reserved_seconds: float, prices: PriceList | None, actor: str,
                  now: float) -> BillingCharge | None:
     """Record ``job``'s metering and, if priced, charge it (caller's settlement transaction,
-    after the job's budget outcome so the committed ε is known)."""
+    after the job's budget outcome and ``data_accessed`` so the committed ε and the billed CPU
+    are known). A job is charged if it ran: the meter reported, or it read user data (a job
+    cancelled while running has no meter report, and is charged its reservation)."""
     meter = record_usage(session, job, usage=usage, client_updates=client_updates,
                          bytes_released=bytes_released, succeeded=succeeded,
                          cpu_reserved_seconds=cpu_reserved_seconds, now=now)
-    if prices is None or not meter.measured:
+    if prices is None or not (meter.measured or job.data_accessed):
         return None
     return charge_job(session, job=job, meter=meter, prices=prices, actor=actor, now=now)
 
 
 def charge_job(session: Session, *, job: Job, meter: JobMeter, prices: PriceList, actor: str,
                now: float) -> BillingCharge:
-    """Price a metered job and record the charge with its ``bill`` audit entry (idempotent)."""
+    """Price a settled job from its data-independent quantities (module contract) and record
+    the charge with its ``bill`` audit entry (idempotent)."""
     existing = session.get(BillingCharge, job.id)
     if existing is not None:
         return existing
     epsilon = decimal_text(job.epsilon) if job.budget_state == "committed" else "0"
-    quantities = MeteredQuantities(cpu_seconds=meter.cpu_seconds, wall_seconds=meter.wall_seconds,
-                                   peak_memory_bytes=meter.peak_memory_bytes, epsilon=epsilon)
+    cpu = billed_cpu(meter, read_user_data=job.data_accessed)
+    quantities = BilledQuantities(cpu_seconds=cpu.seconds, epsilon=epsilon)
     charge = price_job(prices, quantities)
     month = month_of(now)
     seq = append_entry(
@@ -79,9 +94,7 @@ def charge_job(session: Session, *, job: Job, meter: JobMeter, prices: PriceList
         currency=charge.currency,
         total=str(charge.total),
         items={name: str(amount) for name, amount in charge.items.items()},
-        quantities={"cpu_seconds": quantities.cpu_seconds,
-                    "wall_seconds": quantities.wall_seconds,
-                    "peak_memory_bytes": quantities.peak_memory_bytes,
+        quantities={"cpu_seconds": quantities.cpu_seconds, "cpu_basis": cpu.basis,
                     "epsilon": quantities.epsilon},
         prices=prices.to_json(),
     )
@@ -96,37 +109,31 @@ def charge_job(session: Session, *, job: Job, meter: JobMeter, prices: PriceList
 
 @dataclass(frozen=True)
 class CostProjection:
-    """A job's projected cost before it runs, in ``currency``: the ``cpu``, ``job`` and
-    ``epsilon`` items of ``ledger.pricing.price_job`` at the job's CPU reservation and projected
-    ε. Each is an upper bound of the item the job will be charged: the engine stops a job once
-    it used its reservation, and a job commits at most its projected ε (none if refunded).
-    The ``memory`` item (peak memory × wall time) cannot be bounded before the job runs; it is
-    charged as measured and ``memory_excluded`` says whether it is priced at all."""
+    """A job's projected cost before it runs, in ``currency``: ``ledger.pricing.price_job`` at
+    the job's CPU reservation and projected ε. It is exactly what the job will be charged if it
+    reads user data (billed at its reservation, committing its ε), and an upper bound if it
+    fails before (billed the CPU it measured, at most the reservation; ε refunded)."""
 
     currency: str
     items: dict[str, Decimal]
     total: Decimal
     cpu_reserved_seconds: float
-    memory_excluded: bool
 
     def to_json(self) -> dict[str, Any]:
         basis = (f"upper bound: CPU reservation ({self.cpu_reserved_seconds / 3600:g} CPU-hours) "
-                 "× per_cpu_hour + per_job + per_epsilon × projected ε")
-        if self.memory_excluded:
-            basis += "; memory (peak GB × wall hours × per_gb_hour) is charged as measured, not included"
+                 "× per_cpu_hour + per_job + per_epsilon × projected ε; exactly the charge once "
+                 "the job reads user data")
         return {"currency": self.currency, "total": str(self.total),
                 "items": {name: str(amount) for name, amount in self.items.items()},
-                "upper_bound": not self.memory_excluded, "basis": basis}
+                "upper_bound": True, "basis": basis}
 
 
 def project_cost(prices: PriceList, *, cpu_reserved_seconds: float, epsilon: float) -> CostProjection:
-    """The most a job's CPU, per-job and ε items can cost (``CostProjection``). Pure."""
-    charge = price_job(prices, MeteredQuantities(
-        cpu_seconds=decimal_text(cpu_reserved_seconds), wall_seconds="0", peak_memory_bytes=0,
-        epsilon=decimal_text(epsilon)))
-    items = {name: amount for name, amount in charge.items.items() if name != "memory"}
-    return CostProjection(prices.currency, items, sum(items.values(), Decimal(0)),
-                          float(cpu_reserved_seconds), prices.per_gb_hour > 0)
+    """What a job reserving ``cpu_reserved_seconds`` and committing ``epsilon`` is charged
+    (``CostProjection``). Pure, and a function of public quantities only."""
+    charge = price_job(prices, BilledQuantities(cpu_seconds=decimal_text(cpu_reserved_seconds),
+                                                epsilon=decimal_text(epsilon)))
+    return CostProjection(prices.currency, charge.items, charge.total, float(cpu_reserved_seconds))
 
 
 def spend_used(session: Session, researchers: Iterable[str], month: str, *, prices: PriceList,
@@ -149,13 +156,15 @@ def spend_used(session: Session, researchers: Iterable[str], month: str, *, pric
 
 
 STATEMENT_COLUMNS = ("job_id", "dataset", "charged_at", "audit_seq", "rounds_run",
-                     "expected_client_updates", "cpu_seconds", "wall_seconds",
-                     "peak_memory_bytes", "cpu", "memory", "job", "epsilon", "total", "currency")
+                     "expected_client_updates", "cpu_seconds", "cpu_basis", "cpu", "job",
+                     "epsilon", "total", "currency")
 
 
 def statement(session: Session, *, researcher: str, month: str) -> dict[str, Any]:
     """One researcher's charges in ``month`` (``YYYY-MM``, UTC), line by line, with totals per
-    currency (exact decimal sums). Raises ValueError for a malformed month."""
+    currency (exact decimal sums). Researcher-facing: each line holds only data-independent
+    quantities (module contract; ``cpu_seconds`` is the CPU billed). Raises ValueError for a
+    malformed month."""
     start, end = month_bounds(month)
     charges = session.exec(select(BillingCharge).where(  # reviewed: ORM query, not exec
         BillingCharge.researcher == researcher, BillingCharge.charged_at >= start,
@@ -165,7 +174,8 @@ def statement(session: Session, *, researcher: str, month: str) -> dict[str, Any
     totals: dict[str, Decimal] = {}
     for charge in charges:
         meter = session.get(JobMeter, charge.job_id)
-        usage = researcher_usage(meter) if meter is not None else {}
+        job = session.get(Job, charge.job_id)
+        usage = researcher_usage(meter, job) if meter is not None and job is not None else {}
         items = json.loads(charge.items)
         lines.append({
             "job_id": charge.job_id,
@@ -176,8 +186,7 @@ def statement(session: Session, *, researcher: str, month: str) -> dict[str, Any
             "rounds_run": usage.get("rounds_run"),
             "expected_client_updates": usage.get("expected_client_updates"),
             "cpu_seconds": usage.get("cpu_seconds"),
-            "wall_seconds": usage.get("wall_seconds"),
-            "peak_memory_bytes": usage.get("peak_memory_bytes"),
+            "cpu_basis": usage.get("cpu_basis"),
             **items,
             "total": charge.total,
             "currency": charge.currency,
@@ -195,5 +204,5 @@ def statement_csv(document: dict[str, Any]) -> str:
     for line in document["lines"]:
         writer.writerow([line.get(column, "") for column in STATEMENT_COLUMNS])
     for currency, total in document["totals"].items():
-        writer.writerow(["TOTAL", "", "", "", "", "", "", "", "", "", "", "", "", total, currency])
+        writer.writerow(["TOTAL", *[""] * (len(STATEMENT_COLUMNS) - 3), total, currency])
     return out.getvalue()

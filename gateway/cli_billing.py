@@ -8,8 +8,9 @@ Examples:
 
 A statement lists one researcher's charges of one month (UTC) — each cites its ``bill`` audit
 entry — and totals them per currency; the totals equal the sum of those audit entries exactly.
-It shows rounds and *expected* client updates only, so it can be sent to the researcher.
-``usage`` is for the owner alone: it includes the exact client-update counts.
+It holds only data-independent quantities (CPU billed, rounds, *expected* client updates), so
+it can be sent to the researcher. ``usage`` is for the owner alone: the measured CPU, wall time
+and memory of each job and the exact client-update counts depend on the private data.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def cmd_statement(args: argparse.Namespace) -> int:
         print(f"statement for {args.researcher}, {args.month} (UTC)")
         for line in document["lines"]:
             print(f"  {line['charged_at']}  {line['job_id']}  {line['dataset']}  "
-                  f"{line['rounds_run']} rounds, CPU {line['cpu_seconds']} s  "
+                  f"{line['rounds_run']} rounds, CPU {line['cpu_seconds']} s "
+                  f"({line['cpu_basis']})  "
                   f"{line['total']} {line['currency']}  (audit #{line['audit_seq']})")
         if not document["lines"]:
             print("  no charges")
@@ -61,7 +63,8 @@ def cmd_statement(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    """Owner-local: every job metered in the month, with the exact client-update counts."""
+    """Owner-local: every job metered in the month as measured, with the exact client-update
+    counts. Never send this to a researcher (module docstring)."""
     from sqlmodel import select
 
     from ledger.metering import month_bounds
@@ -75,7 +78,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
             .order_by(JobMeter.settled_at)).all()
     data = [{key: getattr(row, key) for key in (
         "job_id", "researcher", "dataset", "outcome", "measured", "cpu_reserved_seconds",
-        "cpu_seconds", "wall_seconds", "max_rss_bytes", "peak_tree_rss_bytes", "rounds_run",
+        "cpu_seconds", "wall_seconds", "max_rss_bytes", "peak_tree_rss_bytes",
+        "peak_memory_bytes", "rounds_run",
         "expected_client_updates", "client_updates", "bytes_released", "stopped")}
         for row in rows]
     if args.json:
@@ -98,7 +102,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--month", required=True, type=_month, help="YYYY-MM (UTC)")
     p.add_argument("--format", choices=("text", "csv", "json"), default="text")
     p.set_defaults(func=cmd_statement)
-    p = sub.add_parser("usage", help="every job metered in one month (owner-local detail)")
+    p = sub.add_parser("usage", help="every job metered in one month, as measured (owner only: "
+                       "depends on the private data)")
     p.add_argument("--month", required=True, type=_month, help="YYYY-MM (UTC)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_usage)

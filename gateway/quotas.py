@@ -9,11 +9,14 @@ Contract:
   concurrent admissions never jointly exceed a quota, on SQLite or PostgreSQL.
 * Use counts the job being admitted (it is already reserved in this transaction):
   ``max_concurrent_jobs`` counts admitted, unsettled jobs (pending review, approved, queued,
-  running); ``max_cpu_hours_per_month`` the CPU metered in the current UTC month plus the
-  full CPU reservation of every active job; ``max_spend_per_month`` the charges of the month
-  plus the projected cost (``gateway.billing.project_cost``) of every active job. Active jobs
-  count at their reservation because they may still settle this month: never less than
-  their final use.
+  running); ``max_cpu_hours_per_month`` the CPU *billed* for jobs settled in the current UTC
+  month (``ledger.metering.billed_cpu``) plus the full CPU reservation of every active job;
+  ``max_spend_per_month`` the charges of the month plus the projected cost
+  (``gateway.billing.project_cost``) of every active job. Active jobs count at their
+  reservation because they may still settle this month: never less than what they are billed.
+* Data independence: a refusal is seen by the researcher, so use never reads measured
+  resources of a job that read user data — only reservations, billed CPU and charges, which
+  are functions of public quantities (docs/billing.md, "What the researcher sees").
 * Use is summed over the quota's members (the row's subject, or all members of its group)
   and the datasets of the row's domain matching its dataset pattern.
 * A job that would exceed any quota raises ``QuotaExceeded``; the caller rolls the whole
@@ -99,10 +102,10 @@ def check_quota(session: Session, quota: Quota, *, job: Job, cpu_reserved_second
             raise _refusal(quota, used=_hours(used - cpu_reserved_seconds),
                            requested=_hours(cpu_reserved_seconds), limit=f"{quota.limit:g}",
                            unit="CPU-hours", month=month,
-                           what="used or reserved by running jobs",
+                           what="billed or reserved by active jobs",
                            this_job=f"this job's reservation of {_hours(cpu_reserved_seconds)} CPU-hours",
-                           remedy="wait for running jobs to end (unused reservations are then "
-                           f"released) or until {_next_month(month)}")
+                           remedy="cancel a job that has not read user data yet (it is then billed "
+                           f"only what it used), or wait until {_next_month(month)}")
     elif quota.name == "max_spend_per_month" and prices is not None:
         spent = spend_used(session, quota.members, month, prices=prices,
                            default_reservation=default_reservation, on_dataset=on_dataset)
@@ -110,10 +113,10 @@ def check_quota(session: Session, quota: Quota, *, job: Job, cpu_reserved_second
         if spent > Decimal(quota.limit):
             raise _refusal(quota, used=str(spent - this.total), requested=str(this.total),
                            limit=str(quota.limit), unit=prices.currency, month=month,
-                           what="charged or projected for running jobs",
+                           what="charged or projected for active jobs",
                            this_job=f"this job's projected cost of {this.total} {prices.currency}",
-                           remedy="use fewer rounds or less ε, wait for running jobs to end, "
-                           f"or wait until {_next_month(month)}")
+                           remedy="use fewer rounds or less ε, cancel a job that has not read user "
+                           f"data yet, or wait until {_next_month(month)}")
 
 
 def enforce_quotas(session: Session, quotas: tuple[Quota, ...], *, job: Job,

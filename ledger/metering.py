@@ -4,23 +4,29 @@ Contract:
 
 * ``reserve_compute`` runs in the admission transaction: the job's CPU reservation (what its
   quota check counted, and the limit the engine's meter stops it at) is stored with the job.
+  The reservation is fixed before the job runs from the node's configuration: public.
 * ``record_usage`` runs in the settlement transaction (``gateway.jobs``) and fills in what the
   meter measured from the kernel (``engine.meter``): CPU seconds, wall seconds, peak memory —
   plus rounds run (from the engine's progress events), client updates and bytes released.
-* Privacy invariant: ``JobMeter.client_updates`` — the exact number of client updates, i.e.
-  the realised Poisson sample sizes summed — is data-dependent and stays with the owner.
-  Everything a researcher sees (job status, statements) uses :func:`researcher_usage`, which
-  shows rounds and the *expected* count q·N·rounds = clients_per_round × rounds, computed from
-  public job parameters. (CPU and wall time depend on the work done and are shown on
-  statements because charges are computed from them; they are no finer than the job's
-  duration, which a researcher observes anyway.)
+* Privacy invariant: what a job *used* after it began reading user data depends on that data
+  (how many users Poisson sampling picked, how many examples each holds), so measured
+  resources and the exact client-update count (``JobMeter.client_updates``) stay with the
+  owner (``fedgate billing usage``). Everything a researcher sees, or that decides for them —
+  statements, charges, quota refusals — goes through :func:`billed_cpu` and
+  :func:`researcher_usage`, which are functions of public quantities only: the reservation,
+  whether the job read user data (already public: it decides whether its ε is committed),
+  rounds, and the *expected* client updates clients_per_round × rounds. A job that never read
+  user data is billed what it measured: its whole run preceded any private data.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlmodel import Session, select
@@ -31,8 +37,10 @@ from ledger.pricing import decimal_text
 
 __all__ = [
     "ACTIVE_JOB_STATES",
+    "BilledCpu",
     "active_jobs",
     "active_reservations",
+    "billed_cpu",
     "cpu_seconds_used",
     "expected_client_updates",
     "lock_usage",
@@ -114,21 +122,51 @@ def record_usage(session: Session, job: Job, *, usage: ResourceUsage | None,
 
 
 def _clients_per_round(job: Job) -> float:
-    import json
-
     return float(json.loads(job.spec)["clients_per_round"])
 
 
-def researcher_usage(meter: JobMeter) -> dict[str, Any]:
-    """What a researcher may see of a job's metering (module invariant): rounds, the
-    *expected* client updates, and the measured resources; never the exact client count."""
+@dataclass(frozen=True)
+class BilledCpu:
+    """The CPU seconds (decimal text) a settled job is charged for and counts against CPU
+    quotas, and on what ``basis``: ``reservation``, ``measured`` or ``none``."""
+
+    seconds: str
+    basis: str
+
+
+def billed_cpu(meter: JobMeter, *, read_user_data: bool) -> BilledCpu:
+    """The data-independent CPU of a settled job (module invariant). Pure.
+
+    * The job read user data: its reservation, whatever it used. What it used depends on the
+      private data; the reservation was fixed at admission from public configuration, and the
+      engine's meter stops the job there, so it is also what the job could have used.
+    * It did not, and the meter reported: what was measured, at most the reservation. That
+      whole run happened before any private data was read.
+    * Neither (never started, or cancelled before data access): nothing.
+
+    ``read_user_data`` is the job's ``data_accessed`` flag, the same fact that decides whether
+    its ε is committed or refunded, which the researcher already sees.
+    """
+    reserved = Decimal(decimal_text(meter.cpu_reserved_seconds))
+    if read_user_data:
+        return BilledCpu(format(reserved, "f"), "reservation")
+    if meter.measured:
+        return BilledCpu(format(min(Decimal(meter.cpu_seconds), reserved), "f"), "measured")
+    return BilledCpu("0", "none")
+
+
+def researcher_usage(meter: JobMeter, job: Job) -> dict[str, Any]:
+    """What a researcher may see of a settled job's metering (module invariant): rounds, the
+    *expected* client updates, the CPU reservation and the CPU billed (``billed_cpu``), the
+    size of the release they receive. Never a measured resource of a job that read user data,
+    nor the exact client-update count."""
+    billed = billed_cpu(meter, read_user_data=job.data_accessed)
     return {
         "rounds_run": meter.rounds_run,
         "expected_client_updates": meter.expected_client_updates,
         "cpu_reserved_seconds": meter.cpu_reserved_seconds,
-        "cpu_seconds": meter.cpu_seconds,
-        "wall_seconds": meter.wall_seconds,
-        "peak_memory_bytes": meter.peak_memory_bytes,
+        "cpu_seconds": billed.seconds,
+        "cpu_basis": billed.basis,
         "bytes_released": meter.bytes_released,
     }
 
@@ -143,15 +181,18 @@ def active_jobs(session: Session, researchers: Iterable[str]) -> list[Job]:
 def cpu_seconds_used(session: Session, researchers: Iterable[str], month: str, *,
                      default_reservation: float,
                      on_dataset: Callable[[str], bool] = lambda name: True) -> float:
-    """CPU seconds of ``researchers``' jobs metered in ``month`` plus the full reservations of
-    their active jobs (which may still settle this month; a job admitted before reservations
-    were stored counts ``default_reservation``), on datasets ``on_dataset`` accepts."""
+    """CPU seconds *billed* (``billed_cpu``: data-independent) for ``researchers``' jobs
+    settled in ``month`` plus the full reservations of their active jobs (which may still
+    settle this month; a job admitted before reservations were stored counts
+    ``default_reservation``), on datasets ``on_dataset`` accepts."""
     names = sorted(set(researchers))
     start, end = month_bounds(month)
-    metered = session.exec(select(JobMeter).where(  # reviewed: ORM query, not exec
+    query = select(JobMeter, Job).join(Job, Job.id == JobMeter.job_id).where(
         JobMeter.researcher.in_(names), JobMeter.state == "metered",  # type: ignore[attr-defined]
-        JobMeter.settled_at >= start, JobMeter.settled_at < end)).all()  # type: ignore[operator]
-    total = sum(float(m.cpu_seconds) for m in metered if on_dataset(m.dataset))
+        JobMeter.settled_at >= start, JobMeter.settled_at < end)  # type: ignore[operator]
+    settled = session.exec(query).all()  # reviewed: ORM query, not exec
+    total = sum(float(billed_cpu(meter, read_user_data=job.data_accessed).seconds)
+                for meter, job in settled if on_dataset(meter.dataset))
     return total + sum(reserved for _, reserved in active_reservations(
         session, names, default_reservation=default_reservation, on_dataset=on_dataset))
 

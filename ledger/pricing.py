@@ -1,4 +1,4 @@
-"""The owner's price list and the pure function that prices one job's metered usage.
+"""The owner's price list and the pure function that prices one job's billed quantities.
 
 Exact arithmetic only: prices are ``Decimal`` (read from the ``[billing]`` table of
 ``fedgate.toml`` through their decimal text, never through binary floats), quantities are
@@ -7,10 +7,15 @@ once, half-to-even, to :data:`AMOUNT_QUANTUM`. A charge's total is the exact sum
 rounded items, so statements (sums of charges) add up to the audit log's ``bill`` entries to the
 last digit.
 
-Units: a CPU-hour is 3600 CPU seconds (user + system, all processes and threads of the job);
-a GB-hour is one GB (10⁹ bytes) of the job's *peak* memory held for one hour of its wall time
-(peak GB × wall hours, an upper bound of the memory actually held over time); ε is the privacy
-loss committed for the job (zero when its reservation was refunded).
+Units: a CPU-hour is 3600 CPU seconds; ε is the privacy loss committed for the job (zero when
+its reservation was refunded).
+
+Privacy contract: a charge is seen by the researcher, so :func:`price_job` is only ever given
+data-independent quantities (:class:`BilledQuantities`): the CPU *billed*
+(``ledger.metering.billed_cpu`` — the job's admission-time reservation once it has read user
+data) and the committed ε. There is no memory price: a job's memory use depends on the private
+data and the node has no memory reservation to price instead, so a ``per_gb_hour`` key is
+refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["AMOUNT_QUANTUM", "Charge", "MeteredQuantities", "PriceList", "PriceListInvalid",
+__all__ = ["AMOUNT_QUANTUM", "BilledQuantities", "Charge", "PriceList", "PriceListInvalid",
            "decimal_text", "price_job"]
 
 AMOUNT_QUANTUM = Decimal("0.000001")
@@ -29,7 +34,7 @@ AMOUNT_QUANTUM = Decimal("0.000001")
 
 _CURRENCY = re.compile(r"^[A-Za-z][A-Za-z0-9 ._-]{0,15}$")
 _PRICE = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,12})?$")
-_ITEMS = ("cpu", "memory", "job", "epsilon")
+_ITEMS = ("cpu", "job", "epsilon")
 
 
 class PriceListInvalid(ValueError):
@@ -42,15 +47,20 @@ class PriceList:
 
     currency: str
     per_cpu_hour: Decimal
-    per_gb_hour: Decimal
     per_job: Decimal
     per_epsilon: Decimal | None = None
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> PriceList:
         """Parse ``[billing]``: ``currency`` (a label) and non-negative prices written as TOML
-        numbers or strings (``"0.05"``); unknown keys are refused."""
-        known = {"currency", "per_cpu_hour", "per_gb_hour", "per_job", "per_epsilon"}
+        numbers or strings (``"0.05"``); unknown keys, and the retired ``per_gb_hour``, are
+        refused."""
+        if "per_gb_hour" in table:
+            raise PriceListInvalid(
+                "[billing] per_gb_hour is no longer supported: a job's memory use depends on the "
+                "private data, so it cannot be billed to researchers (docs/billing.md, \"What the "
+                "researcher sees\"); remove it and cover memory in per_cpu_hour or per_job")
+        known = {"currency", "per_cpu_hour", "per_job", "per_epsilon"}
         unknown = sorted(set(table) - known)
         if unknown:
             raise PriceListInvalid(f"[billing] has unknown key {unknown[0]!r} (known: "
@@ -58,13 +68,13 @@ class PriceList:
         currency = table.get("currency")
         if not isinstance(currency, str) or not _CURRENCY.match(currency):
             raise PriceListInvalid("[billing] currency must be a short label such as \"EUR\"")
-        prices = {name: _price(table, name) for name in ("per_cpu_hour", "per_gb_hour", "per_job")}
+        prices = {name: _price(table, name) for name in ("per_cpu_hour", "per_job")}
         epsilon = _price(table, "per_epsilon") if "per_epsilon" in table else None
         return cls(currency=currency, per_epsilon=epsilon, **prices)
 
     def to_json(self) -> dict[str, str | None]:
         return {"currency": self.currency, "per_cpu_hour": str(self.per_cpu_hour),
-                "per_gb_hour": str(self.per_gb_hour), "per_job": str(self.per_job),
+                "per_job": str(self.per_job),
                 "per_epsilon": None if self.per_epsilon is None else str(self.per_epsilon)}
 
 
@@ -88,13 +98,13 @@ def decimal_text(value: float | int) -> str:
 
 
 @dataclass(frozen=True)
-class MeteredQuantities:
-    """The priced quantities of one job, as recorded decimal text (:func:`decimal_text`)."""
+class BilledQuantities:
+    """The priced quantities of one job, as decimal text (:func:`decimal_text`). Both are
+    data-independent (module contract): ``cpu_seconds`` is ``ledger.metering.billed_cpu``,
+    ``epsilon`` the committed ε ("0" when refunded)."""
 
     cpu_seconds: str
-    wall_seconds: str
-    peak_memory_bytes: int
-    epsilon: str  # committed ε; "0" when refunded
+    epsilon: str
 
 
 @dataclass(frozen=True)
@@ -115,20 +125,18 @@ def _amount(value: Fraction) -> Decimal:
     return exact.quantize(AMOUNT_QUANTUM, ROUND_HALF_EVEN)
 
 
-def price_job(prices: PriceList, quantities: MeteredQuantities) -> Charge:
-    """Price one job (pure). ``cpu`` = CPU hours × per_cpu_hour; ``memory`` = peak GB × wall
-    hours × per_gb_hour; ``job`` = per_job; ``epsilon`` = ε × per_epsilon (0 if not priced).
+def price_job(prices: PriceList, quantities: BilledQuantities) -> Charge:
+    """Price one job (pure). ``cpu`` = billed CPU hours × per_cpu_hour; ``job`` = per_job;
+    ``epsilon`` = ε × per_epsilon (0 if not priced). The charge is a function of
+    ``quantities`` and ``prices`` alone, so it is as data-independent as they are.
 
     The quotient is computed exactly (``Fraction``) and each item rounded once, so the result
     does not depend on float rounding or on the order of operations.
     """
-    hour = Fraction(3600)
-    cpu_hours = Fraction(quantities.cpu_seconds) / hour
-    gb_hours = Fraction(quantities.peak_memory_bytes, 10**9) * Fraction(quantities.wall_seconds) / hour
+    cpu_hours = Fraction(quantities.cpu_seconds) / Fraction(3600)
     per_epsilon = prices.per_epsilon or Decimal(0)
     items = {
         "cpu": _amount(cpu_hours * Fraction(prices.per_cpu_hour)),
-        "memory": _amount(gb_hours * Fraction(prices.per_gb_hour)),
         "job": _amount(Fraction(prices.per_job)),
         "epsilon": _amount(Fraction(quantities.epsilon) * Fraction(per_epsilon)),
     }

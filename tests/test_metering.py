@@ -23,7 +23,7 @@ from engine.launcher import JobOutcome, run_job
 from engine.meter import POLL_S, ResourceUsage, read_counts
 from engine.sandbox import SandboxSettings
 from ledger.db import create_schema, make_engine, session
-from ledger.metering import expected_client_updates, record_usage, researcher_usage
+from ledger.metering import billed_cpu, expected_client_updates, record_usage, researcher_usage
 from ledger.models import Job, JobMeter
 
 # Burns CPU in the main thread, two threads (hashlib releases the GIL, so they run in
@@ -198,12 +198,12 @@ USAGE = ResourceUsage(cpu_seconds=12.5, cpu_user_seconds=12.0, cpu_system_second
                       peak_tree_rss_bytes=2 * 10**9)
 
 
-def test_settled_usage_is_recorded_and_researchers_see_only_the_expected_client_updates(
+def test_settled_usage_is_recorded_and_researchers_see_nothing_measured_of_a_run_on_data(
         db_url: str) -> None:
     engine = make_engine(db_url)
     create_schema(engine)
     with session(engine) as s, s.begin():
-        failed = _job()
+        failed = _job(data_accessed=True)
         done = _job()
         s.add_all([failed, done])
         s.flush()
@@ -218,12 +218,29 @@ def test_settled_usage_is_recorded_and_researchers_see_only_the_expected_client_
             "12.500000", "8.250000", 2 * 10**9)
         assert meter.rounds_run == 3 and meter.client_updates == 61  # owner-local
         assert meter.expected_client_updates == expected_client_updates(20.0, 3) == 60
-        shown = researcher_usage(meter)
+        shown = researcher_usage(meter, failed)
         assert "client_updates" not in shown and 61 not in shown.values()
+        assert shown == {"rounds_run": 3, "expected_client_updates": 60,
+                         "cpu_reserved_seconds": 3600.0, "cpu_seconds": "3600.000000",
+                         "cpu_basis": "reservation", "bytes_released": 0}
         unmeasured = s.get(JobMeter, done.id)
         assert unmeasured is not None and not unmeasured.measured
         assert (unmeasured.rounds_run, unmeasured.bytes_released) == (7, 1234)
     engine.dispose()
+
+
+def test_billed_cpu_is_the_reservation_once_a_job_has_read_user_data() -> None:
+    """The CPU a researcher is billed for (and their CPU quota counts) never depends on what a
+    run on private data used; a run that never read data is billed what it measured."""
+    def meter(cpu_seconds: str, *, measured: bool = True) -> JobMeter:
+        return JobMeter(job_id="j", researcher="alice", dataset="demo", reserved_at=0.0,
+                        cpu_reserved_seconds=3600.0, cpu_seconds=cpu_seconds, measured=measured)
+
+    on_data = {billed_cpu(meter(used), read_user_data=True) for used in ("1.5", "3599.9", "3600.4")}
+    assert {(b.seconds, b.basis) for b in on_data} == {("3600.000000", "reservation")}
+    assert billed_cpu(meter("12.500000"), read_user_data=False).seconds == "12.500000"
+    assert billed_cpu(meter("3600.400000"), read_user_data=False).seconds == "3600.000000"  # capped
+    assert billed_cpu(meter("0", measured=False), read_user_data=False).basis == "none"
 
 
 @pytest.mark.tff

@@ -37,11 +37,13 @@ def _quota_rows(node_dir: Path, *rows: str) -> None:
     policy.write_text(policy.read_text() + "".join(f"p2, {row}\n" for row in rows))
 
 
-def _settle(node: Node, job: Job, cpu_seconds: float = 360.0) -> None:
+def _settle(node: Node, job: Job, cpu_seconds: float = 360.0, *, read_user_data: bool = True) -> None:
+    """Settle ``job`` as a failure after (or, ``read_user_data`` False, before) reading data."""
     usage = ResourceUsage(cpu_seconds=cpu_seconds, cpu_user_seconds=cpu_seconds,
                           cpu_system_seconds=0.0, cpu_sampled_seconds=cpu_seconds,
                           wall_seconds=cpu_seconds, max_rss_bytes=10**8, peak_tree_rss_bytes=10**8)
-    JobRunner(node)._settle(job.id, JobOutcome(False, True, None, "engine exited", usage=usage))
+    JobRunner(node)._settle(job.id, JobOutcome(False, read_user_data, None, "engine exited",
+                                               usage=usage))
 
 
 def _spent_rdp(node: Node) -> str:
@@ -104,7 +106,8 @@ def test_a_group_quota_is_one_pool_shared_by_its_members(node_dir: Path) -> None
     assert "shared by group researchers" in refused.detail
 
 
-def test_monthly_cpu_quota_counts_reservations_then_what_jobs_really_used(node_dir: Path) -> None:
+def test_monthly_cpu_quota_counts_a_job_that_read_data_at_its_reservation_not_its_use(
+        node_dir: Path) -> None:
     # Each job reserves the node's per-job CPU limit (4 CPU-hours by default).
     _quota_rows(node_dir, "alice, owner, *, train, max_cpu_hours_per_month, 10")
     node = Node(node_dir)
@@ -118,17 +121,21 @@ def test_monthly_cpu_quota_counts_reservations_then_what_jobs_really_used(node_d
     with node.session() as s:
         meters = [s.get(JobMeter, job.id) for job in jobs if isinstance(job, Job)]
     assert [m.cpu_reserved_seconds for m in meters if m] == [4 * HOUR, 4 * HOUR]
-    first = jobs[0]
-    assert isinstance(first, Job)
-    _settle(node, first, cpu_seconds=0.5 * HOUR)  # its unused 3.5 h are released
-    assert isinstance(submit(node, alice, **SMALL), Job)  # 0.5 + 4 + 4 ≤ 10
+    first, second = jobs
+    assert isinstance(first, Job) and isinstance(second, Job)
+    # It read user data: what it used (0.5 h) depends on the data, so it stays billed at 4 h.
+    _settle(node, first, cpu_seconds=0.5 * HOUR)
+    still = submit(node, alice, **SMALL)
+    assert isinstance(still, Problem) and still.extra == refused.extra
+    # It failed before reading user data: its unused 3.5 h are released.
+    _settle(node, second, cpu_seconds=0.5 * HOUR, read_user_data=False)
+    assert isinstance(submit(node, alice, **SMALL), Job)  # 4 + 0.5 + 4 ≤ 10
     again = submit(node, alice, **SMALL)
     assert isinstance(again, Problem) and again.extra["used"] == "8.5"
 
 
 def test_monthly_spend_quota_counts_charges_and_projected_costs(node_dir: Path) -> None:
-    _with_prices(node_dir, '[billing]\ncurrency = "EUR"\nper_cpu_hour = 0.25\nper_gb_hour = 0.01\n'
-                 'per_job = 0.1\n')
+    _with_prices(node_dir, '[billing]\ncurrency = "EUR"\nper_cpu_hour = 0.25\nper_job = 0.1\n')
     _quota_rows(node_dir, "alice, owner, *, train, max_spend_per_month, 2.00")
     node = Node(node_dir)
     alice = researcher(node_dir, "alice")
@@ -139,8 +146,9 @@ def test_monthly_spend_quota_counts_charges_and_projected_costs(node_dir: Path) 
     assert refused.extra | {"rule": ""} == {"quota": "max_spend_per_month", "limit": "2.00",
                                             "used": "1.100000", "requested": "1.100000",
                                             "unit": "EUR", "month": refused.extra["month"], "rule": ""}
-    _settle(node, first, cpu_seconds=360.0)  # charged 0.125100 instead of the projected 1.1
-    assert isinstance(submit(node, alice, **SMALL), Job)
+    _settle(node, first, cpu_seconds=360.0)  # read data: charged the projected 1.1, not 0.125
+    still = submit(node, alice, **SMALL)
+    assert isinstance(still, Problem) and still.extra == refused.extra
 
 
 def test_a_spend_quota_without_a_price_list_never_refuses(node_dir: Path) -> None:
