@@ -20,6 +20,7 @@ from ledger import accounting
 from ledger.budget import budget_fit, register_dataset, reserve_budget
 from ledger.db import create_schema, make_engine, session
 from ledger.models import Dataset, Job
+from ledger.public_count import declared_count
 
 COST = accounting.JobCost.for_job(sampling_rate=0.01, noise_multiplier=1.0, rounds=100,
                                   evaluation_noise_multiplier=10.0)
@@ -40,7 +41,8 @@ def _prepare(path: Path, prior_jobs: int):  # type: ignore[no-untyped-def]
     cost_rdp = COST.rdp(accounting.FILTER_ORDERS)
     with session(engine) as s, s.begin():
         dataset = register_dataset(s, name="ds", owner="o", path="/x", training_users=100_000,
-                                   evaluation_users=20_000, num_features=10, num_classes=2,
+                                   evaluation_users=20_000,
+                         public_users=declared_count(100_000), num_features=10, num_classes=2,
                                    epsilon_total=1e9, delta=1e-6, actor="bench")
         spent = accounting.zero(accounting.FILTER_ORDERS)
         for _ in range(prior_jobs):

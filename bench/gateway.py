@@ -263,7 +263,7 @@ def measure() -> dict[str, Any]:
         assert dataset is not None
         # The benchmark's job (20 users a round), and the same job with every training user in
         # every round: no subsampling, so its privacy accounting is closed-form and cheap.
-        jobs = {"sampled": JOB, "every_user": {**JOB, "clients_per_round": dataset.training_users}}
+        jobs = {"sampled": JOB, "every_user": {**JOB, "clients_per_round": dataset.public_users}}
         accounting_ms = {name: accounting_cost_ms(root, job) for name, job in jobs.items()}
         url, process = start_gateway(root, log_path=scratch / "gateway.log")
         try:
@@ -286,7 +286,7 @@ def measure() -> dict[str, Any]:
                           .where(Job.state == "pending_review")).one()
         node.engine.dispose()
     return {"gateway": gateway, "bare": bare, "setup_seconds": setup_seconds,
-            "accounting_ms": accounting_ms, "training_users": dataset.training_users,
+            "accounting_ms": accounting_ms, "training_users": dataset.public_users,
             "audit_entries": audit_after - audit_before, "held": int(held)}
 
 

@@ -10,7 +10,8 @@ shapes; none carries data-dependent values (``round`` counts rounds, not clients
     {"event": "evaluation"}
     {"event": "done"}
 
-Stdlib only: the gateway imports this module.
+The gateway imports this module: it needs no TensorFlow (only ``ledger.mechanism``, the
+parameter ranges both sides enforce, and ``ledger.accounting`` for the charged event).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ RELEASE_FILE = "release.json"
 PROGRESS_FD_ENV = "FEDGATE_PROGRESS_FD"
 
 _MAX_LINE = 4096
+_MAX_ROUNDS = 100_000  # = ledger.mechanism.RANGES["rounds"].high (a test checks it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +158,15 @@ class JobSpec:
     """One DP-FedAvg job as the gateway admitted (and accounted) it.
 
     Privacy-relevant fields: each round samples every training user independently with
-    probability ``sampling_rate``; each sampled user's model delta is clipped to L2 norm
-    ``clip``; Gaussian noise with std ``noise_multiplier * clip`` is added to the sum, which is
-    divided by the constant ``expected_clients_per_round`` (= sampling_rate × training users).
+    probability ``sampling_rate``; each sampled user trains on at most
+    ``max_examples_per_user`` of their examples (a fresh uniform subset each round when they have
+    more: the owner's cap on one user's local work); the model delta is clipped to L2 norm
+    ``clip``; Gaussian noise with std :meth:`noise_stddev` (≥ ``noise_multiplier × clip`` in the
+    float32 that runs) is added to the sum, which is divided by the public constant
+    ``expected_clients_per_round`` (= sampling_rate × N̂, the dataset's public user count; never
+    the exact count). ``charged_cost`` is the DP event the ledger charged; the runner refuses to
+    read data unless :meth:`executed_cost` equals it (:meth:`check_charged`). Every parameter is
+    validated by ``ledger.mechanism`` (the gateway's validator too).
 
     The optimizers (``client_optimizer`` for local training, ``server_optimizer`` on the noised
     aggregate; see :data:`OPTIMIZER_HYPERPARAMETERS`) do not change ε. Hyperparameters an
@@ -188,6 +196,45 @@ class JobSpec:
     server_beta_2: float | None = None
     server_epsilon: float | None = None
     server_initial_preconditioner_value: float | None = None
+    max_examples_per_user: int | None = None
+    charged_cost: dict[str, Any] | None = None
+
+    def noise_stddev(self) -> float:
+        """σ of the Gaussian noise on the sum, as the float32 value TF runs with
+        (``ledger.mechanism.noise_stddev``: ≥ noise_multiplier × float32(clip))."""
+        from ledger.mechanism import noise_stddev
+
+        return noise_stddev(clip=self.clip, noise_multiplier=self.noise_multiplier)
+
+    def executed_cost(self) -> Any:
+        """The DP event of what this spec runs (``ledger.accounting.JobCost``), rebuilt from
+        its own parameters: q, z, T and the evaluation's noise multiplier."""
+        from ledger.accounting import JobCost
+
+        return JobCost.for_job(
+            sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier,
+            rounds=self.rounds,
+            evaluation_noise_multiplier=(None if self.evaluation is None
+                                         else self.evaluation.noise_multiplier))
+
+    def check_charged(self) -> None:
+        """Refuse to run unless what runs is exactly what was charged.
+
+        ``charged_cost`` is the cost the gateway's ledger reserved (``Job.cost``); the event this
+        spec executes must equal it field for field (same q, z, T and evaluation noise), else
+        :class:`JobSpecInvalid` — before any data is read, so the job is refunded.
+        """
+        from ledger.accounting import JobCost
+
+        if self.charged_cost is None:
+            raise JobSpecInvalid("job.json has no charged_cost: nothing says what was charged")
+        try:
+            charged = JobCost.from_json(self.charged_cost)
+        except ValueError as error:
+            raise JobSpecInvalid(f"charged_cost is not a valid job cost ({error})") from None
+        if self.executed_cost() != charged:
+            raise JobSpecInvalid("the parameters in job.json differ from the charged DP event; "
+                                 "refusing to run a mechanism that was not charged")
 
     def optimizer(self, side: str) -> tuple[str, float, dict[str, float]]:
         """(name, learning rate, other hyperparameters) of the ``side`` optimizer, as
@@ -216,7 +263,7 @@ class JobSpec:
         if evaluation_data is not None:
             ev = _Fields(evaluation_data, "evaluation")
             evaluation = EvaluationSpec(
-                noise_multiplier=ev.number("noise_multiplier", minimum=0.0),
+                noise_multiplier=ev.number("noise_multiplier", minimum=0.0, exclusive=True),
                 loss_clip=ev.number("loss_clip", minimum=0.0, exclusive=True),
             )
             ev.done()
@@ -224,7 +271,7 @@ class JobSpec:
             job_id=job_id,
             dataset_dir=fields.absolute_path("dataset_dir"),
             model_path=fields.absolute_path("model_path"),
-            rounds=fields.integer("rounds", 1, 100_000),
+            rounds=fields.integer("rounds", 1, _MAX_ROUNDS),
             sampling_rate=fields.number("sampling_rate", minimum=0.0, exclusive=True,
                                         maximum=1.0),
             expected_clients_per_round=fields.number("expected_clients_per_round",
@@ -237,13 +284,38 @@ class JobSpec:
                                                exclusive=True),
             server_momentum=(server_momentum := fields.number("server_momentum", minimum=0.0,
                                                               maximum=0.999)),
-            local_epochs=fields.integer("local_epochs", 1, 1000),
-            batch_size=fields.integer("batch_size", 1, 1_000_000),
+            local_epochs=fields.integer("local_epochs", 1, 1_000_000),
+            batch_size=fields.integer("batch_size", 1, 1_000_000_000),
             evaluation=evaluation,
             **_optimizer_fields(fields, server_momentum=server_momentum),
+            max_examples_per_user=fields.optional("max_examples_per_user"),
+            charged_cost=fields.optional("charged_cost"),
         )
         fields.done()
+        spec.validate_mechanism()
         return spec
+
+    def validate_mechanism(self) -> None:
+        """Every DP and training parameter within the admissible float32 ranges
+        (``ledger.mechanism``, the validator the gateway uses too); raises JobSpecInvalid."""
+        from ledger import mechanism
+
+        try:
+            mechanism.validate_training_mechanism(
+                clip=self.clip, noise_multiplier=self.noise_multiplier, rounds=self.rounds,
+                local_epochs=self.local_epochs, batch_size=self.batch_size,
+                client_learning_rate=self.client_learning_rate,
+                server_learning_rate=self.server_learning_rate)
+            if self.evaluation is not None:
+                mechanism.validate_evaluation_mechanism(
+                    noise_multiplier=self.evaluation.noise_multiplier,
+                    loss_clip=self.evaluation.loss_clip)
+            if self.max_examples_per_user is not None:
+                mechanism.check_in_range("max_examples_per_user", self.max_examples_per_user)
+        except mechanism.MechanismParameterInvalid as error:
+            raise JobSpecInvalid(f"{error.message} (admissible: {error.admissible})") from None
+        if self.charged_cost is not None and not isinstance(self.charged_cost, dict):
+            raise JobSpecInvalid("charged_cost must be a JSON object")
 
     @classmethod
     def load(cls, job_dir: Path) -> JobSpec:
@@ -373,7 +445,7 @@ def parse_event(line: bytes) -> dict[str, Any] | None:
     if value.keys() == {"event", "round", "rounds"} and value["event"] == "round":
         i, total = value["round"], value["rounds"]
         # `type(...) is int`: JSON true/false parse to bools, which are not counts.
-        if type(i) is int and type(total) is int and 1 <= i <= total <= 100_000:
+        if type(i) is int and type(total) is int and 1 <= i <= total <= _MAX_ROUNDS:
             return round_event(i, total)
     return None
 

@@ -216,7 +216,8 @@ def run_canary_audit(config: AuditConfig, *, broken: str | None = None) -> Priva
     state = aggregation.initialize()
     final_delta = np.zeros(dimension)
     for _ in range(config.rounds):
-        sampled = poisson_sample(participation, config.canaries, config.sampling_rate)
+        sampled = poisson_sample(config.canaries, config.sampling_rate,
+                                 random_bytes=participation.bytes)
         client_deltas = [_unflatten(CANARY_NORM_FACTOR * config.clip * directions[i],
                                     config.weight_shapes) for i in sampled]
         output = aggregation.next(state, client_deltas)

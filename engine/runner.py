@@ -6,7 +6,9 @@ Order of operations, which the budget refund rule depends on:
 1. make sure the process is in a loopback-only network namespace (:mod:`engine.netns`): in
    the bubblewrap sandbox it already is and this only checks it; with ``sandbox = "none"``
    the runner unshares one itself; a process that still sees another interface refuses to run;
-2. validate ``job.json`` and the model artifact; with remote workers (``FEDGATE_REMOTE_WORKERS``,
+2. validate ``job.json`` (every parameter in its float32 range, ``ledger.mechanism``; the
+   mechanism it describes equal to the charged event, ``JobSpec.check_charged``) and the
+   model artifact; with remote workers (``FEDGATE_REMOTE_WORKERS``,
    set by the launcher: gRPC targets of its relay) make sure every worker answers and run all
    TFF computations on them (:func:`use_remote_workers`); build the Keras model and the TFF
    process — no user data is read (``schema.json`` is dataset metadata the gateway already
@@ -92,14 +94,10 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
 
     from engine import artifact, datastore
 
+    # What runs must be what was charged: q, z, T and the evaluation noise rebuild exactly
+    # the stored cost event (the parameters' float32 ranges were checked when parsing).
+    spec.check_charged()
     schema = datastore.load_schema(spec.dataset_dir)
-    training_users = schema.partitions["training"].users
-    expected = spec.sampling_rate * training_users
-    if abs(spec.expected_clients_per_round - expected) > 1e-9 * max(1.0, expected):
-        raise JobSpecInvalid(
-            f"expected_clients_per_round {spec.expected_clients_per_round} is not "
-            f"sampling_rate × training users = {expected}"
-        )
     doc = artifact.parse_artifact(spec.model_path.read_bytes())
     summary = artifact.validate_artifact(doc, num_features=schema.num_features,
                                          num_classes=schema.num_classes)

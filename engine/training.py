@@ -2,16 +2,17 @@
 
 Per round, for a training partition of N users:
 
-* every user is sampled independently with probability q (Poisson sampling; fresh OS
-  randomness, so the sample cannot be predicted or replayed);
+* every user is sampled independently with probability q (Poisson sampling, each decision
+  from the OS CSPRNG: :func:`poisson_sample`; the sample cannot be predicted or replayed);
 * each sampled user trains locally (``local_epochs`` passes, the job's client optimizer) from
-  the server model; its model delta is clipped to L2 norm C
-  (``DifferentiallyPrivateFactory.gaussian_fixed``: fixed clipping over all trainable tensors
-  jointly);
-* the server adds Gaussian noise of std z·C to the *sum* of clipped deltas and divides by the
-  constant ``expected_clients_per_round`` = q·N (never by the realised count); the server
-  optimizer step (the job's choice: SGD, SGD with momentum, Adam, Yogi or Adagrad) is
-  post-processing.
+  the server model on at most ``max_examples_per_user`` of their examples (a fresh uniform
+  subset when they have more: the owner's bound on one user's local work); its model delta is
+  zeroed if not finite and clipped to L2 norm C jointly over all trainable tensors
+  (:class:`engine.dp_query.FiniteGaussianSumQuery`);
+* the server adds Gaussian noise of std σ ≥ z·C (float32, ``JobSpec.noise_stddev``) to the
+  *sum* of clipped deltas and divides by the public constant ``expected_clients_per_round`` =
+  q·N̂ (never by the realised count, never by the exact N); the server optimizer step (the
+  job's choice: SGD, SGD with momentum, Adam, Yogi or Adagrad) is post-processing.
 
 A round in which nobody is sampled still runs: TFF 0.87 accepts an empty client list, sums to
 zero and adds the noise, which is exactly the mechanism's output for an empty sample.
@@ -22,9 +23,12 @@ summed without noise; they are discarded here and never leave this module.
 
 from __future__ import annotations
 
+import math
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,7 +41,8 @@ if TYPE_CHECKING:
 
     from engine.datastore import Partition
 
-__all__ = ["FederatedTraining", "dp_aggregator", "poisson_sample", "prepare_training"]
+__all__ = ["FederatedTraining", "cap_examples", "dp_aggregator", "poisson_sample",
+           "prepare_training"]
 
 
 @dataclass
@@ -56,10 +61,11 @@ class FederatedTraining:
         """Train for ``spec.rounds`` rounds; return the Keras model holding the final weights."""
         import tensorflow_federated as tff
 
-        rng = np.random.default_rng(secrets.randbits(128))
+        rng = np.random.default_rng(secrets.randbits(128))  # example subsets only
         for round_number in range(1, self.spec.rounds + 1):
-            sampled = poisson_sample(rng, partition.users, self.spec.sampling_rate)
-            clients = [self._client_dataset(*partition.user_examples(int(user)))
+            sampled = poisson_sample(partition.users, self.spec.sampling_rate)
+            clients = [self._client_dataset(*cap_examples(
+                rng, *partition.user_examples(int(user)), self.spec.max_examples_per_user))
                        for user in sampled]
             self.state = self.process.next(self.state, clients).state  # metrics dropped
             self.client_updates += len(clients)
@@ -79,10 +85,34 @@ class FederatedTraining:
         )
 
 
-def poisson_sample(rng: np.random.Generator, population: int, sampling_rate: float) -> np.ndarray:
+def poisson_sample(population: int, sampling_rate: float,
+                   random_bytes: Callable[[int], bytes] = os.urandom) -> np.ndarray:
     """Indices of the members of ``range(population)`` included in one round: each independently
-    with probability ``sampling_rate`` (the PoissonSampled event the ledger accounts)."""
-    return np.flatnonzero(rng.random(population) < sampling_rate)
+    with probability p ≤ ``sampling_rate`` (the PoissonSampled event the ledger accounts).
+
+    Each member gets 64 fresh bits from the OS CSPRNG (``random_bytes``, ``os.urandom``; never
+    a seeded generator, whose state could be predicted) and is included iff they are below
+    ⌊q·2⁶⁴⌋, so p = ⌊q·2⁶⁴⌋/2⁶⁴ is within 2⁻⁶⁴ of q and never above it (sampling with a
+    smaller rate only lowers the privacy loss). q = 1 includes everyone.
+    """
+    if not 0.0 < sampling_rate <= 1.0:
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+    if sampling_rate == 1.0:
+        return np.arange(population)
+    threshold = np.uint64(math.floor(Fraction(sampling_rate) * 2**64))
+    draws = np.frombuffer(random_bytes(8 * population), dtype=np.uint64)
+    return np.flatnonzero(draws < threshold)
+
+
+def cap_examples(rng: np.random.Generator, features: np.ndarray, labels: np.ndarray,
+                 cap: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One sampled user's examples for this round: all of them if they have at most ``cap``,
+    else a uniform subset of exactly ``cap`` without replacement (fresh each round). Bounds a
+    user's local work by ``local_epochs × ⌈cap / batch_size⌉`` steps; ``cap`` None: no cap."""
+    if cap is None or len(labels) <= cap:
+        return features, labels
+    chosen = np.sort(rng.choice(len(labels), size=cap, replace=False))
+    return features[chosen], labels[chosen]
 
 
 def dp_aggregator(spec: JobSpec, *, audit_noise_disabled: bool = False,
@@ -94,6 +124,10 @@ def dp_aggregator(spec: JobSpec, *, audit_noise_disabled: bool = False,
     ``spec.expected_clients_per_round``. The noise is fresh (TF's unseeded generator) in every
     job and every round.
 
+    The noise std is ``spec.noise_stddev()`` (float32, ≥ noise_multiplier × float32(clip):
+    ``ledger.mechanism``) and each client's delta is zeroed if not finite before it is clipped
+    (:class:`engine.dp_query.FiniteGaussianSumQuery`).
+
     Three keyword-only switches exist for :mod:`engine.privacy_audit` alone:
 
     * ``audit_noise_disabled`` — noise multiplier 0 (a broken mechanism the audit must catch);
@@ -104,27 +138,21 @@ def dp_aggregator(spec: JobSpec, *, audit_noise_disabled: bool = False,
       Seeded noise is predictable, hence no protection for real users.
 
     None of them is a :class:`JobSpec` field and :func:`prepare_training` passes none, so no
-    job (and nothing the gateway accepts) can reach them. Without them this is exactly
-    ``DifferentiallyPrivateFactory.gaussian_fixed``; with them it is the composition
-    ``gaussian_fixed`` builds (``NormalizedQuery(GaussianSumQuery(clip, z·clip), q·N)``) with
-    only the audited change.
+    job (and nothing the gateway accepts) can reach them. Without them this is the composition
+    ``DifferentiallyPrivateFactory.gaussian_fixed`` builds
+    (``NormalizedQuery(GaussianSumQuery(clip, σ), q·N̂)``) with the finite-delta rule and the
+    exact float32 σ; with them, only the audited change.
     """
     import tensorflow_federated as tff
-
-    noise_multiplier = 0.0 if audit_noise_disabled else spec.noise_multiplier
-    if not audit_clipping_removed and noise_seed is None:
-        return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
-            noise_multiplier=noise_multiplier,
-            clients_per_round=spec.expected_clients_per_round,
-            clip=spec.clip,
-        )
     import tensorflow_privacy as tfp
 
+    from engine.dp_query import FiniteGaussianSumQuery
+
+    stddev = 0.0 if audit_noise_disabled else spec.noise_stddev()  # the noise claimed for C
     # A finite stand-in for "no clip": tf.clip_by_global_norm(x, inf) computes inf·0 = NaN.
     l2_norm_clip = 1e30 if audit_clipping_removed else spec.clip
-    stddev = noise_multiplier * spec.clip  # still the noise claimed for clip C
     if noise_seed is None:
-        sum_query = tfp.GaussianSumQuery(l2_norm_clip=l2_norm_clip, stddev=stddev)
+        sum_query = FiniteGaussianSumQuery(l2_norm_clip=l2_norm_clip, stddev=stddev)
     else:
         from engine.seeded_noise import SeededGaussianSumQuery
 

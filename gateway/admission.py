@@ -38,7 +38,7 @@ from gateway.policy import (
 from gateway.problems import Problem
 from gateway.quotas import QuotaExceeded, enforce_quotas
 from gateway.signatures import VerifiedRequest
-from ledger import accounting
+from ledger import accounting, mechanism
 from ledger.audit import append_entry
 from ledger.budget import (
     BudgetExceeded,
@@ -52,8 +52,14 @@ from ledger.metering import reserve_compute
 from ledger.models import Dataset, Job
 from ledger.review import open_review
 
-MAX_ROUNDS = 100_000
+MAX_ROUNDS = int(mechanism.RANGES["rounds"].high)
 NO_MODEL = "sha256:" + "0" * 64  # estimates do not need an uploaded model
+
+
+def mechanism_problem(error: mechanism.MechanismParameterInvalid) -> Problem:
+    """The ``invalid-request`` problem for a parameter outside its admissible range."""
+    return Problem("invalid-request", f"{error.message}; the admissible range of {error.field} "
+                   f"is {error.admissible}", field=error.field, admissible=error.admissible)
 
 
 @dataclass(frozen=True)
@@ -120,26 +126,27 @@ class JobRequest:
         need(isinstance(self.model_digest, str)
              and re.fullmatch(r"sha256:[0-9a-f]{64}", self.model_digest) is not None,
              "model_digest", "'sha256:' + 64 lowercase hex digits")
-        need(isinstance(self.rounds, int) and 1 <= self.rounds <= MAX_ROUNDS, "rounds",
-             f"an integer in 1..{MAX_ROUNDS}")
         need(finite(self.clients_per_round) and self.clients_per_round >= 1,
              "clients_per_round", "a number ≥ 1")
-        need(finite(self.noise_multiplier) and self.noise_multiplier > 0, "noise_multiplier",
-             "a finite number > 0")
-        need(finite(self.clip) and self.clip > 0, "clip", "a finite number > 0")
-        for name in ("client_learning_rate", "server_learning_rate"):
-            value = getattr(self, name)
-            need(finite(value) and 0 < value <= 100, name, "a number in (0, 100]")
+        self.mechanism()
         need(finite(self.server_momentum) and 0 <= self.server_momentum < 1, "server_momentum",
              "a number in [0, 1)")
-        need(isinstance(self.local_epochs, int) and 1 <= self.local_epochs <= 100,
-             "local_epochs", "an integer in 1..100")
-        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 10_000, "batch_size",
-             "an integer in 1..10000")
         need(isinstance(self.evaluate, bool), "evaluate", "true or false")
         need(self.idempotency_key is None or (isinstance(self.idempotency_key, str)
              and 0 < len(self.idempotency_key) <= 128), "idempotency_key", "a short string")
         self.optimizers()
+
+    def mechanism(self) -> mechanism.TrainingMechanism:
+        """The training parameters checked against the float32 ranges both gateway and engine
+        enforce (``ledger.mechanism``); raises ``invalid-request`` naming the range."""
+        try:
+            return mechanism.validate_training_mechanism(
+                clip=self.clip, noise_multiplier=self.noise_multiplier, rounds=self.rounds,
+                local_epochs=self.local_epochs, batch_size=self.batch_size,
+                client_learning_rate=self.client_learning_rate,
+                server_learning_rate=self.server_learning_rate)
+        except mechanism.MechanismParameterInvalid as error:
+            raise mechanism_problem(error) from None
 
     def optimizers(self) -> dict[str, Any]:
         """The optimizer fields with the chosen optimizers' defaults filled in and the
@@ -183,16 +190,24 @@ class Projection:
     delta: float
 
 
-def project_cost(node: Node, dataset: Dataset, request: JobRequest) -> Projection:
-    """Privacy cost of ``request`` on ``dataset`` (pure apart from reading config)."""
-    if request.clients_per_round > dataset.training_users:
+def sampling_rate(dataset: Dataset, clients_per_round: float) -> float:
+    """q = clients_per_round / N̂: the researcher's expected clients per round against the
+    dataset's *public* user count N̂ (``ledger.public_count``), never the exact count, so no
+    ε, refusal or bound depends on private data. Refuses an expectation above N̂ (q > 1)."""
+    if clients_per_round > dataset.public_users:
         raise Problem(
             "invalid-request",
-            f"clients_per_round {request.clients_per_round:g} exceeds the number of training "
-            f"users of {dataset.name}; use at most {dataset.training_users // 100 * 100}",
+            f"clients_per_round {clients_per_round:g} exceeds the public user count "
+            f"N̂ = {dataset.public_users} of {dataset.name}; use at most {dataset.public_users}",
             field="clients_per_round",
         )
-    q = float(request.clients_per_round) / float(dataset.training_users)
+    return float(clients_per_round) / float(dataset.public_users)
+
+
+def project_cost(node: Node, dataset: Dataset, request: JobRequest) -> Projection:
+    """Privacy cost of ``request`` on ``dataset`` (pure apart from reading config): a function
+    of the request's public parameters and N̂ only."""
+    q = sampling_rate(dataset, request.clients_per_round)
     cost = _job_cost(node, q, request)
     cost_rdp = cost.rdp(filter_orders(dataset))
     return Projection(dataset, q, cost, cost_rdp, cost.epsilon(dataset.delta), dataset.delta)
@@ -214,7 +229,7 @@ def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
 
     Each probe computes only the filter's RDP vector (memoised per noise level), never ε, so a
     refusal costs a few dp-accounting calls rather than dozens (found by the soak benchmark)."""
-    q = float(request.clients_per_round) / float(dataset.training_users)
+    q = sampling_rate(dataset, request.clients_per_round)
     orders = filter_orders(dataset)
 
     def fits(**change: Any) -> bool:
@@ -494,10 +509,7 @@ def calibrate_job(node: Node, principal: VerifiedRequest, body: Any) -> dict[str
     body[solve_for] = 1
     request = JobRequest.from_json(body, needs_model=False)
     dataset = _dataset_for_estimate(node, principal, request)
-    q = float(request.clients_per_round) / float(dataset.training_users)
-    if q > 1:
-        raise Problem("invalid-request", "clients_per_round exceeds the training users",
-                      field="clients_per_round")
+    q = sampling_rate(dataset, request.clients_per_round)
     if solve_for == "noise_multiplier":
         value: float | int = accounting.calibrate_noise_multiplier(
             target_epsilon=float(target), sampling_rate=q, rounds=request.rounds,
@@ -511,6 +523,7 @@ def calibrate_job(node: Node, principal: VerifiedRequest, body: Any) -> dict[str
                           f"noise_multiplier {request.noise_multiplier:g}; raise it",
                           field="noise_multiplier")
     solved = JobRequest(**{**asdict(request), solve_for: value})
+    solved.mechanism()  # the solution must itself be admissible (e.g. z ≥ the float32 floor)
     projection = project_cost(node, dataset, solved)
     fit = budget_fit(dataset, projection.cost_rdp)
     return {"dataset": dataset.name, solve_for: value, "epsilon": projection.epsilon,

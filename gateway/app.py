@@ -57,11 +57,6 @@ def _json_body(request: Request) -> Any:
         raise Problem("invalid-request", "the body must be valid JSON") from None
 
 
-def _rounded_users(count: int) -> int:
-    """User counts are shown to researchers rounded to the nearest 100."""
-    return round(count / 100.0) * 100
-
-
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -93,8 +88,9 @@ async def list_datasets(request: Request) -> Response:
                 **_columns(d),
                 "num_features": d.num_features,
                 "num_classes": d.num_classes,
-                "training_users_rounded": _rounded_users(d.training_users),
-                "evaluation_users_rounded": _rounded_users(d.evaluation_users),
+                "public_users": d.public_users,
+                "public_users_source": d.public_users_source,
+                "max_examples_per_user": d.max_examples_per_user,
                 "epsilon_total": d.epsilon_total,
                 "delta": d.delta,
                 "budget_used": _budget_used(d),
@@ -236,10 +232,27 @@ def _job_status(node: Node, job: Job) -> dict[str, Any]:
         "budget": job.budget_state,
     }
     if job.failure:
-        status["failure"] = job.failure
+        status["failure"] = researcher_failure(job)
     if review is not None:
         status["review"] = review_status(review)
     return status
+
+
+GENERIC_FAILURE = ("the job stopped after reading user data; why is not released (it could "
+                   "depend on the data); its budget is charged")
+"""The one failure text a researcher sees for any failure after data access."""
+RESEARCHER_CANCELLED = "cancelled by the researcher"
+
+
+def researcher_failure(job: Job) -> str:
+    """The failure a researcher may see: before data access the reason (it depends only on the
+    request, the node and the sandbox, never on user data); after data access one generic
+    text, because the reason, and when it happened (a CPU, time or memory stop, a numeric
+    failure), can depend on the data. A researcher's own cancel says so. The owner's log and
+    the audit log keep the full reason."""
+    if job.failure == RESEARCHER_CANCELLED or not job.data_accessed:
+        return job.failure or ""
+    return GENERIC_FAILURE
 
 
 def _own_job(request: Request) -> Job:

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ledger.mechanism import DEFAULT_MAX_EXAMPLES_PER_USER
+
 EXAMPLES = """\
 examples:
   fedgate init ./node --owner clinic
@@ -144,10 +146,23 @@ def cmd_dataset_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_import(args: argparse.Namespace) -> int:
-    from engine.datastore import import_dataset
+    from engine.datastore import import_dataset, load_schema
+    from engine.mock import MOCK_FILE, parse_ranges, write_mock
     from ledger.budget import register_dataset
+    from ledger.public_count import (
+        DeltaTooLarge,
+        check_delta,
+        declared_count,
+        dp_count_estimate,
+    )
 
     node = _node(args)
+    if args.public_users is not None:
+        try:
+            check_delta(args.delta, args.public_users)  # before any work: all public inputs
+        except DeltaTooLarge as exc:
+            print(f"fedgate: {exc}", file=sys.stderr)
+            return 2
     dest = node.deployment.datasets_dir / args.name
     features = args.feature_columns.split(",") if args.feature_columns else None
     import_dataset(
@@ -155,26 +170,42 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
         label_column=args.label_column, feature_columns=features,
         evaluation_fraction=args.evaluation_fraction,
         split_key=node.deployment.split_key.read_bytes(),
+        num_classes=args.num_classes,
     )
-    from engine.datastore import load_schema
-    from engine.mock import MOCK_FILE, parse_ranges, write_mock
-
+    if args.num_classes is None:
+        print("warning: the label set was read from the data (largest label + 1); declare it "
+              "with --num-classes", file=sys.stderr)
     loaded = load_schema(dest)
     write_mock(loaded, dest / MOCK_FILE, users=args.mock_users,
                ranges=parse_ranges(args.mock_range, loaded.feature_columns))
-    schema = json.loads((dest / "schema.json").read_text())
-    parts = schema["partitions"]
-    with node.session() as s, s.begin():
-        register_dataset(
-            s, name=args.name, owner=node.config.owner, path=str(dest),
-            training_users=parts["training"]["users"],
-            evaluation_users=parts["evaluation"]["users"],
-            num_features=schema["num_features"], num_classes=schema["num_classes"],
-            epsilon_total=args.epsilon_total, delta=args.delta, actor="owner-cli",
-        )
-    print(f"imported dataset {args.name}: {parts['training']['users']} training users, "
-          f"{parts['evaluation']['users']} evaluation users, {schema['num_features']} features, "
-          f"{schema['num_classes']} classes; budget ε={args.epsilon_total:g}, δ={args.delta:g}")
+    training, evaluation = loaded.partitions["training"], loaded.partitions["evaluation"]
+    public = (declared_count(args.public_users) if args.public_users is not None
+              else dp_count_estimate(training.users))
+    try:
+        warning = check_delta(args.delta, public.value)
+        with node.session() as s, s.begin():
+            register_dataset(
+                s, name=args.name, owner=node.config.owner, path=str(dest),
+                training_users=training.users, evaluation_users=evaluation.users,
+                public_users=public, max_examples_per_user=args.max_examples_per_user,
+                num_features=loaded.num_features, num_classes=loaded.num_classes,
+                epsilon_total=args.epsilon_total, delta=args.delta, actor="owner-cli",
+            )
+    except DeltaTooLarge as exc:
+        import shutil
+
+        shutil.rmtree(dest)
+        print(f"fedgate: {exc}", file=sys.stderr)
+        return 2
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    how = ("declared public" if public.event is None
+           else "DP estimate, charged once to the budget")
+    print(f"imported dataset {args.name}: {training.users} training users, "
+          f"{evaluation.users} evaluation users (exact, owner only); researchers see "
+          f"N̂ = {public.value} ({how}); {loaded.num_features} features, "
+          f"{loaded.num_classes} classes; at most {args.max_examples_per_user} examples per user "
+          f"and round; budget ε={args.epsilon_total:g}, δ={args.delta:g}")
     return 0
 
 
@@ -187,7 +218,10 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
     with node.session() as s:
         rows = [
             {"name": d.name, "training_users": d.training_users,
-             "evaluation_users": d.evaluation_users, "epsilon_total": d.epsilon_total,
+             "evaluation_users": d.evaluation_users, "public_users": d.public_users,
+             "public_users_source": d.public_users_source,
+             "max_examples_per_user": d.max_examples_per_user,
+             "epsilon_total": d.epsilon_total,
              "delta": d.delta}
             for d in s.exec(select(Dataset).order_by(Dataset.name)).all()  # reviewed: ORM query, not exec
         ]
@@ -331,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mock-range", action="append", metavar="FEATURE=LOW:HIGH",
                    help="range of a feature in the public mock data (default -1:1); repeatable")
     p.add_argument("--mock-users", type=int, default=200, help="users in the mock data")
+    p.add_argument("--public-users", type=int, metavar="N",
+                   help="the public training-user count N̂ researchers see and every ε uses; "
+                        "declare it only if it is already public (default: a DP estimate, "
+                        "Gaussian noise σ=20 on the count, charged once to the budget)")
+    p.add_argument("--max-examples-per-user", type=int, default=DEFAULT_MAX_EXAMPLES_PER_USER,
+                   metavar="K", help="cap on one user's examples per round (a fresh random "
+                   f"subset when they have more; default {DEFAULT_MAX_EXAMPLES_PER_USER}): "
+                   "bounds each user's local work")
+    p.add_argument("--num-classes", type=int, metavar="K",
+                   help="the label set is 0..K-1 (public; default: the largest label + 1, "
+                        "which reads the data: declare it)")
     p.set_defaults(func=cmd_dataset_import)
     p = sub.add_parser("list", help="list datasets")
     p.add_argument("--json", action="store_true")

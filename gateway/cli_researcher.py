@@ -82,8 +82,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     with _client(args) as client:
         datasets = client.datasets()
     human = "\n".join(
-        f"{d['name']}: ~{d['training_users_rounded']} training users, "
-        f"~{d['evaluation_users_rounded']} evaluation users, {d['num_features']} features, "
+        f"{d['name']}: N̂ = {d['public_users']} training users ({d['public_users_source']}), "
+        f"≤ {d['max_examples_per_user']} examples per user and round, "
+        f"{d['num_features']} features, "
         f"{d['num_classes']} classes; budget ε={d['epsilon_total']:g}, δ={d['delta']:g}"
         for d in datasets
     ) or "no datasets visible to this key"

@@ -97,10 +97,17 @@ def cmd_review_show(args: argparse.Namespace) -> int:
 
 
 def cmd_review_decide(args: argparse.Namespace) -> int:
+    from gateway.review import runnable_problem
     from ledger.review import approve_review, deny_review
 
     node = _node(args)
     decide = approve_review if args.review_command == "approve" else deny_review
+    if args.review_command == "approve":
+        problem = runnable_problem(node, args.job_id)
+        if problem is not None:
+            print(f"fedgate: cannot approve {args.job_id}: {problem}; deny it instead",
+                  file=sys.stderr)
+            return 1
     with node.session() as s, s.begin():
         review = decide(s, args.job_id, reason=args.reason, actor=ACTOR)
     if review.state == "expired":

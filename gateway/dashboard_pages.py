@@ -226,14 +226,14 @@ def _researchers_card(billing: BillingMonth) -> str:
 def _statement_card(index: int, bill: ResearcherBill) -> str:
     rows = "".join(_charge_row(line) for line in bill.statement["lines"])
     totals = "".join(
-        f'<tr class="total"><td colspan="8">total</td><td class="num">{escape(total)} '
+        f'<tr class="total"><td colspan="6">total</td><td class="num">{escape(total)} '
         f"{escape(currency)}</td><td></td></tr>" for currency, total in bill.statement["totals"].items())
     return (f'<section class="card" id="researcher-{index}"><h3>{escape(bill.researcher)}</h3>'
             f'<p class="meta">{_jobs(len(bill.statement["lines"]))} · {bill.cpu_hours:.4f} CPU-hours. '
             "Client updates are the expected number, never the exact count, as on the "
             "researcher's statement.</p>"
             "<table><thead><tr><th>job</th><th>dataset</th><th>charged (UTC)</th><th>rounds</th>"
-            "<th>expected client updates</th><th>CPU s</th><th>peak memory</th><th>wall s</th>"
+            "<th>expected client updates</th><th>CPU s billed</th>"
             f"<th>total</th><th>audit</th></tr></thead><tbody>{rows}{totals}</tbody></table></section>")
 
 
@@ -246,15 +246,12 @@ def _charge_row(line: dict[str, Any]) -> str:
         value = line.get(key)
         return "—" if value is None else escape(str(value))
 
-    memory = line.get("peak_memory_bytes")
-    memory_text = "—" if memory is None else f"{int(memory) / 10**6:,.1f} MB"
     return ("<tr>"
             f'<td class="nowrap"><code>{cell("job_id")}</code></td><td>{cell("dataset")}</td>'
             f'<td class="nowrap">{escape(_short_time(str(line.get("charged_at", ""))))}</td>'
             f'<td class="num">{cell("rounds_run")}</td>'
             f'<td class="num">{cell("expected_client_updates")}</td>'
-            f'<td class="num">{cell("cpu_seconds")}</td><td class="num">{escape(memory_text)}</td>'
-            f'<td class="num">{cell("wall_seconds")}</td>'
+            f'<td class="num">{cell("cpu_seconds")}</td>'
             f'<td class="num">{cell("total")} {cell("currency")}</td>'
             f'<td class="num">#{cell("audit_seq")}</td></tr>')
 

@@ -75,7 +75,7 @@ def run_demo(*, users: int = 2500, keep: bool = False) -> int:
 
         client = Client(url, key=workdir / "alice.key", node_public_key=node_dir / "node.pub")
         dataset = client.datasets()[0]
-        print(f"visible dataset: {dataset['name']} (~{dataset['training_users_rounded']} training "
+        print(f"visible dataset: {dataset['name']} (N̂ = {dataset['public_users']} training "
               f"users, {dataset['num_features']} features, {dataset['num_classes']} classes; "
               f"budget ε={dataset['epsilon_total']:g}, δ={dataset['delta']:g}, "
               f"{dataset['budget_used']:.0%} used)")

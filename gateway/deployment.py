@@ -92,8 +92,7 @@ tmp_bytes = {limits.tmp_bytes}
 # Charge researchers for the compute their jobs use (docs/billing.md). Uncomment to enable:
 # every settled job is then priced and a `bill` audit entry records the charge.
 # currency = "EUR"
-# per_cpu_hour = 0.05      # per CPU-hour (user + system time of all the job's processes)
-# per_gb_hour = 0.01       # per GB (10^9 bytes) of peak memory × wall-clock hours
+# per_cpu_hour = 0.05      # per CPU-hour billed (the job's reservation once it reads user data)
 # per_job = 0.10           # per job that ran in the engine
 # per_epsilon = 1.00       # optional: per unit of ε committed
 
@@ -205,8 +204,7 @@ class Deployment:
             max_request_bytes=int(gw["max_request_bytes"]),
             job_timeout_seconds=float(engine["job_timeout_seconds"]),
             sandbox=_sandbox_mode(engine["sandbox"]),
-            evaluation_noise_multiplier=float(engine["evaluation_noise_multiplier"]),
-            evaluation_loss_clip=float(engine["evaluation_loss_clip"]),
+            **_evaluation_mechanism(engine),
             sandbox_uid=int(engine.get("sandbox_uid", SANDBOX_ID)),
             sandbox_gid=int(engine.get("sandbox_gid", SANDBOX_ID)),
             sandbox_limits=_sandbox_limits(engine.get("limits", {})),
@@ -215,6 +213,20 @@ class Deployment:
             billing=PriceList.from_table(data["billing"]) if "billing" in data else None,
             max_concurrent_jobs=_max_concurrent_jobs(engine.get("max_concurrent_jobs")),
         )
+
+
+def _evaluation_mechanism(engine: dict[str, Any]) -> dict[str, float]:
+    """``[engine] evaluation_noise_multiplier`` and ``evaluation_loss_clip``, in the admissible
+    ranges (``ledger.mechanism``: the noise multiplier charged for DP evaluation is > 0)."""
+    from ledger.mechanism import MechanismParameterInvalid, validate_evaluation_mechanism
+
+    z, clip = engine["evaluation_noise_multiplier"], engine["evaluation_loss_clip"]
+    try:
+        validate_evaluation_mechanism(noise_multiplier=z, loss_clip=clip)
+    except MechanismParameterInvalid as error:
+        raise ValueError(f"[engine] {error.message} (it is what DP evaluation is charged "
+                         "for)") from None
+    return {"evaluation_noise_multiplier": float(z), "evaluation_loss_clip": float(clip)}
 
 
 def _max_concurrent_jobs(value: object) -> int | None:

@@ -103,7 +103,7 @@ class Admission:
     epsilon_federation: float | None = None  # ε of all K jobs at this node (exact composition)
     delta: float | None = None
     rounds_that_fit: int | None = None
-    training_users_rounded: int | None = None
+    public_users: int | None = None
 
 
 @dataclass
@@ -256,7 +256,7 @@ class Federation:
                 raise _Refused("dataset-not-visible",
                                f"dataset {p.node.dataset!r} is not visible to your key on this "
                                "node (unknown, or the owner's policy does not let you use it)")
-            p.admission.training_users_rounded = int(dataset["training_users_rounded"])
+            p.admission.public_users = int(dataset["public_users"])
             per_round = p.client.estimate(p.node.dataset, **p.parameters)
             p.admission.epsilon_per_round = float(per_round["epsilon"])
             p.admission.delta = float(per_round["delta"])
@@ -380,7 +380,7 @@ class Federation:
                 status = "stopped"
                 break
             weights = self.aggregation.node_weights(
-                [p.admission.training_users_rounded or 0 for p, _ in released])
+                [p.admission.public_users or 0 for p, _ in released])
             next_weights = aggregate(template, [r.weights for _, r in released], weights,
                                      server_learning_rate=self.aggregation.server_learning_rate)
             current = _with_weights(artifact, next_weights)
@@ -482,7 +482,7 @@ class Federation:
             "name": p.node.name, "url": p.node.url, "dataset": p.node.dataset,
             "node_key_id": keys.key_id(p.client.node_public_key),
             "admitted": p.outcome.admitted, "reason": p.admission.reason,
-            "training_users_rounded": p.admission.training_users_rounded,
+            "public_users": p.admission.public_users,
             "contributions": p.outcome.contributions, "job_ids": p.outcome.job_ids,
             "charged_jobs": p.outcome.charged_jobs, "epsilon_charged": p.outcome.epsilon_charged,
             "delta": p.outcome.delta, "dropped_at_round": p.outcome.dropped_at_round,

@@ -37,6 +37,7 @@ from gateway.billing import settle_usage
 from gateway.node import Node
 from gateway.release import ReleaseRefused, build_release, gate_engine_output, read_engine_output
 from gateway.scheduler import FairQueue
+from ledger.accounting import JobCost
 from ledger.audit import append_entry
 from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import canonical_json, sha256_digest
@@ -46,28 +47,44 @@ from ledger.review import claim_approved_jobs
 log = logging.getLogger("fedgate.jobs")
 
 
-def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
-                        spec: Mapping[str, Any], training_users: int,
-                        evaluation_noise_multiplier: float,
-                        evaluation_loss_clip: float) -> dict[str, Any]:
-    """The engine's job.json (``engine.job.JobSpec``) for an admitted job's ``spec``.
+class ChargedMechanismMismatch(ValueError):
+    """The admitted spec and the stored cost events disagree: the job must not start."""
 
-    Pure, and the one place a spec becomes engine parameters, so a rehearsal on mock data
-    (``gateway.rehearsal``) runs exactly what the node would: the sampling rate is
-    q = clients_per_round / training_users and the noisy sum is divided by the expected
-    count clients_per_round (= q × training users), as the ε was accounted. The optimizer
-    fields pass through as admitted (absent in specs admitted before the choice existed:
-    the engine's defaults are that old behaviour).
+
+def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
+                        spec: Mapping[str, Any], cost: JobCost, evaluation_loss_clip: float,
+                        max_examples_per_user: int | None) -> dict[str, Any]:
+    """The engine's job.json (``engine.job.JobSpec``) for an admitted job: every noise
+    parameter comes from ``cost``, the job's stored (charged) cost events, never from live
+    configuration.
+
+    Pure, and the one place a job becomes engine parameters, so a rehearsal on mock data
+    (``gateway.rehearsal``) runs exactly what the node would. From the charged events: the
+    sampling rate q, the noise multiplier z and the rounds T of training, and the evaluation's
+    noise multiplier (present iff DP evaluation was charged). From the admitted spec: the clip,
+    the optimizers, local work, and the public normaliser ``clients_per_round`` (= q × N̂). The
+    charged events travel along as ``charged_cost``; the runner refuses to read data unless
+    the mechanism it runs rebuilds exactly that event (``JobSpec.check_charged``).
+
+    Raises :class:`ChargedMechanismMismatch` when the spec's z, T or evaluation choice differs
+    from the charged event (a corrupted row: refused before anything runs).
     """
-    q = float(spec["clients_per_round"]) / float(training_users)
+    sampled = cost.training.event
+    q = float(sampled.sampling_probability)
+    z = float(sampled.event.noise_multiplier)
+    rounds = int(cost.training.count)
+    if (z != float(spec["noise_multiplier"]) or rounds != int(spec["rounds"])
+            or bool(spec["evaluate"]) != (cost.evaluation is not None)):
+        raise ChargedMechanismMismatch(f"job {job_id}: the admitted parameters differ from the "
+                                       "charged DP event")
     return {
         "job_id": job_id,
         "dataset_dir": str(Path(dataset_dir).resolve()),
         "model_path": str(model_path),
-        "rounds": int(spec["rounds"]),
+        "rounds": rounds,
         "sampling_rate": q,
         "expected_clients_per_round": float(spec["clients_per_round"]),
-        "noise_multiplier": float(spec["noise_multiplier"]),
+        "noise_multiplier": z,
         "clip": float(spec["clip"]),
         "client_learning_rate": float(spec["client_learning_rate"]),
         "server_learning_rate": float(spec["server_learning_rate"]),
@@ -76,16 +93,19 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
            if name in spec and name != "server_momentum"},
         "local_epochs": int(spec["local_epochs"]),
         "batch_size": int(spec["batch_size"]),
+        "max_examples_per_user": max_examples_per_user,
         "evaluation": (
-            {"noise_multiplier": evaluation_noise_multiplier, "loss_clip": evaluation_loss_clip}
-            if spec["evaluate"]
-            else None
+            None if cost.evaluation is None else
+            {"noise_multiplier": float(cost.evaluation.noise_multiplier),
+             "loss_clip": evaluation_loss_clip}
         ),
+        "charged_cost": cost.to_json(),
     }
 
 
 def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
-    """Create the engine's working directory with its job.json."""
+    """Create the engine's working directory with its job.json, built from the job's stored
+    cost events (``engine_job_document``)."""
     job_dir = node.deployment.jobs_dir / job.id
     job_dir.mkdir(parents=True, exist_ok=False)
     document = engine_job_document(
@@ -93,9 +113,9 @@ def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
         dataset_dir=Path(dataset.path),
         model_path=node.deployment.models_dir / (job.model_digest.removeprefix("sha256:") + ".json"),
         spec=json.loads(job.spec),
-        training_users=dataset.training_users,
-        evaluation_noise_multiplier=node.config.evaluation_noise_multiplier,
+        cost=JobCost.from_json(json.loads(job.cost)),
         evaluation_loss_clip=node.config.evaluation_loss_clip,
+        max_examples_per_user=dataset.max_examples_per_user,
     )
     (job_dir / "job.json").write_text(json.dumps(document, indent=2))
     return job_dir
@@ -183,7 +203,13 @@ class JobRunner:
                 dataset = s.get(Dataset, job.dataset) if job else None
             if job is None or dataset is None:
                 return
-            job_dir = await run_in_threadpool(write_job_directory, self.node, job, dataset)
+            try:
+                job_dir = await run_in_threadpool(write_job_directory, self.node, job, dataset)
+            except ChargedMechanismMismatch as exc:
+                log.error("%s", exc)
+                await run_in_threadpool(self._settle_failure, job_id, "refused before data "
+                                        "access: parameters differ from the charged event", False)
+                return
             await run_in_threadpool(self._update, job_id, state="running")
 
             async def on_event(event: dict[str, Any]) -> None:

@@ -12,20 +12,33 @@ from typing import Any
 from engine.job import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from gateway.middleware import cookie_authenticated
 from gateway.problems import PROBLEM_TYPES, TYPE_PREFIX
+from ledger.mechanism import RANGES
 
 NUMBER = {"type": "number"}
 INTEGER = {"type": "integer"}
 STRING = {"type": "string"}
 
+
+def _ranged(field: str) -> dict[str, Any]:
+    """The JSON schema of a parameter with an admissible range (``ledger.mechanism.RANGES``,
+    the table the gateway and the engine enforce)."""
+    allowed = RANGES[field]
+    if allowed.integer:
+        return {**INTEGER, "minimum": int(allowed.low), "maximum": int(allowed.high)}
+    low = "minimum" if allowed.low_inclusive else "exclusiveMinimum"
+    return {**NUMBER, low: allowed.low, "maximum": allowed.high}
+
+
 JOB_PARAMETERS: dict[str, Any] = {
     "dataset": {**STRING, "maxLength": 128},
-    "rounds": {**INTEGER, "minimum": 1, "maximum": 100_000},
+    "rounds": _ranged("rounds"),
     "clients_per_round": {**NUMBER, "minimum": 1,
-                          "description": "expected users sampled per round (Poisson)"},
-    "noise_multiplier": {**NUMBER, "exclusiveMinimum": 0},
-    "clip": {**NUMBER, "exclusiveMinimum": 0, "description": "per-user L2 clip of updates"},
-    "client_learning_rate": {**NUMBER, "exclusiveMinimum": 0, "maximum": 100},
-    "server_learning_rate": {**NUMBER, "exclusiveMinimum": 0, "maximum": 100},
+                          "description": "expected users sampled per round against the "
+                                         "dataset's public user count N̂ (q = this / N̂)"},
+    "noise_multiplier": _ranged("noise_multiplier"),
+    "clip": {**_ranged("clip"), "description": "per-user L2 clip of updates"},
+    "client_learning_rate": _ranged("client_learning_rate"),
+    "server_learning_rate": _ranged("server_learning_rate"),
     "server_momentum": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
                         "description": "server_optimizer sgdm only"},
     "client_optimizer": {**STRING, "enum": list(CLIENT_OPTIMIZERS), "default": "sgd",
@@ -43,8 +56,8 @@ JOB_PARAMETERS: dict[str, Any] = {
                        "description": "adam (default 1e-7), yogi (1e-3), adagrad (1e-7)"},
     "server_initial_preconditioner_value": {**NUMBER, "minimum": 0, "maximum": 100,
                                             "description": "yogi (default 1e-6), adagrad (0.1)"},
-    "local_epochs": {**INTEGER, "minimum": 1, "maximum": 100},
-    "batch_size": {**INTEGER, "minimum": 1, "maximum": 10_000},
+    "local_epochs": _ranged("local_epochs"),
+    "batch_size": _ranged("batch_size"),
     "evaluate": {"type": "boolean"},
 }
 def _ref(name: str) -> dict[str, Any]:
@@ -90,12 +103,12 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["currency", "total", "items", "upper_bound", "basis"],
         "description": "Projected cost when the node has a price list (docs/billing.md): the CPU "
                        "reservation × per_cpu_hour + per_job + per_epsilon × projected ε, exact "
-                       "decimals as strings; memory is charged as measured and not included",
+                       "decimals as strings; exactly the charge of a job that reads data",
         "properties": {"currency": STRING, "total": STRING,
                        "items": {"type": "object", "additionalProperties": STRING},
                        "upper_bound": {"type": "boolean",
-                                       "description": "false when memory is priced (not bounded "
-                                                      "in advance)"},
+                                       "description": "always true: nothing is billed on "
+                                                      "metered use"},
                        "basis": STRING},
     },
     "JobStatus": {

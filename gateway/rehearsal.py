@@ -149,6 +149,7 @@ def _run_on_mock(client: Client, root: Path, report: RehearsalReport, listing: d
     from engine.sandbox import SandboxSettings
     from gateway.jobs import engine_job_document
     from gateway.release import ReleaseRefused, gate_engine_output, read_engine_output
+    from ledger.accounting import JobCost
 
     mock = client.mock_data(report.dataset, root / "mock.parquet")
     schema = import_dataset(mock, root / "dataset", name=report.dataset,
@@ -163,11 +164,15 @@ def _run_on_mock(client: Client, root: Path, report: RehearsalReport, listing: d
     model_path.write_bytes(body)
     job_dir = root / "job"
     job_dir.mkdir()
+    cost = JobCost.for_job(  # mock data: nothing is charged, but job.json has one source
+        sampling_rate=clients / float(users), noise_multiplier=float(spec["noise_multiplier"]),
+        rounds=int(spec["rounds"]),
+        evaluation_noise_multiplier=MOCK_EVALUATION_NOISE_MULTIPLIER if spec["evaluate"] else None)
     document = engine_job_document(
         job_id=f"rehearsal-{secrets.token_hex(8)}", dataset_dir=root / "dataset",
         model_path=model_path.resolve(), spec={**spec, "clients_per_round": clients},
-        training_users=users, evaluation_noise_multiplier=MOCK_EVALUATION_NOISE_MULTIPLIER,
-        evaluation_loss_clip=MOCK_EVALUATION_LOSS_CLIP)
+        cost=cost, evaluation_loss_clip=MOCK_EVALUATION_LOSS_CLIP,
+        max_examples_per_user=listing.get("max_examples_per_user"))
     (job_dir / "job.json").write_bytes(canonical_json(document))
 
     marks: list[float] = []

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlmodel import select
@@ -128,3 +129,29 @@ def review_details(node: Node, job_id: str) -> dict[str, Any]:
         "review": {**review_status(review), "decided_by": review.decided_by,
                    "decided_at": _iso(review.decided_at), "requested_at": _iso(review.requested_at)},
     }
+
+
+def runnable_problem(node: Node, job_id: str) -> str | None:
+    """Why the held job ``job_id`` must not run, or None: every stored parameter must still be
+    in the admissible float32 ranges (``ledger.mechanism``) and the engine's job document,
+    built from the job's *charged* cost events, must be consistent with its spec
+    (``gateway.jobs.engine_job_document``). Checked at approval, before anything runs."""
+    from engine.job import JobSpec, JobSpecInvalid
+    from gateway.jobs import ChargedMechanismMismatch, engine_job_document
+    from ledger.accounting import JobCost
+
+    with node.session() as s:
+        job = s.get(Job, job_id)
+        dataset = s.get(Dataset, job.dataset) if job is not None else None
+    if job is None or dataset is None:
+        return None  # the review state machine reports it
+    try:
+        document = engine_job_document(
+            job_id=job.id, dataset_dir=Path(dataset.path), model_path=Path("/unused"),
+            spec=json.loads(job.spec), cost=JobCost.from_json(json.loads(job.cost)),
+            evaluation_loss_clip=node.config.evaluation_loss_clip,
+            max_examples_per_user=dataset.max_examples_per_user)
+        JobSpec.from_json(document).check_charged()
+    except (ChargedMechanismMismatch, JobSpecInvalid, ValueError) as exc:
+        return str(exc)
+    return None

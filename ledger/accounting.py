@@ -164,6 +164,23 @@ def _event_rdp(event: dp_accounting.DpEvent, orders: tuple[float, ...]) -> tuple
     return tuple(float(r) for r in RdpAccountant(list(orders)).compose(event).rdp)
 
 
+def event_rdp(event: dp_accounting.DpEvent,
+              orders: Sequence[float] = FILTER_ORDERS) -> tuple[float, ...]:
+    """dp-accounting's RDP curve of a fedgate event at ``orders`` (e.g. the public-count
+    estimate charged at import); possibly ``inf``."""
+    return _event_rdp(event, _orders(orders))
+
+
+def event_to_json(event: dp_accounting.DpEvent) -> dict[str, Any]:
+    """A fedgate DP event as nested JSON objects (``JobCost.to_json``'s form for one event)."""
+    return _event_to_json(event)
+
+
+def event_from_json(data: object) -> dp_accounting.DpEvent:
+    """Inverse of :func:`event_to_json`; only fedgate's event classes, every field validated."""
+    return _event_from_json(data)
+
+
 @dataclass(frozen=True)
 class JobCost:
     """The privacy cost of one job: its training event and optional evaluation event.

@@ -21,11 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import dp_accounting
 from sqlmodel import Session, select
 
-from ledger import accounting
+from ledger import accounting, mechanism
 from ledger.audit import append_entry
 from ledger.models import Dataset, Job
+from ledger.public_count import PublicUserCount, check_delta
 
 
 class LedgerError(Exception):
@@ -66,28 +68,45 @@ def register_dataset(
     path: str,
     training_users: int,
     evaluation_users: int,
+    public_users: PublicUserCount,
     num_features: int,
     num_classes: int,
     epsilon_total: float,
     delta: float,
     actor: str,
+    max_examples_per_user: int = mechanism.DEFAULT_MAX_EXAMPLES_PER_USER,
 ) -> Dataset:
-    """Register a dataset with a fresh filter: budget B(α) for ε_total at δ, nothing spent."""
+    """Register a dataset with a fresh filter: budget B(α) for ε_total at δ.
+
+    Nothing is spent, except when N̂ is a DP estimate: its Gaussian count event is charged to
+    the filter here, in the registering transaction, with a ``charge`` audit entry, before N̂
+    is used for anything. δ must be below 1/N̂ (``ledger.public_count.check_delta``).
+    """
+    check_delta(delta, public_users.value)
+    mechanism.check_in_range("max_examples_per_user", max_examples_per_user)
     orders = accounting.FILTER_ORDERS
     budget = accounting.filter_budget(epsilon_total=epsilon_total, delta=delta, orders=orders)
+    spent = initial_spent(public_users.event, orders)
+    if not any(s <= b for s, b in zip(spent, budget, strict=True)):
+        raise BudgetExceeded(name, 0.0, 0)  # the count estimate alone exceeds the budget
     dataset = Dataset(
         name=name,
         owner=owner,
         path=path,
         training_users=training_users,
         evaluation_users=evaluation_users,
+        public_users=public_users.value,
+        public_users_source=public_users.source,
+        public_users_event=json.dumps(None if public_users.event is None
+                                      else accounting.event_to_json(public_users.event)),
+        max_examples_per_user=max_examples_per_user,
         num_features=num_features,
         num_classes=num_classes,
         epsilon_total=epsilon_total,
         delta=delta,
         filter_orders=json.dumps(list(orders)),
         filter_budget=json.dumps(accounting.vector_to_json(budget)),
-        spent_rdp=json.dumps(accounting.vector_to_json(accounting.zero(orders))),
+        spent_rdp=json.dumps(accounting.vector_to_json(spent)),
         created_at=time.time(),
     )
     append_entry(
@@ -100,10 +119,34 @@ def register_dataset(
         delta=delta,
         training_users=training_users,
         evaluation_users=evaluation_users,
+        public_users=public_users.value,
+        public_users_source=public_users.source,
+        max_examples_per_user=max_examples_per_user,
     )
+    if public_users.event is not None:
+        append_entry(session, action="charge", actor=actor, dataset=name,
+                     decision="public-user-count",
+                     event=accounting.event_to_json(public_users.event),
+                     reason="DP estimate of the training-user count N̂, charged once at import")
     session.add(dataset)
     session.flush()
     return dataset
+
+
+def initial_spent(count_event: dp_accounting.DpEvent | None,
+                  orders: tuple[float, ...]) -> accounting.RdpVector:
+    """The filter's spent vector before any job: the public-count estimate's charge, if any."""
+    spent = accounting.zero(orders)
+    if count_event is None:
+        return spent
+    return accounting.add(spent, accounting.event_rdp(count_event, orders))
+
+
+def dataset_initial_spent(dataset: Dataset) -> accounting.RdpVector:
+    """:func:`initial_spent` of a registered dataset (from its stored count event)."""
+    stored = json.loads(dataset.public_users_event)
+    event = None if stored is None else accounting.event_from_json(stored)
+    return initial_spent(event, tuple(float(a) for a in json.loads(dataset.filter_orders)))
 
 
 def lock_dataset(session: Session, name: str) -> Dataset:

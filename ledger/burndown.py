@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ledger import accounting
+from ledger.budget import dataset_initial_spent
 from ledger.models import Dataset, Job
 
 CHARGED_STATES = ("reserved", "committed")
@@ -92,13 +93,14 @@ def burn_down(dataset: Dataset, jobs: Iterable[Job]) -> BurnDown:
     """Replay the charges of ``dataset``'s reserved and committed jobs in admission order.
 
     Each job's exact charge (its stored RDP vector, rounded up as at admission) is added
-    to a fresh filter; refunded jobs and other datasets' jobs are ignored.
+    to the filter as registered (nothing spent, or the charge of a DP-estimated N̂); refunded
+    jobs and other datasets' jobs are ignored.
     """
     orders = tuple(float(a) for a in json.loads(dataset.filter_orders))
     budget = accounting.vector_from_json(json.loads(dataset.filter_budget))
     charged = sorted((j for j in jobs if j.dataset == dataset.name and j.budget_state in CHARGED_STATES),
                      key=lambda j: (j.created_at, j.id))
-    spent = accounting.zero(orders)
+    spent = dataset_initial_spent(dataset)  # the public-count estimate's charge, if any
     epsilon_sum = 0.0
     points = []
     for job in charged:

@@ -42,13 +42,20 @@ class SeenNonce(SQLModel, table=True):
 
 
 class Dataset(SQLModel, table=True):
-    """A dataset held by the node, with its (ε_total, δ) budget and Rényi-filter state."""
+    """A dataset held by the node, with its (ε_total, δ) budget and Rényi-filter state.
+
+    Researchers see N̂ (``public_users``), never the exact counts: every ε and bound they get is
+    computed from N̂ (docs/privacy.md, "What a researcher observes")."""
 
     name: str = Field(primary_key=True, max_length=128)
     owner: str = Field(max_length=128)
     path: str
-    training_users: int
-    evaluation_users: int
+    training_users: int  # exact: private, never shown to researchers or used in their figures
+    evaluation_users: int  # exact: private
+    public_users: int  # N̂, the public training-user count (ledger.public_count)
+    public_users_source: str = Field(max_length=16)  # "declared" | "dp-estimate"
+    public_users_event: str = Field(sa_column=Column(Text, nullable=False))  # JSON event or null
+    max_examples_per_user: int  # the owner's cap on one user's local work per round
     num_features: int
     num_classes: int
     epsilon_total: float

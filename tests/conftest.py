@@ -70,14 +70,16 @@ def synthetic_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_node(root: Path, table: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Initialise a deployment on ``db_url`` with dataset ``demo`` (ε_total 4, δ 1e-5)."""
+    """Initialise a deployment on ``db_url`` with dataset ``demo`` (ε_total 4, δ 1e-5, public
+    user count N̂ = 480 declared, 5 classes)."""
     from gateway.cli import main as fedgate
 
     monkeypatch.setenv("FEDGATE_DATABASE_URL", db_url)
     init_deployment(root, owner="owner")
     assert fedgate(["-d", str(root), "dataset", "import", "demo", str(table),
                     "--user-column", "user_id", "--label-column", "label",
-                    "--epsilon-total", "4", "--delta", "1e-5"]) == 0
+                    "--epsilon-total", "4", "--delta", "1e-5", "--public-users", "480",
+                    "--num-classes", "5"]) == 0
     return root
 
 
@@ -97,3 +99,11 @@ def make_researcher(node_dir: Path, name: str, *, group: str = "researchers"):  
     assert fedgate(["-d", str(node_dir), "researcher", "add", name, "--public-key",
                     str(public_path), "--group", group]) == 0
     return private_key
+
+
+def charged(job: dict) -> dict:  # type: ignore[type-arg]
+    """``job`` (a job.json document written by a test, not by the gateway) with the
+    ``charged_cost`` a ledger would have stored for it: exactly the event it executes."""
+    from engine.job import JobSpec
+
+    return {**job, "charged_cost": JobSpec.from_json(job).executed_cost().to_json()}

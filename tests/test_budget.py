@@ -18,6 +18,7 @@ from ledger.budget import (
 )
 from ledger.db import create_schema, make_engine, session
 from ledger.models import Dataset, Job
+from ledger.public_count import declared_count
 
 COST = accounting.JobCost.for_job(sampling_rate=0.01, noise_multiplier=1.0, rounds=1000,
                                   evaluation_noise_multiplier=None)
@@ -28,7 +29,8 @@ def _setup(db_url: str, epsilon_total: float = 8.0, delta: float = 1e-6) -> None
     create_schema(engine)
     with session(engine) as s, s.begin():
         register_dataset(s, name="ds", owner="owner", path="/nonexistent", training_users=10_000,
-                         evaluation_users=2_000, num_features=3, num_classes=2,
+                         evaluation_users=2_000,
+                         public_users=declared_count(10_000), num_features=3, num_classes=2,
                          epsilon_total=epsilon_total, delta=delta, actor="test")
     engine.dispose()
 

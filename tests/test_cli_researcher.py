@@ -7,6 +7,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +20,7 @@ from gateway.jobs import engine_job_document
 from gateway.problems import Problem
 from gateway.process import running_gateway
 from ledger import accounting
+from ledger.accounting import JobCost
 from tests.conftest import make_researcher
 from tests.test_end_to_end import sqlite_node  # noqa: F401  (fixture)
 
@@ -143,6 +145,13 @@ def test_optimizer_hyperparameters_are_typed_range_checked_and_only_for_their_op
     assert refused.value.slug == "invalid-request" and refused.value.extra["field"] == field
 
 
+def _cost(spec: dict[str, Any]) -> JobCost:
+    """The cost a ledger would have charged for ``spec`` on 100 public users."""
+    return JobCost.for_job(sampling_rate=spec["clients_per_round"] / 100,
+                           noise_multiplier=spec["noise_multiplier"], rounds=spec["rounds"],
+                           evaluation_noise_multiplier=1.0 if spec["evaluate"] else None)
+
+
 def test_default_optimizers_are_the_training_fedgate_always_did() -> None:
     spec = JobRequest.from_json({"dataset": "demo", **JOB}, needs_model=False).spec()
     assert {k: v for k, v in spec.items() if "optimizer" in k or "momentum" in k
@@ -150,8 +159,8 @@ def test_default_optimizers_are_the_training_fedgate_always_did() -> None:
         "client_optimizer": "sgd", "client_learning_rate": 0.1,
         "server_optimizer": "sgdm", "server_learning_rate": 1.0, "server_momentum": 0.0}
     document = engine_job_document(job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"),
-                                   spec=spec, training_users=100, evaluation_noise_multiplier=1.0,
-                                   evaluation_loss_clip=1.0)
+                                   spec=spec, cost=_cost(spec), evaluation_loss_clip=1.0,
+                                   max_examples_per_user=None)
     engine = JobSpec.from_json(document)
     assert engine.optimizer("client") == ("sgd", 0.1, {})
     assert engine.optimizer("server") == ("sgdm", 1.0, {"momentum": 0.0})
@@ -169,8 +178,8 @@ def test_optimizer_choice_travels_from_request_to_manifest_parameters_and_job_js
         "server_beta_2": 0.99, "server_epsilon": 1e-3,
         "server_initial_preconditioner_value": 1e-6}
     document = engine_job_document(job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"),
-                                   spec=json.loads(json.dumps(spec)), training_users=100,
-                                   evaluation_noise_multiplier=1.0, evaluation_loss_clip=1.0)
+                                   spec=json.loads(json.dumps(spec)), cost=_cost(spec),
+                                   evaluation_loss_clip=1.0, max_examples_per_user=None)
     engine = JobSpec.from_json(json.loads(json.dumps(document)))
     assert engine.optimizer("server") == ("yogi", 0.01, {
         "beta_1": 0.9, "beta_2": 0.99, "epsilon": 1e-3, "initial_preconditioner_value": 1e-6})
@@ -250,10 +259,10 @@ def test_engine_builds_the_named_tff_optimizer_with_its_hyperparameters(
 
     from engine import training
 
+    admitted = JobRequest.from_json({"dataset": "demo", **JOB}, needs_model=False).spec()
     spec = JobSpec.from_json({**engine_job_document(
-        job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"),
-        spec=JobRequest.from_json({"dataset": "demo", **JOB}, needs_model=False).spec(),
-        training_users=100, evaluation_noise_multiplier=1.0, evaluation_loss_clip=1.0),
+        job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"), spec=admitted,
+        cost=_cost(admitted), evaluation_loss_clip=1.0, max_examples_per_user=None),
         "client_learning_rate": 0.1, "server_learning_rate": 1.0, **chosen})
     optimizer = training._optimizer(spec, side)
     hparams = optimizer.get_hparams(optimizer.initialize([tf.TensorSpec((2,), tf.float32)]))

@@ -362,7 +362,6 @@ PRICES = """
 [billing]
 currency = "EUR"
 per_cpu_hour = 0.05
-per_gb_hour = "0.01"
 per_job = 0.1
 per_epsilon = 1.5
 """
@@ -417,7 +416,7 @@ def test_the_billing_page_lists_each_researchers_charges_and_totals_equal_the_au
     assert [(r.researcher, r.statement) for r in billing.researchers] == sorted(statements.items())
     assert billing.totals == billing.audit_totals == {"EUR": str(audited)} and audited > 0
     assert billing.matches_audit_log and billing.audit_bills == 3
-    assert billing.researchers[0].cpu_hours == Decimal("721.0") / 3600
+    assert billing.researchers[0].cpu_hours == 8  # two jobs that read data: 4 h reservations
     with TestClient(create_app(node_dir)) as browser:
         signed_in(browser, login_token(node_dir).token)
         overview = browser.get("/dashboard").text
@@ -482,4 +481,4 @@ def test_the_billing_page_escapes_researcher_and_ledger_values() -> None:
     for raw in ("<i>job", "<script>x", "<u>E", "<img src=x>", "<owner>"):
         assert raw not in html
     assert "&lt;img src=x&gt;" in html and "&lt;i&gt;job&lt;/i&gt;" in html
-    assert "1.0 MB" in html and 'href="#researcher-0"' in html
+    assert "MB" not in html and 'href="#researcher-0"' in html  # no metered memory

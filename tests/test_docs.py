@@ -136,8 +136,8 @@ def test_owner_quickstart_runs_as_written(tmp_path: Path) -> None:
     run = run_doc("quickstart-owner.md", tmp_path, timeout=300)
     node = run.workdir / "node"
     assert (node / "fedgate.toml").exists() and (node / "datasets" / "demo" / "schema.json").exists()
-    assert "demo: ~500 training users" in run.stdout  # Alice sees the dataset
-    assert "privacy filter 0.0% used" in run.stdout
+    assert "demo: N̂ = " in run.stdout and "(dp-estimate)" in run.stdout  # Alice sees N̂
+    assert "privacy filter 0.1% used" in run.stdout  # the DP estimate of N̂ only
     assert "urn:fedgate:problem:policy-denied" in run.stderr  # the edited policy applies
     assert "exit status 3" in run.stdout
     assert re.search(r"^OK: \d+ entries and \d+ signed checkpoints? verified", run.stdout, re.M)

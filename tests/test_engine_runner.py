@@ -8,6 +8,7 @@ DP-FedAvg with about 20 clients per round, DP evaluation on held-out users.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from engine.datastore import generate_synthetic, import_dataset
 from engine.job import DATA_ACCESS_MARKER, RELEASE_FILE
 from engine.launcher import JobOutcome, run_job
 from engine.sandbox import SANDBOX_ID
+from tests.conftest import charged
 
 pytestmark = pytest.mark.tff
 
@@ -119,6 +121,9 @@ def write_job(root: Path, dataset: tuple[Path, int], artifact: dict[str, Any],
         "evaluation": {"noise_multiplier": 1.0, "loss_clip": 5.0},
     }
     job.update(overrides)
+    if "charged_cost" not in job:
+        with contextlib.suppress(Exception):  # an invalid job.json is the test's point
+            job = charged(job)
     (job_dir / "job.json").write_text(json.dumps(job))
     return job_dir
 

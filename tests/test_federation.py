@@ -120,7 +120,7 @@ def test_three_nodes_train_one_model_and_each_ledger_charges_only_its_own_epsilo
         for job in jobs:
             spent = accounting.add(spent, json.loads(job.cost_rdp))
         assert accounting.vector_from_json(json.loads(dataset.spent_rdp)) == spent
-        q = JOB["clients_per_round"] / dataset.training_users
+        q = JOB["clients_per_round"] / dataset.public_users
         expected = accounting.training_epsilon(sampling_rate=q,
                                                noise_multiplier=JOB["noise_multiplier"],
                                                rounds=OUTER_ROUNDS * JOB["rounds"],
@@ -244,7 +244,7 @@ class _FakeClient:
         pass
 
     def datasets(self) -> list[dict[str, Any]]:
-        return [{"name": "demo", "training_users_rounded": self.node.users}]
+        return [{"name": "demo", "public_users": self.node.users}]
 
     def estimate(self, dataset: str, **parameters: Any) -> dict[str, Any]:
         return {"epsilon": 0.1 * parameters["rounds"], "delta": 1e-5, "jobs_that_fit": 10}

@@ -54,7 +54,8 @@ def test_registered_researcher_sees_the_dataset_with_rounded_user_counts(node_di
     with signed_client(create_app(node_dir), alice) as client:
         datasets = client.get("/v1/datasets").json()["datasets"]
     assert [d["name"] for d in datasets] == ["demo"]
-    assert datasets[0]["training_users_rounded"] % 100 == 0
+    assert datasets[0]["public_users"] == 480 and datasets[0]["public_users_source"] == "declared"
+    assert "training_users" not in datasets[0] and "evaluation_users_rounded" not in datasets[0]
 
 
 def test_request_signed_by_unregistered_key_is_refused(node_dir: Path) -> None:

@@ -25,6 +25,7 @@ from engine.sandbox import SandboxSettings
 from ledger.db import create_schema, make_engine, session
 from ledger.metering import billed_cpu, expected_client_updates, record_usage, researcher_usage
 from ledger.models import Job, JobMeter
+from tests.conftest import charged
 
 # Burns CPU in the main thread, two threads (hashlib releases the GIL, so they run in
 # parallel) and a forked child; holds 200 MB for a while; records its own rusage.
@@ -90,7 +91,7 @@ def _job_dir(node: Path) -> Path:
         "client_learning_rate": 0.1, "server_learning_rate": 1.0, "server_momentum": 0.0,
         "local_epochs": 1, "batch_size": 1, "evaluation": None,
     }
-    (job_dir / "job.json").write_text(json.dumps(spec))
+    (job_dir / "job.json").write_text(json.dumps(charged(spec)))
     return job_dir
 
 

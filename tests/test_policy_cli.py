@@ -21,6 +21,7 @@ from gateway.policy import PolicyEngine
 from ledger.audit import read_entries
 from ledger.budget import register_dataset
 from ledger.models import Job
+from ledger.public_count import declared_count
 from ledger.registry import add_principal
 
 MODEL = (Path(__file__).resolve().parent.parent / "policies" / "model.conf").read_text()
@@ -50,6 +51,7 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for name, users in (("notes", 500), ("vitals", 80)):
             register_dataset(s, name=name, owner="clinic", path=str(root / name),
                              training_users=users, evaluation_users=100, num_features=3,
+                             public_users=declared_count(users),
                              num_classes=2, epsilon_total=8, delta=1e-6, actor="test")
         for name, role, group in (("bob", "researcher", "researchers"),
                                   ("ian", "researcher", "researchers"),

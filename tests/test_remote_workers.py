@@ -31,6 +31,7 @@ import pytest
 from engine.job import JobSpec
 from engine.sandbox import REMOTE_WORKERS_ENV, Runtime, WorkerAddress, job_binds, sandbox_environment
 from ledger.accounting import JobCost
+from tests.conftest import charged
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ROUNDS = 2
@@ -87,7 +88,7 @@ def write_job(root: Path, ds_dir: Path, training_users: int) -> Path:
         "local_epochs": 1, "batch_size": 16,
         "evaluation": {"noise_multiplier": 1.0, "loss_clip": 5.0},
     }
-    (job_dir / "job.json").write_text(json.dumps(job))
+    (job_dir / "job.json").write_text(json.dumps(charged(job)))
     return job_dir
 
 

@@ -43,6 +43,7 @@ from engine.sandbox import (
 )
 from engine.seccomp import ALLOWED_SOCKET_FAMILIES, DENIED_SYSCALLS, compile_filter
 from gateway.deployment import Deployment, init_deployment
+from tests.conftest import charged
 
 PROBE = (Path(__file__).parent / "sandbox_probe.py").read_text()
 AS_ROOT = os.geteuid() == 0
@@ -319,7 +320,7 @@ def _job(node: Path, job_id: str) -> Path:
     }
     job_dir = node / "jobs" / job_id
     job_dir.mkdir(parents=True)
-    (job_dir / "job.json").write_text(json.dumps(spec))
+    (job_dir / "job.json").write_text(json.dumps(charged(spec)))
     return job_dir
 
 

@@ -380,7 +380,7 @@ def soak(node_dir: Path, db_url: str, tmp_path: Path, profile: Profile) -> dict[
                 gateways.append(started.result())
         urls = [url for url, _ in gateways]
         with httpx.Client(base_url=urls[0], auth=SignedRequestAuth(steady), timeout=120) as client:
-            job, fit = _job_template(client, dataset.training_users)
+            job, fit = _job_template(client, dataset.public_users)
             over_budget = {**job, "rounds": 100_000, "noise_multiplier": 1.0}
             approved = []
             for _ in range(profile.approved_jobs):

@@ -170,8 +170,8 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n{args.users} users (~{info['training_users_rounded']} training, "
-          f"~{info['evaluation_users_rounded']} held out), δ {args.delta:g}; every job: "
+    print(f"\n{args.users} users (N̂ = {info['public_users']} training, public), "
+          f"δ {args.delta:g}; every job: "
           f"{args.rounds} rounds, {args.clients_per_round:g} expected clients per round, clip "
           f"{args.clip:g}, client SGD lr {args.client_learning_rate:g} (1 local epoch, batch 16), "
           f"server SGD lr {args.server_learning_rate:g} momentum {args.server_momentum:g}\n")

@@ -1,0 +1,249 @@
+"""The admissible range of every DP-FedAvg parameter, derived from the float32 arithmetic that runs.
+
+One validator, used by the gateway (estimate, calibrate, submit, review approval, federation,
+node configuration) and by the engine (``engine.job.JobSpec``, before any data is read). Pure:
+numpy float32 models TensorFlow's float32 exactly for the few operations that matter here.
+
+What executes (``engine.training.dp_aggregator``): TF Privacy's Gaussian sum query in float32.
+Each sampled user's delta is clipped with ``tf.clip_by_global_norm(delta, float32(C))``, the
+clipped deltas are summed, N(0, σ²) is added with σ = ``float32(stddev)``, and the sum is divided
+by the public constant q·N̂ (post-processing, as is everything after the noise). TensorFlow runs
+CPU kernels with denormals flushed to zero (FTZ/DAZ). The guarantee the ledger charges needs, in
+that arithmetic:
+
+1. **Noise present, at least z·C.** ``noise_stddev`` returns the smallest float32 σ with
+   σ ≥ z·float32(C)·(1 + 2⁻¹⁹): the ratio of the noise that runs to the clip that runs is ≥ z,
+   with 2⁻¹⁹ ≈ 1.9e-6 of room for the few-ulp rounding of ``clip_by_global_norm``'s scale
+   (its output norm is ≤ float32(C)·(1 + 4·2⁻²⁴)). σ must be a *normal* float32 (a subnormal
+   would flush to 0: no noise while ε is charged), and far above the subnormal range so that
+   σ times a standard normal draw flushes to zero with negligible probability
+   (``MIN_NOISE_STDDEV`` = 5e-12 ≤ ``MIN_NOISE_MULTIPLIER`` × ``MIN_CLIP``: a draw must be
+   below 3e-27 in magnitude to flush).
+2. **Clipping clips.** ``clip_by_global_norm`` computes Σx² in float32; squares below the
+   smallest normal (|x| < ~1.5e-19, with ``l2_loss``'s halving) flush to 0, so a delta of d
+   such coordinates hides a norm up to 1.5e-19·√d from the clip. With d ≤ ``MAX_PARAMETERS``
+   (2·10⁷) that is ≤ 6.9e-16; ``MIN_CLIP`` = 1e-9 keeps the clipped norm within
+   (1 + 3e-13)·C. Squares above float32's maximum overflow to inf, which clips the delta to 0:
+   still within the ball. A non-finite delta (local training diverged) is replaced by 0 before
+   clipping (``engine.training``), so no user can turn the release into NaN (a failure bit).
+3. **Sums stay finite.** At most ``MAX_USERS`` (10⁹) users each contribute ≤ C per coordinate;
+   with C ≤ ``MAX_CLIP`` (10⁶) and σ ≤ ``MAX_NOISE_STDDEV`` (2·10¹²) the noisy sum is below
+   10¹⁵ + 40σ ≪ 3.4·10³⁸ (checked at import below). Learning rates ≤ 100 and a denominator
+   q·N̂ ≥ 1 keep each server step finite.
+4. **Work is bounded.** rounds, local epochs, batch size and the owner's per-user example cap
+   have integer ranges, so the local work of one user is at most
+   ``local_epochs × ⌈cap / batch_size⌉`` steps, the same for every sampled user.
+
+Refusals raise :class:`MechanismParameterInvalid` naming the field and its admissible range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MAX_EXAMPLES_PER_USER",
+    "MAX_CLIP",
+    "MAX_NOISE_MULTIPLIER",
+    "MAX_PARAMETERS",
+    "MAX_USERS",
+    "MIN_CLIP",
+    "MIN_NOISE_MULTIPLIER",
+    "MIN_NOISE_STDDEV",
+    "RANGES",
+    "MechanismParameterInvalid",
+    "ParameterRange",
+    "TrainingMechanism",
+    "check_in_range",
+    "effective_clip",
+    "noise_stddev",
+    "validate_evaluation_mechanism",
+    "validate_training_mechanism",
+]
+
+MAX_PARAMETERS = 20_000_000
+"""Largest trainable parameter count a model may have (``engine.artifact`` enforces it)."""
+MAX_USERS = 1_000_000_000
+"""Largest number of users a dataset may hold (``engine.datastore`` enforces it at import)."""
+
+DEFAULT_MAX_EXAMPLES_PER_USER = 256
+"""The per-user example cap of a dataset whose owner sets none (``fedgate dataset import``)."""
+
+MIN_CLIP = 1e-9
+MAX_CLIP = 1e6
+MIN_NOISE_MULTIPLIER = 1e-2
+MAX_NOISE_MULTIPLIER = 1e6
+MIN_NOISE_STDDEV = 5e-12
+MAX_NOISE_STDDEV = 2e12
+_NOISE_ROOM = Fraction(1) + Fraction(1, 2**19)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class MechanismParameterInvalid(ValueError):
+    """A DP or training parameter lies outside its admissible range.
+
+    ``field`` names the parameter; ``admissible`` states the range in words, for the problem
+    detail that tells the researcher what to change.
+    """
+
+    def __init__(self, field: str, message: str, admissible: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.admissible = admissible
+
+
+@dataclass(frozen=True)
+class ParameterRange:
+    """A closed or half-open numeric range; ``integer`` ranges take ints only (not bools)."""
+
+    low: float
+    high: float
+    low_inclusive: bool = True
+    integer: bool = False
+
+    def describe(self) -> str:
+        left = "[" if self.low_inclusive else "("
+        if self.integer:
+            return f"an integer in {int(self.low)}..{int(self.high)}"
+        return f"a number in {left}{self.low:g}, {self.high:g}]"
+
+    def contains(self, value: float) -> bool:
+        above = value >= self.low if self.low_inclusive else value > self.low
+        return above and value <= self.high
+
+
+RANGES: dict[str, ParameterRange] = {
+    "clip": ParameterRange(MIN_CLIP, MAX_CLIP),
+    "noise_multiplier": ParameterRange(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
+    "evaluation_noise_multiplier": ParameterRange(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
+    "evaluation_loss_clip": ParameterRange(1e-6, 1e6),
+    "rounds": ParameterRange(1, 100_000, integer=True),
+    "local_epochs": ParameterRange(1, 100, integer=True),
+    "batch_size": ParameterRange(1, 10_000, integer=True),
+    "max_examples_per_user": ParameterRange(1, 1_000_000, integer=True),
+    "client_learning_rate": ParameterRange(0.0, 100.0, low_inclusive=False),
+    "server_learning_rate": ParameterRange(0.0, 100.0, low_inclusive=False),
+}
+"""Every bounded parameter's admissible range: the one table the gateway and engine share."""
+
+
+def check_in_range(field: str, value: object) -> float | int:
+    """``value`` if it is a finite number (an int for integer fields) within ``RANGES[field]``.
+
+    Python floats come back as floats, never numpy scalars (which would leak into DP events).
+    """
+    allowed = RANGES[field]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MechanismParameterInvalid(field, f"{field} must be {allowed.describe()}, got "
+                                               f"{value!r}", allowed.describe())
+    if allowed.integer:
+        if not isinstance(value, numbers.Integral) or not allowed.contains(int(value)):
+            raise MechanismParameterInvalid(field, f"{field} must be {allowed.describe()}, got "
+                                                   f"{value!r}", allowed.describe())
+        return int(value)
+    number = float(value)
+    if not math.isfinite(number) or not allowed.contains(number):
+        raise MechanismParameterInvalid(field, f"{field} must be {allowed.describe()}, got "
+                                               f"{value!r}", allowed.describe())
+    return number
+
+
+def _float32_at_least(value: Fraction) -> float:
+    """The smallest float32 ≥ ``value`` (as a Python float; exactly representable)."""
+    nearest = np.float32(float(value))
+    if Fraction(float(nearest)) < value:
+        nearest = np.nextafter(nearest, np.float32(np.inf))
+    return float(nearest)
+
+
+def noise_stddev(*, clip: float, noise_multiplier: float) -> float:
+    """The noise standard deviation the engine passes to TF (a float32 value, as a float).
+
+    The smallest float32 σ ≥ z·float32(C)·(1 + 2⁻¹⁹), computed exactly: so the noise that runs
+    has σ / (the clip that runs) ≥ z even after clip_by_global_norm's rounding. Raises when σ
+    would leave [``MIN_NOISE_STDDEV``, ``MAX_NOISE_STDDEV``] (noise that could flush to zero,
+    or sums that could overflow).
+    """
+    clip = float(check_in_range("clip", clip))
+    z = float(check_in_range("noise_multiplier", noise_multiplier))
+    clip32 = Fraction(float(np.float32(clip)))
+    sigma = _float32_at_least(Fraction(z) * clip32 * _NOISE_ROOM)
+    if not MIN_NOISE_STDDEV <= sigma <= MAX_NOISE_STDDEV:
+        admissible = (f"noise_multiplier × clip in [{MIN_NOISE_STDDEV:g}, "
+                      f"{MAX_NOISE_STDDEV:g}]")
+        raise MechanismParameterInvalid(
+            "noise_multiplier", f"noise_multiplier × clip = {z * clip:g} is outside the range "
+            f"float32 noise keeps exact: {admissible}", admissible)
+    return sigma
+
+
+def effective_clip(clip: float) -> float:
+    """The clip norm that runs: float32(C) (round to nearest, as ``tf.cast`` does)."""
+    return float(np.float32(float(check_in_range("clip", clip))))
+
+
+@dataclass(frozen=True)
+class TrainingMechanism:
+    """Validated training parameters and the float32 values the engine runs with."""
+
+    clip: float
+    noise_multiplier: float
+    stddev: float
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    client_learning_rate: float
+    server_learning_rate: float
+
+
+def validate_training_mechanism(*, clip: object, noise_multiplier: object, rounds: object,
+                                local_epochs: object, batch_size: object,
+                                client_learning_rate: object,
+                                server_learning_rate: object) -> TrainingMechanism:
+    """Validate every training parameter against :data:`RANGES` and the float32 noise rule.
+
+    Raises :class:`MechanismParameterInvalid` for the first parameter out of range.
+    """
+    checked = {
+        "clip": check_in_range("clip", clip),
+        "noise_multiplier": check_in_range("noise_multiplier", noise_multiplier),
+        "rounds": check_in_range("rounds", rounds),
+        "local_epochs": check_in_range("local_epochs", local_epochs),
+        "batch_size": check_in_range("batch_size", batch_size),
+        "client_learning_rate": check_in_range("client_learning_rate", client_learning_rate),
+        "server_learning_rate": check_in_range("server_learning_rate", server_learning_rate),
+    }
+    clip_value, z = float(checked["clip"]), float(checked["noise_multiplier"])
+    return TrainingMechanism(
+        clip=clip_value, noise_multiplier=z,
+        stddev=noise_stddev(clip=clip_value, noise_multiplier=z),
+        rounds=int(checked["rounds"]), local_epochs=int(checked["local_epochs"]),
+        batch_size=int(checked["batch_size"]),
+        client_learning_rate=float(checked["client_learning_rate"]),
+        server_learning_rate=float(checked["server_learning_rate"]))
+
+
+def validate_evaluation_mechanism(*, noise_multiplier: object, loss_clip: object) -> None:
+    """Validate the DP evaluation's noise multiplier (> 0, in range) and loss clip L.
+
+    Evaluation runs in float64 numpy (``engine.dp_evaluation``), where these ranges are far
+    from any rounding issue; the noise multiplier must still be > 0 and at least
+    ``MIN_NOISE_MULTIPLIER`` because it is what the evaluation event charges.
+    """
+    check_in_range("evaluation_noise_multiplier", noise_multiplier)
+    check_in_range("evaluation_loss_clip", loss_clip)
+
+
+def _check_sums_stay_finite() -> None:
+    bound = np.float32(MAX_USERS) * np.float32(MAX_CLIP) + np.float32(40.0 * MAX_NOISE_STDDEV)
+    if not bound < np.float32(_FLOAT32_MAX) / np.float32(1e6):
+        raise AssertionError("the parameter ranges let float32 sums overflow")
+
+
+_check_sums_stay_finite()
