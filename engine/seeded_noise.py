@@ -1,8 +1,9 @@
 """A Gaussian sum query whose noise is drawn from a seed: the privacy audit's reproducible copy.
 
-:class:`SeededGaussianSumQuery` is TF Privacy's :class:`GaussianSumQuery` — the query TFF's
-``DifferentiallyPrivateFactory.gaussian_fixed`` builds — with exactly one thing replaced: the
-random generator. Clipping (``preprocess_record``: joint L2 clipping with
+:class:`SeededGaussianSumQuery` is the query every job runs
+(:class:`engine.dp_query.FiniteGaussianSumQuery`: TF Privacy's ``GaussianSumQuery`` with
+non-finite deltas zeroed before clipping) with exactly one thing replaced: the random
+generator. Preprocessing (the finite-delta rule, then joint L2 clipping with
 ``tf.clip_by_global_norm``), the sum, the noise std and the DP event are the parent's. The
 parent draws its noise from an unseeded stateful generator (``tf.random_normal_initializer``);
 this one draws i.i.d. N(0, stddev²) values with ``tf.random.stateless_normal`` from a seed
@@ -23,13 +24,14 @@ from typing import Any
 
 import dp_accounting
 import tensorflow as tf
-import tensorflow_privacy as tfp
+
+from engine.dp_query import FiniteGaussianSumQuery
 
 __all__ = ["SeededGaussianSumQuery"]
 
 
-class SeededGaussianSumQuery(tfp.GaussianSumQuery):
-    """``GaussianSumQuery(l2_norm_clip, stddev)`` with noise drawn from ``seed`` (audit only)."""
+class SeededGaussianSumQuery(FiniteGaussianSumQuery):
+    """The job's query with noise N(0, stddev²) drawn from ``seed`` (audit only)."""
 
     _GlobalState = collections.namedtuple("_GlobalState", ["l2_norm_clip", "stddev", "noise_seed"])
 
