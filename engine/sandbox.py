@@ -224,8 +224,11 @@ class HostLayout:
 @dataclass(frozen=True)
 class Runtime:
     """The interpreter and the code the runner needs, bound read-only: the virtual
-    environment, the base Python installation, and the directory holding the ``engine``
-    package (for an editable install, only that package directory — not the repository)."""
+    environment, the base Python installation, and the directories holding the ``engine``
+    package and the ``ledger`` package's code (the engine validates parameters with
+    ``ledger.mechanism`` and rebuilds its DP event with ``ledger.accounting``; for an editable
+    install only those package directories — not the repository, and never the ledger's
+    database, which lives in the deployment directory)."""
 
     python: Path
     trees: tuple[Path, ...]
@@ -233,8 +236,9 @@ class Runtime:
     @classmethod
     def current(cls, python: str = sys.executable) -> Runtime:
         engine_dir = Path(__file__).resolve().parent
+        ledger_dir = engine_dir.parent / "ledger"
         trees = _outermost([Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
-                            engine_dir])
+                            engine_dir, ledger_dir])
         runtime = cls(python=Path(python), trees=trees)
         real = Path(python).resolve()
         if not any(real.is_relative_to(tree) for tree in (*trees, _SYSTEM_TREE)):

@@ -158,11 +158,14 @@ def test_paths_under_the_sandbox_private_trees_cannot_be_bound(path: str) -> Non
         job_binds(JOB_DIR, Path(path), None, RUNTIME)
 
 
-def test_current_runtime_binds_the_interpreter_and_only_the_engine_package() -> None:
+def test_current_runtime_binds_the_interpreter_and_only_the_engine_and_ledger_packages() -> None:
     runtime = Runtime.current()
     engine_dir = Path(sandbox_launch.__file__).resolve().parent
-    assert engine_dir in runtime.trees or any(engine_dir.is_relative_to(t) for t in runtime.trees)
+    for package in (engine_dir, engine_dir.parent / "ledger"):
+        assert package in runtime.trees or any(package.is_relative_to(t) for t in runtime.trees)
     assert engine_dir.parent not in runtime.trees  # not the whole repository
+    gateway_dir = engine_dir.parent / "gateway"
+    assert not any(gateway_dir.is_relative_to(t) for t in runtime.trees)
 
 
 def test_resource_limits_cover_cpu_memory_files_processes_and_no_core_dumps() -> None:
