@@ -44,7 +44,8 @@ def sqlite_node(tmp_path: Path, synthetic_table: Path, monkeypatch: pytest.Monke
     init_deployment(root)
     assert fedgate(["-d", str(root), "dataset", "import", "demo", str(synthetic_table),
                     "--user-column", "user_id", "--label-column", "label",
-                    "--epsilon-total", "4", "--delta", "1e-5"]) == 0
+                    "--epsilon-total", "4", "--delta", "1e-5", "--public-users", "480",
+                    "--num-classes", "5"]) == 0
     return root
 
 

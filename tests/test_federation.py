@@ -86,6 +86,7 @@ def test_three_nodes_train_one_model_and_each_ledger_charges_only_its_own_epsilo
         write_nodes_toml,
     )
     from ledger import accounting
+    from ledger.budget import dataset_initial_spent
 
     monkeypatch.delenv("FEDGATE_DATABASE_URL", raising=False)  # each node: its own SQLite
     alice_key, alice_pub = alice
@@ -116,7 +117,7 @@ def test_three_nodes_train_one_model_and_each_ledger_charges_only_its_own_epsilo
         dataset, jobs, entries = _ledger(roots[name])
         assert sorted(j.id for j in jobs) == sorted(outcomes[name].job_ids)
         assert len(jobs) == OUTER_ROUNDS and {j.budget_state for j in jobs} == {"committed"}
-        spent = accounting.zero()
+        spent = dataset_initial_spent(dataset)  # the public-count estimate, charged at import
         for job in jobs:
             spent = accounting.add(spent, json.loads(job.cost_rdp))
         assert accounting.vector_from_json(json.loads(dataset.spent_rdp)) == spent
@@ -135,7 +136,8 @@ def test_three_nodes_train_one_model_and_each_ledger_charges_only_its_own_epsilo
         assert [e["action"] for e in entries].count("release") == OUTER_ROUNDS
         assert verify_node_audit(roots[name], tmp_path / f"{name}-audit.json").startswith("OK")
     dataset, jobs, entries = _ledger(roots["c"])
-    assert jobs == [] and accounting.vector_from_json(json.loads(dataset.spent_rdp)) == accounting.zero()
+    assert jobs == [] and (accounting.vector_from_json(json.loads(dataset.spent_rdp))
+                           == dataset_initial_spent(dataset))  # only the count estimate
     denials = [e for e in entries if e["action"] == "deny"]
     assert len(denials) == 1 and denials[0]["reason"] == "policy-denied"
     assert verify_node_audit(roots["c"], tmp_path / "c-audit.json").startswith("OK")

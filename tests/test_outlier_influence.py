@@ -78,19 +78,42 @@ def spec(clip: float) -> JobSpec:
     return JobSpec(
         job_id="outlier", dataset_dir=Path("/unused"), model_path=Path("/unused"),
         rounds=ROUNDS, sampling_rate=1.0, expected_clients_per_round=float(USERS),
-        noise_multiplier=0.0, clip=clip, client_learning_rate=0.1, server_learning_rate=1.0,
+        noise_multiplier=1.0, clip=clip, client_learning_rate=0.1, server_learning_rate=1.0,
         server_momentum=0.0, local_epochs=1, batch_size=2 * EXAMPLES_PER_USER,
         evaluation=None,
     )
 
 
 def released_weights_difference(clip: float) -> float:
-    """‖w_T(D) − w_T(D')‖ over all tensors, both runs from the same initial state."""
-    from engine.training import prepare_training
+    """‖w_T(D) − w_T(D')‖ over all tensors, both runs from the same initial state, with the
+    engine's per-user process and its aggregator's noise switched off (the audit-only switch;
+    job specs refuse a zero noise multiplier), so only clipping bounds the difference."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from engine.artifact import keras_from_artifact
+    from engine.training import FederatedTraining, _optimizer, dp_aggregator
 
     doc = parse_artifact(json.dumps(linear_classifier_artifact(FEATURES, CLASSES)).encode())
     summary = validate_artifact(doc, num_features=FEATURES, num_classes=CLASSES)
-    training = prepare_training(doc, summary, spec(clip), FEATURES)
+    job = spec(clip)
+
+    def model_fn() -> tff.learning.models.VariableModel:
+        return tff.learning.models.from_keras_model(
+            keras_from_artifact(doc, load_weights=False),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(
+                from_logits=not summary.outputs_probabilities),
+            input_spec=(tf.TensorSpec([None, FEATURES], tf.float32),
+                        tf.TensorSpec([None], tf.int32)))
+
+    process = tff.learning.algorithms.build_unweighted_fed_avg(
+        model_fn, client_optimizer_fn=_optimizer(job, "client"),
+        server_optimizer_fn=_optimizer(job, "server"),
+        model_aggregator=dp_aggregator(job, audit_noise_disabled=True))
+    keras_model = keras_from_artifact(doc)
+    state = process.set_model_weights(process.initialize(), tff.learning.models.ModelWeights(
+        trainable=[w.numpy() for w in keras_model.trainable_weights], non_trainable=[]))
+    training = FederatedTraining(process=process, state=state, spec=job, keras_model=keras_model)
     released = []
     for data in (partition(outlier=False), partition(outlier=True)):
         run = replace(training)  # same process and initial state for both datasets
