@@ -106,9 +106,7 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
     targets = [t for t in os.environ.get(REMOTE_WORKERS_ENV, "").split(",") if t]
     if targets:
         use_remote_workers(targets)
-    from engine.training import prepare_training
-
-    training = prepare_training(doc, summary, spec, schema.num_features)
+    training = build_training(doc, summary, spec, schema.num_features, workers=len(targets))
 
     _write_durably(job_dir / DATA_ACCESS_MARKER, spec.job_id.encode())
     progress.emit(DATA_ACCESS_EVENT)
@@ -137,6 +135,29 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
                "metrics": metrics}
     _write_durably(job_dir / RELEASE_FILE, json.dumps(release).encode())
     progress.emit(DONE_EVENT)
+
+
+def build_training(doc: dict[str, Any], summary: Any, spec: JobSpec, num_features: int, *,
+                   workers: int = 0) -> Any:
+    """The job's training process; reads no user data.
+
+    The vectorized engine (:mod:`engine.shard_process`: shards of users as TFF clients, every
+    user padded to the owner's cap) when the model is vectorizable and the job has a per-user
+    cap — every job the gateway writes has one; else the per-user path
+    (:mod:`engine.training`), which runs every allowlisted layer. Both run the same mechanism
+    and the same accounted event. With remote workers, each round has at least one shard per
+    worker.
+    """
+    from engine.functional_model import vectorizable
+
+    if spec.max_examples_per_user is not None and vectorizable(doc["config"]) is None:
+        from engine.shard_process import prepare_sharded_training
+
+        return prepare_sharded_training(doc, spec, cap=spec.max_examples_per_user,
+                                        min_shards=max(1, workers))
+    from engine.training import prepare_training
+
+    return prepare_training(doc, summary, spec, num_features)
 
 
 def use_remote_workers(targets: list[str], timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:

@@ -1,0 +1,211 @@
+"""DP-FedAvg on TFF with shards of users as clients: the vectorized engine.
+
+The privacy unit stays the user; only the unit of TFF work changes. Per round:
+
+* every training user is sampled independently with probability q (:func:`engine.training.
+  poisson_sample`, OS CSPRNG), exactly as on the per-user path;
+* the sampled users are cut into shards of at most ``shard_size`` users; each shard is one TFF
+  client whose work (:func:`engine.vectorized_users.shard_clipped_sum`) trains each of its users
+  independently from the server weights, clips each user's update to C and returns the sum;
+* TFF sums the shards' sums (the shards are *not* clipped again: each user's contribution is
+  already clipped, so the total has sensitivity C), adds N(0, σ²) once with σ ≥ z·C
+  (``JobSpec.noise_stddev``), divides by the public constant q·N̂ and applies the server
+  optimizer (post-processing): ``DifferentiallyPrivateFactory(NormalizedQuery(
+  ShardSumQuery(σ), q·N̂))`` wrapped as a weighted aggregator with weight 1 per shard.
+
+The accounted event is unchanged: ``PoissonSampled(q, Gaussian(z))`` per round. Every sampled
+user is padded to the owner's cap (masks), so a user's work is the same whatever their data;
+memory per shard is bounded by ``shard_size × cap × (example size)`` plus a few copies of
+``shard_size × parameters``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.functional_model import StackedModel, build_stacked_model
+from engine.job import JobSpec
+from engine.training import cap_examples, poisson_sample
+from engine.vectorized_users import example_order, pad_users, shard_clipped_sum
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from engine.datastore import Partition
+
+__all__ = ["SHARD_MEMORY_BYTES", "ShardedTraining", "prepare_sharded_training", "shard_size"]
+
+SHARD_MEMORY_BYTES = 256 * 2**20
+"""Memory one shard's tensors may take (examples and per-user weight copies)."""
+_WEIGHT_COPIES = 6  # stacked weights, momentum, gradients, updates, and TF temporaries
+
+
+def shard_size(*, cap: int, example_floats: int, parameters: int, local_epochs: int,
+               memory_bytes: int = SHARD_MEMORY_BYTES) -> int:
+    """Users per shard so that a shard's tensors fit ``memory_bytes``: public inputs only."""
+    per_user = 4 * (cap * (example_floats + 1) + local_epochs * cap
+                    + _WEIGHT_COPIES * parameters)
+    return max(1, min(4096, memory_bytes // per_user))
+
+
+@dataclass
+class ShardedTraining:
+    """A built sharded DP-FedAvg process, its state and how it packs users into shards."""
+
+    process: Any
+    state: Any
+    spec: JobSpec
+    keras_model: tf.keras.Model
+    cap: int
+    shard_size: int
+    min_shards: int = 1
+    client_updates: int = 0
+    """Client updates so far (Σ sampled users): owner's metering only, never released."""
+    _rng: np.random.Generator = field(
+        default_factory=lambda: np.random.default_rng(secrets.randbits(128)))
+
+    def run(self, partition: Partition, on_round: Callable[[int], None]) -> tf.keras.Model:
+        """Train for ``spec.rounds`` rounds; return the Keras model holding the final weights."""
+        for round_number in range(1, self.spec.rounds + 1):
+            sampled = poisson_sample(partition.users, self.spec.sampling_rate)
+            self.state = self.process.next(self.state, self.shards(partition, sampled)).state
+            self.client_updates += len(sampled)
+            on_round(round_number)
+        weights = self.process.get_model_weights(self.state)
+        weights.assign_weights_to(self.keras_model)
+        return self.keras_model
+
+    def shards(self, partition: Partition, sampled: np.ndarray) -> list[Any]:
+        """The round's shards: at least ``min_shards`` (one per remote worker), each of at
+        most ``shard_size`` users, as one-element datasets of (features, labels, counts,
+        order)."""
+        import tensorflow as tf
+
+        count = max(self.min_shards, math.ceil(len(sampled) / self.shard_size))
+        feature_shape = tuple(int(n) for n in partition.features.shape[1:])
+        result = []
+        for users in np.array_split(sampled, count):
+            examples = [cap_examples(self._rng, *partition.user_examples(int(u)), self.cap)
+                        for u in users]
+            features, labels, counts = pad_users(examples, self.cap, feature_shape)
+            order = example_order(self._rng, counts, self.cap, self.spec.local_epochs)
+            result.append(tf.data.Dataset.from_tensors((features, labels, counts, order)))
+        return result
+
+
+def shard_sum_query(*, clip: float, stddev: float) -> Any:
+    """TF Privacy's Gaussian sum query over *shard sums*: records are not clipped again (each
+    user inside was clipped to ``clip`` by the shard's work), the noise is N(0, stddev²) on the
+    total. Its DP event is the same ``GaussianDpEvent(stddev / clip)``."""
+    import tensorflow_privacy as tfp
+
+    class ShardSumQuery(tfp.GaussianSumQuery):
+        def preprocess_record(self, params: Any, record: Any) -> Any:
+            return record
+
+    return ShardSumQuery(l2_norm_clip=clip, stddev=stddev)
+
+
+def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
+                             min_shards: int = 1, noise_stddev: float | None = None,
+                             ) -> ShardedTraining:
+    """Build the sharded TFF process from a validated, vectorizable artifact; reads no data.
+
+    ``noise_stddev`` None means the job's σ (``spec.noise_stddev()``); tests that compare with
+    the per-user reference pass 0.0 through :func:`noiseless_sharded_training_for_tests`.
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+    import tensorflow_privacy as tfp
+
+    from engine.artifact import keras_from_artifact
+    from engine.training import _optimizer
+
+    keras_model = keras_from_artifact(doc)
+    stacked = build_stacked_model(doc["config"])
+    input_shape = tuple(int(n) for n in keras_model.input_shape[1:])
+    shapes = [tuple(int(n) for n in w.shape) for w in keras_model.trainable_weights]
+    trainable_type = [tff.TensorType(np.float32, s) for s in shapes]
+    weights_type = tff.to_type(tff.learning.models.ModelWeights(trainable=trainable_type,
+                                                                non_trainable=[]))
+    epochs_cap = spec.local_epochs * cap
+    # One shard = a TFF client whose data is a one-element dataset (TFF's client work takes
+    # sequences): (features [U, cap, ...], labels [U, cap], counts [U], order [U, E·cap]).
+    shard_type = tff.SequenceType(tff.StructWithPythonType([
+        tff.TensorType(np.float32, [None, cap, *input_shape]),
+        tff.TensorType(np.int32, [None, cap]),
+        tff.TensorType(np.int32, [None]),
+        tff.TensorType(np.int32, [None, epochs_cap]),
+    ], tuple))
+    _, learning_rate, hyperparameters = spec.optimizer("client")  # sgd or sgdm
+    momentum = hyperparameters.get("momentum") or None
+
+    @tff.tensorflow.computation(weights_type, shard_type)
+    def client_update(weights: Any, shard: Any) -> Any:
+        features, labels, counts, order = shard.get_single_element()
+        clipped = _clipped_sum(stacked, list(weights.trainable), features, labels, counts, order,
+                               spec, learning_rate, momentum)
+        return tff.learning.templates.ClientResult(update=clipped,
+                                                   update_weight=tf.constant(1.0))
+
+    @tff.federated_computation
+    def initialize() -> Any:
+        return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(initialize.type_signature.result,
+                               tff.FederatedType(weights_type, tff.CLIENTS),
+                               tff.FederatedType(shard_type, tff.CLIENTS))
+    def next_fn(state: Any, weights: Any, shards: Any) -> Any:
+        results = tff.federated_map(client_update, (weights, shards))
+        return tff.templates.MeasuredProcessOutput(state, results,
+                                                   tff.federated_value((), tff.SERVER))
+
+    client_work = tff.learning.templates.ClientWorkProcess(initialize, next_fn)
+    stddev = spec.noise_stddev() if noise_stddev is None else noise_stddev
+    factory = tff.aggregators.DifferentiallyPrivateFactory(tfp.NormalizedQuery(
+        shard_sum_query(clip=spec.clip, stddev=stddev),
+        denominator=float(spec.expected_clients_per_round)))
+    aggregator = tff.aggregators.as_weighted_aggregator(factory).create(
+        weights_type.trainable, tff.TensorType(np.float32))
+    initial = [w.numpy() for w in keras_model.trainable_weights]
+
+    @tff.tensorflow.computation
+    def initial_weights() -> Any:
+        return tff.learning.models.ModelWeights(
+            trainable=[tf.constant(w) for w in initial], non_trainable=[])
+
+    process = tff.learning.templates.compose_learning_process(
+        initial_weights,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        client_work,
+        aggregator,
+        tff.learning.templates.build_apply_optimizer_finalizer(_optimizer(spec, "server"),
+                                                               weights_type),
+    )
+    parameters = sum(math.prod(s) for s in shapes)
+    size = shard_size(cap=cap, example_floats=math.prod(input_shape), parameters=parameters,
+                      local_epochs=spec.local_epochs)
+    return ShardedTraining(process=process, state=process.initialize(), spec=spec,
+                           keras_model=keras_model, cap=cap, shard_size=size,
+                           min_shards=min_shards)
+
+
+def _clipped_sum(stacked: StackedModel, weights: list[Any], features: Any, labels: Any,
+                 counts: Any, order: Any, spec: JobSpec, learning_rate: float,
+                 momentum: float | None) -> list[Any]:
+    return shard_clipped_sum(stacked, weights, features, labels, counts, order, clip=spec.clip,
+                             local_epochs=spec.local_epochs, batch_size=spec.batch_size,
+                             learning_rate=learning_rate, momentum=momentum)
+
+
+def noiseless_sharded_training_for_tests(doc: dict[str, Any], spec: JobSpec, *,
+                                         cap: int) -> ShardedTraining:
+    """The sharded process with the noise switched off: tests compare its pre-noise sum with
+    the per-user reference. Not reachable from a job (no JobSpec field selects it)."""
+    return prepare_sharded_training(doc, spec, cap=cap, noise_stddev=0.0)

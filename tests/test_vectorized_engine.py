@@ -1,0 +1,214 @@
+"""The vectorized engine as a specification: shards of users under TFF compute exactly what the
+per-user path computes, users never mix, and the loss is the exact one from logits.
+
+Equivalence is checked with the noise switched off (``noiseless_sharded_training_for_tests``
+and the audit-only ``audit_noise_disabled`` switch of the reference aggregator), a denominator
+of 1 and a server SGD step of 1, so both processes release w₀ − Σ_u clip(Δ_u) and any
+difference is a difference in the clipped per-user updates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.functional_model import build_stacked_model, vectorizable
+from engine.job import JobSpec
+from engine.vectorized_users import example_order, pad_users, user_clipped_updates
+
+pytestmark = pytest.mark.tff
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CAP = 12
+
+
+def _spec(**fields: Any) -> JobSpec:
+    base: dict[str, Any] = dict(
+        job_id="t", dataset_dir=Path("/d"), model_path=Path("/m"), rounds=1, sampling_rate=0.5,
+        expected_clients_per_round=1.0, noise_multiplier=1.0, clip=0.3,
+        client_learning_rate=0.5, server_learning_rate=1.0, server_momentum=0.0,
+        local_epochs=1, batch_size=4, evaluation=None, server_optimizer="sgd")
+    return JobSpec(**{**base, **fields})
+
+
+def _linear() -> dict[str, Any]:
+    doc = json.loads((FIXTURES / "logreg-20x5.json").read_text())
+    rng = np.random.default_rng(1)
+    from engine.artifact import encode_array
+
+    doc["weights"] = [encode_array(rng.normal(0, 0.3, (20, 5)).astype(np.float32)),
+                      encode_array(rng.normal(0, 0.1, 5).astype(np.float32))]
+    return doc
+
+
+def _mlp() -> dict[str, Any]:
+    import tensorflow as tf
+
+    from engine.artifact import artifact_from_keras
+
+    tf.keras.utils.set_random_seed(3)
+    model = tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=(20,), name="features"),
+        tf.keras.layers.Dense(16, activation="relu"),
+        tf.keras.layers.Dense(5, activation="softmax"),
+    ])
+    return artifact_from_keras(model)
+
+
+def _users(seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    sizes = [3, 12, 7, 10, 5, 1]
+    return [(rng.normal(size=(n, 20)).astype(np.float32),
+             rng.integers(0, 5, n).astype(np.int32)) for n in sizes]
+
+
+def _reference_round(doc: dict[str, Any], spec: JobSpec,
+                     users: list[tuple[np.ndarray, np.ndarray]], order: np.ndarray) -> list[Any]:
+    """Today's per-user TFF path (one client per user), noise off, examples in ``order``."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from engine.artifact import keras_from_artifact
+    from engine.training import _optimizer, dp_aggregator
+
+    def model_fn() -> Any:
+        return tff.learning.models.from_keras_model(
+            keras_from_artifact(doc, load_weights=False),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False),
+            input_spec=(tf.TensorSpec([None, 20], tf.float32), tf.TensorSpec([None], tf.int32)))
+
+    process = tff.learning.algorithms.build_unweighted_fed_avg(
+        model_fn, client_optimizer_fn=_optimizer(spec, "client"),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+        model_aggregator=dp_aggregator(spec, audit_noise_disabled=True))
+    keras_model = keras_from_artifact(doc)
+    state = process.set_model_weights(process.initialize(), tff.learning.models.ModelWeights(
+        trainable=[w.numpy() for w in keras_model.trainable_weights], non_trainable=[]))
+    datasets = []
+    for u, (x, y) in enumerate(users):
+        index = order[u, :spec.local_epochs * len(y)]
+        datasets.append(tf.data.Dataset.from_tensor_slices((x[index], y[index]))
+                        .batch(spec.batch_size))
+    state = process.next(state, datasets).state
+    return [np.asarray(w) for w in process.get_model_weights(state).trainable]
+
+
+def _sharded_round(doc: dict[str, Any], spec: JobSpec, users: list[tuple[np.ndarray, np.ndarray]],
+                   order: np.ndarray, shards: int) -> list[Any]:
+    import tensorflow as tf
+
+    from engine.shard_process import noiseless_sharded_training_for_tests
+
+    training = noiseless_sharded_training_for_tests(doc, spec, cap=CAP)
+    features, labels, counts = pad_users(users, CAP, (20,))
+    datasets = [tf.data.Dataset.from_tensors((features[part], labels[part], counts[part],
+                                              order[part]))
+                for part in np.array_split(np.arange(len(users)), shards)]
+    state = training.process.next(training.state, datasets).state
+    return [np.asarray(w) for w in training.process.get_model_weights(state).trainable]
+
+
+@pytest.mark.parametrize("model, epochs, optimizer, shards", [
+    ("linear", 1, {}, 1),
+    ("linear", 3, {"client_optimizer": "sgdm", "client_momentum": 0.9}, 2),
+    ("mlp", 3, {}, 2),
+    ("mlp", 1, {"client_optimizer": "sgdm", "client_momentum": 0.5}, 1),
+])
+def test_sharded_round_equals_the_per_user_reference_with_noise_off(
+    model: str, epochs: int, optimizer: dict[str, Any], shards: int
+) -> None:
+    doc = _linear() if model == "linear" else _mlp()
+    spec = _spec(local_epochs=epochs, **optimizer)
+    users = _users()
+    counts = np.array([len(y) for _, y in users], np.int32)
+    order = example_order(np.random.default_rng(5), counts, CAP, epochs)
+    reference = _reference_round(doc, spec, users, order)
+    sharded = _sharded_round(doc, spec, users, order, shards)
+    initial = [np.asarray(w) for w in _weights(doc)]
+    moved = sum(float(np.abs(r - w).sum()) for r, w in zip(reference, initial, strict=True))
+    assert moved > 1e-3  # training happened
+    for r, s in zip(reference, sharded, strict=True):
+        np.testing.assert_allclose(s, r, rtol=1e-4, atol=2e-6)
+
+
+def _weights(doc: dict[str, Any]) -> list[np.ndarray]:
+    from engine.artifact import decode_array
+
+    return [decode_array(w) for w in doc["weights"]]
+
+
+def _per_user_updates(doc: dict[str, Any], spec: JobSpec,
+                      users: list[tuple[np.ndarray, np.ndarray]], order: np.ndarray) -> list[Any]:
+    import tensorflow as tf
+
+    stacked = build_stacked_model(doc["config"])
+    features, labels, counts = pad_users(users, CAP, (20,))
+    weights = [tf.constant(w) for w in _weights(doc)]
+    updates = user_clipped_updates(stacked, weights, tf.constant(features), tf.constant(labels),
+                                   tf.constant(counts), tf.constant(order), clip=spec.clip,
+                                   local_epochs=spec.local_epochs, batch_size=spec.batch_size,
+                                   learning_rate=spec.client_learning_rate, momentum=None)
+    return [u.numpy() for u in updates]
+
+
+def test_changing_one_users_data_changes_only_that_users_clipped_update() -> None:
+    doc, spec = _mlp(), _spec(local_epochs=2)
+    users = _users()
+    counts = np.array([len(y) for _, y in users], np.int32)
+    order = example_order(np.random.default_rng(2), counts, CAP, 2)
+    before = _per_user_updates(doc, spec, users, order)
+    changed = list(users)
+    x, y = changed[2]
+    changed[2] = (x * 5.0 + 1.0, (y + 1) % 5)
+    after = _per_user_updates(doc, spec, changed, order)
+    for b, a in zip(before, after, strict=True):
+        others = [u for u in range(len(users)) if u != 2]
+        assert np.array_equal(b[others], a[others])  # bit-identical
+        assert not np.array_equal(b[2], a[2])
+    norms = np.sqrt(sum((b.reshape(len(users), -1) ** 2).sum(axis=1) for b in before))
+    assert np.all(norms <= spec.clip * (1 + 1e-5))
+
+
+def test_a_non_finite_local_update_contributes_nothing() -> None:
+    doc, spec = _linear(), _spec(client_learning_rate=1e30, clip=1.0)
+    users = _users()
+    counts = np.array([len(y) for _, y in users], np.int32)
+    order = example_order(np.random.default_rng(2), counts, CAP, 1)
+    updates = _per_user_updates(doc, spec, users, order)
+    assert all(np.all(np.isfinite(u)) for u in updates)
+    norms = np.sqrt(sum((u.reshape(len(users), -1) ** 2).sum(axis=1) for u in updates))
+    assert np.all((norms == 0) | (norms <= 1.0 + 1e-5))
+
+
+def test_the_loss_is_the_exact_cross_entropy_from_logits_even_for_confident_mistakes() -> None:
+    doc = _linear()
+    weights = _weights(doc)
+    weights[1] = np.array([40.0, 0, 0, 0, -40.0], np.float32)  # class 4: p ≈ e⁻⁸⁰ ≪ 1e-7
+    from engine.artifact import encode_array
+
+    doc["weights"] = [encode_array(w) for w in weights]
+    spec = _spec(clip=1e9, client_learning_rate=1.0, batch_size=1)
+    x = np.random.default_rng(0).normal(size=(1, 20)).astype(np.float32)
+    users = [(x, np.array([4], np.int32))]
+    order = example_order(np.random.default_rng(0), np.array([1], np.int32), CAP, 1)
+    kernel_update, bias_update = (u[0] for u in _per_user_updates(doc, spec, users, order))
+    logits = x[0] @ weights[0] + weights[1]
+    softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    expected_bias = softmax - np.eye(5)[4]  # update = w₀ − w₁ = lr · gradient
+    np.testing.assert_allclose(bias_update, expected_bias, atol=1e-6)
+    np.testing.assert_allclose(kernel_update, np.outer(x[0], expected_bias), atol=1e-5)
+    assert abs(bias_update[4] + 1.0) < 1e-6  # full gradient, not the clipped-probability 0
+
+
+def test_models_outside_the_vectorized_layers_say_why_and_keep_the_per_user_path() -> None:
+    conv = {"class_name": "Sequential", "config": {"layers": [
+        {"class_name": "InputLayer", "config": {}}, {"class_name": "Conv2D", "config": {}}]}}
+    assert "Conv2D trains per user" in vectorizable(conv)
+    assert vectorizable(_linear()["config"]) is None
+    regularized = _linear()["config"]
+    regularized["config"]["layers"][1]["config"]["kernel_regularizer"] = {"class_name": "L2"}
+    assert "regularizers" in vectorizable(regularized)
