@@ -7,6 +7,7 @@ server is a failure there, not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -107,3 +108,44 @@ def charged(job: dict) -> dict:  # type: ignore[type-arg]
     from engine.job import JobSpec
 
     return {**job, "charged_cost": JobSpec.from_json(job).executed_cost().to_json()}
+
+
+ISOLATED_ENV = "FEDGATE_TEST_IN_OWN_PROCESS"
+
+
+def in_own_process(test):  # type: ignore[no-untyped-def]
+    """Run a test that executes TFF computations in a child pytest process of its own.
+
+    TFF's runtime starts gRPC in the process; a process that later forks (every engine launch
+    and sandbox probe does) can then abort in the child (gRPC's fork handlers, seen as bwrap
+    exiting with SIGABRT). The child runs the same test id; its process group is killed when
+    it ends, TFF's ``worker_binary`` included, and its output is shown if it fails.
+    """
+    import functools
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.environ.get(ISOLATED_ENV):
+            return test(*args, **kwargs)
+        node_id = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+        with tempfile.TemporaryFile() as output:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node_id],
+                env={**os.environ, ISOLATED_ENV: "1"}, stdout=output, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=Path(__file__).resolve().parent.parent)
+            try:
+                child.wait(timeout=900)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            output.seek(0)
+            text = output.read().decode(errors="replace")
+        assert child.returncode == 0, text[-6000:]
+
+    return wrapper

@@ -45,7 +45,7 @@ from ledger.mechanism import (
     noise_stddev,
 )
 from ledger.models import Dataset, Job
-from tests.conftest import charged, make_researcher
+from tests.conftest import charged, in_own_process, make_researcher
 from tests.test_gateway import JOB, audit_entries, signed_client
 from tests.test_review import submit, write_policy
 
@@ -144,6 +144,7 @@ def test_a_held_job_whose_parameters_left_the_range_cannot_be_approved(node_dir:
 
 
 @pytest.mark.tff
+@in_own_process
 def test_the_real_aggregator_at_the_smallest_admissible_clip_and_noise_adds_noise() -> None:
     import tensorflow_federated as tff
 
@@ -171,6 +172,7 @@ def test_the_real_aggregator_at_the_smallest_admissible_clip_and_noise_adds_nois
 
 
 @pytest.mark.tff
+@in_own_process
 def test_a_user_whose_local_training_diverges_cannot_turn_the_release_into_nan() -> None:
     import tensorflow_federated as tff
 

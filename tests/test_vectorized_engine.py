@@ -19,6 +19,7 @@ import pytest
 from engine.functional_model import build_stacked_model, vectorizable
 from engine.job import JobSpec
 from engine.vectorized_users import example_order, pad_users, user_clipped_updates
+from tests.conftest import in_own_process
 
 pytestmark = pytest.mark.tff
 
@@ -118,6 +119,7 @@ def _sharded_round(doc: dict[str, Any], spec: JobSpec, users: list[tuple[np.ndar
     ("mlp", 3, {}, 2),
     ("mlp", 1, {"client_optimizer": "sgdm", "client_momentum": 0.5}, 1),
 ])
+@in_own_process
 def test_sharded_round_equals_the_per_user_reference_with_noise_off(
     model: str, epochs: int, optimizer: dict[str, Any], shards: int
 ) -> None:
