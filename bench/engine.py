@@ -25,14 +25,9 @@ The TFF measurements run in a child process in a private loopback-only network n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,11 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.isolated import run_isolated
+
 REPOSITORY = Path(__file__).resolve().parent.parent
-_ENTRY = ("import json, os, sys; from engine.netns import isolate_network; isolate_network(); "
-          "from bench.engine import measure_training; "
-          "open(sys.argv[2], 'w').write(json.dumps(measure_training(json.loads(sys.argv[1])))); "
-          "os._exit(0)")
 
 
 @dataclass(frozen=True)
@@ -213,21 +206,7 @@ def measure_training(config: dict[str, Any]) -> dict[str, Any]:
 def _run_child(sizes: Sizes, timeout_s: float) -> dict[str, Any]:
     from dataclasses import asdict
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        child = subprocess.Popen([sys.executable, "-c", _ENTRY, json.dumps(asdict(sizes)),
-                                  str(out)], cwd=REPOSITORY, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        try:
-            child.wait(timeout=timeout_s)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)  # and TFF's worker_binary with it
-            child.wait()
-        if child.returncode != 0:
-            raise RuntimeError(f"engine benchmark child failed with status {child.returncode}")
-        return json.loads(out.read_text())
+    return run_isolated("bench.engine", "measure_training", asdict(sizes), timeout_s)
 
 
 def measure_sandbox_start(starts: int) -> dict[str, float]:

@@ -20,12 +20,7 @@ are what the issue's targets speak of: (a)/(b) ≥ 100× and (c)/(a) ≤ 3× at 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -34,11 +29,7 @@ from typing import Any
 
 import numpy as np
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-_ENTRY = ("import json, os, sys; from engine.netns import isolate_network; isolate_network(); "
-          "from bench.vectorized import measure; "
-          "open(sys.argv[2], 'w').write(json.dumps(measure(json.loads(sys.argv[1])))); "
-          "os._exit(0)")
+from bench.isolated import run_isolated
 
 FEATURES, CLASSES, CAP, BATCH, CLIP, NOISE = 60, 10, 64, 16, 1.0, 1.0
 
@@ -186,24 +177,6 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _run_child(sizes: Sizes, timeout_s: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        child = subprocess.Popen([sys.executable, "-c", _ENTRY, json.dumps(asdict(sizes)),
-                                  str(out)], cwd=REPOSITORY, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        try:
-            child.wait(timeout=timeout_s)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-        if child.returncode != 0:
-            raise RuntimeError(f"vectorized benchmark child failed with status {child.returncode}")
-        return json.loads(out.read_text())
-
-
 def _rate(measured: dict[str, Any] | None) -> float | None:
     if measured is None or measured["updates"] == 0:
         return None
@@ -212,7 +185,7 @@ def _rate(measured: dict[str, Any] | None) -> float | None:
 
 def run(sizes: Sizes = FULL, timeout_s: float = 1800) -> str:
     started = time.perf_counter()
-    results = _run_child(sizes, timeout_s)
+    results = run_isolated("bench.vectorized", "measure", asdict(sizes), timeout_s)
     flops_per_update = 6 * FEATURES * CLASSES * CAP
     bound = results["flops_per_s"] / flops_per_update
     lines = [
