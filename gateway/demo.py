@@ -25,7 +25,7 @@ from gateway.process import running_gateway
 DEMO_DATASET = "demo"
 DEMO_EPSILON_TOTAL = 8.0
 DEMO_DELTA = 1e-5
-FIRST_JOB = {"rounds": 40, "clients_per_round": 100, "noise_multiplier": 1.0, "clip": 1.0,
+FIRST_JOB = {"rounds": 150, "clients_per_round": 300, "noise_multiplier": 3.0, "clip": 1.0,
              "client_learning_rate": 0.1, "server_learning_rate": 1.0, "local_epochs": 1,
              "batch_size": 16}
 GREEDY_JOB = {**FIRST_JOB, "rounds": 2000}
