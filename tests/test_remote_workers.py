@@ -3,7 +3,9 @@
 Two ``worker_binary`` processes (TFF's C++ worker, ``--port N``) serve on loopback; the same
 small job (500-user Synthetic(1, 1), 60 → 10 softmax, 2 rounds of DP-FedAvg, DP evaluation)
 runs through :func:`engine.launcher.run_job` in the default bubblewrap sandbox once on TFF's
-local runtime and once with ``SandboxSettings.remote_workers`` naming both workers. The sandbox
+local runtime and once with ``SandboxSettings.remote_workers`` naming both workers. The job has a
+per-user cap, so it runs on the vectorized engine (``engine.shard_process``): each round has one
+shard of users per worker, and each worker trains and sums its shard. The sandbox
 keeps its loopback-only network; the launcher's relay is its way to the workers.
 
 The workers listen on all interfaces without authentication, so the whole scenario runs in a
@@ -85,7 +87,7 @@ def write_job(root: Path, ds_dir: Path, training_users: int) -> Path:
         "rounds": ROUNDS, "sampling_rate": CLIENTS_PER_ROUND / training_users,
         "expected_clients_per_round": CLIENTS_PER_ROUND, "noise_multiplier": 1.0, "clip": 1.0,
         "client_learning_rate": 0.1, "server_learning_rate": 1.0, "server_momentum": 0.9,
-        "local_epochs": 1, "batch_size": 16,
+        "local_epochs": 1, "batch_size": 16, "max_examples_per_user": 64,
         "evaluation": {"noise_multiplier": 1.0, "loss_clip": 5.0},
     }
     (job_dir / "job.json").write_text(json.dumps(charged(job)))
