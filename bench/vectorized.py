@@ -71,9 +71,11 @@ def _engine(doc: dict[str, Any], partition: Any, clients: int, rounds: int,
 
     spec = _spec(partition.users, clients, rounds)
     if sharded:
-        warm = prepare_sharded_training(doc, _spec(partition.users, clients, 1), cap=CAP)
+        scratch = Path(tempfile.mkdtemp())  # as the runner's job directory
+        warm = prepare_sharded_training(doc, _spec(partition.users, clients, 1), cap=CAP,
+                                        scratch_dir=scratch)
         warm.run(partition, on_round=lambda _: None)  # trace the computations once
-        training = prepare_sharded_training(doc, spec, cap=CAP)
+        training = prepare_sharded_training(doc, spec, cap=CAP, scratch_dir=scratch)
     else:
         summary = artifact.validate_artifact(doc, num_features=FEATURES, num_classes=CLASSES)
         training = prepare_training(doc, summary, spec, FEATURES)

@@ -106,7 +106,8 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
     targets = [t for t in os.environ.get(REMOTE_WORKERS_ENV, "").split(",") if t]
     if targets:
         use_remote_workers(targets)
-    training = build_training(doc, summary, spec, schema.num_features, workers=len(targets))
+    training = build_training(doc, summary, spec, schema.num_features, workers=len(targets),
+                              scratch_dir=job_dir / "shards")
 
     _write_durably(job_dir / DATA_ACCESS_MARKER, spec.job_id.encode())
     progress.emit(DATA_ACCESS_EVENT)
@@ -138,7 +139,7 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
 
 
 def build_training(doc: dict[str, Any], summary: Any, spec: JobSpec, num_features: int, *,
-                   workers: int = 0) -> Any:
+                   workers: int = 0, scratch_dir: Path | None = None) -> Any:
     """The job's training process; reads no user data.
 
     The vectorized engine (:mod:`engine.shard_process`: shards of users as TFF clients, every
@@ -146,15 +147,20 @@ def build_training(doc: dict[str, Any], summary: Any, spec: JobSpec, num_feature
     cap — every job the gateway writes has one; else the per-user path
     (:mod:`engine.training`), which runs every allowlisted layer. Both run the same mechanism
     and the same accounted event. With remote workers, each round has at least one shard per
-    worker.
+    worker and the shards travel inside TFF; on the local runtime they are written to
+    ``scratch_dir`` (in the job directory, each deleted when its round ends) and read back by
+    the worker, which is twice as fast.
     """
     from engine.functional_model import vectorizable
 
     if spec.max_examples_per_user is not None and vectorizable(doc["config"]) is None:
         from engine.shard_process import prepare_sharded_training
 
+        local = scratch_dir if not workers and scratch_dir is not None else None
+        if local is not None:
+            local.mkdir(exist_ok=True)
         return prepare_sharded_training(doc, spec, cap=spec.max_examples_per_user,
-                                        min_shards=max(1, workers))
+                                        min_shards=max(1, workers), scratch_dir=local)
     from engine.training import prepare_training
 
     return prepare_training(doc, summary, spec, num_features)

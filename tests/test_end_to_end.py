@@ -81,3 +81,6 @@ def test_signed_job_trains_with_tff_and_releases_only_dp_outputs(
     assert actions[admit:admit + 3] == ["admit", "charge", "release"]
     assert actions[-1] == "deny"
     assert _worker_binaries() - workers_before == set()
+    # The vectorized engine ran (the job has the dataset's cap) and left no user data behind.
+    job_dir = sqlite_node / "jobs" / release.job_id
+    assert (job_dir / "shards").is_dir() and not list(job_dir.rglob("shard-*.bin"))

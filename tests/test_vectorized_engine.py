@@ -214,3 +214,16 @@ def test_models_outside_the_vectorized_layers_say_why_and_keep_the_per_user_path
     regularized = _linear()["config"]
     regularized["config"]["layers"][1]["config"]["kernel_regularizer"] = {"class_name": "L2"}
     assert "regularizers" in vectorizable(regularized)
+
+
+def test_a_shard_written_to_the_job_directory_reads_back_exactly(tmp_path: Path) -> None:
+    from engine.shard_process import _file_shard
+
+    users = _users()
+    features, labels, counts = pad_users(users, CAP, (20,))
+    order = example_order(np.random.default_rng(4), counts, CAP, 3)
+    dataset = _file_shard(tmp_path / "shard-0.bin", (features, labels, counts, order))
+    for read, written in zip(dataset.get_single_element(), (features, labels, counts, order),
+                             strict=True):
+        assert read.dtype.as_numpy_dtype == written.dtype
+        assert np.array_equal(read.numpy(), written)
