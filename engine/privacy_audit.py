@@ -37,10 +37,12 @@ the sum, division by the constant q·N):
   is one example (a·u, y): a random unit feature direction u scaled to ``CANARY_FEATURE_NORM``
   and a random label; one local SGD step moves the kernel by a rank-one matrix u ⊗ (e_y − p),
   p the model's softmax on that example, and the client learning rate is chosen so the step has
-  norm 10·C at the initial (zero) model. The canary's probe is u ⊗ Σ_t unit(e_y − p_t), with p_t
-  computed from the server model broadcast in round t — the same for inserted and never-inserted
-  probes; the statistic is the cosine with the change of the kernel. An observer who sees every
-  round's model is covered by the same analytic ε (the accountant composes all rounds).
+  norm 10·C at the initial (zero) model (the server learning rate keeps the model near zero at
+  the canaries' inputs: :meth:`AuditConfig.job_spec`). The canary's probe is
+  u ⊗ Σ_t unit(e_y − p_t), with p_t computed from the server model broadcast in round t — the
+  same for inserted and never-inserted probes; the statistic is the cosine with the change of
+  the kernel. An observer who sees every round's model is covered by the same analytic ε (the
+  accountant composes all rounds).
 
 Randomness: canary and null directions, labels, the synthetic users, participation and the
 bootstrap are drawn from ``seed``. The aggregator's Gaussian noise is drawn from ``noise_seed``
@@ -168,11 +170,18 @@ class AuditConfig:
     def job_spec(self) -> JobSpec:
         """The job whose mechanism is audited (paths are unused: no data is read).
 
-        Its client learning rate makes a training-path canary's one SGD step at the zero model
-        exactly ``CANARY_NORM_FACTOR``·C long: lr·|e_y − 1/K|·√(a² + 1) = 10·C.
+        Its learning rates serve the training path (the aggregator path uses neither). The
+        client rate makes a canary's one SGD step at the zero model exactly
+        ``CANARY_NORM_FACTOR``·C long: lr·|e_y − 1/K|·√(a² + 1) = 10·C. The server SGD rate
+        η = min(1, q·N / (20·a·C·√T)) keeps the model near zero at the canaries' inputs —
+        the noise moves their logits by about a·η·z·C·√T / (q·N) ≤ z/20 — so a canary's
+        update keeps its direction from round to round and its probe matches it. The server
+        step is post-processing of the noised sum: it changes nothing the ledger accounts.
         """
         label_gap = math.sqrt(1.0 - 1.0 / self.num_classes)  # |e_y − uniform|
         canary_step = label_gap * math.sqrt(CANARY_FEATURE_NORM**2 + 1.0)
+        server_rate = min(1.0, self.sampling_rate * self.population
+                          / (20.0 * CANARY_FEATURE_NORM * self.clip * math.sqrt(self.rounds)))
         return JobSpec(
             job_id="privacy-audit", dataset_dir=Path("/nonexistent"),
             model_path=Path("/nonexistent"), rounds=self.rounds,
@@ -180,7 +189,7 @@ class AuditConfig:
             expected_clients_per_round=self.sampling_rate * self.population,
             noise_multiplier=self.noise_multiplier, clip=self.clip,
             client_learning_rate=CANARY_NORM_FACTOR * self.clip / canary_step,
-            server_learning_rate=1.0, server_momentum=0.0,
+            server_learning_rate=server_rate, server_momentum=0.0,
             local_epochs=1, batch_size=1, evaluation=None,
         )
 
@@ -476,6 +485,7 @@ def _training_path(config: AuditConfig, aggregator: Any, directions_rng: np.rand
                                random_bytes=participation.bytes)
         canaries = poisson_sample(config.canaries, config.sampling_rate,
                                   random_bytes=participation.bytes)
+        # The job's own dataset pipeline (shuffle, repeat local_epochs, batch) per client.
         clients = ([training._client_dataset(user_x[i], user_y[i].astype(np.int32))
                     for i in users]
                    + [training._client_dataset(canary_x[i:i + 1], canary_y[i:i + 1].astype(np.int32))
@@ -496,7 +506,7 @@ def _fed_avg_process(doc: dict[str, Any], spec: JobSpec, aggregator: Any) -> Any
     import tensorflow_federated as tff
 
     from engine.artifact import keras_from_artifact, validate_artifact_structure
-    from engine.training import FederatedTraining, _optimizer
+    from engine.training import FederatedTraining, _optimizer  # the job's optimizer choice
 
     summary = validate_artifact_structure(doc)
     input_spec = (tf.TensorSpec([None, summary.input_shape[0]], tf.float32),

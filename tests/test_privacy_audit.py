@@ -213,7 +213,7 @@ def test_cli_choices_are_the_audits_broken_mechanisms_and_paths() -> None:
             parser.parse_args(["audit-privacy", *refused])
 
 
-def test_training_path_canaries_step_ten_clips_at_the_zero_model() -> None:
+def test_training_path_canaries_step_ten_clips_and_the_model_stays_near_zero() -> None:
     for clip in (1.0, 1e-3, MIN_CLIP):
         config = AuditConfig(path="training", clip=clip)
         spec = config.job_spec()
@@ -224,6 +224,10 @@ def test_training_path_canaries_step_ten_clips_at_the_zero_model() -> None:
         norm_of_step = math.hypot(np.linalg.norm(kernel_step),
                                   np.linalg.norm(spec.client_learning_rate * gap))
         assert norm_of_step == pytest.approx(10 * clip)
+        # the noise moves a canary's logits by at most z/20 over the run (a·η·C·√T / qN)
+        drift = 10.0 * spec.server_learning_rate * clip * math.sqrt(spec.rounds)
+        assert drift / spec.expected_clients_per_round <= 1 / 20 + 1e-12
+        assert 0 < spec.server_learning_rate <= 1
     with pytest.raises(ValueError, match="unknown audit path"):
         AuditConfig(path="sandbox")
 
@@ -418,9 +422,10 @@ def test_training_path_passes_the_configured_process_and_catches_missing_noise(
 def test_two_audits_from_the_same_seeds_are_bit_identical(
     audits: dict[str, dict[str, Any]],
 ) -> None:
-    [again] = cli_privacy_audit.run_audits([BATCH["small"]])
+    again, training_again = cli_privacy_audit.run_audits([BATCH["small"], BATCH["training"]])
     assert again == audits["small"]  # every cosine, the bootstrap interval, the estimate
     assert len(set(again["null_cosines"])) == SMALL.null_directions
+    assert training_again == audits["training"]  # local training included
 
 
 def test_the_command_runs_every_seed_in_one_batch_and_fails_if_any_run_fails(
