@@ -23,26 +23,33 @@ learning"), reimplemented:
   the ledger reports (:attr:`PrivacyAuditResult.passed`). docs/privacy-audit.md lists the
   measured false-pass and false-fail counts over seeds.
 
-Two paths (:data:`AUDIT_PATHS`), both through the engine's own aggregator
-(:func:`engine.training.dp_aggregator`: joint L2 clipping to C, Gaussian noise of std σ ≥ z·C on
-the sum, division by the constant q·N):
+Three paths (:data:`AUDIT_PATHS`), from the aggregator alone to the process jobs run:
 
 * ``"aggregator"``: the canary deltas (random unit vectors of the whole parameter space, scaled)
-  are handed to the aggregator directly; Δ is the sum of the T aggregates (server SGD with
-  learning rate 1, no momentum: post-processing, and the cosine is scale-invariant). Fast.
-* ``"training"``: the canaries are TFF clients of a DP-FedAvg process built exactly as a job's
-  (:func:`_fed_avg_process`: ``tff.learning.algorithms.build_unweighted_fed_avg`` over the job's
-  Keras artifact, client optimizer, server optimizer and the audited aggregator), beside a
-  synthetic population of ``population`` users with real local training. A canary's local data
-  is one example (a·u, y): a random unit feature direction u scaled to ``CANARY_FEATURE_NORM``
-  and a random label; one local SGD step moves the kernel by a rank-one matrix u ⊗ (e_y − p),
-  p the model's softmax on that example, and the client learning rate is chosen so the step has
-  norm 10·C at the initial (zero) model (the server learning rate keeps the model near zero at
-  the canaries' inputs: :meth:`AuditConfig.job_spec`). The canary's probe is
-  u ⊗ Σ_t unit(e_y − p_t), with p_t computed from the server model broadcast in round t — the
-  same for inserted and never-inserted probes; the statistic is the cosine with the change of
-  the kernel. An observer who sees every round's model is covered by the same analytic ε (the
-  accountant composes all rounds).
+  are handed to the engine's aggregator (:func:`engine.training.dp_aggregator`: joint L2
+  clipping to C, Gaussian noise of std σ ≥ z·C on the sum, division by the constant q·N);
+  Δ is the sum of the T aggregates (server SGD with learning rate 1, no momentum:
+  post-processing, and the cosine is scale-invariant). Fast.
+* ``"training"``: the canaries are TFF clients of the per-user DP-FedAvg process built as
+  :func:`engine.training.prepare_training` builds a job's (:func:`_fed_avg_process`:
+  ``tff.learning.algorithms.build_unweighted_fed_avg`` over the job's Keras artifact, client
+  optimizer, server optimizer and the audited ``dp_aggregator``), beside a synthetic
+  population of ``population`` users with real local training.
+* ``"shards"``: canaries and synthetic users are users of the vectorized engine
+  (:func:`engine.shard_process.prepare_sharded_training`, what every job with a vectorizable
+  model and a per-user cap runs): shards of users as TFF clients, each user trained alone,
+  clipped inside the shard's work, the shard sums noised at the server. Its noise is always
+  fresh (the engine has no seeded copy), so this path is not bit-reproducible.
+
+On both training paths a canary's local data is one example (a·u, y): a random unit feature
+direction u scaled to ``CANARY_FEATURE_NORM`` and a random label; one local SGD step moves the
+kernel by a rank-one matrix u ⊗ (e_y − p), p the model's softmax on that example, and the client
+learning rate is chosen so the step has norm 10·C at the initial (zero) model (the server
+learning rate keeps the model near zero at the canaries' inputs: :meth:`AuditConfig.job_spec`).
+The canary's probe is u ⊗ Σ_t unit(e_y − p_t), with p_t computed from the server model
+broadcast in round t — the same for inserted and never-inserted probes; the statistic is the
+cosine with the change of the kernel. An observer who sees every round's model is covered by
+the same analytic ε (the accountant composes all rounds).
 
 Randomness: canary and null directions, labels, the synthetic users, participation and the
 bootstrap are drawn from ``seed``. The aggregator's Gaussian noise is drawn from ``noise_seed``
@@ -50,11 +57,12 @@ bootstrap are drawn from ``seed``. The aggregator's Gaussian noise is drawn from
 generator replaced by a stateless seeded one), so an audit is reproducible; with
 ``noise_seed=None`` it comes from the job's own unseeded generator instead.
 
-Broken mechanisms (:data:`BROKEN_MECHANISMS`, audit only), each the engine's aggregator with
+Broken mechanisms (:data:`BROKEN_MECHANISMS`, audit only), each the engine's mechanism with
 one change, audited against the *configured* job's analytic ε, so the audit must fail:
 ``"noise"`` (noise multiplier 0) and ``"clipping"`` (no clipping, noise still calibrated to C)
-are audit-only switches of :func:`engine.training.dp_aggregator`; ``"half-noise"`` is
-``dp_aggregator`` built for the job with its noise multiplier halved (true ε ≈ 21 for the
+are audit-only switches of :func:`engine.training.dp_aggregator` (on the shards path "noise" is
+the vectorized engine's noiseless test build, and "clipping" does not exist); ``"half-noise"``
+is the mechanism built for the job with its noise multiplier halved (true ε ≈ 21 for the
 defaults' claimed 4.85) — the kind of bug an audit must catch. No job can reach any of them.
 
 Like a job, the audit runs in its own process (:data:`AUDIT_ENTRY`): TFF's ``worker_binary``
@@ -105,7 +113,8 @@ a·|e_y − p| against |e_y − p| for the bias, so 99.5 % of it lies along the 
 
 AUDIT_PATHS = {
     "aggregator": "canary deltas handed to the engine's aggregator",
-    "training": "canary clients trained in the engine's TFF DP-FedAvg process",
+    "training": "canary clients trained in the engine's per-user TFF DP-FedAvg process",
+    "shards": "canary users trained in the engine's vectorized (sharded) TFF process",
 }
 """Where the canaries enter the mechanism, and how reports name it."""
 
@@ -166,6 +175,9 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if self.path not in AUDIT_PATHS:
             raise ValueError(f"unknown audit path {self.path!r}; one of {sorted(AUDIT_PATHS)}")
+        if self.path == "shards" and self.noise_seed is not None:
+            raise ValueError("the vectorized engine draws fresh noise only: noise_seed must be "
+                             "None on the shards path")
 
     def job_spec(self) -> JobSpec:
         """The job whose mechanism is audited (paths are unused: no data is read).
@@ -264,23 +276,32 @@ def audit_aggregator(config: AuditConfig, broken: str | None = None) -> Any:
     """The aggregation factory the audit runs: the engine's :func:`dp_aggregator` for the
     configured job, with its noise from ``config.noise_seed`` and, if ``broken`` names one of
     :data:`BROKEN_MECHANISMS`, that one change (half-noise: built for the job with z/2)."""
+    return dp_aggregator(_mechanism_spec(config, broken), audit_noise_disabled=broken == "noise",
+                         audit_clipping_removed=broken == "clipping",
+                         noise_seed=config.noise_seed)
+
+
+def _mechanism_spec(config: AuditConfig, broken: str | None) -> JobSpec:
+    """The job spec the audited mechanism is built from: the configured job's, with the
+    noise multiplier halved for ``"half-noise"`` (the analytic ε stays the configured one)."""
     if broken is not None and broken not in BROKEN_MECHANISMS:
         raise ValueError(f"unknown broken mechanism {broken!r}; one of {sorted(BROKEN_MECHANISMS)}")
     spec = config.job_spec()
     if broken == "half-noise":
         spec = replace(spec, noise_multiplier=spec.noise_multiplier / 2)
-    return dp_aggregator(spec, audit_noise_disabled=broken == "noise",
-                         audit_clipping_removed=broken == "clipping",
-                         noise_seed=config.noise_seed)
+    return spec
 
 
 def run_canary_audit(config: AuditConfig, *, broken: str | None = None) -> PrivacyAuditResult:
     """Run ``config.rounds`` rounds of the engine's DP mechanism with canaries; estimate ε.
 
-    ``broken`` (a key of :data:`BROKEN_MECHANISMS`) audits that broken copy of the aggregator
-    (:func:`audit_aggregator`); the analytic ε is still the configured job's.
+    ``broken`` (a key of :data:`BROKEN_MECHANISMS`) audits that broken copy of the mechanism;
+    the analytic ε is still the configured job's.
     """
-    aggregator = audit_aggregator(config, broken)
+    _mechanism_spec(config, broken)  # refuse an unknown mechanism before any work
+    if config.path == "shards" and broken == "clipping":
+        raise ValueError("the vectorized engine clips inside each shard's work: it has no "
+                         "clipping-removed copy; audit 'clipping' on another path")
     analytic = training_epsilon(sampling_rate=config.sampling_rate,
                                 noise_multiplier=config.noise_multiplier, rounds=config.rounds,
                                 delta=config.delta)
@@ -288,7 +309,7 @@ def run_canary_audit(config: AuditConfig, *, broken: str | None = None) -> Priva
     direction_seed, participation_seed, null_seed, bootstrap_seed, data_seed = seeds
     run = _aggregator_path if config.path == "aggregator" else _training_path
     canary_cosines, null_cosines = run(
-        config, aggregator, np.random.default_rng(direction_seed),
+        config, broken, np.random.default_rng(direction_seed),
         np.random.default_rng(null_seed), np.random.default_rng(participation_seed),
         np.random.default_rng(data_seed))
     interval = _bootstrap_interval(np.random.default_rng(bootstrap_seed), canary_cosines,
@@ -424,15 +445,16 @@ def _bootstrap_interval(rng: np.random.Generator, canary_cosines: np.ndarray,
 # The two paths: where canaries enter the mechanism
 
 
-def _aggregator_path(config: AuditConfig, aggregator: Any, directions_rng: np.random.Generator,
-                     null_rng: np.random.Generator, participation: np.random.Generator,
+def _aggregator_path(config: AuditConfig, broken: str | None,
+                     directions_rng: np.random.Generator, null_rng: np.random.Generator,
+                     participation: np.random.Generator,
                      _data_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Canary deltas straight into the aggregator; cosines over the whole parameter vector."""
     import tensorflow_federated as tff
 
     value_type = tff.types.StructWithPythonType(
         [tff.types.TensorType(np.float32, shape) for shape in config.weight_shapes], list)
-    aggregation = aggregator.create(value_type)
+    aggregation = audit_aggregator(config, broken).create(value_type)
     dimension = sum(math.prod(shape) for shape in config.weight_shapes)
     directions = _unit_vectors(directions_rng, config.canaries, dimension)
     state = aggregation.initialize()
@@ -450,30 +472,54 @@ def _aggregator_path(config: AuditConfig, aggregator: Any, directions_rng: np.ra
     return directions @ unit_delta, nulls @ unit_delta
 
 
-def _training_path(config: AuditConfig, aggregator: Any, directions_rng: np.random.Generator,
-                   null_rng: np.random.Generator, participation: np.random.Generator,
+def _training_path(config: AuditConfig, broken: str | None,
+                   directions_rng: np.random.Generator, null_rng: np.random.Generator,
+                   participation: np.random.Generator,
                    data_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Canary clients trained in the job's TFF process beside synthetic users; cosines of each
-    probe u ⊗ Σ_t unit(e_y − p_t) with the change of the kernel."""
+    """Canary clients trained in the job's TFF process (per-user or sharded) beside synthetic
+    users; cosines of each probe u ⊗ Σ_t unit(e_y − p_t) with the change of the kernel."""
     import tensorflow as tf
 
     from engine.artifact import linear_classifier_artifact
+    from engine.datastore import Partition
 
     tf.random.set_seed(config.seed)  # tf.data's shuffle of a user's examples
     features, classes = config.num_features, config.num_classes
     canary_u = _unit_vectors(directions_rng, config.canaries, features)
-    canary_y = directions_rng.integers(0, classes, config.canaries)
+    canary_y = directions_rng.integers(0, classes, config.canaries).astype(np.int32)
     null_u = _unit_vectors(null_rng, config.null_directions, features)
     null_y = null_rng.integers(0, classes, config.null_directions)
     probe_u, probe_y = np.concatenate([canary_u, null_u]), np.concatenate([canary_y, null_y])
     # Synthetic users: features of norm ≈ 1, labels from a random linear teacher.
     user_x = (data_rng.standard_normal((config.population, config.examples_per_user, features))
               / math.sqrt(features)).astype(np.float32)
-    user_y = np.argmax(user_x @ data_rng.standard_normal((features, classes)), axis=-1)
+    user_y = np.argmax(user_x @ data_rng.standard_normal((features, classes)),
+                       axis=-1).astype(np.int32)
     canary_x = (CANARY_FEATURE_NORM * canary_u).astype(np.float32)
 
-    training = _fed_avg_process(linear_classifier_artifact(features, classes), config.job_spec(),
-                                aggregator)
+    doc = linear_classifier_artifact(features, classes)
+    if config.path == "training":
+        training = _fed_avg_process(doc, config.job_spec(), audit_aggregator(config, broken))
+
+        def clients(users: np.ndarray, canaries: np.ndarray) -> list[Any]:
+            # The job's own dataset pipeline (shuffle, repeat local_epochs, batch) per client.
+            return ([training._client_dataset(user_x[i], user_y[i]) for i in users]
+                    + [training._client_dataset(canary_x[i:i + 1], canary_y[i:i + 1])
+                       for i in canaries])
+    else:
+        training = _sharded_training(doc, config, broken, data_rng)
+        partition = Partition(
+            features=np.concatenate([user_x.reshape(-1, features), canary_x]),
+            labels=np.concatenate([user_y.reshape(-1), canary_y]),
+            offsets=np.concatenate([np.arange(config.population) * config.examples_per_user,
+                                    config.population * config.examples_per_user
+                                    + np.arange(config.canaries + 1)]))
+
+        def clients(users: np.ndarray, canaries: np.ndarray) -> list[Any]:
+            # The job's own shards: users (canaries too) padded to the cap, one TFF client each.
+            return training.shards(partition, np.concatenate([users,
+                                                              config.population + canaries]))
+
     kernel_start = np.asarray(training.process.get_model_weights(training.state).trainable[0])
     probe_sums = np.zeros((len(probe_y), classes))
     for _ in range(config.rounds):
@@ -485,17 +531,31 @@ def _training_path(config: AuditConfig, aggregator: Any, directions_rng: np.rand
                                random_bytes=participation.bytes)
         canaries = poisson_sample(config.canaries, config.sampling_rate,
                                   random_bytes=participation.bytes)
-        # The job's own dataset pipeline (shuffle, repeat local_epochs, batch) per client.
-        clients = ([training._client_dataset(user_x[i], user_y[i].astype(np.int32))
-                    for i in users]
-                   + [training._client_dataset(canary_x[i:i + 1], canary_y[i:i + 1].astype(np.int32))
-                      for i in canaries])
-        training.state = training.process.next(training.state, clients).state
+        training.state = training.process.next(training.state, clients(users, canaries)).state
     kernel_end = np.asarray(training.process.get_model_weights(training.state).trainable[0])
     change = (kernel_end - kernel_start).astype(np.float64)
     cosines = (np.einsum("jf,fk,jk->j", probe_u, change, probe_sums)
                / (np.linalg.norm(change) * np.linalg.norm(probe_sums, axis=1)))
     return cosines[:config.canaries], cosines[config.canaries:]
+
+
+def _sharded_training(doc: dict[str, Any], config: AuditConfig, broken: str | None,
+                      rng: np.random.Generator) -> Any:
+    """The vectorized engine's process (:func:`engine.shard_process.prepare_sharded_training`,
+    what every job with a vectorizable model runs) for the audited spec, with the users' cap
+    ``examples_per_user``. Its noise is always fresh: the engine has no seeded copy. "noise"
+    is its noiseless test build; "half-noise" is built for the job with z/2. ``rng`` orders
+    each user's examples (the job draws it from the OS CSPRNG)."""
+    from engine.shard_process import (
+        noiseless_sharded_training_for_tests,
+        prepare_sharded_training,
+    )
+
+    spec = _mechanism_spec(config, broken)
+    build = noiseless_sharded_training_for_tests if broken == "noise" else prepare_sharded_training
+    training = build(doc, spec, cap=config.examples_per_user)
+    training._rng = rng
+    return training
 
 
 def _fed_avg_process(doc: dict[str, Any], spec: JobSpec, aggregator: Any) -> Any:

@@ -8,8 +8,10 @@ analytic ε), 2 usage errors.
 The run is reproducible: canaries come from --seed and the aggregator's noise from
 --noise-seed (both 0 by default); --fresh-noise uses the job's own unseeded noise instead.
 --seeds N runs N audits in one process (seeds S, S+1, …; noise seeds likewise) and prints one
-row each. --path training sends the canaries through the engine's TFF DP-FedAvg process with
-real local training beside synthetic users instead of straight into the aggregator.
+row each. --path training sends the canaries through the engine's per-user TFF DP-FedAvg
+process with real local training beside synthetic users instead of straight into the
+aggregator; --path shards through the vectorized engine every job with a vectorizable model
+runs (its noise is always fresh, so those runs are not reproducible).
 --break noise|half-noise|clipping audits a deliberately broken copy of the mechanism (noise
 multiplier 0, noise multiplier halved, or no clipping) against the configured job's analytic
 ε, to show that the audit catches it; these switches exist only in this command, never in a
@@ -22,6 +24,7 @@ Examples:
     fedgate audit-privacy --seeds 10 --break half-noise   # must FAIL: exit 1
     fedgate audit-privacy --clip 1e-9               # the smallest admissible clip: PASS
     fedgate audit-privacy --path training --population 100
+    fedgate audit-privacy --path shards --population 100 --seeds 10
     fedgate audit-privacy --fresh-noise             # the job's unseeded noise, not reproducible
     fedgate audit-privacy --break noise --plot audit.png   # must FAIL: exit 1
 """
@@ -48,7 +51,7 @@ if TYPE_CHECKING:  # numpy/scipy/dp-accounting: imported only when the command r
 
 EXIT_FAILED = 1
 BROKEN_CHOICES = ("noise", "half-noise", "clipping")  # engine.privacy_audit.BROKEN_MECHANISMS
-PATH_CHOICES = ("aggregator", "training")  # engine.privacy_audit.AUDIT_PATHS
+PATH_CHOICES = ("aggregator", "training", "shards")  # engine.privacy_audit.AUDIT_PATHS
 
 
 class AuditProcessFailed(RuntimeError):
@@ -92,6 +95,14 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
               for name in ("rounds", "canaries", "noise_multiplier", "population", "delta",
                            "seed", "clip", "path")
               if getattr(args, name) is not None}
+    if chosen.get("path") == "shards":  # the vectorized engine has fresh noise only
+        if args.noise_seed is not None:
+            print("--path shards draws fresh noise: --noise-seed does not apply", file=sys.stderr)
+            return 2
+        if args.broken == "clipping":
+            print("--path shards has no clipping-removed mechanism", file=sys.stderr)
+            return 2
+        chosen["noise_seed"] = None
     config = AuditConfig(**chosen)
     if args.fresh_noise:
         config = replace(config, noise_seed=None)
@@ -245,8 +256,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "process; print one row each (default 1)")
     p.add_argument("--path", choices=PATH_CHOICES,
                    help="aggregator: canary deltas straight into the engine's aggregator "
-                        "(default); training: canary clients trained in the engine's TFF "
-                        "process beside synthetic users")
+                        "(default); training: canary clients trained in the engine's per-user "
+                        "TFF process beside synthetic users; shards: canary users trained in "
+                        "the vectorized engine jobs run (fresh noise only)")
     noise = p.add_mutually_exclusive_group()
     noise.add_argument("--noise-seed", type=int,
                        help="seed of the aggregator's Gaussian noise (default 0: reproducible)")

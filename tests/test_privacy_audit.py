@@ -38,6 +38,7 @@ from engine.privacy_audit import (
     check_audit,
     empirical_epsilon,
     hockey_stick_divergence,
+    run_canary_audit,
     two_gaussian_epsilon,
 )
 from gateway import cli_privacy_audit
@@ -53,6 +54,8 @@ SMALL = AuditConfig(canaries=200, null_directions=1000, num_features=200)
 TRAINING = AuditConfig(path="training", rounds=10, canaries=300, null_directions=1000,
                        population=50, num_features=200)
 """The training path at a size a test can afford (about 10 s a run)."""
+SHARDS = replace(TRAINING, path="shards", noise_seed=None)
+"""The vectorized engine jobs run, at the same size (fresh noise: the engine has no seed)."""
 
 
 # --- the estimator: two Gaussians, each with its own mean and spread -------------------------
@@ -199,6 +202,26 @@ def test_only_the_audit_builds_the_aggregator_with_a_switch() -> None:
     assert importers == ["engine/training.py"]  # inside dp_aggregator's noise_seed branch
 
 
+def test_only_the_audit_builds_the_vectorized_engine_without_noise() -> None:
+    users: dict[str, set[str]] = {}
+    for package in ("engine", "gateway", "ledger"):
+        for path in (ROOT / package).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+            names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                      for alias in node.names}
+            name = path.relative_to(ROOT).as_posix()
+            if "noiseless_sharded_training_for_tests" in names:
+                users.setdefault("noiseless", set()).add(name)
+            for call in ast.walk(tree):
+                if (isinstance(call, ast.Call)
+                        and getattr(call.func, "id", None) == "prepare_sharded_training"
+                        and any(k.arg == "noise_stddev" for k in call.keywords)):
+                    users.setdefault("noise_stddev", set()).add(name)
+    assert users == {"noiseless": {"engine/privacy_audit.py"},
+                     "noise_stddev": {"engine/shard_process.py"}}  # inside the noiseless build
+
+
 def test_cli_choices_are_the_audits_broken_mechanisms_and_paths() -> None:
     assert set(cli_privacy_audit.BROKEN_CHOICES) == set(BROKEN_MECHANISMS)
     assert set(cli_privacy_audit.PATH_CHOICES) == set(AUDIT_PATHS)
@@ -230,6 +253,13 @@ def test_training_path_canaries_step_ten_clips_and_the_model_stays_near_zero() -
         assert 0 < spec.server_learning_rate <= 1
     with pytest.raises(ValueError, match="unknown audit path"):
         AuditConfig(path="sandbox")
+
+
+def test_the_vectorized_engine_has_no_clipping_removed_copy() -> None:
+    with pytest.raises(ValueError, match="no clipping-removed"):
+        run_canary_audit(SHARDS, broken="clipping")
+    with pytest.raises(ValueError, match="unknown broken mechanism"):
+        run_canary_audit(SHARDS, broken="sampling")
 
 
 # --- the aggregator a job gets vs the audit's copies (in process: builds, does not train) -----
@@ -343,6 +373,8 @@ BATCH = {
     "small no-clipping": (SMALL, "clipping"),
     "training": (TRAINING, None),
     "training no-noise": (TRAINING, "noise"),
+    "shards": (SHARDS, None),
+    "shards no-noise": (SHARDS, "noise"),
 }
 
 
@@ -419,6 +451,20 @@ def test_training_path_passes_the_configured_process_and_catches_missing_noise(
 
 
 @pytest.mark.tff
+def test_vectorized_engine_passes_as_configured_and_fails_without_noise(
+    audits: dict[str, dict[str, Any]],
+) -> None:
+    # Fresh noise: the configured run's verdict is not fixed by the seed, but its interval's
+    # lower end sits far below the analytic ε (docs/privacy-audit.md: 10 of 10 passed).
+    configured, broken = audits["shards"], audits["shards no-noise"]
+    assert configured["path"] == broken["path"] == AUDIT_PATHS["shards"]
+    assert configured["noise"] == "fresh (the job's unseeded generator)"
+    assert configured["passed"]
+    assert broken["empirical_interval"][0] > 2 * broken["analytic_epsilon"]
+    assert not broken["passed"]
+
+
+@pytest.mark.tff
 def test_two_audits_from_the_same_seeds_are_bit_identical(
     audits: dict[str, dict[str, Any]],
 ) -> None:
@@ -453,3 +499,12 @@ def test_the_command_runs_every_seed_in_one_batch_and_fails_if_any_run_fails(
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert cli_privacy_audit.cmd_audit_privacy(
         argparse.Namespace(**{**vars(args), "seeds": 2, "plot": None})) == 0  # seeds 10, 11
+    # the vectorized engine: fresh noise always; no clipping-removed copy, no noise seed
+    shards = {**vars(args), "path": "shards", "seeds": 1, "plot": None, "broken": None}
+    assert cli_privacy_audit.cmd_audit_privacy(argparse.Namespace(**shards)) == 0
+    assert requested[-1][0][0].noise_seed is None and requested[-1][0][0].path == "shards"
+    for refused in ({"noise_seed": 3}, {"broken": "clipping"}):
+        assert cli_privacy_audit.cmd_audit_privacy(
+            argparse.Namespace(**{**shards, **refused})) == 2
+    with pytest.raises(ValueError, match="fresh noise only"):
+        AuditConfig(path="shards")
