@@ -117,7 +117,8 @@ def cap_examples(rng: np.random.Generator, features: np.ndarray, labels: np.ndar
 
 def dp_aggregator(spec: JobSpec, *, audit_noise_disabled: bool = False,
                   audit_clipping_removed: bool = False, noise_seed: int | None = None) -> Any:
-    """The DP-FedAvg model aggregator: the one place the engine's privacy mechanism is built.
+    """The per-user path's DP-FedAvg model aggregator (the vectorized engine builds its
+    shard-sum counterpart in ``engine.shard_process``, with the same σ and denominator).
 
     Clips each client's delta to L2 norm ``spec.clip`` jointly over all tensors, adds
     N(0, (noise_multiplier·clip)²) to the sum of clipped deltas and divides by the constant
