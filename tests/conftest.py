@@ -149,3 +149,38 @@ def in_own_process(test):  # type: ignore[no-untyped-def]
         assert child.returncode == 0, text[-6000:]
 
     return wrapper
+
+
+def _worker_binaries() -> set[int]:
+    """Pids of live TFF ``worker_binary`` processes on this machine."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if b"worker_binary" in f.read().split(b"\0")[0]:
+                    found.add(int(entry.name))
+    return found
+
+
+_WORKERS_AT_START: set[int] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _WORKERS_AT_START.update(_worker_binaries())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No TFF worker_binary may outlive the test session: a leaked one can hold CI's output
+    pipe open forever. Leaked workers are killed and the session fails, naming them."""
+    import signal
+
+    if os.environ.get(ISOLATED_ENV):
+        return  # a child session of in_own_process: its parent kills its process group
+    leaked = _worker_binaries() - _WORKERS_AT_START
+    for pid in leaked:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if leaked:
+        print(f"\nfedgate tests: {len(leaked)} TFF worker_binary process(es) outlived the "
+              "session (killed); run TFF computations under tests.conftest.in_own_process")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -45,6 +45,7 @@ from gateway import cli_privacy_audit
 from gateway.admission import JobRequest
 from gateway.problems import Problem
 from ledger.mechanism import MIN_CLIP
+from tests.conftest import in_own_process
 
 DELTA = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,6 +322,7 @@ def test_jobs_get_fresh_noise_and_the_audits_copies_differ_only_in_the_audited_p
 
 
 @pytest.mark.tff
+@in_own_process  # it runs TFF computations: their worker_binary must not outlive the test
 def test_the_training_path_builds_the_process_a_job_gets() -> None:
     from engine.artifact import linear_classifier_artifact, validate_artifact_structure
     from engine.privacy_audit import _fed_avg_process
