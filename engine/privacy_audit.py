@@ -566,7 +566,7 @@ def _fed_avg_process(doc: dict[str, Any], spec: JobSpec, aggregator: Any) -> Any
     import tensorflow_federated as tff
 
     from engine.artifact import keras_from_artifact, validate_artifact_structure
-    from engine.training import FederatedTraining, _optimizer  # the job's optimizer choice
+    from engine.training import FederatedTraining, tff_optimizer  # the job's optimizer choice
 
     summary = validate_artifact_structure(doc)
     input_spec = (tf.TensorSpec([None, summary.input_shape[0]], tf.float32),
@@ -581,8 +581,8 @@ def _fed_avg_process(doc: dict[str, Any], spec: JobSpec, aggregator: Any) -> Any
         )
 
     process = tff.learning.algorithms.build_unweighted_fed_avg(
-        model_fn, client_optimizer_fn=_optimizer(spec, "client"),
-        server_optimizer_fn=_optimizer(spec, "server"), model_aggregator=aggregator)
+        model_fn, client_optimizer_fn=tff_optimizer(spec, "client"),
+        server_optimizer_fn=tff_optimizer(spec, "server"), model_aggregator=aggregator)
     keras_model = keras_from_artifact(doc)
     initial = tff.learning.models.ModelWeights(
         trainable=[w.numpy() for w in keras_model.trainable_weights],

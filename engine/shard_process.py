@@ -168,7 +168,7 @@ def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
     import tensorflow_privacy as tfp
 
     from engine.artifact import keras_from_artifact
-    from engine.training import _optimizer
+    from engine.training import tff_optimizer
 
     keras_model = keras_from_artifact(doc)
     stacked = build_stacked_model(doc["config"])
@@ -228,7 +228,7 @@ def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
         tff.learning.templates.build_broadcast_process(weights_type),
         client_work,
         aggregator,
-        tff.learning.templates.build_apply_optimizer_finalizer(_optimizer(spec, "server"),
+        tff.learning.templates.build_apply_optimizer_finalizer(tff_optimizer(spec, "server"),
                                                                weights_type),
     )
     parameters = sum(math.prod(s) for s in shapes)

@@ -41,8 +41,14 @@ if TYPE_CHECKING:
 
     from engine.datastore import Partition
 
-__all__ = ["FederatedTraining", "cap_examples", "dp_aggregator", "poisson_sample",
-           "prepare_training"]
+__all__ = [
+    "FederatedTraining",
+    "cap_examples",
+    "dp_aggregator",
+    "poisson_sample",
+    "prepare_training",
+    "tff_optimizer",
+]
 
 
 @dataclass
@@ -162,7 +168,7 @@ def dp_aggregator(spec: JobSpec, *, audit_noise_disabled: bool = False,
         tfp.NormalizedQuery(sum_query, denominator=float(spec.expected_clients_per_round)))
 
 
-def _optimizer(spec: JobSpec, side: str) -> Any:
+def tff_optimizer(spec: JobSpec, side: str) -> Any:
     """The job's ``side`` optimizer from ``tff.learning.optimizers`` (closed choice, validated
     in :class:`JobSpec`). Local training (client) happens before clipping, the server step
     after the noise: neither changes the accounted mechanism or ε. sgd and sgdm with momentum
@@ -201,8 +207,8 @@ def prepare_training(doc: dict[str, Any], summary: ModelSummary, spec: JobSpec,
     aggregator = dp_aggregator(spec)
     process = tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn,
-        client_optimizer_fn=_optimizer(spec, "client"),
-        server_optimizer_fn=_optimizer(spec, "server"),
+        client_optimizer_fn=tff_optimizer(spec, "client"),
+        server_optimizer_fn=tff_optimizer(spec, "server"),
         model_aggregator=aggregator,
     )
     keras_model = keras_from_artifact(doc)

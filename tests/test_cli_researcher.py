@@ -264,6 +264,6 @@ def test_engine_builds_the_named_tff_optimizer_with_its_hyperparameters(
         job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"), spec=admitted,
         cost=_cost(admitted), evaluation_loss_clip=1.0, max_examples_per_user=None),
         "client_learning_rate": 0.1, "server_learning_rate": 1.0, **chosen})
-    optimizer = training._optimizer(spec, side)
+    optimizer = training.tff_optimizer(spec, side)
     hparams = optimizer.get_hparams(optimizer.initialize([tf.TensorSpec((2,), tf.float32)]))
     assert {k: pytest.approx(float(v)) for k, v in hparams.items()} == expected

@@ -92,7 +92,7 @@ def released_weights_difference(clip: float) -> float:
     import tensorflow_federated as tff
 
     from engine.artifact import keras_from_artifact
-    from engine.training import FederatedTraining, _optimizer, dp_aggregator
+    from engine.training import FederatedTraining, dp_aggregator, tff_optimizer
 
     doc = parse_artifact(json.dumps(linear_classifier_artifact(FEATURES, CLASSES)).encode())
     summary = validate_artifact(doc, num_features=FEATURES, num_classes=CLASSES)
@@ -107,8 +107,8 @@ def released_weights_difference(clip: float) -> float:
                         tf.TensorSpec([None], tf.int32)))
 
     process = tff.learning.algorithms.build_unweighted_fed_avg(
-        model_fn, client_optimizer_fn=_optimizer(job, "client"),
-        server_optimizer_fn=_optimizer(job, "server"),
+        model_fn, client_optimizer_fn=tff_optimizer(job, "client"),
+        server_optimizer_fn=tff_optimizer(job, "server"),
         model_aggregator=dp_aggregator(job, audit_noise_disabled=True))
     keras_model = keras_from_artifact(doc)
     state = process.set_model_weights(process.initialize(), tff.learning.models.ModelWeights(

@@ -74,7 +74,7 @@ def _reference_round(doc: dict[str, Any], spec: JobSpec,
     import tensorflow_federated as tff
 
     from engine.artifact import keras_from_artifact
-    from engine.training import _optimizer, dp_aggregator
+    from engine.training import dp_aggregator, tff_optimizer
 
     def model_fn() -> Any:
         return tff.learning.models.from_keras_model(
@@ -83,7 +83,7 @@ def _reference_round(doc: dict[str, Any], spec: JobSpec,
             input_spec=(tf.TensorSpec([None, 20], tf.float32), tf.TensorSpec([None], tf.int32)))
 
     process = tff.learning.algorithms.build_unweighted_fed_avg(
-        model_fn, client_optimizer_fn=_optimizer(spec, "client"),
+        model_fn, client_optimizer_fn=tff_optimizer(spec, "client"),
         server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
         model_aggregator=dp_aggregator(spec, audit_noise_disabled=True))
     keras_model = keras_from_artifact(doc)
