@@ -1,16 +1,44 @@
 """A validated Keras config as a pure function of *per-user* weights, for vectorized training.
 
-``stacked_forward(params, x)`` evaluates the model for U users at once, each with its own
-weights: ``params[i]`` has shape ``[U, *weight_shape_i]`` (Keras weight order) and ``x`` has
-shape ``[U, B, *input_shape]``; the result is ``[U, B, num_classes]`` logits. Nothing mixes users:
-every operation is either elementwise or a batched matmul whose batch axis is the user axis,
-so user u's outputs depend only on user u's weights and inputs (``tests/test_vectorized_
-engine.py`` checks it bit for bit).
+``forward(params, x, training)`` evaluates the model for U users at once, each with its own
+weights: ``params[i]`` has shape ``[U, *weight_shape_i]`` (Keras ``trainable_weights`` order)
+and ``x`` has shape ``[U, B, *input_shape]``; the result is ``[U, B, num_classes]`` logits.
 
-Supported (step 1 of the vectorized engine): ``Sequential`` models of ``InputLayer``,
-``Dense``, ``Activation``, ``Flatten``, ``Reshape`` and ``Dropout`` without regularizers or
-constraints. :func:`vectorizable` says why a model is not; such models train on the per-user
-TFF path (``engine.training``), which runs every allowlisted layer.
+Invariant (the user is the privacy unit): nothing mixes users. Every operation is one of
+
+* elementwise (activations, Dropout, Add, the RNN gates);
+* a batched matmul or gather whose batch axis is the user axis, each user with their own
+  weights: Dense, Conv1D/Conv2D (on patches), Embedding (``tf.gather(..., batch_dims=1)``),
+  the input and recurrent kernels of SimpleRNN/GRU/LSTM;
+* a weight-free operation on one example at a time, on a merged ``[U·B, ...]`` axis or along
+  the per-example axes: Flatten, Reshape, Concatenate, patch extraction, Max/AveragePooling
+  1D/2D/3D, GlobalAveragePooling1D/2D/3D, the softmax of an Activation layer.
+
+So user u's outputs depend only on user u's weights and inputs (``tests/test_vectorized_
+engine.py`` checks it bit for bit) and every example's only on that example.
+
+Supported, exactly as Keras 2.14 computes them on CPU (``tests/test_functional_model.py``
+compares each with Keras, user by user): ``Sequential`` and single-input ``Functional``
+models (evaluated in topological order of their ``inbound_nodes``) of
+
+* ``InputLayer``, ``Dense``, ``Activation``, ``Flatten``, ``Reshape``, ``Dropout`` (without
+  ``noise_shape``), ``Add``, ``Concatenate``;
+* ``Conv1D`` (``valid``/``same``/``causal``) and ``Conv2D`` (``valid``/``same``), any strides,
+  dilation and groups, channels-last;
+* ``MaxPooling``/``AveragePooling`` 1D/2D/3D (``valid``/``same``) and ``GlobalAveragePooling``
+  1D/2D/3D (``keepdims`` either way), channels-last;
+* ``Embedding`` without ``mask_zero`` or ``sparse`` (float ids are truncated to int32, as
+  Keras does; an id outside ``[0, input_dim)`` is an error on both paths);
+* ``SimpleRNN``, ``GRU`` (``reset_after`` either way) and ``LSTM``, with any allowlisted
+  activations, ``return_sequences`` and ``go_backwards`` either way, zero initial state.
+
+Refused by :func:`vectorizable` (with the reason; such models train on the per-user TFF path,
+``engine.training``, which runs every allowlisted layer): regularizers and constraints,
+frozen layers (``trainable: false``), ``Embedding(mask_zero=True)`` and ``sparse=True``,
+stateful / ``return_state`` / ``time_major`` RNNs and RNN (recurrent) dropout, ``Dropout`` with
+a ``noise_shape``, ``channels_first`` data, a final softmax that is not the last Dense or
+Activation before the output (only Dropout may follow it), and any config field this module
+does not read. Initializers are ignored: the weights come from the artifact.
 
 Loss: the final activation, if it is a softmax, is *not* applied: the loss is computed from
 logits (exact cross-entropy), whereas TFF's Keras wrapper computes it on probabilities clipped
@@ -19,29 +47,90 @@ to [1e-7, 1 − 1e-7], which gives zero gradient to confident mistakes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["StackedModel", "build_stacked_model", "vectorizable"]
+__all__ = ["StackedModel", "activation_floats", "build_stacked_model", "vectorizable"]
 
-_SUPPORTED = ("InputLayer", "Dense", "Activation", "Flatten", "Reshape", "Dropout")
-_FORBIDDEN_FIELDS = ("kernel_regularizer", "bias_regularizer", "activity_regularizer",
-                     "kernel_constraint", "bias_constraint")
+_Step = Callable[[Sequence[Any], list[Any], bool], Any]
+"""One layer: (stacked params, its input tensors, training) → its output tensor."""
+
+_RNN_FIELDS = frozenset({"units", "activation", "use_bias", "return_sequences", "return_state",
+                         "go_backwards", "stateful", "unroll", "time_major", "dropout",
+                         "recurrent_dropout"})
+_POOL_FIELDS = frozenset({"pool_size", "strides", "padding", "data_format"})
+_CONV_FIELDS = frozenset({"filters", "kernel_size", "strides", "padding", "data_format",
+                          "dilation_rate", "groups", "activation", "use_bias"})
+_FIELDS: Mapping[str, frozenset[str]] = {
+    "Dense": frozenset({"units", "activation", "use_bias"}),
+    "Activation": frozenset({"activation"}),
+    "Flatten": frozenset({"data_format"}),
+    "Reshape": frozenset({"target_shape"}),
+    "Dropout": frozenset({"rate", "noise_shape", "seed"}),
+    "Conv1D": _CONV_FIELDS,
+    "Conv2D": _CONV_FIELDS,
+    **{f"{kind}Pooling{n}D": _POOL_FIELDS for kind in ("Max", "Average") for n in (1, 2, 3)},
+    **{f"GlobalAveragePooling{n}D": frozenset({"data_format", "keepdims"}) for n in (1, 2, 3)},
+    "Embedding": frozenset({"input_dim", "output_dim", "mask_zero", "input_length", "sparse"}),
+    "SimpleRNN": _RNN_FIELDS,
+    "GRU": _RNN_FIELDS | {"recurrent_activation", "implementation", "reset_after"},
+    # unit_forget_bias only initializes the bias; implementation 1 and 2 are the same math.
+    "LSTM": _RNN_FIELDS | {"recurrent_activation", "implementation", "unit_forget_bias"},
+    "Concatenate": frozenset({"axis"}),
+    "Add": frozenset(),
+}
+"""The config fields each vectorized layer kind reads (besides the common ones below)."""
+_COMMON_FIELDS = frozenset({"name", "trainable", "dtype", "batch_input_shape"})
+_MUST_BE_OFF: Mapping[str, object] = {
+    "mask_zero": False, "sparse": False, "return_state": False, "stateful": False,
+    "time_major": False, "noise_shape": None, "dropout": 0.0, "recurrent_dropout": 0.0,
+}
+"""Fields read only to refuse them when set: masks, sparse outputs, RNN state across batches
+or time-major data, RNN dropout and shared dropout masks are not vectorized."""
+_GATES = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}
+_VALUE_PRESERVING = ("Dropout",)
+"""Layers that may follow a final softmax, which is then dropped (the loss takes logits)."""
+
+
+class _Refused(Exception):
+    """The config is valid but not vectorized; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Node:
+    """One layer of the model graph, as the vectorized engine reads it."""
+
+    name: str
+    kind: str
+    fields: Mapping[str, Any]
+    inputs: tuple[str, ...]
+    weight_index: int
+    """Index of its first weight in Keras ``trainable_weights`` order."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A vectorizable model graph: nodes in evaluation (topological) order."""
+
+    input_name: str
+    output_name: str
+    nodes: tuple[_Node, ...]
+    weight_count: int
+    dropped_softmax: str | None
+    """The layer whose final softmax ``forward`` leaves out, if any."""
 
 
 def vectorizable(config: dict[str, Any]) -> str | None:
     """None if :func:`build_stacked_model` supports the (already validated) model config,
     else the reason it does not."""
-    if config.get("class_name") != "Sequential":
-        return f"{config.get('class_name')} models train per user (Sequential only so far)"
-    for layer in config["config"]["layers"]:
-        name = layer.get("class_name")
-        if name not in _SUPPORTED:
-            return f"layer {name} trains per user (vectorized: {', '.join(_SUPPORTED)})"
-        fields = layer.get("config", {})
-        if any(fields.get(key) is not None for key in _FORBIDDEN_FIELDS):
-            return "regularizers and constraints train per user"
+    try:
+        _plan(config)
+    except _Refused as refusal:
+        return str(refusal)
     return None
 
 
@@ -58,76 +147,468 @@ class StackedModel:
 
 
 def build_stacked_model(config: dict[str, Any]) -> StackedModel:
-    """Compile a supported Sequential config (see :func:`vectorizable`) into a StackedModel."""
-    import tensorflow as tf
-
-    reason = vectorizable(config)
-    if reason is not None:
-        raise ValueError(reason)
-    layers = [layer for layer in config["config"]["layers"] if layer["class_name"] != "InputLayer"]
-    steps: list[Callable[[Sequence[Any], Any, bool], Any]] = []
-    weight_index = 0
-    # The output layer for the softmax rule: the last one that is not a Dropout.
-    final = max(i for i, layer in enumerate(layers) if layer["class_name"] != "Dropout")
-    for position, layer in enumerate(layers):
-        fields = layer.get("config", {})
-        kind = layer["class_name"]
-        last = position == final
-        if kind == "Dense":
-            bias = fields.get("use_bias", True)
-            steps.append(_dense(weight_index, bias, _activation(fields.get("activation"), last)))
-            weight_index += 2 if bias else 1
-        elif kind == "Activation":
-            steps.append(_elementwise(_activation(fields.get("activation"), last)))
-        elif kind == "Flatten":
-            steps.append(lambda params, x, training: tf.reshape(
-                x, tf.concat([tf.shape(x)[:2], [-1]], axis=0)))
-        elif kind == "Reshape":
-            target = [int(n) for n in fields["target_shape"]]
-            steps.append(lambda params, x, training, target=target: tf.reshape(
-                x, tf.concat([tf.shape(x)[:2], target], axis=0)))
-        elif kind == "Dropout":
-            rate = float(fields.get("rate", 0.0))
-            steps.append(lambda params, x, training, rate=rate: (
-                tf.nn.dropout(x, rate=rate) if training and rate > 0 else x))
+    """Compile a supported config (see :func:`vectorizable`) into a StackedModel."""
+    try:
+        plan = _plan(config)
+    except _Refused as refusal:
+        raise ValueError(str(refusal)) from refusal
+    steps = [(node, _BUILDERS[node.kind](node, node.name == plan.dropped_softmax))
+             for node in plan.nodes]
 
     def forward(params: Sequence[Any], x: Any, training: bool) -> Any:
-        for step in steps:
-            x = step(params, x, training)
-        return x
+        values = {plan.input_name: x}
+        for node, step in steps:
+            values[node.name] = step(params, [values[name] for name in node.inputs], training)
+        return values[plan.output_name]
 
-    return StackedModel(forward=forward, weight_count=weight_index)
+    return StackedModel(forward=forward, weight_count=plan.weight_count)
 
 
-def _activation(name: object, last: bool) -> Callable[[Any], Any]:
-    """The named activation; a final softmax is the identity (the loss takes logits)."""
+def activation_floats(config: dict[str, Any]) -> int:
+    """Floats one example holds in the forward pass, for memory estimates (imports
+    TensorFlow; checks the config with :func:`engine.keras_config.check_model_config` before
+    Keras sees it).
+
+    The sum over layers (InputLayer excluded) of their per-example output sizes, plus each
+    convolution's patch matrix (output positions × kernel size × input channels) and, for each
+    recurrent layer over T steps with H units and k gates, T·(2k + 2)·H for the per-step
+    projections, gates and states the backward pass keeps. Backpropagation keeps about as much
+    again per example: callers multiply by the batch size and a factor for both passes.
+    """
+    import tensorflow as tf
+
+    from engine.keras_config import check_model_config
+
+    check_model_config(config)
+    model = tf.keras.models.model_from_json(json.dumps(config))
+    total = 0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            continue
+        inputs = layer.input_shape if isinstance(layer.input_shape, tuple) else None
+        total += math.prod(layer.output_shape[1:])
+        if kind in ("Conv1D", "Conv2D") and inputs is not None:
+            positions = math.prod(layer.output_shape[1:-1])
+            total += positions * math.prod(layer.kernel_size) * int(inputs[-1])
+        elif kind in _GATES and inputs is not None:
+            total += int(inputs[1]) * (2 * _GATES[kind] + 2) * int(layer.units)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: which layers, in which order, with which weights (pure, no TensorFlow)
+
+
+def _plan(config: Mapping[str, Any]) -> _Plan:
+    model_class = config.get("class_name")
+    body = config.get("config", {})
+    if body.get("trainable", True) is not True:
+        raise _Refused("a frozen model (trainable=false) trains per user")
+    if model_class == "Sequential":
+        input_name, output_name, layers = _sequential_graph(body)
+    elif model_class in ("Functional", "Model"):
+        input_name, output_name, layers = _functional_graph(body)
+    else:
+        raise _Refused(f"{model_class} models train per user (Sequential and Functional only)")
+    weight_index = 0
+    nodes: dict[str, _Node] = {}
+    for name, kind, fields, inputs in layers:  # config order = Keras weight order
+        _check_fields(name, kind, fields)
+        nodes[name] = _Node(name, kind, fields, inputs, weight_index)
+        weight_index += _weight_count(kind, fields)
+    return _Plan(input_name=input_name, output_name=output_name,
+                 nodes=_topological(input_name, nodes), weight_count=weight_index,
+                 dropped_softmax=_final_softmax(output_name, nodes))
+
+
+_Layers = list[tuple[str, str, Mapping[str, Any], tuple[str, ...]]]
+
+
+def _sequential_graph(body: Mapping[str, Any]) -> tuple[str, str, _Layers]:
+    entries = [layer for layer in body.get("layers", []) if layer.get("class_name") != "InputLayer"]
+    names = [entry.get("config", {}).get("name") for entry in entries]
+    if not entries or len(set(names)) != len(names):
+        raise _Refused("a Sequential model without layers or with repeated names trains per user")
+    previous, layers = "", []  # "": the input (validated layer names are not empty)
+    for name, entry in zip(names, entries, strict=True):
+        layers.append((name, entry.get("class_name"), entry.get("config", {}), (previous,)))
+        previous = name
+    return "", previous, layers
+
+
+def _functional_graph(body: Mapping[str, Any]) -> tuple[str, str, _Layers]:
+    layers: _Layers = []
+    inputs = []
+    for entry in body.get("layers", []):
+        name = entry.get("name")
+        if entry.get("class_name") == "InputLayer":
+            inputs.append(name)
+            continue
+        nodes = entry.get("inbound_nodes", [])
+        if len(nodes) != 1:
+            raise _Refused(f"layer {name!r} is applied {len(nodes)} times (trains per user)")
+        sources = tuple(ref[0] for ref in nodes[0])
+        layers.append((name, entry.get("class_name"), entry.get("config", {}), sources))
+    if len(inputs) != 1:
+        raise _Refused("models with several inputs train per user")
+    return inputs[0], body["output_layers"][0][0], layers
+
+
+def _topological(input_name: str, nodes: Mapping[str, _Node]) -> tuple[_Node, ...]:
+    done, order = {input_name}, []
+    pending = list(nodes.values())
+    while pending:
+        ready = [node for node in pending if all(name in done for name in node.inputs)]
+        if not ready:
+            raise _Refused(f"layer {pending[0].name!r} has a cyclic or missing input")
+        order.extend(ready)
+        done.update(node.name for node in ready)
+        pending = [node for node in pending if node.name not in done]
+    return tuple(order)
+
+
+def _final_softmax(output_name: str, nodes: Mapping[str, _Node]) -> str | None:
+    """The layer whose softmax produces the model output (looking through Dropout), or None.
+
+    Mirrors ``engine.keras_config``'s output activation, which decides the per-user path's
+    loss: where it says softmax, dropping the softmax here must give that loss from logits."""
+    node = nodes.get(output_name)
+    while node is not None and node.kind in _VALUE_PRESERVING:
+        node = nodes.get(node.inputs[0])
+    if node is not None and node.kind in ("Reshape", "Flatten"):
+        source = nodes.get(node.inputs[0])
+        while source is not None and source.kind in ("Reshape", "Flatten", "Dropout"):
+            source = nodes.get(source.inputs[0])
+        if source is not None and source.fields.get("activation") == "softmax":
+            raise _Refused(f"the final softmax of layer {source.name!r} is followed by "
+                           f"{node.kind} (trains per user)")
+    if node is None or node.fields.get("activation") != "softmax":
+        return None
+    if node.kind not in ("Dense", "Activation"):
+        raise _Refused(f"a final softmax on {node.kind} trains per user (Dense or Activation)")
+    return node.name
+
+
+def _check_fields(name: str, kind: str, fields: Mapping[str, Any]) -> None:
+    where = f"layer {name!r} ({kind})"
+    if kind not in _FIELDS:
+        raise _Refused(f"layer {kind} trains per user (vectorized: {', '.join(_FIELDS)})")
+    for key, value in fields.items():
+        if key.endswith(("_regularizer", "_constraint")):
+            if value is not None:
+                raise _Refused(f"{where}: regularizers and constraints train per user")
+        elif key in _MUST_BE_OFF:
+            if value not in (_MUST_BE_OFF[key], None):
+                raise _Refused(f"{where}: {key}={value!r} trains per user (not vectorized)")
+        elif key == "trainable":
+            if value is not True:
+                raise _Refused(f"{where}: frozen layers (trainable=false) train per user")
+        elif key == "data_format":
+            if value not in ("channels_last", None):
+                raise _Refused(f"{where}: data_format {value!r} trains per user")
+        elif not (key.endswith("_initializer") or key in _COMMON_FIELDS or key in _FIELDS[kind]):
+            raise _Refused(f"{where}: field {key!r} is not read by the vectorized engine "
+                           "(trains per user)")
+
+
+def _weight_count(kind: str, fields: Mapping[str, Any]) -> int:
+    bias = 1 if fields.get("use_bias", True) else 0
+    if kind in ("Dense", "Conv1D", "Conv2D"):
+        return 1 + bias
+    if kind in _GATES:
+        return 2 + bias
+    return 1 if kind == "Embedding" else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers as TensorFlow functions of stacked weights: x is [U, B, *example_shape]
+
+
+def _activation(name: object, dropped: bool = False) -> Callable[[Any], Any]:
+    """The named activation; a dropped final softmax is the identity (the loss takes logits)."""
     import tensorflow as tf
 
     name = "linear" if name is None else str(name)
-    if name == "softmax" and last:
-        return lambda x: x
-    if name == "linear":
+    if name == "linear" or (dropped and name == "softmax"):
         return lambda x: x
     return tf.keras.activations.get(name)
 
 
-def _elementwise(function: Callable[[Any], Any]) -> Callable[[Sequence[Any], Any, bool], Any]:
-    return lambda params, x, training: function(x)
+def _ints(value: object, count: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * count
+    assert isinstance(value, list | tuple) and len(value) == count  # validated config
+    return tuple(int(v) for v in value)
 
 
-def _dense(index: int, bias: bool, activation: Callable[[Any], Any]
-           ) -> Callable[[Sequence[Any], Any, bool], Any]:
-    """Dense with per-user weights: a batched matmul over the user axis on the last axis."""
+def _to_examples(y: Any, like: Any, shape: Sequence[int]) -> Any:
+    """``y`` reshaped to [U, B, *shape], U and B being ``like``'s (``like`` is [U, B, ...])."""
     import tensorflow as tf
 
-    def apply(params: Sequence[Any], x: Any, training: bool) -> Any:
-        kernel = params[index]  # [U, in, out]
-        shape = tf.shape(x)
-        flat = tf.reshape(x, tf.stack([shape[0], -1, shape[-1]]))  # [U, N, in]
-        y = tf.matmul(flat, kernel)  # [U, N, out]
+    result = tf.reshape(y, tf.concat([tf.shape(like)[:2], list(shape)], axis=0))
+    result.set_shape(like.shape[:2].concatenate(shape))
+    return result
+
+
+def _merge_examples(x: Any) -> Any:
+    """[U, B, *S] → [U·B, *S] for weight-free per-example ops (they never mix the axis)."""
+    import tensorflow as tf
+
+    return tf.reshape(x, [-1, *x.shape[2:]])
+
+
+def _dense(node: _Node, dropped: bool) -> _Step:
+    """Per-user matmul on the last axis: [U, N, in] @ [U, in, out]."""
+    import tensorflow as tf
+
+    index, bias = node.weight_index, node.fields.get("use_bias", True)
+    units = int(node.fields["units"])
+    activation = _activation(node.fields.get("activation"), dropped)
+
+    def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
+        x = inputs[0]
+        flat = tf.reshape(x, tf.stack([tf.shape(x)[0], -1, x.shape[-1]]))
+        y = tf.matmul(flat, params[index])
         if bias:
             y = y + params[index + 1][:, None, :]
-        y = tf.reshape(y, tf.concat([shape[:-1], tf.shape(kernel)[-1:]], axis=0))
-        return activation(y)
+        return activation(_to_examples(y, x, [*x.shape[2:-1], units]))
 
     return apply
+
+
+def _activation_layer(node: _Node, dropped: bool) -> _Step:
+    activation = _activation(node.fields.get("activation"), dropped)
+    return lambda params, inputs, training: activation(inputs[0])
+
+
+def _flatten(node: _Node, dropped: bool) -> _Step:
+    return lambda params, inputs, training: _to_examples(
+        inputs[0], inputs[0], [math.prod(inputs[0].shape[2:])])
+
+
+def _reshape(node: _Node, dropped: bool) -> _Step:
+    target = [int(n) for n in node.fields["target_shape"]]
+
+    def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
+        size, known = math.prod(inputs[0].shape[2:]), math.prod(n for n in target if n != -1)
+        shape = [size // known if n == -1 else n for n in target]
+        return _to_examples(inputs[0], inputs[0], shape)
+
+    return apply
+
+
+def _dropout(node: _Node, dropped: bool) -> _Step:
+    """Independent per element (hence per user and example), as Keras without noise_shape."""
+    import tensorflow as tf
+
+    rate = float(node.fields.get("rate", 0.0))
+    return lambda params, inputs, training: (
+        tf.nn.dropout(inputs[0], rate=rate) if training and rate > 0 else inputs[0])
+
+
+def _conv(node: _Node, dropped: bool) -> _Step:
+    """Patches of each example (weight-free, on the merged U·B axis), then per user
+    ``[U, positions, K·C] @ [U, K·C, F]`` with the user's kernel (einsum per group)."""
+    import tensorflow as tf
+
+    rank = 1 if node.kind == "Conv1D" else 2
+    fields, index = node.fields, node.weight_index
+    kernel_size = _ints(fields["kernel_size"], rank)
+    strides = _ints(fields.get("strides", 1), rank)
+    dilation = _ints(fields.get("dilation_rate", 1), rank)
+    padding, groups = fields.get("padding", "valid"), int(fields.get("groups", 1))
+    filters, bias = int(fields["filters"]), fields.get("use_bias", True)
+    activation = _activation(fields.get("activation"), dropped)
+    taps = math.prod(kernel_size)
+
+    def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
+        x = inputs[0]
+        users, channels = tf.shape(x)[0], int(x.shape[-1])
+        patches = _patches(_merge_examples(x), kernel_size, strides, dilation, padding)
+        positions = list(patches.shape[1:-2])  # [U·B, *positions, taps, C]
+        if groups == 1:
+            y = tf.matmul(tf.reshape(patches, tf.stack([users, -1, taps * channels])),
+                          tf.reshape(params[index], tf.stack([users, taps * channels, filters])))
+        else:  # channel c of group g is g·(C/G) + c; filter f of group g is g·(F/G) + f
+            grouped = tf.reshape(patches, tf.stack([users, -1, taps, groups, channels // groups]))
+            kernel = tf.reshape(params[index], tf.stack([users, taps, channels // groups, groups,
+                                                         filters // groups]))
+            y = tf.reshape(tf.einsum("umkgc,ukcgf->umgf", grouped, kernel),
+                           tf.stack([users, -1, filters]))
+        if bias:
+            y = y + params[index + 1][:, None, :]
+        return activation(_to_examples(y, x, [*positions, filters]))
+
+    return apply
+
+
+def _patches(x: Any, kernel_size: Sequence[int], strides: Sequence[int],
+             dilation: Sequence[int], padding: str) -> Any:
+    """``x`` [N, *S, C] → [N, *positions, taps, C], taps in the row-major order of the Keras
+    kernel's spatial axes, with TensorFlow's padding: 'same' pads ⌊total/2⌋ before and the
+    rest after, so that there are ⌈S/stride⌉ positions; 'causal' pads (k−1)·d before."""
+    import tensorflow as tf
+
+    pads, positions = [[0, 0]], []
+    for length, k, s, d in zip(x.shape[1:-1], kernel_size, strides, dilation, strict=True):
+        span = (k - 1) * d + 1
+        if padding == "same":
+            total = max((-(-length // s) - 1) * s + span - length, 0)
+            before, after = total // 2, total - total // 2
+        else:
+            before, after = (span - 1 if padding == "causal" else 0), 0
+        pads.append([before, after])
+        positions.append((length + before + after - span) // s + 1)
+    padded = tf.pad(x, [*pads, [0, 0]])
+    taps = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        window = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                       for o, d, n, s in zip(offset, dilation, positions, strides, strict=True))
+        taps.append(padded[(slice(None), *window, slice(None))])
+    return tf.stack(taps, axis=-2)
+
+
+def _pool(node: _Node, dropped: bool) -> _Step:
+    """TensorFlow's pooling (the op Keras calls) on the merged U·B axis: per example."""
+    import tensorflow as tf
+
+    rank = int(node.kind[-2])
+    pool_size = _ints(node.fields.get("pool_size", 2), rank)
+    strides_field = node.fields.get("strides")
+    strides = pool_size if strides_field is None else _ints(strides_field, rank)
+    padding = str(node.fields.get("padding", "valid")).upper()
+    pool = tf.nn.max_pool if node.kind.startswith("Max") else tf.nn.avg_pool
+
+    def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
+        pooled = pool(_merge_examples(inputs[0]), pool_size, strides, padding)
+        return _to_examples(pooled, inputs[0], pooled.shape[1:])
+
+    return apply
+
+
+def _global_average(node: _Node, dropped: bool) -> _Step:
+    """Mean over each example's spatial axes."""
+    import tensorflow as tf
+
+    keepdims = bool(node.fields.get("keepdims", False))
+    return lambda params, inputs, training: tf.reduce_mean(
+        inputs[0], axis=list(range(2, len(inputs[0].shape) - 1)), keepdims=keepdims)
+
+
+def _embedding(node: _Node, dropped: bool) -> _Step:
+    """Each user's rows of their own table: ``gather([U, V, D], ids [U, B, T], batch_dims=1)``.
+    Float ids are cast to int32 (truncation), as Keras's Embedding does."""
+    import tensorflow as tf
+
+    index = node.weight_index
+    return lambda params, inputs, training: tf.gather(
+        params[index], tf.cast(inputs[0], tf.int32), batch_dims=1)
+
+
+def _recurrent(node: _Node, dropped: bool) -> _Step:
+    """SimpleRNN, GRU or LSTM from a zero state, one ``tf.scan`` over time.
+
+    The input projection ``[U, B·T, F] @ [U, F, k·H]`` is one batched matmul; each step does
+    ``h [U, B, H] @ recurrent [U, H, k·H]``; gates are split in Keras order (GRU z, r, h;
+    LSTM i, f, c, o) and sums are taken in Keras's order. With go_backwards the sequence is
+    read from the end and, with return_sequences, returned in that (reversed) order, as Keras
+    does."""
+    import tensorflow as tf
+
+    fields, index, kind = node.fields, node.weight_index, node.kind
+    units, bias = int(fields["units"]), fields.get("use_bias", True)
+    activation = _activation(fields.get("activation", "tanh"))
+    recurrent_activation = _activation(fields.get("recurrent_activation", "sigmoid"))
+    reset_after = kind == "GRU" and fields.get("reset_after", True)
+    sequences, backwards = fields.get("return_sequences", False), fields.get("go_backwards", False)
+
+    def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
+        x = inputs[0]  # [U, B, T, F]
+        users, batch = tf.shape(x)[0], tf.shape(x)[1]
+        kernel, recurrent = params[index], params[index + 1]
+        width = _GATES[kind] * units
+        projected = tf.matmul(tf.reshape(x, tf.stack([users, -1, x.shape[-1]])), kernel)
+        input_bias = recurrent_bias = None
+        if bias and reset_after:
+            input_bias, recurrent_bias = params[index + 2][:, 0], params[index + 2][:, 1]
+        elif bias:
+            input_bias = params[index + 2]
+        if input_bias is not None and kind != "LSTM":  # Keras adds the LSTM bias last
+            projected = projected + input_bias[:, None, :]
+        steps = tf.reshape(projected, tf.stack([users, batch, x.shape[2], width]))
+        steps = tf.transpose(steps, [2, 0, 1, 3])  # [T, U, B, k·H]
+        if backwards:
+            steps = tf.reverse(steps, [0])
+        zeros = tf.zeros(tf.stack([users, batch, units]))
+
+        def simple_rnn(h: Any, x_t: Any) -> Any:
+            return activation(x_t + tf.matmul(h, recurrent))
+
+        def gru(h: Any, x_t: Any) -> Any:
+            x_z, x_r, x_h = tf.split(x_t, 3, axis=-1)
+            if reset_after:
+                inner = tf.matmul(h, recurrent)
+                if recurrent_bias is not None:
+                    inner = inner + recurrent_bias[:, None, :]
+                r_z, r_r, r_h = tf.split(inner, 3, axis=-1)
+                z, r = recurrent_activation(x_z + r_z), recurrent_activation(x_r + r_r)
+                candidate = activation(x_h + r * r_h)
+            else:
+                r_z, r_r = tf.split(tf.matmul(h, recurrent[:, :, :2 * units]), 2, axis=-1)
+                z, r = recurrent_activation(x_z + r_z), recurrent_activation(x_r + r_r)
+                candidate = activation(x_h + tf.matmul(r * h, recurrent[:, :, 2 * units:]))
+            return z * h + (1 - z) * candidate
+
+        def lstm(state: tuple[Any, Any], x_t: Any) -> tuple[Any, Any]:
+            h, c = state
+            z = x_t + tf.matmul(h, recurrent)
+            if input_bias is not None:
+                z = z + input_bias[:, None, :]
+            z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
+            c = recurrent_activation(z_f) * c + recurrent_activation(z_i) * activation(z_c)
+            return recurrent_activation(z_o) * activation(c), c
+
+        if kind == "LSTM":
+            outputs = tf.scan(lstm, steps, initializer=(zeros, zeros))[0]
+        else:
+            outputs = tf.scan(simple_rnn if kind == "SimpleRNN" else gru, steps,
+                              initializer=zeros)
+        return tf.transpose(outputs, [1, 2, 0, 3]) if sequences else outputs[-1]
+
+    return apply
+
+
+def _concatenate(node: _Node, dropped: bool) -> _Step:
+    """Joins each example's tensors; the config's axis counts the batch axis, the stacked
+    tensors have the user axis in front of it."""
+    import tensorflow as tf
+
+    axis = int(node.fields.get("axis", -1))
+    axis = axis + 1 if axis > 0 else axis
+    return lambda params, inputs, training: tf.concat(inputs, axis=axis)
+
+
+def _add(node: _Node, dropped: bool) -> _Step:
+    import tensorflow as tf
+
+    return lambda params, inputs, training: tf.add_n(inputs)
+
+
+_BUILDERS: Mapping[str, Callable[[_Node, bool], _Step]] = {
+    "Dense": _dense,
+    "Activation": _activation_layer,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Dropout": _dropout,
+    "Conv1D": _conv,
+    "Conv2D": _conv,
+    **{f"{kind}Pooling{n}D": _pool for kind in ("Max", "Average") for n in (1, 2, 3)},
+    **{f"GlobalAveragePooling{n}D": _global_average for n in (1, 2, 3)},
+    "Embedding": _embedding,
+    "SimpleRNN": _recurrent,
+    "GRU": _recurrent,
+    "LSTM": _recurrent,
+    "Concatenate": _concatenate,
+    "Add": _add,
+}

@@ -60,11 +60,68 @@ def _mlp() -> dict[str, Any]:
     return artifact_from_keras(model)
 
 
-def _users(seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def _cnn() -> dict[str, Any]:
+    """A small CNN on the 20 features seen as a 4×5 image."""
+    import tensorflow as tf
+
+    from engine.artifact import artifact_from_keras
+
+    tf.keras.utils.set_random_seed(4)
+    layers = tf.keras.layers
+    model = tf.keras.Sequential([
+        layers.InputLayer(input_shape=(20,), name="features"),
+        layers.Reshape((4, 5, 1)),
+        layers.Conv2D(3, 2, padding="same", activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        layers.Dense(5, activation="softmax"),
+    ])
+    return artifact_from_keras(model)
+
+
+VOCABULARY, TOKENS = 10, 6
+
+
+def _lstm() -> dict[str, Any]:
+    """Embedding → LSTM → Dense on TOKENS token ids (float features, as the datastore has)."""
+    import tensorflow as tf
+
+    from engine.artifact import artifact_from_keras
+
+    tf.keras.utils.set_random_seed(5)
+    layers = tf.keras.layers
+    model = tf.keras.Sequential([
+        layers.InputLayer(input_shape=(TOKENS,), name="tokens"),
+        layers.Embedding(VOCABULARY, 4),
+        layers.LSTM(4),
+        layers.Dense(5, activation="softmax"),
+    ])
+    return artifact_from_keras(model)
+
+
+MODELS = {"linear": _linear, "mlp": _mlp, "cnn": _cnn, "lstm": _lstm}
+
+
+def _users(model: str = "mlp", seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Six users with 1 to CAP examples each: 20 normal features, or token ids for lstm."""
     rng = np.random.default_rng(seed)
     sizes = [3, 12, 7, 10, 5, 1]
-    return [(rng.normal(size=(n, 20)).astype(np.float32),
-             rng.integers(0, 5, n).astype(np.int32)) for n in sizes]
+    if model == "lstm":
+        features = [rng.integers(0, VOCABULARY, (n, TOKENS)).astype(np.float32) for n in sizes]
+    else:
+        features = [rng.normal(size=(n, 20)).astype(np.float32) for n in sizes]
+    return [(x, rng.integers(0, 5, len(x)).astype(np.int32)) for x in features]
+
+
+def _changed_features(model: str, x: np.ndarray) -> np.ndarray:
+    """Other features of the same kind (token ids stay ids)."""
+    return (x + 3) % VOCABULARY if model == "lstm" else x * 5.0 + 1.0
+
+
+def _feature_shape(doc: dict[str, Any]) -> tuple[int, ...]:
+    from engine.keras_config import check_model_config
+
+    return check_model_config(doc["config"]).input_shape
 
 
 def _reference_round(doc: dict[str, Any], spec: JobSpec,
@@ -80,7 +137,8 @@ def _reference_round(doc: dict[str, Any], spec: JobSpec,
         return tff.learning.models.from_keras_model(
             keras_from_artifact(doc, load_weights=False),
             loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False),
-            input_spec=(tf.TensorSpec([None, 20], tf.float32), tf.TensorSpec([None], tf.int32)))
+            input_spec=(tf.TensorSpec([None, *_feature_shape(doc)], tf.float32),
+                        tf.TensorSpec([None], tf.int32)))
 
     process = tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn, client_optimizer_fn=tff_optimizer(spec, "client"),
@@ -105,7 +163,7 @@ def _sharded_round(doc: dict[str, Any], spec: JobSpec, users: list[tuple[np.ndar
     from engine.shard_process import noiseless_sharded_training_for_tests
 
     training = noiseless_sharded_training_for_tests(doc, spec, cap=CAP)
-    features, labels, counts = pad_users(users, CAP, (20,))
+    features, labels, counts = pad_users(users, CAP, _feature_shape(doc))
     datasets = [tf.data.Dataset.from_tensors((features[part], labels[part], counts[part],
                                               order[part]))
                 for part in np.array_split(np.arange(len(users)), shards)]
@@ -118,14 +176,18 @@ def _sharded_round(doc: dict[str, Any], spec: JobSpec, users: list[tuple[np.ndar
     ("linear", 3, {"client_optimizer": "sgdm", "client_momentum": 0.9}, 2),
     ("mlp", 3, {}, 2),
     ("mlp", 1, {"client_optimizer": "sgdm", "client_momentum": 0.5}, 1),
+    ("cnn", 1, {}, 1),
+    ("cnn", 3, {"client_optimizer": "sgdm", "client_momentum": 0.9}, 2),
+    ("lstm", 1, {"client_optimizer": "sgdm", "client_momentum": 0.5}, 2),
+    ("lstm", 3, {}, 1),
 ])
 @in_own_process
 def test_sharded_round_equals_the_per_user_reference_with_noise_off(
     model: str, epochs: int, optimizer: dict[str, Any], shards: int
 ) -> None:
-    doc = _linear() if model == "linear" else _mlp()
+    doc = MODELS[model]()
     spec = _spec(local_epochs=epochs, **optimizer)
-    users = _users()
+    users = _users(model)
     counts = np.array([len(y) for _, y in users], np.int32)
     order = example_order(np.random.default_rng(5), counts, CAP, epochs)
     reference = _reference_round(doc, spec, users, order)
@@ -148,7 +210,7 @@ def _per_user_updates(doc: dict[str, Any], spec: JobSpec,
     import tensorflow as tf
 
     stacked = build_stacked_model(doc["config"])
-    features, labels, counts = pad_users(users, CAP, (20,))
+    features, labels, counts = pad_users(users, CAP, _feature_shape(doc))
     weights = [tf.constant(w) for w in _weights(doc)]
     updates = user_clipped_updates(stacked, weights, tf.constant(features), tf.constant(labels),
                                    tf.constant(counts), tf.constant(order), clip=spec.clip,
@@ -157,15 +219,16 @@ def _per_user_updates(doc: dict[str, Any], spec: JobSpec,
     return [u.numpy() for u in updates]
 
 
-def test_changing_one_users_data_changes_only_that_users_clipped_update() -> None:
-    doc, spec = _mlp(), _spec(local_epochs=2)
-    users = _users()
+@pytest.mark.parametrize("model", ["mlp", "cnn", "lstm"])
+def test_changing_one_users_data_changes_only_that_users_clipped_update(model: str) -> None:
+    doc, spec = MODELS[model](), _spec(local_epochs=2)
+    users = _users(model)
     counts = np.array([len(y) for _, y in users], np.int32)
     order = example_order(np.random.default_rng(2), counts, CAP, 2)
     before = _per_user_updates(doc, spec, users, order)
     changed = list(users)
     x, y = changed[2]
-    changed[2] = (x * 5.0 + 1.0, (y + 1) % 5)
+    changed[2] = (_changed_features(model, x), (y + 1) % 5)
     after = _per_user_updates(doc, spec, changed, order)
     for b, a in zip(before, after, strict=True):
         others = [u for u in range(len(users)) if u != 2]
@@ -207,9 +270,12 @@ def test_the_loss_is_the_exact_cross_entropy_from_logits_even_for_confident_mist
 
 
 def test_models_outside_the_vectorized_layers_say_why_and_keep_the_per_user_path() -> None:
-    conv = {"class_name": "Sequential", "config": {"layers": [
-        {"class_name": "InputLayer", "config": {}}, {"class_name": "Conv2D", "config": {}}]}}
-    assert "Conv2D trains per user" in vectorizable(conv)
+    normalized = {"class_name": "Sequential", "config": {"layers": [
+        {"class_name": "InputLayer", "config": {}},
+        {"class_name": "BatchNormalization", "config": {}}]}}
+    assert "BatchNormalization trains per user" in vectorizable(normalized)
+    for model in ("cnn", "lstm"):
+        assert vectorizable(MODELS[model]()["config"]) is None
     assert vectorizable(_linear()["config"]) is None
     regularized = _linear()["config"]
     regularized["config"]["layers"][1]["config"]["kernel_regularizer"] = {"class_name": "L2"}
