@@ -11,8 +11,9 @@ Invariant (the user is the privacy unit): nothing mixes users. Every operation i
   weights: Dense, Conv1D/Conv2D (on patches), Embedding (``tf.gather(..., batch_dims=1)``),
   the input and recurrent kernels of SimpleRNN/GRU/LSTM;
 * a weight-free operation on one example at a time, on a merged ``[U·B, ...]`` axis or along
-  the per-example axes: Flatten, Reshape, Concatenate, patch extraction, Max/AveragePooling
-  1D/2D/3D, GlobalAveragePooling1D/2D/3D, the softmax of an Activation layer.
+  the per-example axes: Flatten, Reshape, Concatenate, convolution patch extraction,
+  Max/AveragePooling 1D/2D/3D, GlobalAveragePooling1D/2D/3D, softmax (over an example's last
+  axis).
 
 So user u's outputs depend only on user u's weights and inputs (``tests/test_vectorized_
 engine.py`` checks it bit for bit) and every example's only on that example.
@@ -23,8 +24,8 @@ models (evaluated in topological order of their ``inbound_nodes``) of
 
 * ``InputLayer``, ``Dense``, ``Activation``, ``Flatten``, ``Reshape``, ``Dropout`` (without
   ``noise_shape``), ``Add``, ``Concatenate``;
-* ``Conv1D`` (``valid``/``same``/``causal``) and ``Conv2D`` (``valid``/``same``), any strides,
-  dilation and groups, channels-last;
+* ``Conv1D`` (``valid``/``same``/``causal``) and ``Conv2D`` (``valid``/``same``), any strides
+  or dilation (Keras takes one of them above 1) and groups, channels-last;
 * ``MaxPooling``/``AveragePooling`` 1D/2D/3D (``valid``/``same``) and ``GlobalAveragePooling``
   1D/2D/3D (``keepdims`` either way), channels-last;
 * ``Embedding`` without ``mask_zero`` or ``sparse`` (float ids are truncated to int32, as
@@ -92,8 +93,6 @@ _MUST_BE_OFF: Mapping[str, object] = {
 """Fields read only to refuse them when set: masks, sparse outputs, RNN state across batches
 or time-major data, RNN dropout and shared dropout masks are not vectorized."""
 _GATES = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}
-_VALUE_PRESERVING = ("Dropout",)
-"""Layers that may follow a final softmax, which is then dropped (the loss takes logits)."""
 
 
 class _Refused(Exception):
@@ -269,22 +268,20 @@ def _topological(input_name: str, nodes: Mapping[str, _Node]) -> tuple[_Node, ..
 
 
 def _final_softmax(output_name: str, nodes: Mapping[str, _Node]) -> str | None:
-    """The layer whose softmax produces the model output (looking through Dropout), or None.
-
-    Mirrors ``engine.keras_config``'s output activation, which decides the per-user path's
-    loss: where it says softmax, dropping the softmax here must give that loss from logits."""
-    node = nodes.get(output_name)
-    while node is not None and node.kind in _VALUE_PRESERVING:
+    """The layer whose softmax produces the model output, looking through Dropout, Reshape and
+    Flatten as ``engine.keras_config`` does (its output activation decides the per-user path's
+    loss), or None. ``forward`` leaves that softmax out, which gives the same loss from logits
+    only if it is the softmax of the output itself: a Dense or Activation that only Dropout
+    follows; any other final softmax is refused."""
+    node, reshaped = nodes.get(output_name), None
+    while node is not None and node.kind in ("Dropout", "Reshape", "Flatten"):
+        reshaped = reshaped or (node.kind if node.kind != "Dropout" else None)
         node = nodes.get(node.inputs[0])
-    if node is not None and node.kind in ("Reshape", "Flatten"):
-        source = nodes.get(node.inputs[0])
-        while source is not None and source.kind in ("Reshape", "Flatten", "Dropout"):
-            source = nodes.get(source.inputs[0])
-        if source is not None and source.fields.get("activation") == "softmax":
-            raise _Refused(f"the final softmax of layer {source.name!r} is followed by "
-                           f"{node.kind} (trains per user)")
     if node is None or node.fields.get("activation") != "softmax":
         return None
+    if reshaped is not None:
+        raise _Refused(f"the final softmax of layer {node.name!r} is followed by {reshaped} "
+                       "(trains per user)")
     if node.kind not in ("Dense", "Activation"):
         raise _Refused(f"a final softmax on {node.kind} trains per user (Dense or Activation)")
     return node.name
