@@ -229,7 +229,8 @@ def _sequential_graph(body: Mapping[str, Any]) -> tuple[str, str, _Layers]:
     names = [entry.get("config", {}).get("name") for entry in entries]
     if not entries or len(set(names)) != len(names):
         raise _Refused("a Sequential model without layers or with repeated names trains per user")
-    previous, layers = "", []  # "": the input (validated layer names are not empty)
+    layers: _Layers = []
+    previous = ""  # the input's key (validated layer names are never empty)
     for name, entry in zip(names, entries, strict=True):
         layers.append((name, entry.get("class_name"), entry.get("config", {}), (previous,)))
         previous = name
@@ -329,7 +330,8 @@ def _activation(name: object, dropped: bool = False) -> Callable[[Any], Any]:
     name = "linear" if name is None else str(name)
     if name == "linear" or (dropped and name == "softmax"):
         return lambda x: x
-    return tf.keras.activations.get(name)
+    function: Callable[[Any], Any] = tf.keras.activations.get(name)
+    return function
 
 
 def _ints(value: object, count: int) -> tuple[int, ...]:
