@@ -80,6 +80,8 @@ class ModelSummary:
     input_shape: tuple[int, ...]
     output_units: int
     output_activation: str
+    working_elements: int = 0
+    """Floats one example keeps alive through a forward pass (``ConfigSummary``)."""
 
     @property
     def outputs_probabilities(self) -> bool:
@@ -177,6 +179,7 @@ def validate_artifact_structure(doc: dict[str, Any]) -> ModelSummary:
         input_shape=config.input_shape,
         output_units=config.output_shape[0],
         output_activation=config.output_activation,
+        working_elements=config.working_elements,
     )
 
 

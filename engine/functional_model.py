@@ -49,13 +49,12 @@ to [1e-7, 1 − 1e-7], which gives zero gradient to confident mistakes.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["StackedModel", "activation_floats", "build_stacked_model", "vectorizable"]
+__all__ = ["StackedModel", "build_stacked_model", "vectorizable"]
 
 _Step = Callable[[Sequence[Any], list[Any], bool], Any]
 """One layer: (stacked params, its input tensors, training) → its output tensor."""
@@ -161,38 +160,6 @@ def build_stacked_model(config: dict[str, Any]) -> StackedModel:
         return values[plan.output_name]
 
     return StackedModel(forward=forward, weight_count=plan.weight_count)
-
-
-def activation_floats(config: dict[str, Any]) -> int:
-    """Floats one example holds in the forward pass, for memory estimates (imports
-    TensorFlow; checks the config with :func:`engine.keras_config.check_model_config` before
-    Keras sees it).
-
-    The sum over layers (InputLayer excluded) of their per-example output sizes, plus each
-    convolution's patch matrix (output positions × kernel size × input channels) and, for each
-    recurrent layer over T steps with H units and k gates, T·(2k + 2)·H for the per-step
-    projections, gates and states the backward pass keeps. Backpropagation keeps about as much
-    again per example: callers multiply by the batch size and a factor for both passes.
-    """
-    import tensorflow as tf
-
-    from engine.keras_config import check_model_config
-
-    check_model_config(config)
-    model = tf.keras.models.model_from_json(json.dumps(config))
-    total = 0
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "InputLayer":
-            continue
-        inputs = layer.input_shape if isinstance(layer.input_shape, tuple) else None
-        total += math.prod(layer.output_shape[1:])
-        if kind in ("Conv1D", "Conv2D") and inputs is not None:
-            positions = math.prod(layer.output_shape[1:-1])
-            total += positions * math.prod(layer.kernel_size) * int(inputs[-1])
-        elif kind in _GATES and inputs is not None:
-            total += int(inputs[1]) * (2 * _GATES[kind] + 2) * int(layer.units)
-    return total
 
 
 # ---------------------------------------------------------------------------------------------

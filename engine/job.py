@@ -198,6 +198,9 @@ class JobSpec:
     server_initial_preconditioner_value: float | None = None
     max_examples_per_user: int | None = None
     charged_cost: dict[str, Any] | None = None
+    memory_limit_bytes: int | None = None
+    """The node's per-job memory limit: the runner refuses, before reading data, a job whose
+    estimate (``engine.memory.job_memory``) exceeds it. None: not checked (older job files)."""
 
     def noise_stddev(self) -> float:
         """σ of the Gaussian noise on the sum, as the float32 value TF runs with
@@ -290,6 +293,7 @@ class JobSpec:
             **_optimizer_fields(fields, server_momentum=server_momentum),
             max_examples_per_user=fields.optional("max_examples_per_user"),
             charged_cost=fields.optional("charged_cost"),
+            memory_limit_bytes=fields.optional("memory_limit_bytes"),
         )
         fields.done()
         spec.validate_mechanism()
@@ -316,6 +320,30 @@ class JobSpec:
             raise JobSpecInvalid(f"{error.message} (admissible: {error.admissible})") from None
         if self.charged_cost is not None and not isinstance(self.charged_cost, dict):
             raise JobSpecInvalid("charged_cost must be a JSON object")
+        limit = self.memory_limit_bytes
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):
+            raise JobSpecInvalid("memory_limit_bytes must be a positive integer")
+
+    def check_memory(self, summary: Any) -> Any:
+        """The job's memory estimate (``engine.memory.job_memory``) for the validated model
+        ``summary``; raises :class:`JobSpecInvalid` — before any data is read, so the job is
+        refunded — when it exceeds ``memory_limit_bytes``."""
+        import math
+
+        from engine.memory import job_memory
+
+        cap = self.max_examples_per_user or 1
+        estimate = job_memory(parameters=summary.parameter_count,
+                              example_floats=math.prod(summary.input_shape),
+                              working_elements=summary.working_elements, cap=cap,
+                              local_epochs=self.local_epochs, batch_size=self.batch_size,
+                              clients_per_round=self.expected_clients_per_round)
+        if self.memory_limit_bytes is not None and estimate.bytes > self.memory_limit_bytes:
+            raise JobSpecInvalid(
+                f"the job's memory estimate {estimate.bytes} bytes exceeds the node's limit "
+                f"{self.memory_limit_bytes}; refusing before reading data")
+        return estimate
 
     @classmethod
     def load(cls, job_dir: Path) -> JobSpec:

@@ -145,6 +145,10 @@ class ConfigSummary:
     output_shape: Shape
     output_activation: str
     weight_shapes: tuple[Shape, ...]
+    working_elements: int = 0
+    """Floats one example keeps alive through a forward pass (every layer's output and its
+    internal working tensors: a convolution's patches, an RNN's per-step gates and states),
+    the input included: :mod:`engine.memory` scales it by batch and users."""
 
     @property
     def parameter_count(self) -> int:
@@ -206,11 +210,14 @@ def _check_sequential(body: Mapping[str, Any]) -> ConfigSummary:
     shape = input_shape
     weights: list[Shape] = []
     activation = "linear"
+    working = math.prod(input_shape)
     for layer in body_layers:
         if layer.class_name == "InputLayer":
             raise ModelRejected(f"layer {layer.name!r}: InputLayer must come first")
-        shape, layer_weights = _apply(layer, [shape])
+        inputs = [shape]
+        shape, layer_weights = _apply(layer, inputs)
         weights.extend(layer_weights)
+        working += _working_elements(layer, inputs, shape)
         activation = _activation_of(layer, activation)
     return ConfigSummary(
         family=MODEL_CLASSES["Sequential"],
@@ -219,6 +226,7 @@ def _check_sequential(body: Mapping[str, Any]) -> ConfigSummary:
         output_shape=shape,
         output_activation=activation,
         weight_shapes=tuple(weights),
+        working_elements=working,
     )
 
 
@@ -248,6 +256,7 @@ def _check_functional(body: Mapping[str, Any]) -> ConfigSummary:
     shapes: dict[str, Shape] = {input_name: _input_layer_shape(by_name[input_name])}
     activations: dict[str, str] = {input_name: "linear"}
     weights_by_layer: dict[str, list[Shape]] = {input_name: []}
+    working = math.prod(shapes[input_name])
     pending = [layer for layer in layers if layer.name != input_name]
     while pending:
         ready = [layer for layer in pending if all(n in shapes for n in inbound[layer.name])]
@@ -255,9 +264,9 @@ def _check_functional(body: Mapping[str, Any]) -> ConfigSummary:
             raise ModelRejected(f"layer {pending[0].name!r} has a cyclic or missing input")
         for layer in ready:
             sources = inbound[layer.name]
-            shapes[layer.name], weights_by_layer[layer.name] = _apply(
-                layer, [shapes[name] for name in sources]
-            )
+            inputs = [shapes[name] for name in sources]
+            shapes[layer.name], weights_by_layer[layer.name] = _apply(layer, inputs)
+            working += _working_elements(layer, inputs, shapes[layer.name])
             activations[layer.name] = _activation_of(layer, activations[sources[0]])
         pending = [layer for layer in pending if layer.name not in shapes]
     # Keras restores a Functional model's layers (and so get_weights()) in config order; the
@@ -270,6 +279,7 @@ def _check_functional(body: Mapping[str, Any]) -> ConfigSummary:
         output_shape=shapes[output_name],
         output_activation=activations[output_name],
         weight_shapes=tuple(weights),
+        working_elements=working,
     )
 
 
@@ -440,6 +450,23 @@ def _apply(layer: _Layer, inputs: list[Shape]) -> tuple[Shape, list[Shape]]:
         raise ModelRejected(f"layer {layer.name!r}: {layer.class_name} is misplaced")
     _check_build_config(layer, inputs)
     return rule(_Params(layer), inputs)
+
+
+def _working_elements(layer: _Layer, inputs: list[Shape], output: Shape) -> int:
+    """Floats per example that ``layer`` keeps for its backward pass: its output, plus a
+    convolution's extracted patches (output positions × kernel window × input channels, the
+    vectorized engine's im2col) or an RNN's gates and states at every step."""
+    elements = math.prod(output)
+    kind = layer.class_name
+    if kind.startswith("Conv"):
+        kernel = layer.config.get("kernel_size")
+        window = math.prod(kernel) if isinstance(kernel, list) else int(kernel or 1)
+        elements += math.prod(output[:-1]) * window * inputs[0][-1]
+    elif kind in _GATES:  # per step: input and recurrent projections, gates, states
+        steps = inputs[0][0]
+        units = int(layer.config.get("units", 1))
+        elements += steps * (2 * _GATES[kind] + 2) * units
+    return elements
 
 
 def _check_build_config(layer: _Layer, inputs: list[Shape]) -> None:

@@ -101,6 +101,7 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
     doc = artifact.parse_artifact(spec.model_path.read_bytes())
     summary = artifact.validate_artifact(doc, num_features=schema.num_features,
                                          num_classes=schema.num_classes)
+    spec.check_memory(summary)  # public inputs only; over the node's limit: refunded
 
     _quiet_tensorflow()
     targets = [t for t in os.environ.get(REMOTE_WORKERS_ENV, "").split(",") if t]

@@ -96,7 +96,9 @@ class ResourceLimits:
     ``open_files``: file descriptors per process. ``processes``: tasks (threads included) of
     the sandbox's host uid (RLIMIT_NPROC; shared by concurrent jobs under the same uid).
     ``file_size_bytes``: largest file a process may write. ``tmp_bytes``: size of each
-    private tmpfs (``/tmp``, ``/dev/shm``), which lives in memory.
+    private tmpfs (``/tmp``, ``/dev/shm``), which lives in memory. ``memory_bytes``: the
+    memory a job may expect to use (``engine.memory.job_memory``, from public parameters
+    only): admission refuses a larger job, and the engine refuses it before reading data.
     Core dumps are always disabled: they would hold raw training data.
     """
 
@@ -106,10 +108,11 @@ class ResourceLimits:
     processes: int = 1024
     file_size_bytes: int = 1 * _GiB
     tmp_bytes: int = 256 * _MiB
+    memory_bytes: int = 8 * _GiB
 
     def __post_init__(self) -> None:
         for name in ("cpu_seconds", "address_space_bytes", "open_files", "processes",
-                     "file_size_bytes", "tmp_bytes"):
+                     "file_size_bytes", "tmp_bytes", "memory_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"sandbox limit {name} must be a positive integer")

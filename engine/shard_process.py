@@ -15,10 +15,11 @@ The privacy unit stays the user; only the unit of TFF work changes. Per round:
 
 The accounted event is unchanged: ``PoissonSampled(q, Gaussian(z))`` per round. Every sampled
 user is padded to the owner's cap (masks), so a user's work is the same whatever their data;
-memory per shard is bounded by ``shard_size × cap × (example size)`` plus a few copies of
-``shard_size × parameters`` and of one local batch's activations per user (``shard_size ×
-batch_size × activation floats``: convolution and RNN layers hold far more per example than
-their input). Which layers run here, and why none of them mixes users, is
+a shard holds as many users as fit 256 MiB by :mod:`engine.memory`'s per-user model (the
+padded examples, a few copies of the parameters and one local batch's working tensors:
+convolution and RNN layers hold far more per example than their input), and a job's memory
+is estimated, reported and checked against the node's limit by the same module. Which
+layers run here, and why none of them mixes users, is
 :mod:`engine.functional_model`'s contract.
 """
 
@@ -33,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.functional_model import StackedModel, activation_floats, build_stacked_model
+from engine.functional_model import StackedModel, build_stacked_model
 from engine.job import JobSpec
+from engine.keras_config import check_model_config
+from engine.memory import per_user_bytes, users_per_shard
 from engine.training import cap_examples, poisson_sample
 from engine.vectorized_users import example_order, pad_users, shard_clipped_sum
 
@@ -43,25 +46,7 @@ if TYPE_CHECKING:
 
     from engine.datastore import Partition
 
-__all__ = ["SHARD_MEMORY_BYTES", "ShardedTraining", "prepare_sharded_training", "shard_size"]
-
-SHARD_MEMORY_BYTES = 256 * 2**20
-"""Memory one shard's tensors may take (examples, per-user weight copies, activations)."""
-_WEIGHT_COPIES = 6  # stacked weights, momentum, gradients, updates, and TF temporaries
-_ACTIVATION_COPIES = 3  # forward values, their gradients, and TF temporaries
-
-
-def shard_size(*, cap: int, example_floats: int, parameters: int, local_epochs: int,
-               batch_size: int, activation_floats: int,
-               memory_bytes: int = SHARD_MEMORY_BYTES) -> int:
-    """Users per shard so that a shard's tensors fit ``memory_bytes``: public inputs only.
-
-    ``activation_floats`` is what one example holds in the forward pass
-    (:func:`engine.functional_model.activation_floats`); every local step of every user runs
-    ``batch_size`` rows (masked when the user has fewer), forward and backward."""
-    per_user = 4 * (cap * (example_floats + 1) + local_epochs * cap + _WEIGHT_COPIES * parameters
-                    + _ACTIVATION_COPIES * batch_size * activation_floats)
-    return max(1, min(4096, memory_bytes // per_user))
+__all__ = ["ShardedTraining", "prepare_sharded_training"]
 
 
 @dataclass
@@ -240,10 +225,10 @@ def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
         tff.learning.templates.build_apply_optimizer_finalizer(tff_optimizer(spec, "server"),
                                                                weights_type),
     )
-    parameters = sum(math.prod(s) for s in shapes)
-    size = shard_size(cap=cap, example_floats=math.prod(input_shape), parameters=parameters,
-                      local_epochs=spec.local_epochs, batch_size=spec.batch_size,
-                      activation_floats=activation_floats(doc["config"]))
+    size = users_per_shard(per_user_bytes(
+        parameters=sum(math.prod(s) for s in shapes), example_floats=math.prod(input_shape),
+        working_elements=check_model_config(doc["config"]).working_elements, cap=cap,
+        local_epochs=spec.local_epochs, batch_size=spec.batch_size))
     return ShardedTraining(process=process, state=process.initialize(), spec=spec,
                            keras_model=keras_model, cap=cap, shard_size=size,
                            min_shards=min_shards, scratch_dir=scratch_dir)

@@ -98,6 +98,8 @@ def user_clipped_updates(model: StackedModel, server_weights: Sequence[Any], fea
 
     users = tf.shape(labels)[0]
     cap = tf.shape(labels)[1]
+    if labels.shape[1] is not None:  # a batch beyond E·cap holds only masked positions: exact
+        batch_size = min(batch_size, local_epochs * int(labels.shape[1]))
     steps = (local_epochs * cap + batch_size - 1) // batch_size
     valid_length = local_epochs * counts  # [U]
     stacked = [tf.repeat(w[None], users, axis=0) for w in server_weights]

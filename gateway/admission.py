@@ -18,6 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from engine import memory
 from engine.artifact import (
     ModelRejected,
     ModelSummary,
@@ -26,6 +27,7 @@ from engine.artifact import (
     validate_artifact_structure,
 )
 from engine.job import OPTIMIZER_FIELDS, OptimizerInvalid, optimizer_hyperparameters
+from engine.memory import MemoryEstimate
 from gateway import billing
 from gateway.node import Node
 from gateway.policy import (
@@ -283,16 +285,51 @@ def _load_dataset(node: Node, name: str) -> Dataset | None:
         return s.get(Dataset, name)
 
 
-def check_model(node: Node, dataset: Dataset, digest: str) -> None:
-    """The uploaded artifact exists and fits the dataset's schema (data-only checks)."""
+def check_model(node: Node, dataset: Dataset, request: JobRequest) -> MemoryEstimate:
+    """The uploaded artifact exists, fits the dataset's schema (data-only checks) and the job's
+    memory estimate fits the node's ``memory_bytes``; returns the estimate."""
+    digest = request.model_digest
     path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
     if not path.exists():
         raise Problem("unknown-model", f"no model {digest}; upload it to /v1/models first")
     try:
-        validate_artifact(parse_artifact(path.read_bytes()), num_features=dataset.num_features,
-                          num_classes=dataset.num_classes)
+        summary = validate_artifact(parse_artifact(path.read_bytes()),
+                                    num_features=dataset.num_features,
+                                    num_classes=dataset.num_classes)
     except ModelRejected as exc:
         raise Problem("model-rejected", str(exc)) from None
+    return check_memory(node, dataset, request, summary)
+
+
+def _memory_inputs(dataset: Dataset, request: JobRequest, summary: ModelSummary
+                   ) -> dict[str, int]:
+    return {"parameters": summary.parameter_count,
+            "example_floats": math.prod(summary.input_shape),
+            "working_elements": summary.working_elements,
+            "cap": dataset.max_examples_per_user, "local_epochs": request.local_epochs,
+            "batch_size": request.batch_size}
+
+
+def check_memory(node: Node, dataset: Dataset, request: JobRequest,
+                 summary: ModelSummary) -> MemoryEstimate:
+    """The job's memory estimate (``engine.memory``: public inputs only — the architecture, the
+    owner's cap, batch, epochs, clients per round); refuses one above the node's limit with
+    the largest clients_per_round that fits."""
+    inputs = _memory_inputs(dataset, request, summary)
+    estimate = memory.job_memory(**inputs, clients_per_round=float(request.clients_per_round))
+    limit = node.config.sandbox_limits.memory_bytes
+    if estimate.bytes > limit:
+        most = memory.max_clients_per_round(limit, **inputs)
+        fix = (f"lower clients_per_round to ≤ {most:g}" if most >= 1 else
+               "even one client per round does not fit: use a smaller model or batch_size")
+        raise Problem(
+            "job-too-large",
+            f"the engine would need about {estimate.bytes / 2**30:.1f} GiB "
+            f"({estimate.per_user_bytes / 2**20:.2f} MiB per sampled user, "
+            f"{estimate.users_in_flight} users in flight) but this node allows "
+            f"{limit / 2**30:.1f} GiB per job; {fix}",
+            field="clients_per_round")
+    return estimate
 
 
 def _stored_model(node: Node, digest: str) -> tuple[ModelSummary, int] | None:
@@ -383,7 +420,7 @@ def admit_job(
         raise _deny(node, audit, Problem("policy-denied", decision.explanation,
                                          rule=list(decision.rule or [])))
     try:
-        check_model(node, dataset, request.model_digest)
+        check_model(node, dataset, request)
         projection = project_cost(node, dataset, request)
     except Problem as problem:
         raise _deny(node, audit, problem) from None
@@ -478,11 +515,32 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
     }
     if not fit.fits:
         result["suggestion"] = _suggestion(node, dataset, request)
+    if request.model_digest != NO_MODEL:
+        result["memory"] = _memory_report(node, dataset, request)
     if node.config.billing is not None:
         result["cost"] = billing.project_cost(
             node.config.billing, cpu_reserved_seconds=float(node.config.sandbox_limits.cpu_seconds),
             epsilon=projection.epsilon).to_json()
     return result
+
+
+def _memory_report(node: Node, dataset: Dataset, request: JobRequest) -> dict[str, Any]:
+    """The estimate's ``memory`` member: the engine's expected peak, the node's limit and
+    whether the job fits it (``problem`` says what to change when it does not)."""
+    stored = _stored_model(node, request.model_digest)
+    if stored is None:
+        raise Problem("unknown-model", f"no model {request.model_digest}; upload it to "
+                      "/v1/models first")
+    limit = node.config.sandbox_limits.memory_bytes
+    try:
+        estimate = check_memory(node, dataset, request, stored[0])
+    except Problem as problem:
+        inputs = _memory_inputs(dataset, request, stored[0])
+        estimate = memory.job_memory(**inputs,
+                                     clients_per_round=float(request.clients_per_round))
+        return {**estimate.to_json(), "limit_bytes": limit, "fits": False,
+                "problem": problem.detail}
+    return {**estimate.to_json(), "limit_bytes": limit, "fits": True}
 
 
 CALIBRATABLE = ("noise_multiplier", "rounds")

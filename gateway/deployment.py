@@ -87,6 +87,10 @@ processes = {limits.processes}
 file_size_bytes = {limits.file_size_bytes}
 # Size of the job's private /tmp and /dev/shm (memory-backed).
 tmp_bytes = {limits.tmp_bytes}
+# Memory a job may be expected to use (estimated from its public parameters: model, per-user
+# cap, batch, clients per round; docs/performance.md). Larger jobs are refused at admission
+# with the largest clients_per_round that fits, and again by the engine before it reads data.
+memory_bytes = {limits.memory_bytes}
 
 # [billing]
 # Charge researchers for the compute their jobs use (docs/billing.md). Uncomment to enable:

@@ -53,7 +53,8 @@ class ChargedMechanismMismatch(ValueError):
 
 def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
                         spec: Mapping[str, Any], cost: JobCost, evaluation_loss_clip: float,
-                        max_examples_per_user: int | None) -> dict[str, Any]:
+                        max_examples_per_user: int | None,
+                        memory_limit_bytes: int | None = None) -> dict[str, Any]:
     """The engine's job.json (``engine.job.JobSpec``) for an admitted job: every noise
     parameter comes from ``cost``, the job's stored (charged) cost events, never from live
     configuration.
@@ -64,7 +65,9 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
     noise multiplier (present iff DP evaluation was charged). From the admitted spec: the clip,
     the optimizers, local work, and the public normaliser ``clients_per_round`` (= q × N̂). The
     charged events travel along as ``charged_cost``; the runner refuses to read data unless
-    the mechanism it runs rebuilds exactly that event (``JobSpec.check_charged``).
+    the mechanism it runs rebuilds exactly that event (``JobSpec.check_charged``). From the
+    node: ``memory_limit_bytes``, which the runner checks its memory estimate against before
+    it reads data (``engine.memory``).
 
     Raises :class:`ChargedMechanismMismatch` when the spec's z, T or evaluation choice differs
     from the charged event (a corrupted row: refused before anything runs).
@@ -94,6 +97,7 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
         "local_epochs": int(spec["local_epochs"]),
         "batch_size": int(spec["batch_size"]),
         "max_examples_per_user": max_examples_per_user,
+        "memory_limit_bytes": memory_limit_bytes,
         "evaluation": (
             None if cost.evaluation is None else
             {"noise_multiplier": float(cost.evaluation.noise_multiplier),
@@ -116,6 +120,7 @@ def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
         cost=JobCost.from_json(json.loads(job.cost)),
         evaluation_loss_clip=node.config.evaluation_loss_clip,
         max_examples_per_user=dataset.max_examples_per_user,
+        memory_limit_bytes=node.config.sandbox_limits.memory_bytes,
     )
     (job_dir / "job.json").write_text(json.dumps(document, indent=2))
     return job_dir

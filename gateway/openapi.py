@@ -97,7 +97,18 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"dataset": STRING, "epsilon": NUMBER, "delta": NUMBER,
                        "accountant": STRING, "fits": {"type": "boolean"},
                        "jobs_that_fit": INTEGER, "suggestion": STRING,
-                       "cost": _ref("CostProjection")},
+                       "cost": _ref("CostProjection"), "memory": _ref("MemoryEstimate")},
+    },
+    "MemoryEstimate": {
+        "type": "object",
+        "required": ["bytes", "per_user_bytes", "users_per_shard", "users_in_flight",
+                     "limit_bytes", "fits"],
+        "description": "When the estimate names an uploaded model: the engine's expected peak "
+                       "memory (engine.memory, from public parameters only) against the node's "
+                       "per-job limit; a job that does not fit is refused with job-too-large",
+        "properties": {"bytes": INTEGER, "per_user_bytes": INTEGER, "users_per_shard": INTEGER,
+                       "users_in_flight": INTEGER, "limit_bytes": INTEGER,
+                       "fits": {"type": "boolean"}, "problem": STRING},
     },
     "CostProjection": {
         "type": "object", "required": ["currency", "total", "items", "upper_bound", "basis"],

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.functional_model import activation_floats, build_stacked_model, vectorizable
+from engine.functional_model import build_stacked_model, vectorizable
+from engine.keras_config import check_model_config
 
 USERS, BATCH = 3, 4
 
@@ -323,15 +324,19 @@ def test_configs_outside_the_vectorized_engine_are_refused_with_the_reason(
         build_stacked_model(config)
 
 
-def test_activation_floats_count_outputs_patches_and_recurrent_state_per_example() -> None:
-    layers = _layers()
+def _working_elements(model: Any) -> int:
     from engine.artifact import artifact_from_keras
+
+    return check_model_config(artifact_from_keras(model)["config"]).working_elements
+
+
+def test_working_memory_counts_inputs_outputs_patches_and_recurrent_state_per_example() -> None:
+    layers = _layers()
 
     cnn = _sequential((36,), layers.Reshape((6, 6, 1)), layers.Conv2D(4, 3), layers.Flatten(),
                       layers.Dense(5))
     reshape, conv, patches, flatten, dense = 36, 4 * 4 * 4, 4 * 4 * 9 * 1, 64, 5
-    assert activation_floats(artifact_from_keras(cnn)["config"]) == (
-        reshape + conv + patches + flatten + dense)
+    assert _working_elements(cnn) == 36 + reshape + conv + patches + flatten + dense
     lstm = _sequential((7,), layers.Embedding(9, 4), layers.LSTM(5), layers.Dense(2))
     embedding, recurrent = 7 * 4, 5 + 7 * (2 * 4 + 2) * 5
-    assert activation_floats(artifact_from_keras(lstm)["config"]) == embedding + recurrent + 2
+    assert _working_elements(lstm) == 7 + embedding + recurrent + 2

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.functional_model import activation_floats, build_stacked_model, vectorizable
+from engine.functional_model import build_stacked_model, vectorizable
 from engine.job import JobSpec
 from engine.vectorized_users import example_order, pad_users, user_clipped_updates
 from tests.conftest import in_own_process
@@ -286,18 +286,18 @@ def test_a_shard_of_cnn_users_counts_their_activations_and_fits_its_memory() -> 
     import tensorflow as tf
 
     from engine.artifact import artifact_from_keras
-    from engine.shard_process import SHARD_MEMORY_BYTES, shard_size
+    from engine.keras_config import check_model_config
+    from engine.memory import SHARD_MEMORY_BYTES, per_user_bytes, users_per_shard
 
     layers = tf.keras.layers
     model = tf.keras.Sequential([
         layers.InputLayer(input_shape=(784,)), layers.Reshape((28, 28, 1)),
         layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(), layers.Flatten(),
         layers.Dense(10, activation="softmax")])
-    floats = activation_floats(artifact_from_keras(model)["config"])
-    sizes = {counted: shard_size(cap=100, example_floats=784, parameters=model.count_params(),
-                                 local_epochs=1, batch_size=32,
-                                 activation_floats=floats if counted else 0)
-             for counted in (True, False)}
+    floats = check_model_config(artifact_from_keras(model)["config"]).working_elements
+    sizes = {counted: users_per_shard(per_user_bytes(
+        cap=100, example_floats=784, parameters=model.count_params(), local_epochs=1,
+        batch_size=32, working_elements=floats if counted else 0)) for counted in (True, False)}
     assert sizes[True] * 32 * floats * 4 <= SHARD_MEMORY_BYTES  # one batch's activations fit
     assert sizes[False] * 32 * floats * 4 > 2 * SHARD_MEMORY_BYTES  # uncounted: 3x over
 
