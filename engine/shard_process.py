@@ -38,8 +38,8 @@ from engine.functional_model import StackedModel, build_stacked_model
 from engine.job import JobSpec
 from engine.keras_config import check_model_config
 from engine.memory import per_user_bytes, users_per_shard
-from engine.training import cap_examples, poisson_sample
-from engine.vectorized_users import example_order, pad_users, shard_clipped_sum
+from engine.training import poisson_sample
+from engine.vectorized_users import example_order, gather_users, shard_clipped_sum
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -91,12 +91,9 @@ class ShardedTraining:
         import tensorflow as tf
 
         count = max(self.min_shards, math.ceil(len(sampled) / self.shard_size))
-        feature_shape = tuple(int(n) for n in partition.features.shape[1:])
         result = []
         for index, users in enumerate(np.array_split(sampled, count)):
-            examples = [cap_examples(self._rng, *partition.user_examples(int(u)), self.cap)
-                        for u in users]
-            features, labels, counts = pad_users(examples, self.cap, feature_shape)
+            features, labels, counts = gather_users(partition, users, self.cap, self._rng)
             order = example_order(self._rng, counts, self.cap, self.spec.local_epochs)
             arrays = (features, labels, counts, order)
             if self.scratch_dir is None:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FederatedTraining",
     "cap_examples",
+    "capped_subset",
     "dp_aggregator",
     "poisson_sample",
     "prepare_training",
@@ -117,8 +118,14 @@ def cap_examples(rng: np.random.Generator, features: np.ndarray, labels: np.ndar
     user's local work by ``local_epochs × ⌈cap / batch_size⌉`` steps; ``cap`` None: no cap."""
     if cap is None or len(labels) <= cap:
         return features, labels
-    chosen = np.sort(rng.choice(len(labels), size=cap, replace=False))
+    chosen = capped_subset(rng, len(labels), cap)
     return features[chosen], labels[chosen]
+
+
+def capped_subset(rng: np.random.Generator, examples: int, cap: int) -> np.ndarray:
+    """A uniform subset of exactly ``cap`` of ``range(examples)`` (``examples > cap``), without
+    replacement, sorted: which of an over-cap user's examples train this round."""
+    return np.sort(rng.choice(examples, size=cap, replace=False))
 
 
 def dp_aggregator(spec: JobSpec, *, audit_noise_disabled: bool = False,

@@ -24,13 +24,17 @@ a CSPRNG-seeded generator, so tests can fix it and compare with the per-user ref
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.functional_model import StackedModel
 
-__all__ = ["example_order", "pad_users", "shard_clipped_sum", "user_clipped_updates"]
+if TYPE_CHECKING:
+    from engine.datastore import Partition
+
+__all__ = ["example_order", "gather_users", "pad_users", "shard_clipped_sum",
+           "user_clipped_updates"]
 
 
 def pad_users(examples: Sequence[tuple[np.ndarray, np.ndarray]], cap: int,
@@ -46,6 +50,33 @@ def pad_users(examples: Sequence[tuple[np.ndarray, np.ndarray]], cap: int,
         features[u, :n] = x
         labels[u, :n] = y
         counts[u] = n
+    return features, labels, counts
+
+
+def gather_users(partition: Partition, users: np.ndarray, cap: int, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pad_users` of the sampled ``users`` of ``partition``, each capped as
+    ``engine.training.cap_examples`` caps them (all examples of a user with at most ``cap``; a
+    fresh uniform subset of exactly ``cap`` otherwise, drawn from ``rng``), with one gather
+    from the memory-mapped partition instead of a Python loop over users."""
+    from engine.training import capped_subset
+
+    users = np.asarray(users, np.int64)
+    start = partition.offsets[users].astype(np.int64)
+    available = partition.offsets[users + 1].astype(np.int64) - start
+    counts = np.minimum(available, cap).astype(np.int32)
+    positions = np.arange(cap, dtype=np.int64)
+    index = start[:, None] + positions[None, :]
+    for row in np.flatnonzero(available > cap):
+        index[row] = start[row] + capped_subset(rng, int(available[row]), cap)
+    valid = positions[None, :] < counts[:, None]
+    index = np.where(valid, index, 0).ravel()
+    feature_shape = partition.features.shape[1:]
+    features = np.asarray(partition.features[index], np.float32).reshape(
+        len(users), cap, *feature_shape)
+    labels = np.asarray(partition.labels[index], np.int32).reshape(len(users), cap)
+    features[~valid] = 0.0
+    labels[~valid] = 0
     return features, labels, counts
 
 

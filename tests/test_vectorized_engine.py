@@ -313,3 +313,27 @@ def test_a_shard_written_to_the_job_directory_reads_back_exactly(tmp_path: Path)
                              strict=True):
         assert read.dtype.as_numpy_dtype == written.dtype
         assert np.array_equal(read.numpy(), written)
+
+
+def test_gathering_a_shard_from_the_partition_caps_each_user_exactly_as_the_per_user_path() -> None:
+    """One gather from the memory-mapped partition = the per-user loop of ``cap_examples`` and
+    ``pad_users``, draw for draw: under-cap users keep all their examples, over-cap users a
+    fresh uniform subset of exactly the cap, padding is zero."""
+    from engine.datastore import Partition
+    from engine.training import cap_examples
+    from engine.vectorized_users import gather_users
+
+    rng = np.random.default_rng(7)
+    sizes = np.array([3, 12, 0, 30, 12, 13, 1])
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    partition = Partition(features=rng.normal(size=(offsets[-1], 4)).astype(np.float32),
+                          labels=rng.integers(0, 5, offsets[-1]).astype(np.int32),
+                          offsets=offsets)
+    sampled = np.array([5, 0, 3, 2, 6, 1])
+    gathered = gather_users(partition, sampled, CAP, np.random.default_rng(11))
+    loop_rng = np.random.default_rng(11)
+    expected = pad_users([cap_examples(loop_rng, *partition.user_examples(int(u)), CAP)
+                          for u in sampled], CAP, (4,))
+    for got, want in zip(gathered, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert list(gathered[2]) == [12, 3, 12, 0, 1, 12]
