@@ -33,8 +33,9 @@ models (evaluated in topological order of their ``inbound_nodes``) of
 * ``SimpleRNN``, ``GRU`` (``reset_after`` either way) and ``LSTM``, with any allowlisted
   activations, ``return_sequences`` and ``go_backwards`` either way, zero initial state.
 
-Refused by :func:`vectorizable` (with the reason; such models train on the per-user TFF path,
-``engine.training``, which runs every allowlisted layer): regularizers and constraints,
+Refused by :func:`vectorizable`, with the reason, at admission (``model-rejected``) and again by
+the engine before it reads data (the per-user TFF path, ``engine.training``, remains only as the
+reference implementation in tests, benchmarks and the privacy audit): regularizers and constraints,
 frozen layers (``trainable: false``), ``Embedding(mask_zero=True)`` and ``sparse=True``,
 stateful / ``return_state`` / ``time_major`` RNNs and RNN (recurrent) dropout, ``Dropout`` with
 a ``noise_shape``, ``channels_first`` data, a final softmax that is not the last Dense or
@@ -170,13 +171,13 @@ def _plan(config: Mapping[str, Any]) -> _Plan:
     model_class = config.get("class_name")
     body = config.get("config", {})
     if body.get("trainable", True) is not True:
-        raise _Refused("a frozen model (trainable=false) trains per user")
+        raise _Refused("a frozen model (trainable=false) is not supported: every weight trains")
     if model_class == "Sequential":
         input_name, output_name, layers = _sequential_graph(body)
     elif model_class in ("Functional", "Model"):
         input_name, output_name, layers = _functional_graph(body)
     else:
-        raise _Refused(f"{model_class} models train per user (Sequential and Functional only)")
+        raise _Refused(f"{model_class} models are not supported (Sequential and Functional only)")
     weight_index = 0
     nodes: dict[str, _Node] = {}
     for name, kind, fields, inputs in layers:  # config order = Keras weight order
@@ -195,7 +196,7 @@ def _sequential_graph(body: Mapping[str, Any]) -> tuple[str, str, _Layers]:
     entries = [layer for layer in body.get("layers", []) if layer.get("class_name") != "InputLayer"]
     names = [entry.get("config", {}).get("name") for entry in entries]
     if not entries or len(set(names)) != len(names):
-        raise _Refused("a Sequential model without layers or with repeated names trains per user")
+        raise _Refused("a Sequential model without layers or with repeated names is not supported")
     layers: _Layers = []
     previous = ""  # the input's key (validated layer names are never empty)
     for name, entry in zip(names, entries, strict=True):
@@ -214,11 +215,11 @@ def _functional_graph(body: Mapping[str, Any]) -> tuple[str, str, _Layers]:
             continue
         nodes = entry.get("inbound_nodes", [])
         if len(nodes) != 1:
-            raise _Refused(f"layer {name!r} is applied {len(nodes)} times (trains per user)")
+            raise _Refused(f"layer {name!r} is applied {len(nodes)} times (not supported)")
         sources = tuple(ref[0] for ref in nodes[0])
         layers.append((name, entry.get("class_name"), entry.get("config", {}), sources))
     if len(inputs) != 1:
-        raise _Refused("models with several inputs train per user")
+        raise _Refused("models with several inputs are not supported")
     return inputs[0], body["output_layers"][0][0], layers
 
 
@@ -249,32 +250,32 @@ def _final_softmax(output_name: str, nodes: Mapping[str, _Node]) -> str | None:
         return None
     if reshaped is not None:
         raise _Refused(f"the final softmax of layer {node.name!r} is followed by {reshaped} "
-                       "(trains per user)")
+                       "(not supported)")
     if node.kind not in ("Dense", "Activation"):
-        raise _Refused(f"a final softmax on {node.kind} trains per user (Dense or Activation)")
+        raise _Refused(f"a final softmax on {node.kind} is not supported (Dense or Activation only)")
     return node.name
 
 
 def _check_fields(name: str, kind: str, fields: Mapping[str, Any]) -> None:
     where = f"layer {name!r} ({kind})"
     if kind not in _FIELDS:
-        raise _Refused(f"layer {kind} trains per user (vectorized: {', '.join(_FIELDS)})")
+        raise _Refused(f"layer {kind} is not supported (supported: {', '.join(_FIELDS)})")
     for key, value in fields.items():
         if key.endswith(("_regularizer", "_constraint")):
             if value is not None:
-                raise _Refused(f"{where}: regularizers and constraints train per user")
+                raise _Refused(f"{where}: regularizers and constraints are not supported")
         elif key in _MUST_BE_OFF:
             if value not in (_MUST_BE_OFF[key], None):
-                raise _Refused(f"{where}: {key}={value!r} trains per user (not vectorized)")
+                raise _Refused(f"{where}: {key}={value!r} is not supported")
         elif key == "trainable":
             if value is not True:
-                raise _Refused(f"{where}: frozen layers (trainable=false) train per user")
+                raise _Refused(f"{where}: frozen layers (trainable=false) are not supported")
         elif key == "data_format":
             if value not in ("channels_last", None):
-                raise _Refused(f"{where}: data_format {value!r} trains per user")
+                raise _Refused(f"{where}: data_format {value!r} is not supported (channels_last only)")
         elif not (key.endswith("_initializer") or key in _COMMON_FIELDS or key in _FIELDS[kind]):
-            raise _Refused(f"{where}: field {key!r} is not read by the vectorized engine "
-                           "(trains per user)")
+            raise _Refused(f"{where}: field {key!r} is not read by the engine "
+                           "(not supported)")
 
 
 def _weight_count(kind: str, fields: Mapping[str, Any]) -> int:

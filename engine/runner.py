@@ -107,8 +107,7 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
     targets = [t for t in os.environ.get(REMOTE_WORKERS_ENV, "").split(",") if t]
     if targets:
         use_remote_workers(targets)
-    training = build_training(doc, summary, spec, schema.num_features, workers=len(targets),
-                              scratch_dir=job_dir / "shards")
+    training = build_training(doc, spec, workers=len(targets), scratch_dir=job_dir / "shards")
 
     _write_durably(job_dir / DATA_ACCESS_MARKER, spec.job_id.encode())
     progress.emit(DATA_ACCESS_EVENT)
@@ -139,32 +138,33 @@ def run_job(job_dir: Path, progress: ProgressChannel) -> None:
     progress.emit(DONE_EVENT)
 
 
-def build_training(doc: dict[str, Any], summary: Any, spec: JobSpec, num_features: int, *,
-                   workers: int = 0, scratch_dir: Path | None = None) -> Any:
-    """The job's training process; reads no user data.
+def build_training(doc: dict[str, Any], spec: JobSpec, *, workers: int = 0,
+                   scratch_dir: Path | None = None) -> Any:
+    """The job's training process (:mod:`engine.shard_process`: shards of users as TFF
+    clients, every user padded to the owner's cap); reads no user data.
 
-    The vectorized engine (:mod:`engine.shard_process`: shards of users as TFF clients, every
-    user padded to the owner's cap) when the model is vectorizable and the job has a per-user
-    cap — every job the gateway writes has one; else the per-user path
-    (:mod:`engine.training`), which runs every allowlisted layer. Both run the same mechanism
-    and the same accounted event. With remote workers, each round has at least one shard per
-    worker and the shards travel inside TFF; on the local runtime they are written to
-    ``scratch_dir`` (in the job directory, each deleted when its round ends) and read back by
-    the worker, which is twice as fast.
+    Raises :class:`JobSpecInvalid` — before any data is read, so the job is refunded — when the
+    job has no per-user cap or the model has a layer or option the vectorized engine does not
+    run (the gateway refuses both at admission; the per-user path, ``engine.training``, is only
+    the reference implementation for tests, benchmarks and the privacy audit). With remote
+    workers, each round has at least one shard per worker and the shards travel inside TFF; on
+    the local runtime they are written to ``scratch_dir`` (in the job directory, each deleted
+    when its round ends) and read back by the worker, which is twice as fast.
     """
     from engine.functional_model import vectorizable
+    from engine.shard_process import prepare_sharded_training
 
-    if spec.max_examples_per_user is not None and vectorizable(doc["config"]) is None:
-        from engine.shard_process import prepare_sharded_training
-
-        local = scratch_dir if not workers and scratch_dir is not None else None
-        if local is not None:
-            local.mkdir(exist_ok=True)
-        return prepare_sharded_training(doc, spec, cap=spec.max_examples_per_user,
-                                        min_shards=max(1, workers), scratch_dir=local)
-    from engine.training import prepare_training
-
-    return prepare_training(doc, summary, spec, num_features)
+    if spec.max_examples_per_user is None:
+        raise JobSpecInvalid("job.json has no max_examples_per_user: the engine pads every "
+                             "user to the owner's cap")
+    unsupported = vectorizable(doc["config"])
+    if unsupported is not None:
+        raise JobSpecInvalid(f"the engine cannot train this model: {unsupported}")
+    local = scratch_dir if not workers and scratch_dir is not None else None
+    if local is not None:
+        local.mkdir(exist_ok=True)
+    return prepare_sharded_training(doc, spec, cap=spec.max_examples_per_user,
+                                    min_shards=max(1, workers), scratch_dir=local)
 
 
 def use_remote_workers(targets: list[str], timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:

@@ -98,7 +98,7 @@ def example_order(rng: np.random.Generator, counts: np.ndarray, cap: int,
     safe = np.maximum(counts, 1)[:, None]
     epoch = np.minimum(positions // safe, local_epochs - 1)
     within = positions % safe
-    order = np.take_along_axis(permutations.reshape(users, -1),
+    order = np.take_along_axis(permutations.reshape(users, length),
                                epoch * cap + within, axis=1)
     return np.where(positions < local_epochs * counts[:, None], order, 0).astype(np.int32)
 

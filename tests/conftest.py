@@ -151,14 +151,23 @@ def in_own_process(test):  # type: ignore[no-untyped-def]
     return wrapper
 
 
+_SESSION_ENV = "FEDGATE_TEST_SESSION"
+
+
 def _worker_binaries() -> set[int]:
-    """Pids of live TFF ``worker_binary`` processes on this machine."""
+    """Pids of live TFF ``worker_binary`` processes started under this test session (they
+    inherit its marker variable; other sessions' and benchmarks' workers are not ours)."""
+    marker = f"{_SESSION_ENV}={os.environ.get(_SESSION_ENV, '')}".encode()
     found = set()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                if b"worker_binary" in f.read().split(b"\0")[0]:
-                    found.add(int(entry.name))
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if b"worker_binary" not in f.read().split(b"\0")[0]:
+                        continue
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        found.add(int(entry.name))
     return found
 
 
@@ -166,6 +175,7 @@ _WORKERS_AT_START: set[int] = set()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    os.environ.setdefault(_SESSION_ENV, uuid.uuid4().hex)  # child sessions keep the parent's
     _WORKERS_AT_START.update(_worker_binaries())
 
 

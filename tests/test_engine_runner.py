@@ -117,7 +117,7 @@ def write_job(root: Path, dataset: tuple[Path, int], artifact: dict[str, Any],
         "rounds": ROUNDS, "sampling_rate": clients / training_users,
         "expected_clients_per_round": clients, "noise_multiplier": 1.0, "clip": 1.0,
         "client_learning_rate": 0.1, "server_learning_rate": 1.0, "server_momentum": 0.9,
-        "local_epochs": 1, "batch_size": 16,
+        "local_epochs": 1, "batch_size": 16, "max_examples_per_user": 64,
         "evaluation": {"noise_multiplier": 1.0, "loss_clip": 5.0},
     }
     job.update(overrides)

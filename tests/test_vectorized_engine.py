@@ -269,17 +269,26 @@ def test_the_loss_is_the_exact_cross_entropy_from_logits_even_for_confident_mist
     assert abs(bias_update[4] + 1.0) < 1e-6  # full gradient, not the clipped-probability 0
 
 
-def test_models_outside_the_vectorized_layers_say_why_and_keep_the_per_user_path() -> None:
+def test_a_model_outside_the_vectorized_engine_is_refused_by_the_engine_before_reading_data(
+) -> None:
+    from engine.job import JobSpecInvalid
+    from engine.runner import build_training
+
     normalized = {"class_name": "Sequential", "config": {"layers": [
         {"class_name": "InputLayer", "config": {}},
         {"class_name": "BatchNormalization", "config": {}}]}}
-    assert "BatchNormalization trains per user" in vectorizable(normalized)
+    assert "BatchNormalization is not supported" in vectorizable(normalized)
     for model in ("cnn", "lstm"):
         assert vectorizable(MODELS[model]()["config"]) is None
     assert vectorizable(_linear()["config"]) is None
-    regularized = _linear()["config"]
-    regularized["config"]["layers"][1]["config"]["kernel_regularizer"] = {"class_name": "L2"}
-    assert "regularizers" in vectorizable(regularized)
+    regularized = _linear()
+    regularized["config"]["config"]["layers"][1]["config"]["kernel_regularizer"] = {
+        "class_name": "L2"}
+    assert "regularizers" in vectorizable(regularized["config"])
+    with pytest.raises(JobSpecInvalid, match=r"cannot train this model: .*regularizers"):
+        build_training(regularized, _spec(max_examples_per_user=CAP))
+    with pytest.raises(JobSpecInvalid, match="max_examples_per_user"):
+        build_training(_linear(), _spec())  # no cap: an older job file
 
 
 def test_a_shard_of_cnn_users_counts_their_activations_and_fits_its_memory() -> None:
@@ -302,17 +311,21 @@ def test_a_shard_of_cnn_users_counts_their_activations_and_fits_its_memory() -> 
     assert sizes[False] * 32 * floats * 4 > 2 * SHARD_MEMORY_BYTES  # uncounted: 3x over
 
 
-def test_a_shard_written_to_the_job_directory_reads_back_exactly(tmp_path: Path) -> None:
-    from engine.shard_process import _file_shard
+def test_a_shard_written_to_the_job_directory_reads_back_exactly_round_after_round(
+    tmp_path: Path
+) -> None:
+    from engine.shard_process import ShardFile
 
-    users = _users()
-    features, labels, counts = pad_users(users, CAP, (20,))
-    order = example_order(np.random.default_rng(4), counts, CAP, 3)
-    dataset = _file_shard(tmp_path / "shard-0.bin", (features, labels, counts, order))
-    for read, written in zip(dataset.get_single_element(), (features, labels, counts, order),
-                             strict=True):
-        assert read.dtype.as_numpy_dtype == written.dtype
-        assert np.array_equal(read.numpy(), written)
+    shard_file = ShardFile(tmp_path / "shard-0.bin", CAP, 3 * CAP, (20,))
+    for seed, users in ((4, _users()), (5, _users()[:2]), (6, []), (7, _users()[1:])):
+        features, labels, counts = pad_users(users, CAP, (20,))
+        order = example_order(np.random.default_rng(seed), counts, CAP, 3)
+        dataset = shard_file.write((features, labels, counts, order))
+        assert dataset is shard_file.dataset  # built once, reads every round's shard
+        for read, written in zip(dataset.get_single_element(),
+                                 (features, labels, counts, order), strict=True):
+            assert read.dtype.as_numpy_dtype == written.dtype
+            assert np.array_equal(read.numpy(), written)
 
 
 def test_gathering_a_shard_from_the_partition_caps_each_user_exactly_as_the_per_user_path() -> None:
