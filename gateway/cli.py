@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,19 +75,40 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_principal_add(args: argparse.Namespace) -> int:
     from gateway import keys
+    from gateway.policy import declared_groups, rows_naming
     from ledger.registry import add_principal
 
     node = _node(args)
     public_key = keys.load_public_key(Path(args.public_key))
     group = args.group if args.group is not None else f"{args.role}s"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", group) or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
-        raise ValueError("names and groups may contain only letters, digits and . _ -")
+    policy = node.deployment.policy_file
+    policy_text = policy.read_text(encoding="utf-8")
     with node.session() as s, s.begin():
         principal = add_principal(
             s, name=args.name, role=args.role, key_id=keys.key_id(public_key),
             public_key_b64=keys.public_key_b64(public_key), group=group, actor="owner-cli",
+            policy_groups=declared_groups(policy_text),
         )
     print(f"added {args.role} {principal.name} with key {principal.key_id} (group {group})")
+    lines = rows_naming(policy_text, principal.name)
+    if lines:
+        print(f"note: {policy.name} already names {principal.name} in the rules on line(s) "
+              f"{', '.join(map(str, lines))}; they apply to this {args.role} from now on",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_principal_add_key(args: argparse.Namespace) -> int:
+    from gateway import keys
+    from ledger.registry import add_key
+
+    node = _node(args)
+    public_key = keys.load_public_key(Path(args.public_key))
+    with node.session() as s, s.begin():
+        principal = add_key(s, name=args.name, role=args.role, key_id=keys.key_id(public_key),
+                            public_key_b64=keys.public_key_b64(public_key), actor="owner-cli")
+    print(f"added key {principal.key_id} to {args.role} {principal.name} (group "
+          f"{principal.group}); their other keys stay active")
     return 0
 
 
@@ -321,11 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     for role in ("researcher", "officer"):
         group = commands.add_parser(role, help=f"manage {role} keys (owner)")
         sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-        p = sub.add_parser("add", help=f"register a {role}'s public key")
+        p = sub.add_parser("add", help=f"register a new {role} (a name no principal or group "
+                           "has) with their public key")
         p.add_argument("name")
         p.add_argument("--public-key", required=True, help="PEM file from `fedgate keygen`")
         p.add_argument("--group", default=None, help=f"policy group (default: {role}s)")
         p.set_defaults(func=cmd_principal_add, role=role)
+        p = sub.add_parser("add-key", help=f"give a registered {role} another key (the same "
+                           "person, e.g. a second machine)")
+        p.add_argument("name")
+        p.add_argument("--public-key", required=True, help="PEM file from `fedgate keygen`")
+        p.set_defaults(func=cmd_principal_add_key, role=role)
         p = sub.add_parser("list", help=f"list {role} keys")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_principal_list, role=role)

@@ -42,6 +42,7 @@ from gateway.policy import (
     dataset_matches,
     parse_instant,
 )
+from ledger.names import ROLE_GROUPS, name_key
 
 # ---------------------------------------------------------------------------------------------
 # Lint (the pure parts, lint and expectation tables, take an engine and plain values, so tests
@@ -80,6 +81,14 @@ def lint_policy(engine: PolicyEngine, *, owner: str, datasets: Mapping[str, int]
 
     groups = {m.group for m in engine.memberships}
     known_subjects = set(principals) | groups | {m.member for m in engine.memberships}
+    declared_at = {name_key(m.group): m.where for m in reversed(engine.memberships)}
+    declared_at.update({name: "role group" for name in ROLE_GROUPS})
+    for principal in sorted(principals):
+        if name_key(principal) in declared_at:
+            warn(declared_at[name_key(principal)],
+                 f"principal {principal!r} is also a group: it gets every grant of the group "
+                 "and the group's members get its grants; give the principal or the group "
+                 "another name")
     for m in engine.rows.memberships:
         if m.domain != owner:
             warn(m.where, f"membership in domain {m.domain!r} never applies on this node "

@@ -12,11 +12,12 @@ request — hold the job for owner review, or limit how its result is released).
 
 Contract:
 
-* Rows are data. Names match ``[A-Za-z0-9_.-]+``; a dataset is a name or a prefix glob
-  ending in ``*``; actions and effects come from fixed lists; a constraint's value is
-  parsed by the registered parser of its constraint into a typed value (finite numbers,
-  known units, ISO dates, time windows). Anything else is refused at load time, so no
-  policy text ever reaches an expression evaluator.
+* Rows are data. Names follow ``ledger.names`` (the grammar of every principal, group,
+  domain and dataset name); a dataset is a name or a prefix glob ending in ``*``; actions
+  and effects come from fixed lists; a constraint's value is parsed by the registered parser
+  of its constraint into a typed value (finite numbers, known units, ISO dates, time
+  windows). Anything else is refused at load time, so no policy text ever reaches an
+  expression evaluator.
 * A row *matches* a request when its subject is the requester or one of the requester's
   groups in the row's domain (transitively, at most ``MAX_GROUP_NESTING`` levels), its
   domain is the request's, its dataset equals the request's or is a prefix of it ending in
@@ -65,6 +66,7 @@ from sqlmodel import Session, select
 from engine.keras_config import MODEL_CLASSES
 from gateway.deployment import POLICY_TEMPLATES
 from ledger.models import Job, Principal
+from ledger.names import GRAMMAR, is_name, is_name_pattern
 
 ACTIONS = ("estimate", "train", "evaluate", "read-audit", "admin")
 JOB_ACTIONS = ("estimate", "train", "evaluate")
@@ -78,8 +80,6 @@ STATES_EVERY_FACT = frozenset({"train"})
 # Obligations attach to the requests that create a job and its result.
 OBLIGATION_ACTIONS = frozenset({"train"})
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_DATASET = re.compile(r"^[A-Za-z0-9_.-]*\*?$")
 _VALUE = re.compile(r"^[A-Za-z0-9_.:/|+ -]+$")
 _NUMBER = re.compile(r"^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?$")
 
@@ -738,13 +738,13 @@ def _validate_row(cells: tuple[str, ...]) -> str | None:
         return f"{kind!r} rows have {shapes[kind].count(',')} fields: {shapes[kind]}"
     names = cells[1:4] if kind == "g" else cells[1:3]
     for name in names:
-        if not _NAME.match(name):
-            return f"name {name!r} may contain only letters, digits and . _ -"
+        if not is_name(name):
+            return f"name {name!r} is not a valid name: use {GRAMMAR}"
     if kind == "g":
         return None
-    if not _DATASET.match(cells[3]) or cells[3] == "":
-        return (f"dataset {cells[3]!r} must be a name or a prefix ending in one * "
-                "(letters, digits, . _ -)")
+    if not is_name_pattern(cells[3]):
+        return (f"dataset {cells[3]!r} must be a name or the beginning of one followed by * "
+                f"(a name is {GRAMMAR})")
     actions = (*ACTIONS, "*") if kind == "p2" else ACTIONS
     if cells[4] not in actions:
         return f"unknown action {cells[4]!r} (one of {', '.join(actions)})"
@@ -766,11 +766,7 @@ def parse_policy(text: str, source: str = "policy.csv") -> PolicyRows:
     obligations: list[Obligation] = []
     memberships: list[Membership] = []
     problems: list[str] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        cells = tuple(cell.strip() for cell in line.split(","))
+    for number, cells in _raw_rows(text):
         where = f"{source}:{number}"
         problem = _validate_row(cells)
         if problem is not None:
@@ -794,6 +790,26 @@ def parse_policy(text: str, source: str = "policy.csv") -> PolicyRows:
     if problems:
         raise PolicyInvalid(problems)
     return PolicyRows(tuple(grants), tuple(constraints), tuple(memberships), tuple(obligations))
+
+
+def _raw_rows(policy_text: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(line number, cells) of every row, unvalidated."""
+    return [(number, tuple(cell.strip() for cell in line.split(",")))
+            for number, raw in enumerate(policy_text.splitlines(), start=1)
+            if (line := raw.strip()) and not line.startswith("#")]
+
+
+def declared_groups(policy_text: str) -> frozenset[str]:
+    """The GROUP of every ``g`` row. Read without validating the file, so that a principal
+    being registered is kept apart from the policy's groups even while the file has errors."""
+    return frozenset(cells[2] for _, cells in _raw_rows(policy_text)
+                     if cells[0] == "g" and len(cells) > 2)
+
+
+def rows_naming(policy_text: str, subject: str) -> list[int]:
+    """The lines of the ``p`` and ``p2`` rows whose subject is ``subject`` (unvalidated)."""
+    return [number for number, cells in _raw_rows(policy_text)
+            if cells[0] in ("p", "p2") and len(cells) > 1 and cells[1] == subject]
 
 
 def check_model(model_text: str, source: str = "model.conf") -> None:
@@ -993,7 +1009,7 @@ class PolicyEngine:
         """
         if context is None:
             context = RequestContext(now=dt.datetime.now(dt.UTC))
-        if action not in ACTIONS or not all(_NAME.match(v) for v in (subject, domain, dataset)):
+        if action not in ACTIONS or not all(is_name(v) for v in (subject, domain, dataset)):
             return self._decision(False, None, "request names an invalid subject, dataset or action")
         asked = f"{subject} may not {action} on {dataset}"
         grants = self.matching_grants(subject, domain, dataset, action)

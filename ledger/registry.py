@@ -2,19 +2,26 @@
 
 Every change to the registry is audited in the same transaction. Revocation takes
 effect on the next request because the gateway looks keys up per request.
+
+A principal is a name with one or more keys of one role. Names are unique (up to case) across
+roles and never name a group, and groups never name a principal (``add_principal``): the
+policy matches principals and groups in one column, so a collision would hand one the other's
+grants.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
-from sqlalchemy import delete
+from sqlalchemy import delete, func
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
 
 from ledger.audit import append_entry
 from ledger.models import Principal, SeenNonce
+from ledger.names import NameInvalid, check_name, check_principal_name, name_key
 
 ROLES = ("researcher", "officer")
 
@@ -28,10 +35,69 @@ def add_principal(
     public_key_b64: str,
     group: str,
     actor: str,
+    policy_groups: Collection[str] = (),
 ) -> Principal:
-    """Register a public key for ``name``; raises ValueError if the key id exists."""
+    """Register a new principal ``name`` with its first public key, in ``group``.
+
+    Principals and groups share the policy's subject column, so they are kept apart here:
+    ``name`` must follow ``ledger.names``, be new (no principal of any role or status has it,
+    whatever its case: a second key of the same person is ``add_key``) and not name a group
+    (a role group, a registry group or one of ``policy_groups``, the groups the policy file
+    declares); ``group`` must not be a principal's name, nor the other role's group.
+    Raises ``NameInvalid`` or ``ValueError`` saying what to do instead.
+    """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    check_principal_name(name)
+    existing = _named(session, name)
+    if existing:
+        raise ValueError(f"{existing[0].role} {existing[0].name!r} is already registered; a "
+                         f"second key of the same person: `fedgate {existing[0].role} add-key "
+                         f"{existing[0].name} --public-key FILE`; another person needs another name")
+    groups = {name_key(g) for g in (*_registry_groups(session), *policy_groups)}
+    if name_key(name) in groups:
+        raise NameInvalid(f"{name!r} is a group: a principal of that name would get the "
+                          "group's grants; choose a personal name")
+    check_name(group, "group name")
+    if name_key(group) == name_key(name) or _named(session, group):
+        raise NameInvalid(f"group {group!r} is a principal's name: its members would get "
+                          "that principal's grants; choose another group name")
+    other = {f"{r}s" for r in ROLES} - {f"{role}s"}
+    if name_key(group) in other:
+        raise NameInvalid(f"group {group!r} is the role group of {group[:-1]} keys; a "
+                          f"{role} cannot join it")
+    return _insert_key(session, name=name, role=role, key_id=key_id,
+                       public_key_b64=public_key_b64, group=group, actor=actor)
+
+
+def add_key(session: Session, *, name: str, role: str, key_id: str, public_key_b64: str,
+            actor: str) -> Principal:
+    """Give the registered ``role`` ``name`` one more active key (a second device): the
+    owner states it is the same person. The key joins the principal's group."""
+    current = [p for p in _named(session, name) if p.name == name and p.role == role]
+    if not current:
+        raise ValueError(f"no {role} named {name!r}; register one with `fedgate {role} add`")
+    newest = max(current, key=lambda p: p.created_at)
+    return _insert_key(session, name=name, role=role, key_id=key_id,
+                       public_key_b64=public_key_b64, group=newest.group, actor=actor)
+
+
+def _named(session: Session, name: str) -> list[Principal]:
+    """Every key (any role, any status) of a principal whose name is ``name`` up to case."""
+    statement = select(Principal).where(func.lower(Principal.name) == name_key(name))
+    return list(session.exec(statement).all())  # reviewed: ORM query, not exec
+
+
+def _registry_groups(session: Session) -> set[str]:
+    """The groups principals are registered in (any status: a revoked key's group is still
+    a group the policy may name)."""
+    statement = select(Principal.group).where(Principal.group != "").distinct()
+    return set(session.exec(statement).all())  # reviewed: ORM query, not exec
+
+
+def _insert_key(session: Session, *, name: str, role: str, key_id: str, public_key_b64: str,
+                group: str, actor: str) -> Principal:
+    """Store one active key of ``name``; raises ValueError if the key id exists."""
     if session.get(Principal, key_id) is not None:
         raise ValueError(f"key {key_id} is already registered")
     principal = Principal(
@@ -90,8 +156,8 @@ def rotate_principal(
         raise ValueError(f"no active {role} named {name!r} to rotate")
     group = current[0].group
     revoke_principal(session, name_or_key_id=name, actor=actor)
-    return add_principal(session, name=name, role=role, key_id=key_id,
-                         public_key_b64=public_key_b64, group=group, actor=actor)
+    return _insert_key(session, name=name, role=role, key_id=key_id,
+                       public_key_b64=public_key_b64, group=group, actor=actor)
 
 
 def list_principals(session: Session) -> list[Principal]:

@@ -20,7 +20,7 @@ from gateway.node import Node
 from gateway.policy import PolicyEngine
 from ledger.audit import read_entries
 from ledger.budget import register_dataset
-from ledger.models import Job
+from ledger.models import Job, Principal
 from ledger.public_count import declared_count
 from ledger.registry import add_principal
 
@@ -179,6 +179,23 @@ def test_check_passes_a_valid_policy_and_strict_fails_on_warnings(root: Path, tm
     typo.write_text(POLICY + "p, researchers, clinic, notez, train, allow\n")
     assert fedgate_policy(root, "check", "--policy", str(typo)) == 0
     assert fedgate_policy(root, "check", "--policy", str(typo), "--strict") == 1
+
+
+def test_check_warns_about_a_principal_that_is_also_a_group(root: Path, tmp_path: Path,
+                                                            capsys) -> None:  # type: ignore[no-untyped-def]
+    shared = tmp_path / "shared.csv"
+    shared.write_text(POLICY + "g, gina, bob, clinic\n")  # gina would get bob's grants
+    assert fedgate_policy(root, "check", "--policy", str(shared), "--strict") == 1
+    assert ("warning: shared.csv:9: principal 'bob' is also a group"
+            in capsys.readouterr().out)
+    node = Node(root)  # a ledger from before names were checked: a researcher named officers
+    with node.session() as s, s.begin():
+        s.add(Principal(key_id="k-legacy", name="officers", role="researcher",
+                        group="researchers", public_key="", created_at=0.0))
+    node.engine.dispose()
+    assert fedgate_policy(root, "check", "--strict") == 1
+    assert ("warning: role group: principal 'officers' is also a group"
+            in capsys.readouterr().out)
 
 
 def test_test_runs_an_expectation_table_and_reports_failures(root: Path, tmp_path: Path,
