@@ -176,12 +176,14 @@ def import_dataset(
 ) -> DatasetSchema:
     """Import a CSV or Parquet file (chosen by suffix) into the per-user layout at ``dest``.
 
-    ``feature_columns=None`` takes every other numeric column. Labels must be integers in
-    ``[0, num_classes)`` (``num_classes`` defaults to max label + 1). A user goes to the
-    evaluation partition iff ``int.from_bytes(HMAC-SHA256(split_key, user_id)[:8], "big") /
-    2**64 < evaluation_fraction``. Rows are grouped by user id with a stable sort (a user's
-    rows keep their file order). ``dest`` is written in a temporary sibling directory and
-    renamed into place, so it either exists complete or not at all.
+    Column names must be distinct. ``feature_columns=None`` takes every other column, and each
+    must then be numeric (a column with one non-numeric value is refused, naming its row, not
+    left out). Labels must be integers in ``[0, num_classes)``; without ``num_classes`` the
+    label set is read from the data: max label + 1, provided every label 0..max occurs. A
+    user goes to the evaluation partition iff ``int.from_bytes(HMAC-SHA256(split_key,
+    user_id)[:8], "big") / 2**64 < evaluation_fraction``. Rows are grouped by user id with a
+    stable sort (a user's rows keep their file order). ``dest`` is written in a temporary
+    sibling directory and renamed into place, so it either exists complete or not at all.
 
     Peak memory is about the Arrow table plus one float32 copy of the feature matrix.
     """
@@ -195,6 +197,7 @@ def import_dataset(
     table = _read_table(source)
     if table.num_rows == 0:
         raise ValueError(f"{source.name} has no rows")
+    _check_column_names(table)
     features_used = _feature_columns(table, user_column, label_column, feature_columns)
     user_ids, user_of_row = _user_index(table, user_column)
     labels, classes = _labels(table, label_column, num_classes)
@@ -246,6 +249,16 @@ def _read_table(source: Path) -> pa.Table:
     raise ValueError(f"{source.name}: unsupported file type {suffix!r} (use .csv or .parquet)")
 
 
+def _check_column_names(table: pa.Table) -> None:
+    """Every column is named once: a repeated name would make "column x" ambiguous."""
+    names = table.column_names
+    for name in names:
+        positions = [i + 1 for i, other in enumerate(names) if other == name]
+        if len(positions) > 1:
+            raise ValueError(f"column name {name!r} appears {len(positions)} times in the header "
+                             f"(columns {', '.join(map(str, positions))}); rename all but one")
+
+
 def _feature_columns(table: pa.Table, user_column: str, label_column: str,
                      requested: list[str] | None) -> list[str]:
     for column in (user_column, label_column):
@@ -254,8 +267,12 @@ def _feature_columns(table: pa.Table, user_column: str, label_column: str,
     if user_column == label_column:
         raise ValueError("the user id column and the label column must differ")
     if requested is None:
-        chosen = [c for c in table.column_names
-                  if c not in {user_column, label_column} and _is_numeric(table.schema.field(c))]
+        chosen = [c for c in table.column_names if c not in {user_column, label_column}]
+        for column in chosen:
+            if not _is_numeric(table.schema.field(column)):
+                raise ValueError(f"column {_not_numeric(table, column)}; by default every column "
+                                 "but the user id and the label is a feature: fix the value, or "
+                                 "list the feature columns (--feature-columns) to leave it out")
     else:
         chosen = list(requested)
         for column in chosen:
@@ -265,8 +282,7 @@ def _feature_columns(table: pa.Table, user_column: str, label_column: str,
                 raise ValueError(f"column {column!r} cannot be both a feature and the "
                                  "user id or label")
             if not _is_numeric(table.schema.field(column)):
-                raise ValueError(f"feature column {column!r} is not numeric "
-                                 f"({table.schema.field(column).type})")
+                raise ValueError(f"feature column {_not_numeric(table, column)}")
         if len(set(chosen)) != len(chosen):
             raise ValueError("feature columns are listed more than once")
     if not chosen:
@@ -276,6 +292,25 @@ def _feature_columns(table: pa.Table, user_column: str, label_column: str,
 
 def _is_numeric(field: pa.Field) -> bool:
     return pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+
+
+# A decimal number as text: what makes a CSV reader type a column as numbers.
+_NUMBER_TEXT = r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+
+
+def _not_numeric(table: pa.Table, column: str) -> str:
+    """``'x' is not numeric (type)``, and for text the first data row that is no number."""
+    values = table.column(column)
+    reason = f"{column!r} is not numeric ({values.type})"
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        number = pc.fill_null(pc.match_substring_regex(values, _NUMBER_TEXT), True)
+        bad = ~np.asarray(number.to_numpy(zero_copy_only=False), dtype=bool)
+        if bad.any():
+            row = _first_row(bad)
+            text = str(values[row].as_py())
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            reason += f": data row {row} holds {shown!r}"
+    return reason
 
 
 def _first_row(mask: np.ndarray) -> int:
@@ -323,10 +358,27 @@ def _labels(table: pa.Table, column: str, num_classes: int | None) -> tuple[np.n
     if bad.any():
         raise ValueError(f"label column {column!r} has value {raw[bad][0]!r} outside "
                          f"[0, {limit}) at data row {_first_row(bad)}")
+    if num_classes is None:
+        _check_inferred_label_set(raw, column)
     classes = num_classes if num_classes is not None else int(raw.max()) + 1
     if classes < 2:
         raise ValueError(f"label column {column!r} must have at least 2 classes")
     return raw.astype(np.int32), classes
+
+
+def _check_inferred_label_set(raw: np.ndarray, column: str) -> None:
+    """Without a declared label set, the labels read must be 0..K-1 with every one present:
+    one stray large label would otherwise make the label set (and the model's output layer)
+    as large as its value."""
+    distinct = np.unique(raw)
+    gaps = np.flatnonzero(distinct != np.arange(len(distinct)))
+    if len(gaps):
+        largest = int(distinct[-1])
+        raise ValueError(
+            f"label column {column!r} would give {largest + 1} classes (its largest label "
+            f"{largest} is at data row {_first_row(raw == largest)}) but label "
+            f"{int(gaps[0])} never occurs: declare the label set 0..K-1 (num_classes, "
+            "--num-classes K) or fix the label")
 
 
 def _feature_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:

@@ -224,7 +224,7 @@ def test_integer_user_ids_are_accepted(tmp_path: Path) -> None:
     ("user_id,label,f0\nu1,0,1\n,1,2\n", {}, "empty user id at data row 1"),
     ("user_id,label,f0\nu1,0,\nu2,1,2\n", {}, "'f0' has missing values .* row 0"),
     ("user_id,label,f0,s\nu1,0,1,a\n", {"feature_columns": ["s"]}, "'s' is not numeric"),
-    ("user_id,label,s\nu1,0,a\nu2,1,b\n", {}, "no numeric feature columns"),
+    ("user_id,label,s\nu1,0,a\nu2,1,b\n", {}, "column 's' is not numeric .*data row 0 holds 'a'"),
     ("user_id,label,f0\nu1,0,1\n", {}, "at least 2 classes"),
     ("user_id,label,f0\n", {}, "has no rows"),
 ])
@@ -235,6 +235,37 @@ def test_bad_input_is_refused_with_a_precise_message(
     with pytest.raises(ValueError, match=message):
         import_(source, tmp_path / "ds", **options)
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_column_with_one_non_numeric_cell_is_refused_not_silently_dropped(tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "typo.csv", "user_id,label,f0,f1\nu1,0,1,2\nu2,1,3,4x\n"
+                                              "u3,1,5,6\n")
+    with pytest.raises(ValueError, match=r"column 'f1' is not numeric \(string\): data row 1 "
+                                         r"holds '4x'.*--feature-columns"):
+        import_(source, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    schema = import_(source, tmp_path / "ds", feature_columns=["f0"])  # leaving it out: explicit
+    assert schema.feature_columns == ("f0",)
+
+
+def test_a_stray_large_label_does_not_make_a_million_classes(tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "stray.csv", "user_id,label,f0\nu1,0,1\nu2,1,2\nu3,1000000,3\n")
+    with pytest.raises(ValueError, match=r"would give 1000001 classes \(its largest label 1000000 "
+                                         r"is at data row 2\) but label 2 never occurs.*--num-classes"):
+        import_(source, tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"value 1000000 outside \[0, 2\) at data row 2"):
+        import_(source, tmp_path / "ds", num_classes=2)  # the owner declares the label set
+    assert not (tmp_path / "ds").exists()
+
+
+def test_duplicate_column_names_are_refused_naming_the_columns(tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "twice.csv", "user_id,label,f0,f0\nu1,0,1,2\nu2,1,3,4\n")
+    with pytest.raises(ValueError, match=r"column name 'f0' appears 2 times in the header "
+                                         r"\(columns 3, 4\)"):
+        import_(source, tmp_path / "ds")
+    labels_twice = write_csv(tmp_path / "labels.csv", "user_id,label,label\nu1,0,1\nu2,1,0\n")
+    with pytest.raises(ValueError, match="column name 'label' appears 2 times"):
+        import_(labels_twice, tmp_path / "ds")
 
 
 def test_failed_import_leaves_nothing_behind(tmp_path: Path) -> None:
