@@ -168,7 +168,8 @@ def cmd_dataset_synthesize(args: argparse.Namespace) -> int:
 def cmd_dataset_import(args: argparse.Namespace) -> int:
     from engine.datastore import import_dataset, load_schema
     from engine.mock import MOCK_FILE, parse_ranges, write_mock
-    from ledger.budget import register_dataset
+    from gateway.deployment import let_sandbox_read, owner_only_files
+    from ledger.budget import check_new_dataset_name, register_dataset
     from ledger.public_count import (
         DeltaTooLarge,
         check_delta,
@@ -177,27 +178,31 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
     )
 
     node = _node(args)
+    with node.session() as s:  # before any work: the name, then all public inputs
+        check_new_dataset_name(s, args.name)
     if args.public_users is not None:
         try:
-            check_delta(args.delta, args.public_users)  # before any work: all public inputs
+            check_delta(args.delta, args.public_users)
         except DeltaTooLarge as exc:
             print(f"fedgate: {exc}", file=sys.stderr)
             return 2
     dest = node.deployment.datasets_dir / args.name
     features = args.feature_columns.split(",") if args.feature_columns else None
-    import_dataset(
-        Path(args.source), dest, name=args.name, user_column=args.user_column,
-        label_column=args.label_column, feature_columns=features,
-        evaluation_fraction=args.evaluation_fraction,
-        split_key=node.deployment.split_key.read_bytes(),
-        num_classes=args.num_classes,
-    )
+    with owner_only_files():
+        import_dataset(
+            Path(args.source), dest, name=args.name, user_column=args.user_column,
+            label_column=args.label_column, feature_columns=features,
+            evaluation_fraction=args.evaluation_fraction,
+            split_key=node.deployment.split_key.read_bytes(),
+            num_classes=args.num_classes,
+        )
+        loaded = load_schema(dest)
+        write_mock(loaded, dest / MOCK_FILE, users=args.mock_users,
+                   ranges=parse_ranges(args.mock_range, loaded.feature_columns))
+    let_sandbox_read(dest, node.config)
     if args.num_classes is None:
         print("warning: the label set was read from the data (largest label + 1); declare it "
               "with --num-classes", file=sys.stderr)
-    loaded = load_schema(dest)
-    write_mock(loaded, dest / MOCK_FILE, users=args.mock_users,
-               ranges=parse_ranges(args.mock_range, loaded.feature_columns))
     training, evaluation = loaded.partitions["training"], loaded.partitions["evaluation"]
     public = (declared_count(args.public_users) if args.public_users is not None
               else dp_count_estimate(training.users))

@@ -15,9 +15,12 @@ Layout::
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -33,6 +36,7 @@ from engine.sandbox import (
     WorkerAddress,
 )
 from gateway import keys
+from ledger.names import check_name
 from ledger.pricing import PriceList
 
 POLICY_TEMPLATES = Path(__file__).resolve().parent.parent / "policies"
@@ -271,23 +275,59 @@ def _sandbox_limits(table: dict[str, Any]) -> ResourceLimits:
     return ResourceLimits(**{**asdict(DEFAULT_LIMITS), **table})
 
 
+@contextmanager
+def owner_only_files() -> Iterator[None]:
+    """Inside, new files are created 0600 and directories 0700 (umask 077), whatever the
+    caller's umask: the node's keys, ledger and datasets are the node user's alone.
+
+    The umask is per process: use it in single-threaded commands (``fedgate init``,
+    ``dataset import``), not in the gateway's threads.
+    """
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def let_sandbox_read(tree: Path, config: NodeConfig) -> None:
+    """Let the jobs that bind ``tree`` (a dataset directory) read it, and nobody else.
+
+    A root gateway runs each job as ``sandbox_uid``/``sandbox_gid`` (``engine.sandbox_launch``
+    refuses a job whose dataset that uid cannot read), so the tree joins the sandbox gid with
+    group read (directories 0750, files 0640); the deployment directory around it stays 0700,
+    so on the host only the job's bind reaches it. A non-root gateway's jobs keep its uid (a
+    user namespace) and ``sandbox = "none"`` runs them as the gateway: nothing to grant.
+    """
+    if os.geteuid() != 0 or config.sandbox == "none":
+        return
+    for path in (tree, *tree.rglob("*")):
+        os.chown(path, -1, config.sandbox_gid, follow_symlinks=False)
+        path.chmod(0o750 if path.is_dir() else 0o640)
+
+
 def init_deployment(root: Path, *, owner: str = "owner") -> Deployment:
-    """Create a new deployment directory; refuses to touch an existing one."""
+    """Create a new deployment directory, readable by its creator only (0700 directories,
+    0600 files, the SQLite ledger included); refuses to touch an existing one."""
     from ledger.db import create_schema, database_url, make_engine
 
+    check_name(owner, "owner name")
     deployment = Deployment(root.resolve())
     if deployment.config_path.exists():
         raise FileExistsError(f"{root} already holds a fedgate deployment")
-    for directory in ("policies", "datasets", "models", "jobs", "logs"):
-        (deployment.root / directory).mkdir(parents=True, exist_ok=True)
-    deployment.config_path.write_text(CONFIG_TEMPLATE.format(owner=owner, limits=DEFAULT_LIMITS))
-    keys.write_key_pair(keys.generate_private_key(), deployment.root / "node")
-    deployment.split_key.write_bytes(secrets.token_bytes(32))
-    deployment.split_key.chmod(0o600)
-    shutil.copyfile(POLICY_TEMPLATES / "model.conf", deployment.policy_model)
-    template = (POLICY_TEMPLATES / "default_policy.csv").read_text()
-    deployment.policy_file.write_text(template.replace("{owner}", owner))
-    engine = make_engine(database_url(deployment.root))
-    create_schema(engine)
-    engine.dispose()
+    with owner_only_files():
+        deployment.root.mkdir(parents=True, exist_ok=True)
+        deployment.root.chmod(0o700)  # it may have existed, empty, with the caller's umask
+        for directory in ("policies", "datasets", "models", "jobs", "logs"):
+            (deployment.root / directory).mkdir(mode=0o700, exist_ok=True)
+        deployment.config_path.write_text(CONFIG_TEMPLATE.format(owner=owner,
+                                                                 limits=DEFAULT_LIMITS))
+        keys.write_key_pair(keys.generate_private_key(), deployment.root / "node")
+        deployment.split_key.write_bytes(secrets.token_bytes(32))
+        shutil.copyfile(POLICY_TEMPLATES / "model.conf", deployment.policy_model)
+        template = (POLICY_TEMPLATES / "default_policy.csv").read_text()
+        deployment.policy_file.write_text(template.replace("{owner}", owner))
+        engine = make_engine(database_url(deployment.root))
+        create_schema(engine)
+        engine.dispose()
     return deployment

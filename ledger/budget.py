@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import dp_accounting
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from ledger import accounting, mechanism
 from ledger.audit import append_entry
 from ledger.models import Dataset, Job
+from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 
 
@@ -60,6 +62,18 @@ class BudgetFit:
     jobs_that_fit: int
 
 
+def check_new_dataset_name(session: Session, name: str) -> str:
+    """``name`` if a new dataset may take it: a name (``ledger.names``), not reserved, and
+    no dataset has it, whatever its case. Raises ``NameInvalid`` or ``ValueError``."""
+    check_dataset_name(name)
+    taken = session.exec(  # reviewed: ORM query, not exec
+        select(Dataset.name).where(func.lower(Dataset.name) == name_key(name))).first()
+    if taken is not None:
+        raise ValueError(f"dataset {taken!r} already exists"
+                         + ("" if taken == name else f"; {name!r} differs from it only in case"))
+    return name
+
+
 def register_dataset(
     session: Session,
     *,
@@ -82,6 +96,7 @@ def register_dataset(
     the filter here, in the registering transaction, with a ``charge`` audit entry, before N̂
     is used for anything. δ must be below 1/N̂ (``ledger.public_count.check_delta``).
     """
+    check_new_dataset_name(session, name)
     check_delta(delta, public_users.value)
     mechanism.check_in_range("max_examples_per_user", max_examples_per_user)
     orders = accounting.FILTER_ORDERS
