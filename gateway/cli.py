@@ -8,12 +8,14 @@ or the current directory) and are never exposed over the network. Run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.terminal import ControlEscapingStream, escape_controls
 from ledger.mechanism import DEFAULT_MAX_EXAMPLES_PER_USER
 
 EXAMPLES = """\
@@ -45,10 +47,10 @@ def _print(data: Any, as_json: bool) -> None:
         return
     if isinstance(data, list):
         for row in data:
-            print("  ".join(f"{k}={v}" for k, v in row.items()))
+            print("  ".join(f"{k}={escape_controls(str(v))}" for k, v in row.items()))
     else:
         for key, value in data.items():
-            print(f"{key}: {value}")
+            print(f"{key}: {escape_controls(str(value))}")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -456,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Everything it prints passes ``gateway.terminal``: text a researcher
+    chose (in audit entries, names, problem details) cannot drive the terminal."""
+    with (contextlib.redirect_stdout(ControlEscapingStream(sys.stdout)),
+          contextlib.redirect_stderr(ControlEscapingStream(sys.stderr))):
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

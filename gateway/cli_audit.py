@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.terminal import escape_controls
+
 
 def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from gateway.node import Node
@@ -107,7 +109,9 @@ def _refused(exc: Exception) -> int:
 
 
 def _short(value: Any) -> str:
+    """A field on one line: control characters (newlines too) escaped, at most 60 characters."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    text = escape_controls(text)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

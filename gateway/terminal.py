@@ -1,0 +1,53 @@
+"""Terminal output that text from researchers cannot take over.
+
+Audit entries, job fields, problem details and names can carry text a researcher chose. Printed
+raw, an ANSI escape sequence in it could recolour, move the cursor, rewrite earlier lines,
+set the window title or, on some terminals, answer back; a bidirectional override could make
+a line read differently from what it holds. ``escape_controls`` replaces every control
+character (Unicode categories Cc and Cf, and the line and paragraph separators Zl and Zp) by
+a visible escape (``\\u001b``, ``\\u202e``); ``ControlEscapingStream`` applies it to everything
+the ``fedgate`` command prints (``gateway.cli.main``), keeping the newlines and tabs the
+commands write themselves. A field that must stay on its line is escaped with
+``keep=""``, which escapes its newlines too.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import TextIO
+
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _escaped(char: str) -> str:
+    """``\\uXXXX`` (a UTF-16 surrogate pair beyond the BMP): the same escape JSON uses, so
+    ``--json`` output stays valid JSON that decodes to the original text."""
+    encoded = char.encode("utf-16-be")
+    return "".join(f"\\u{int.from_bytes(encoded[i:i + 2], 'big'):04x}"
+                   for i in range(0, len(encoded), 2))
+
+
+def escape_controls(text: str, *, keep: str = "") -> str:
+    """``text`` with every control character not in ``keep`` written as a visible escape."""
+    if text.isprintable():
+        return text  # nothing to escape: isprintable is False for every Cc, Cf, Zl and Zp
+    return "".join(
+        _escaped(char) if char not in keep and unicodedata.category(char) in _ESCAPED_CATEGORIES
+        else char
+        for char in text
+    )
+
+
+class ControlEscapingStream:
+    """A text stream that writes to ``stream`` with control characters escaped, except the
+    newlines and tabs of the output's own layout."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(escape_controls(text, keep="\n\t"))
+        return len(text)
+
+    def __getattr__(self, name: str) -> object:  # flush, fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
