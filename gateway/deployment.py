@@ -36,6 +36,7 @@ from engine.sandbox import (
     WorkerAddress,
 )
 from gateway import keys
+from gateway.origin import Origin
 from ledger.names import check_name
 from ledger.pricing import PriceList
 
@@ -50,6 +51,11 @@ owner = "{owner}"
 [gateway]
 host = "127.0.0.1"
 port = 8620
+# The scheme://host[:port] researchers reach this node at. Every request's signature names it,
+# so a request signed for another node is refused here. Absent: the address a request arrived
+# on (the listening socket), right when researchers use this host and port directly. Set it
+# behind a reverse proxy or when researchers use a DNS name (docs/security.md).
+# public_origin = "https://node.example"
 # RFC 9421 signatures: maximum validity (seconds) and tolerated clock skew.
 signature_window_seconds = 300
 clock_skew_seconds = 5
@@ -128,6 +134,7 @@ class NodeConfig:
     sandbox_gid: int = SANDBOX_ID
     sandbox_limits: ResourceLimits = DEFAULT_LIMITS
     review_expiry_hours: float = 72.0
+    public_origin: Origin | None = None  # None: the address each request arrived on
     remote_workers: tuple[WorkerAddress, ...] = ()
     billing: PriceList | None = None  # None: jobs are metered but not charged
     max_concurrent_jobs: int | None = None  # None: every admitted job starts at once
@@ -210,6 +217,7 @@ class Deployment:
             clock_skew_seconds=int(gw["clock_skew_seconds"]),
             max_model_bytes=int(gw["max_model_bytes"]),
             max_request_bytes=int(gw["max_request_bytes"]),
+            **_transport(gw),
             job_timeout_seconds=float(engine["job_timeout_seconds"]),
             sandbox=_sandbox_mode(engine["sandbox"]),
             **_evaluation_mechanism(engine),
@@ -304,6 +312,17 @@ def let_sandbox_read(tree: Path, config: NodeConfig) -> None:
     for path in (tree, *tree.rglob("*")):
         os.chown(path, -1, config.sandbox_gid, follow_symlinks=False)
         path.chmod(0o750 if path.is_dir() else 0o640)
+
+
+def _transport(gw: dict[str, Any]) -> dict[str, Any]:
+    """``[gateway]`` public_origin; absent (older deployments): the default."""
+    settings: dict[str, Any] = {}
+    if "public_origin" in gw:
+        try:
+            settings["public_origin"] = Origin.parse(str(gw["public_origin"]))
+        except ValueError as error:
+            raise ValueError(f"[gateway] public_origin: {error}") from None
+    return settings
 
 
 def init_deployment(root: Path, *, owner: str = "owner") -> Deployment:

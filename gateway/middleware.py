@@ -5,7 +5,8 @@ received exceed the limit for the path — while streaming, not after. The buffe
 is put in ``scope["fedgate.body"]`` and replayed to the application.
 
 ``SignatureAuthMiddleware`` authenticates every request except the explicitly public
-paths (RFC 9421, see ``gateway.signatures``), records the nonce (a replay, even after a
+paths (RFC 9421, see ``gateway.signatures``) at this node's origin: a request addressed to
+another node is refused (``gateway.origin``). It records the nonce (a replay, even after a
 restart, is refused) and sets ``scope["fedgate.principal"]`` to the ``VerifiedRequest``.
 The one other exemption is the officer dashboard (``/dashboard`` and paths under
 ``/dashboard/``, exactly: see ``cookie_authenticated``), which browsers use without
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.node import Node
+from gateway.origin import arrival_origin
 from gateway.problems import Problem, problem_response
 from gateway.signatures import verify_request
 from ledger.registry import prune_nonces, remember_nonce
@@ -75,16 +77,6 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def target_uri(scope: Scope) -> str:
-    """The request's absolute URI as the client addressed it (for @target-uri)."""
-    headers = dict(scope["headers"])
-    host = headers.get(b"host", b"").decode("latin-1")
-    path = scope.get("raw_path") or scope["path"].encode()
-    query = scope.get("query_string", b"")
-    uri = f"{scope['scheme']}://{host}{path.decode('latin-1')}"
-    return uri + ("?" + query.decode("latin-1") if query else "")
-
-
 def cookie_authenticated(path: str) -> bool:
     """True for the dashboard's own paths, whose handlers check a session cookie instead of a
     signature: a prefix itself or anything below it, never a mere extension of its name."""
@@ -109,12 +101,25 @@ class SignatureAuthMiddleware:
         scope["fedgate.principal"] = principal
         await self.app(scope, receive, send)
 
+    def _target_uri(self, scope: Scope) -> str:
+        """The URI a signature for this node covers; refuses a request addressed elsewhere."""
+        origin = self.node.config.public_origin or arrival_origin(scope)
+        if origin is None:
+            raise Problem("wrong-node", "this node has no origin to check requests against; the "
+                                        "owner sets [gateway] public_origin")
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if not origin.is_named_by(host):
+            raise Problem("wrong-node", f"this request is addressed to another node; this node "
+                                        f"is {origin}: sign requests for {origin}",
+                          origin=str(origin))
+        return origin.target_uri(scope)
+
     def _authenticate(self, scope: Scope):  # type: ignore[no-untyped-def]
         now = time.time()
         config = self.node.config
         verified = verify_request(
             method=scope["method"],
-            url=target_uri(scope),
+            url=self._target_uri(scope),
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
             body=scope.get("fedgate.body", b""),
             lookup_key=self.node.lookup_key,

@@ -30,6 +30,8 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "replayed-nonce": (401, "Nonce was already used"),
     "login-required": (401, "Dashboard sign-in required"),
     "payload-too-large": (413, "Request body is too large"),
+    # 421 Misdirected Request (RFC 9110): the request names another node's authority.
+    "wrong-node": (421, "Request is addressed to another node"),
     "policy-denied": (403, "Denied by the data owner's policy"),
     "budget-exceeded": (403, "Privacy budget exceeded"),
     "output-policy": (403, "Refused by the output policy"),
