@@ -82,6 +82,8 @@ class ModelSummary:
     output_activation: str
     working_elements: int = 0
     """Floats one example keeps alive through a forward pass (``ConfigSummary``)."""
+    forward_flops: int = 0
+    """FLOPs of one example's forward pass (``ConfigSummary``)."""
 
     @property
     def outputs_probabilities(self) -> bool:
@@ -180,6 +182,7 @@ def validate_artifact_structure(doc: dict[str, Any]) -> ModelSummary:
         output_units=config.output_shape[0],
         output_activation=config.output_activation,
         working_elements=config.working_elements,
+        forward_flops=config.forward_flops,
     )
 
 

@@ -149,6 +149,10 @@ class ConfigSummary:
     """Floats one example keeps alive through a forward pass (every layer's output and its
     internal working tensors: a convolution's patches, an RNN's per-step gates and states),
     the input included: :mod:`engine.memory` scales it by batch and users."""
+    forward_flops: int = 0
+    """FLOPs of one example's forward pass (2 per multiply-add of Dense, convolution and
+    recurrent kernels, one per output element of every other layer):
+    :mod:`engine.compute` scales it by examples, users and rounds."""
 
     @property
     def parameter_count(self) -> int:
@@ -210,7 +214,7 @@ def _check_sequential(body: Mapping[str, Any]) -> ConfigSummary:
     shape = input_shape
     weights: list[Shape] = []
     activation = "linear"
-    working = math.prod(input_shape)
+    working, flops = math.prod(input_shape), 0
     for layer in body_layers:
         if layer.class_name == "InputLayer":
             raise ModelRejected(f"layer {layer.name!r}: InputLayer must come first")
@@ -218,6 +222,7 @@ def _check_sequential(body: Mapping[str, Any]) -> ConfigSummary:
         shape, layer_weights = _apply(layer, inputs)
         weights.extend(layer_weights)
         working += _working_elements(layer, inputs, shape)
+        flops += _forward_flops(layer, inputs, shape)
         activation = _activation_of(layer, activation)
     return ConfigSummary(
         family=MODEL_CLASSES["Sequential"],
@@ -227,6 +232,7 @@ def _check_sequential(body: Mapping[str, Any]) -> ConfigSummary:
         output_activation=activation,
         weight_shapes=tuple(weights),
         working_elements=working,
+        forward_flops=flops,
     )
 
 
@@ -256,7 +262,7 @@ def _check_functional(body: Mapping[str, Any]) -> ConfigSummary:
     shapes: dict[str, Shape] = {input_name: _input_layer_shape(by_name[input_name])}
     activations: dict[str, str] = {input_name: "linear"}
     weights_by_layer: dict[str, list[Shape]] = {input_name: []}
-    working = math.prod(shapes[input_name])
+    working, flops = math.prod(shapes[input_name]), 0
     pending = [layer for layer in layers if layer.name != input_name]
     while pending:
         ready = [layer for layer in pending if all(n in shapes for n in inbound[layer.name])]
@@ -267,6 +273,7 @@ def _check_functional(body: Mapping[str, Any]) -> ConfigSummary:
             inputs = [shapes[name] for name in sources]
             shapes[layer.name], weights_by_layer[layer.name] = _apply(layer, inputs)
             working += _working_elements(layer, inputs, shapes[layer.name])
+            flops += _forward_flops(layer, inputs, shapes[layer.name])
             activations[layer.name] = _activation_of(layer, activations[sources[0]])
         pending = [layer for layer in pending if layer.name not in shapes]
     # Keras restores a Functional model's layers (and so get_weights()) in config order; the
@@ -280,6 +287,7 @@ def _check_functional(body: Mapping[str, Any]) -> ConfigSummary:
         output_activation=activations[output_name],
         weight_shapes=tuple(weights),
         working_elements=working,
+        forward_flops=flops,
     )
 
 
@@ -467,6 +475,26 @@ def _working_elements(layer: _Layer, inputs: list[Shape], output: Shape) -> int:
         units = int(layer.config.get("units", 1))
         elements += steps * (2 * _GATES[kind] + 2) * units
     return elements
+
+
+def _forward_flops(layer: _Layer, inputs: list[Shape], output: Shape) -> int:
+    """FLOPs of ``layer`` on one example (see ``ConfigSummary.forward_flops``)."""
+    kind, elements = layer.class_name, math.prod(output)
+    if kind == "Dense":
+        return 2 * elements * inputs[0][-1]
+    if kind.startswith("Conv"):
+        kernel = layer.config.get("kernel_size")
+        taps = math.prod(kernel) if isinstance(kernel, list) else int(kernel or 1)
+        groups = int(layer.config.get("groups", 1) or 1)
+        return 2 * elements * taps * (inputs[0][-1] // groups)
+    if kind in _GATES:
+        steps, features = inputs[0]
+        units = int(layer.config.get("units", 1))
+        return 2 * steps * _GATES[kind] * units * (features + units)
+    if "Pooling" in kind and not kind.startswith("Global"):
+        pool = layer.config.get("pool_size", 2)
+        return elements * (math.prod(pool) if isinstance(pool, list) else int(pool))
+    return elements + sum(math.prod(shape) for shape in inputs)
 
 
 def _check_build_config(layer: _Layer, inputs: list[Shape]) -> None:

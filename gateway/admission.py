@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from engine import memory
+from engine import compute, memory
 from engine.artifact import (
     ModelRejected,
     ModelSummary,
@@ -26,12 +26,15 @@ from engine.artifact import (
     validate_artifact,
     validate_artifact_structure,
 )
+from engine.compute import ComputeEstimate
+from engine.functional_model import vectorizable
 from engine.job import OPTIMIZER_FIELDS, OptimizerInvalid, optimizer_hyperparameters
 from engine.memory import MemoryEstimate
 from gateway import billing
 from gateway.node import Node
 from gateway.policy import (
     PolicyDecision,
+    Quota,
     RequestContext,
     committed_model_digests,
     researcher_committed_jobs,
@@ -258,6 +261,17 @@ def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
     return f"{hint}; no noise level makes this job fit the remaining budget"
 
 
+def node_quotas(node: Node, principal: VerifiedRequest, dataset: Dataset) -> tuple[Quota, ...]:
+    """The node's own caps as quotas, checked like the owner's (``gateway.quotas``):
+    ``[engine] max_jobs_per_researcher`` admitted, unfinished jobs per researcher on this node."""
+    limit = node.config.max_jobs_per_researcher
+    if limit is None:
+        return ()
+    return (Quota(name="max_concurrent_jobs", limit=limit, subject=principal.principal,
+                  members=(principal.principal,), domain=dataset.owner, dataset_pattern="*",
+                  rule="[engine] max_jobs_per_researcher"),)
+
+
 def _audit_fields(
     principal: VerifiedRequest, request: JobRequest, request_digest: str, node: Node
 ) -> dict[str, Any]:
@@ -280,25 +294,36 @@ def _deny(node: Node, audit: dict[str, Any], problem: Problem, **extra: Any) -> 
     return problem
 
 
+def not_visible(name: str) -> Problem:
+    """The refusal for a dataset that does not exist *or* that no rule grants to the caller:
+    one answer for both, so a caller without a grant cannot learn which names exist (a deny
+    rule or a violated constraint of a granted dataset still says why, as policy-denied)."""
+    return Problem("unknown-dataset", f"no dataset {name!r} visible to this key")
+
+
 def _load_dataset(node: Node, name: str) -> Dataset | None:
     with node.session() as s:
         return s.get(Dataset, name)
 
 
-def check_model(node: Node, dataset: Dataset, request: JobRequest) -> MemoryEstimate:
-    """The uploaded artifact exists, fits the dataset's schema (data-only checks) and the job's
-    memory estimate fits the node's ``memory_bytes``; returns the estimate."""
+def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:
+    """The uploaded artifact exists, fits the dataset's schema (data-only checks), the engine
+    trains every one of its layers (``engine.functional_model.vectorizable``, pure) and the
+    job fits the node's memory and time limits (:func:`check_resources`)."""
     digest = request.model_digest
     path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
     if not path.exists():
         raise Problem("unknown-model", f"no model {digest}; upload it to /v1/models first")
     try:
-        summary = validate_artifact(parse_artifact(path.read_bytes()),
-                                    num_features=dataset.num_features,
+        doc = parse_artifact(path.read_bytes())
+        summary = validate_artifact(doc, num_features=dataset.num_features,
                                     num_classes=dataset.num_classes)
     except ModelRejected as exc:
         raise Problem("model-rejected", str(exc)) from None
-    return check_memory(node, dataset, request, summary)
+    unsupported = vectorizable(doc["config"])
+    if unsupported is not None:
+        raise Problem("model-rejected", f"the engine cannot train this model: {unsupported}")
+    check_resources(node, dataset, request, summary)
 
 
 def _memory_inputs(dataset: Dataset, request: JobRequest, summary: ModelSummary
@@ -310,26 +335,41 @@ def _memory_inputs(dataset: Dataset, request: JobRequest, summary: ModelSummary
             "batch_size": request.batch_size}
 
 
-def check_memory(node: Node, dataset: Dataset, request: JobRequest,
-                 summary: ModelSummary) -> MemoryEstimate:
-    """The job's memory estimate (``engine.memory``: public inputs only — the architecture, the
-    owner's cap, batch, epochs, clients per round); refuses one above the node's limit with
-    the largest clients_per_round that fits."""
+def check_resources(node: Node, dataset: Dataset, request: JobRequest,
+                    summary: ModelSummary) -> tuple[MemoryEstimate, ComputeEstimate]:
+    """The job's memory and time estimates (``engine.memory``, ``engine.compute``: public
+    inputs only — the architecture, the owner's cap, batch, epochs, rounds, clients per round);
+    refuses with ``job-too-large`` a job above the node's ``memory_bytes`` (with the largest
+    clients_per_round that fits) or its ``job_timeout_seconds`` (with the most rounds)."""
     inputs = _memory_inputs(dataset, request, summary)
-    estimate = memory.job_memory(**inputs, clients_per_round=float(request.clients_per_round))
+    needed = memory.job_memory(**inputs, clients_per_round=float(request.clients_per_round))
     limit = node.config.sandbox_limits.memory_bytes
-    if estimate.bytes > limit:
+    if needed.bytes > limit:
         most = memory.max_clients_per_round(limit, **inputs)
         fix = (f"lower clients_per_round to ≤ {most:g}" if most >= 1 else
                "even one client per round does not fit: use a smaller model or batch_size")
         raise Problem(
             "job-too-large",
-            f"the engine would need about {estimate.bytes / 2**30:.1f} GiB "
-            f"({estimate.per_user_bytes / 2**20:.2f} MiB per sampled user, "
-            f"{estimate.users_in_flight} users in flight) but this node allows "
+            f"the engine would need about {needed.bytes / 2**30:.1f} GiB "
+            f"({needed.per_user_bytes / 2**20:.2f} MiB per sampled user, "
+            f"{needed.users_in_flight} users in flight) but this node allows "
             f"{limit / 2**30:.1f} GiB per job; {fix}",
             field="clients_per_round")
-    return estimate
+    work = {"forward_flops": summary.forward_flops, "cap": dataset.max_examples_per_user,
+            "local_epochs": request.local_epochs,
+            "clients_per_round": float(request.clients_per_round)}
+    time_needed = compute.job_compute(**work, rounds=request.rounds)
+    time_limit = node.config.job_timeout_seconds
+    if time_needed.seconds > time_limit:
+        rounds = compute.max_rounds(time_limit, **work)
+        fix = (f"lower rounds to ≤ {rounds}" if rounds >= 1 else
+               "even one round does not fit: lower clients_per_round or local_epochs")
+        raise Problem(
+            "job-too-large",
+            f"training would take about {time_needed.seconds / 60:,.0f} min "
+            f"({time_needed.flops:.3g} FLOPs over {request.rounds} rounds) but jobs on this "
+            f"node may run {time_limit / 60:,.0f} min; {fix}", field="rounds")
+    return needed, time_needed
 
 
 def _stored_model(node: Node, digest: str) -> tuple[ModelSummary, int] | None:
@@ -413,12 +453,13 @@ def admit_job(
         raise _deny(node, audit, Problem("policy-denied", "only researchers may submit jobs"))
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
-        raise _deny(node, audit, Problem("unknown-dataset", f"no dataset {request.dataset!r}"))
+        raise _deny(node, audit, not_visible(request.dataset))
     decision = decide_policy(node, principal, dataset, "train", request)
     audit["policy_version"] = decision.policy_version
     if not decision.allowed:
-        raise _deny(node, audit, Problem("policy-denied", decision.explanation,
-                                         rule=list(decision.rule or [])))
+        refusal = Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
+        _deny(node, audit, refusal)  # the audit keeps the policy's reason
+        raise not_visible(request.dataset) if decision.rule is None else refusal
     try:
         check_model(node, dataset, request)
         projection = project_cost(node, dataset, request)
@@ -431,7 +472,7 @@ def admit_job(
     # Compute quotas are checked in the reservation transaction below (``gateway.quotas``);
     # every job reserves the node's per-job CPU limit, at which the engine's meter stops it.
     quotas = node.policy().quotas(subject=principal.principal, domain=dataset.owner,
-                                  dataset=dataset.name)
+                                  dataset=dataset.name) + node_quotas(node, principal, dataset)
     cpu_reserved = float(node.config.sandbox_limits.cpu_seconds)
     now = time.time()
     job = Job(
@@ -491,10 +532,12 @@ def _dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRe
     """The requested dataset, if the policy lets this principal estimate on it."""
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
-        raise Problem("unknown-dataset", f"no dataset {request.dataset!r}")
+        raise not_visible(request.dataset)
     decision = decide_policy(node, principal, dataset, "estimate", request)
     if not decision.allowed:
-        raise Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
+        if decision.rule is None:
+            raise not_visible(request.dataset)
+        raise Problem("policy-denied", decision.explanation, rule=list(decision.rule))
     return dataset
 
 
@@ -516,7 +559,7 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
     if not fit.fits:
         result["suggestion"] = _suggestion(node, dataset, request)
     if request.model_digest != NO_MODEL:
-        result["memory"] = _memory_report(node, dataset, request)
+        result.update(_resources_report(node, dataset, request))
     if node.config.billing is not None:
         result["cost"] = billing.project_cost(
             node.config.billing, cpu_reserved_seconds=float(node.config.sandbox_limits.cpu_seconds),
@@ -524,23 +567,31 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
     return result
 
 
-def _memory_report(node: Node, dataset: Dataset, request: JobRequest) -> dict[str, Any]:
-    """The estimate's ``memory`` member: the engine's expected peak, the node's limit and
-    whether the job fits it (``problem`` says what to change when it does not)."""
+def _resources_report(node: Node, dataset: Dataset, request: JobRequest) -> dict[str, Any]:
+    """The estimate's ``memory`` and ``compute`` members: the engine's expected peak memory
+    and training time against the node's limits, and whether the job fits them (``problem``
+    says what to change when it does not)."""
     stored = _stored_model(node, request.model_digest)
     if stored is None:
         raise Problem("unknown-model", f"no model {request.model_digest}; upload it to "
                       "/v1/models first")
-    limit = node.config.sandbox_limits.memory_bytes
+    summary = stored[0]
+    needed = memory.job_memory(**_memory_inputs(dataset, request, summary),
+                               clients_per_round=float(request.clients_per_round))
+    time_needed = compute.job_compute(
+        forward_flops=summary.forward_flops, cap=dataset.max_examples_per_user,
+        local_epochs=request.local_epochs, rounds=request.rounds,
+        clients_per_round=float(request.clients_per_round))
+    report: dict[str, Any] = {
+        "memory": {**needed.to_json(), "limit_bytes": node.config.sandbox_limits.memory_bytes},
+        "compute": {**time_needed.to_json(), "limit_seconds": node.config.job_timeout_seconds}}
     try:
-        estimate = check_memory(node, dataset, request, stored[0])
+        check_resources(node, dataset, request, summary)
     except Problem as problem:
-        inputs = _memory_inputs(dataset, request, stored[0])
-        estimate = memory.job_memory(**inputs,
-                                     clients_per_round=float(request.clients_per_round))
-        return {**estimate.to_json(), "limit_bytes": limit, "fits": False,
-                "problem": problem.detail}
-    return {**estimate.to_json(), "limit_bytes": limit, "fits": True}
+        report["resources_fit"], report["resources_problem"] = False, problem.detail
+    else:
+        report["resources_fit"] = True
+    return report
 
 
 CALIBRATABLE = ("noise_multiplier", "rounds")

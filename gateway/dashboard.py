@@ -115,6 +115,7 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         if request.method == "POST":
+            _same_origin(request)
             token = _form_token(request.scope.get("fedgate.body", b""))
         else:
             token = request.query_params.get("token")
@@ -141,6 +142,7 @@ class Dashboard:
         return value, login
 
     async def logout(self, request: Request) -> Response:
+        _same_origin(request)
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
             await run_in_threadpool(self._end, cookie)
@@ -152,6 +154,20 @@ class Dashboard:
     def _end(self, cookie: str) -> None:
         with self.node.session() as s, s.begin():
             end_session(s, cookie)
+
+
+def _same_origin(request: Request) -> None:
+    """A browser form POST must come from this node's own pages: its ``Origin`` (browsers
+    send it on every cross-site POST) must be the origin the request was addressed to.
+    Refuses a cross-site sign-in or sign-out (login CSRF); requests without ``Origin``
+    (curl, the CLI) pass, as the session cookie is SameSite=Strict anyway."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin.rstrip("/").lower() != own.lower():
+        raise Problem("policy-denied", "cross-site form posts to the dashboard are refused; "
+                      "sign in from this node's own /dashboard/login page")
 
 
 def _form_token(body: bytes) -> str:

@@ -97,18 +97,26 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"dataset": STRING, "epsilon": NUMBER, "delta": NUMBER,
                        "accountant": STRING, "fits": {"type": "boolean"},
                        "jobs_that_fit": INTEGER, "suggestion": STRING,
-                       "cost": _ref("CostProjection"), "memory": _ref("MemoryEstimate")},
+                       "cost": _ref("CostProjection"), "memory": _ref("MemoryEstimate"),
+                       "compute": _ref("ComputeEstimate"),
+                       "resources_fit": {"type": "boolean"}, "resources_problem": STRING},
+    },
+    "ComputeEstimate": {
+        "type": "object", "required": ["seconds", "flops", "limit_seconds"],
+        "description": "When the estimate names an uploaded model: the expected training time "
+                       "(engine.compute, from public parameters only) against the node's job "
+                       "time limit; a job that does not fit is refused with job-too-large",
+        "properties": {"seconds": NUMBER, "flops": NUMBER, "limit_seconds": NUMBER},
     },
     "MemoryEstimate": {
         "type": "object",
         "required": ["bytes", "per_user_bytes", "users_per_shard", "users_in_flight",
-                     "limit_bytes", "fits"],
+                     "limit_bytes"],
         "description": "When the estimate names an uploaded model: the engine's expected peak "
                        "memory (engine.memory, from public parameters only) against the node's "
                        "per-job limit; a job that does not fit is refused with job-too-large",
         "properties": {"bytes": INTEGER, "per_user_bytes": INTEGER, "users_per_shard": INTEGER,
-                       "users_in_flight": INTEGER, "limit_bytes": INTEGER,
-                       "fits": {"type": "boolean"}, "problem": STRING},
+                       "users_in_flight": INTEGER, "limit_bytes": INTEGER},
     },
     "CostProjection": {
         "type": "object", "required": ["currency", "total", "items", "upper_bound", "basis"],

@@ -1,4 +1,5 @@
-"""Memory is bounded and predictable, and a job that would not fit is refused before data access.
+"""Memory is bounded and predictable, and a job that would not fit — or whose model the engine
+does not train — is refused before data access.
 
 ``engine.memory.job_memory`` estimates the engine's peak from public inputs only (the validated
 architecture, the owner's per-user cap, batch, local epochs, clients per round). The gateway's
@@ -117,8 +118,8 @@ def test_an_oversized_job_is_refused_at_admission_with_the_clients_per_round_tha
     problem = too_large.json()
     assert problem["type"].endswith("job-too-large") and problem["field"] == "clients_per_round"
     assert "lower clients_per_round to ≤ 100;" in problem["detail"] + ";"
-    assert estimate["memory"]["fits"] is False and estimate["memory"]["limit_bytes"] == limit
-    assert estimate["memory"]["problem"] == problem["detail"]
+    assert estimate["resources_fit"] is False and estimate["memory"]["limit_bytes"] == limit
+    assert estimate["resources_problem"] == problem["detail"]
     entries = audit_entries(db_url)
     denied = [e for e in entries if e["action"] == "deny"]
     assert denied and "job-too-large" in json.dumps(denied[-1])
@@ -140,3 +141,58 @@ def test_the_engine_refuses_a_job_over_the_memory_limit_before_reading_data() ->
 def test_a_malformed_memory_limit_in_job_json_is_refused(limit: object) -> None:
     with pytest.raises(JobSpecInvalid):
         JobSpec.from_json({**ENGINE_JOB, "memory_limit_bytes": limit})
+
+
+def test_a_model_the_engine_cannot_train_is_refused_at_admission_with_the_reason(
+    node_dir: Path, db_url: str
+) -> None:
+    """A regularizer passes the artifact validator but the vectorized engine does not run it:
+    refused before anything is reserved, saying why (never a per-user fallback)."""
+    doc = json.loads((FIXTURES / "logreg-20x5.json").read_text())
+    doc["config"]["config"]["layers"][-1]["config"]["kernel_regularizer"] = {
+        "module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.01},
+        "registered_name": None}
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        uploaded = client.post("/v1/models", content=json.dumps(doc).encode(),
+                               headers={"Content-Type": "application/json"})
+        assert uploaded.status_code in (200, 201), uploaded.text
+        response = client.post("/v1/jobs", json={**JOB, "model_digest": uploaded.json()["digest"]})
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["type"].endswith("model-rejected")
+    assert "the engine cannot train this model" in problem["detail"]
+    assert "regularizers" in problem["detail"]
+    assert [e["action"] for e in audit_entries(db_url)].count("admit") == 0
+
+
+def test_forward_flops_count_the_multiply_adds_of_every_kernel() -> None:
+    summary = _logreg_summary()
+    assert summary.forward_flops == 2 * 20 * 5
+    config = {"class_name": "Sequential", "config": {"name": "cnn", "layers": [
+        {"class_name": "InputLayer", "config": {"batch_input_shape": [None, 36], "name": "in"}},
+        {"class_name": "Reshape", "config": {"name": "r", "target_shape": [6, 6, 1]}},
+        {"class_name": "Conv2D", "config": {"name": "c", "filters": 4, "kernel_size": [3, 3]}},
+        {"class_name": "Flatten", "config": {"name": "f"}},
+        {"class_name": "Dense", "config": {"name": "d", "units": 5}}]}}
+    conv, dense = 2 * (4 * 4 * 4) * 9 * 1, 2 * 5 * 64
+    reshape, flatten = 36 + 36, 64 + 64  # weight-free: outputs + inputs
+    assert check_model_config(config).forward_flops == reshape + conv + flatten + dense
+
+
+def test_a_job_that_cannot_finish_within_the_node_time_limit_is_refused_before_reserving(
+    node_dir: Path, db_url: str
+) -> None:
+    """Issue 22: 100,000 rounds × 100 local epochs × batch 1 cost ε 0.04, was admitted, ran to
+    the timeout and was charged. Its time estimate now refuses it with the rounds that fit."""
+    alice = make_researcher(node_dir, "alice")
+    attack = {**JOB, "rounds": 100_000, "local_epochs": 100, "batch_size": 1,
+              "clients_per_round": 1, "noise_multiplier": 50.0}
+    with signed_client(create_app(node_dir), alice) as client:
+        refused = submit(client, attack)
+    assert refused.status_code == 422, refused.text
+    problem = refused.json()
+    assert problem["type"].endswith("job-too-large") and problem["field"] == "rounds"
+    assert re.search(r"lower rounds to ≤ \d+", problem["detail"])
+    assert "may run 60 min" in problem["detail"]
+    assert [e["action"] for e in audit_entries(db_url)].count("admit") == 0

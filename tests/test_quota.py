@@ -199,7 +199,7 @@ def test_over_http_a_waiting_job_shows_its_queue_position_and_a_quota_refusal_is
 
     monkeypatch.setattr(JobRunner, "_run", engine_that_keeps_running)
     config = Node(node_dir).deployment.config_path
-    config.write_text(config.read_text().replace("# max_concurrent_jobs = 2", "max_concurrent_jobs = 1"))
+    config.write_text(config.read_text().replace("max_concurrent_jobs = 2", "max_concurrent_jobs = 1"))
     _quota_rows(node_dir, "alice, owner, *, train, max_concurrent_jobs, 2")
     body = {"dataset": "demo", "rounds": 2, "clients_per_round": 20, "noise_multiplier": 1.0,
             "clip": 1.0, "model_digest": upload_model(Node(node_dir))}
@@ -216,3 +216,25 @@ def test_over_http_a_waiting_job_shows_its_queue_position_and_a_quota_refusal_is
     assert refused.headers["content-type"] == "application/problem+json"
     assert refused.json()["type"] == "urn:fedgate:problem:quota-exceeded"
     assert refused.json()["quota"] == "max_concurrent_jobs" and refused.json()["used"] == "2"
+
+
+def test_one_researcher_cannot_flood_the_node_with_jobs_by_default(node_dir: Path) -> None:
+    """Issue 22: no default cap on concurrent jobs — 11,507 cheap jobs "fit" the budget. A new
+    node runs at most 2 jobs at once and admits at most ``max_jobs_per_researcher`` unfinished
+    jobs per researcher (node caps, checked in the admission transaction like quotas)."""
+    config = Node(node_dir).config
+    assert config.max_concurrent_jobs == 2 and config.max_jobs_per_researcher == 8
+    toml = Node(node_dir).deployment.config_path
+    toml.write_text(toml.read_text().replace("max_jobs_per_researcher = 8",
+                                             "max_jobs_per_researcher = 2"))
+    node = Node(node_dir)
+    alice = researcher(node_dir, "alice")
+    cheap = {"rounds": 1, "noise_multiplier": 20.0}
+    admitted = [submit(node, alice, **cheap) for _ in range(2)]
+    assert all(isinstance(job, Job) for job in admitted)
+    refused = submit(node, alice, **cheap)
+    assert isinstance(refused, Problem) and refused.slug == "quota-exceeded", refused
+    assert refused.extra["rule"] == "[engine] max_jobs_per_researcher"
+    assert isinstance(submit(node, researcher(node_dir, "bob"), **cheap), Job)  # per researcher
+    _settle(node, admitted[0])
+    assert isinstance(submit(node, alice, **cheap), Job)

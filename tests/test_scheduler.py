@@ -39,10 +39,10 @@ def _runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capacity: int | Non
     """A runner whose engine is a fake that takes a few milliseconds per job."""
     monkeypatch.delenv("FEDGATE_DATABASE_URL", raising=False)
     init_deployment(tmp_path / "node")
-    if capacity is not None:
-        config = Deployment(tmp_path / "node").config_path
-        config.write_text(config.read_text().replace(
-            "# max_concurrent_jobs = 2", f"max_concurrent_jobs = {capacity}"))
+    config = Deployment(tmp_path / "node").config_path
+    config.write_text(config.read_text().replace(
+        "max_concurrent_jobs = 2\n",
+        "" if capacity is None else f"max_concurrent_jobs = {capacity}\n"))
     runner = JobRunner(Node(tmp_path / "node"))
 
     async def fake_run(job_id: str) -> None:
@@ -76,6 +76,11 @@ def test_a_flood_from_one_researcher_does_not_starve_another(
     assert started == ["a1", "b1", "a2", "b2", "a3", "a4"]
 
 
+def test_a_new_node_runs_at_most_two_jobs_at_once(tmp_path: Path) -> None:
+    init_deployment(tmp_path / "node")
+    assert Node(tmp_path / "node").config.max_concurrent_jobs == 2
+
+
 def test_without_a_limit_every_admitted_job_starts_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[str] = []
@@ -97,7 +102,7 @@ def test_without_a_limit_every_admitted_job_starts_at_once(
 def test_a_bad_concurrency_limit_is_refused(tmp_path: Path, value: str) -> None:
     init_deployment(tmp_path / "node")
     config = Deployment(tmp_path / "node").config_path
-    config.write_text(config.read_text().replace("# max_concurrent_jobs = 2",
+    config.write_text(config.read_text().replace("max_concurrent_jobs = 2",
                                                  f"max_concurrent_jobs = {value}"))
     with pytest.raises(ValueError, match="max_concurrent_jobs"):
         Deployment(tmp_path / "node").load_config()
