@@ -20,7 +20,6 @@ from sqlalchemy.exc import IntegrityError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -30,7 +29,7 @@ from gateway import audit_api
 from gateway.admission import JobRequest, admit_job, calibrate_job, estimate_job
 from gateway.dashboard import Dashboard
 from gateway.jobs import JobRunner, recover_interrupted_jobs
-from gateway.middleware import BodyLimitMiddleware, SignatureAuthMiddleware
+from gateway.middleware import request_middleware
 from gateway.node import Node
 from gateway.openapi import openapi_document
 from gateway.output_policy import fetch_release
@@ -337,9 +336,6 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             yield
         await runner.shutdown()
 
-    def limit_for_path(path: str) -> int:
-        return node.config.max_model_bytes if path == "/v1/models" else node.config.max_request_bytes
-
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -356,10 +352,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             *audit_api.routes(),
             *Dashboard(node).routes(),
         ],
-        middleware=[
-            Middleware(BodyLimitMiddleware, limit_for_path=limit_for_path),
-            Middleware(SignatureAuthMiddleware, node=node),
-        ],
+        middleware=request_middleware(node),
         exception_handlers={Problem: _problem_handler, HTTPException: _http_error_handler,
                             Exception: _internal_error_handler},
         lifespan=lifespan,

@@ -62,6 +62,9 @@ clock_skew_seconds = 5
 # Request body limits (bytes): model uploads and everything else.
 max_model_bytes = 67108864
 max_request_bytes = 1048576
+# At most this many model uploads are read at once; more wait for a slot (each may hold up to
+# max_model_bytes in memory). Requests are authenticated before any body is read.
+max_concurrent_uploads = 4
 
 [engine]
 # Wall-clock limit for one job.
@@ -135,6 +138,7 @@ class NodeConfig:
     sandbox_limits: ResourceLimits = DEFAULT_LIMITS
     review_expiry_hours: float = 72.0
     public_origin: Origin | None = None  # None: the address each request arrived on
+    max_concurrent_uploads: int = 4
     remote_workers: tuple[WorkerAddress, ...] = ()
     billing: PriceList | None = None  # None: jobs are metered but not charged
     max_concurrent_jobs: int | None = None  # None: every admitted job starts at once
@@ -315,13 +319,20 @@ def let_sandbox_read(tree: Path, config: NodeConfig) -> None:
 
 
 def _transport(gw: dict[str, Any]) -> dict[str, Any]:
-    """``[gateway]`` public_origin; absent (older deployments): the default."""
+    """``[gateway]`` public_origin and max_concurrent_uploads; absent keys (older
+    deployments) keep their defaults."""
     settings: dict[str, Any] = {}
     if "public_origin" in gw:
         try:
             settings["public_origin"] = Origin.parse(str(gw["public_origin"]))
         except ValueError as error:
             raise ValueError(f"[gateway] public_origin: {error}") from None
+    for name in ("max_concurrent_uploads",):
+        if name in gw:
+            value = gw[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"[gateway] {name} must be a whole number ≥ 1")
+            settings[name] = value
     return settings
 
 

@@ -1,42 +1,73 @@
-"""Pure ASGI middleware: body limits and signed-request authentication.
+"""Pure ASGI middleware: signed-request authentication, then body limits.
 
-``BodyLimitMiddleware`` buffers the request body, refusing (413) as soon as the bytes
-received exceed the limit for the path — while streaming, not after. The buffered body
-is put in ``scope["fedgate.body"]`` and replayed to the application.
-
-``SignatureAuthMiddleware`` authenticates every request except the explicitly public
-paths (RFC 9421, see ``gateway.signatures``) at this node's origin: a request addressed to
-another node is refused (``gateway.origin``). It records the nonce (a replay, even after a
-restart, is refused) and sets ``scope["fedgate.principal"]`` to the ``VerifiedRequest``.
+``SignatureAuthMiddleware`` authenticates every request except the explicitly public paths
+from its headers alone, before a byte of its body is read: the request must be addressed to
+this node (``gateway.origin``) and its RFC 9421 signature must verify (``gateway.signatures``:
+key, validity window, nonce length, covered components, the Content-Digest it binds the body
+to); then its nonce is recorded (a replay, even after a restart, is refused). It sets
+``scope["fedgate.principal"]`` to the ``VerifiedRequest``. An outsider's request is refused
+with its body unread, so what unauthenticated clients send costs the gateway no memory.
 The one other exemption is the officer dashboard (``/dashboard`` and paths under
 ``/dashboard/``, exactly: see ``cookie_authenticated``), which browsers use without
 signatures: its handlers authenticate by session cookie themselves and refuse every
 page without one (``gateway.dashboard``). No handler behind it runs unauthenticated.
+
+``BodyLimitMiddleware`` then reads the body, refusing (413) a Content-Length over the path's
+limit before reading and a body that grows past it while streaming; it hashes the body as it
+arrives and refuses a signed request whose body does not match the digest its signature
+bound. Bodies of upload paths (model artifacts, the large limit) are read by at most
+``max_concurrent_uploads`` requests at once; further uploads wait for a slot, their bytes left
+in the socket. The body is put in ``scope["fedgate.body"]`` and replayed to the application.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.node import Node
 from gateway.origin import arrival_origin
 from gateway.problems import Problem, problem_response
-from gateway.signatures import verify_request
+from gateway.signatures import VerifiedRequest, verify_body_digest, verify_signature
 from ledger.registry import prune_nonces, remember_nonce
 
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 COOKIE_AUTH_PREFIXES = ("/dashboard",)
+UPLOAD_PATHS = frozenset({"/v1/models"})
 NONCE_PRUNE_INTERVAL_SECONDS = 60.0
 
 
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most body bytes a path accepts, and whether reading them takes an upload slot."""
+
+    max_bytes: int
+    upload: bool = False
+
+
+def declared_body(scope: Scope) -> tuple[bool, int | None]:
+    """Whether the request announces a body (a Content-Length above 0, or Transfer-Encoding),
+    and its Content-Length if it gives a valid one."""
+    headers = dict(scope["headers"])
+    length = headers.get(b"content-length")
+    size = int(length) if length is not None and length.isdigit() else None
+    return bool(size) or b"transfer-encoding" in headers, size
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, limit_for_path: Callable[[str], int]) -> None:
+    def __init__(self, app: ASGIApp, *, limit_for_path: Callable[[str], BodyLimit],
+                 max_concurrent_uploads: int) -> None:
         self.app = app
         self.limit_for_path = limit_for_path
+        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,26 +75,38 @@ class BodyLimitMiddleware:
             return
         limit = self.limit_for_path(scope["path"])
         too_large = Problem("payload-too-large", f"the body limit for {scope['path']} is "
-                                                 f"{limit} bytes")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+                                                 f"{limit.max_bytes} bytes")
+        _, declared = declared_body(scope)
+        if declared is not None and declared > limit.max_bytes:
             await problem_response(too_large)(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        slot = self._upload_slots if limit.upload else contextlib.nullcontext()
+        async with slot:
+            chunks: list[bytes] = []
+            digest = hashlib.sha256()
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit.max_bytes:
+                    await problem_response(too_large)(scope, receive, send)
+                    return
+                digest.update(chunk)
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            del chunks
+        principal: VerifiedRequest | None = scope.get("fedgate.principal")
+        if principal is not None:
+            try:
+                verify_body_digest(principal, digest.digest(), size)
+            except Problem as problem:
+                await problem_response(problem)(scope, receive, send)
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await problem_response(too_large)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
         scope["fedgate.body"] = body
         replayed = False
 
@@ -114,14 +157,14 @@ class SignatureAuthMiddleware:
                           origin=str(origin))
         return origin.target_uri(scope)
 
-    def _authenticate(self, scope: Scope):  # type: ignore[no-untyped-def]
+    def _authenticate(self, scope: Scope) -> VerifiedRequest:
         now = time.time()
         config = self.node.config
-        verified = verify_request(
+        verified = verify_signature(
             method=scope["method"],
             url=self._target_uri(scope),
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
-            body=scope.get("fedgate.body", b""),
+            declares_body=declared_body(scope)[0],
             lookup_key=self.node.lookup_key,
             now=now,
             window_seconds=config.signature_window_seconds,
@@ -137,3 +180,20 @@ class SignatureAuthMiddleware:
             raise Problem("replayed-nonce", "this request was already accepted once; sign a new "
                                             "request (the client does this on every call)")
         return verified
+
+
+def request_middleware(node: Node) -> list[Middleware]:
+    """The gateway's middleware, outermost first: authenticate from the headers, then read
+    the body within its path's limit."""
+    config = node.config
+
+    def limit_for_path(path: str) -> BodyLimit:
+        if path in UPLOAD_PATHS:
+            return BodyLimit(config.max_model_bytes, upload=True)
+        return BodyLimit(config.max_request_bytes)
+
+    return [
+        Middleware(SignatureAuthMiddleware, node=node),
+        Middleware(BodyLimitMiddleware, limit_for_path=limit_for_path,
+                   max_concurrent_uploads=config.max_concurrent_uploads),
+    ]

@@ -21,7 +21,6 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "signature-missing": (401, "Request is not signed"),
     "signature-malformed": (401, "Signature headers are malformed"),
     "signature-invalid": (401, "Signature does not verify"),
-    "unknown-key": (401, "Signing key is not registered"),
     "revoked-key": (401, "Signing key has been revoked"),
     "signature-expired": (401, "Signature is outside its validity window"),
     "signature-from-future": (401, "Signature was created in the future"),

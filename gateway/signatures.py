@@ -3,19 +3,28 @@
 Contract — a request is authenticated iff all of these hold:
 
 * a ``Signature-Input`` member with ``tag="fedgate"`` and parameters ``keyid``,
-  ``created``, ``expires``, ``nonce`` (``alg``, if present, is ``ed25519``);
-* the key id is registered and not revoked;
+  ``created``, ``expires``, ``nonce`` (``alg``, if present, is ``ed25519``); the nonce and
+  key id at most 64 characters, ``Signature-Input`` and ``Signature`` at most 4096 bytes;
 * ``created <= now + skew``, ``now <= expires + skew``, ``expires - created <= window``
   and ``now - created <= window + skew``;
-* the signature covers ``@method`` and ``@target-uri`` and, when there is a body,
-  ``content-digest`` and ``content-type``; the RFC 9530 ``Content-Digest`` (sha-256)
-  matches the received bytes;
-* the Ed25519 signature over the RFC 9421 signature base verifies
-  (wire format by the ``http-message-signatures`` library);
+* the signature covers ``@method`` and ``@target-uri`` (the caller passes the URI at the
+  node's own origin, so a signature made for another node does not verify) and, when the
+  request declares a body, ``content-digest`` and ``content-type``;
+* the Ed25519 signature over the RFC 9421 signature base verifies with the key the key id
+  names (wire format by the ``http-message-signatures`` library), and that key is registered
+  and not revoked;
+* the body matches the RFC 9530 ``Content-Digest`` (sha-256) the signature covers;
 * the nonce has not been accepted before from this key (checked by the caller, which
   persists it — see ``SignatureAuthMiddleware``).
 
-Each failure raises a ``Problem`` with its own type, so clients can tell what to fix.
+Everything but the body is checked from the headers alone (``verify_signature``), so a request
+is authenticated before its body is read; the body is then checked against the digest the
+signature bound (``verify_body_digest``), hashed as it streams in.
+
+Each failure raises a ``Problem`` whose type tells the signer what to fix, with one exception:
+an unknown key id and a signature that does not verify are the same ``signature-invalid``,
+reached by the same work, so a caller without a registered private key cannot learn which key
+ids are registered or revoked. Only a signature that verifies can be told its key is revoked.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import http_sf
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from http_message_signatures import HTTPMessageVerifier, HTTPSignatureKeyResolver, algorithms
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
@@ -39,6 +48,12 @@ REQUIRED_COMPONENTS = ("@method", "@target-uri")
 BODY_COMPONENTS = ("content-digest", "content-type")
 DEFAULT_WINDOW_SECONDS = 300
 DEFAULT_SKEW_SECONDS = 5
+MAX_NONCE_LENGTH = 64
+MAX_KEY_ID_LENGTH = 64
+MAX_SIGNATURE_FIELD_BYTES = 4096
+# Stands in for an unknown key id, so an unknown key takes the same path and the same time as a
+# registered key whose signature does not verify. Its private key is discarded at creation.
+_NO_SUCH_KEY = Ed25519PrivateKey.generate().public_key()
 
 
 @dataclass(frozen=True)
@@ -54,13 +69,15 @@ class RegisteredKey:
 
 @dataclass(frozen=True)
 class VerifiedRequest:
-    """An authenticated request: who signed it, and the nonce to remember until when."""
+    """An authenticated request: who signed it, the nonce to remember until when, and the
+    sha-256 its body must have (None when it declared no body)."""
 
     key_id: str
     principal: str
     role: str
     nonce: str
     nonce_expires_at: float
+    content_digest: bytes | None = None
 
 
 class _HeaderView:
@@ -103,13 +120,16 @@ class _SingleKeyResolver(HTTPSignatureKeyResolver):
 
 def _signature_parameters(headers: _HeaderView) -> dict[str, object]:
     """Parameters of the ``tag="fedgate"`` member of Signature-Input."""
-    signature_input = headers.get("signature-input")
-    if signature_input is None or headers.get("signature") is None:
+    signature_input, signature = headers.get("signature-input"), headers.get("signature")
+    if signature_input is None or signature is None:
         raise Problem(
             "signature-missing",
             "sign every request with RFC 9421 HTTP Message Signatures "
             "(Signature-Input and Signature headers); the fedgate client does this for you",
         )
+    if max(len(signature_input), len(signature)) > MAX_SIGNATURE_FIELD_BYTES:
+        raise Problem("signature-malformed", "Signature-Input and Signature may each be at most "
+                                             f"{MAX_SIGNATURE_FIELD_BYTES} bytes")
     try:
         members = http_sf.parse(signature_input.encode("latin-1"), tltype="dictionary")
     except Exception as exc:  # the parser raises several exception types
@@ -129,6 +149,9 @@ def _signature_parameters(headers: _HeaderView) -> dict[str, object]:
         raise Problem("signature-malformed", "created and expires must be integers")
     if not isinstance(params["keyid"], str) or not isinstance(params["nonce"], str):
         raise Problem("signature-malformed", "keyid and nonce must be strings")
+    if len(params["nonce"]) > MAX_NONCE_LENGTH or len(params["keyid"]) > MAX_KEY_ID_LENGTH:
+        raise Problem("signature-malformed", f"nonce and keyid may each be at most "
+                                             f"{MAX_NONCE_LENGTH} characters")
     if params.get("alg", "ed25519") != "ed25519":
         raise Problem("signature-malformed", 'alg must be "ed25519"')
     return dict(params)
@@ -149,7 +172,8 @@ def _check_freshness(created: int, expires: int, now: float, window: int, skew: 
         raise Problem("signature-expired", "signature has expired; sign the request again")
 
 
-def _check_content_digest(headers: _HeaderView, body: bytes) -> None:
+def _claimed_content_digest(headers: _HeaderView) -> bytes:
+    """The sha-256 member of Content-Digest (RFC 9530)."""
     value = headers.get("content-digest")
     if value is None:
         raise Problem(
@@ -160,9 +184,77 @@ def _check_content_digest(headers: _HeaderView, body: bytes) -> None:
         claimed = members["sha-256"][0]
     except Exception:
         raise Problem("digest-mismatch", "Content-Digest must contain a sha-256 member") from None
-    if not isinstance(claimed, bytes) or not hmac.compare_digest(
-        claimed, hashlib.sha256(body).digest()
-    ):
+    if not isinstance(claimed, bytes):
+        raise Problem("digest-mismatch", "Content-Digest must contain a sha-256 member")
+    return claimed
+
+
+def _invalid(reason: str) -> Problem:
+    """The one refusal for an unknown key id and a signature that does not verify."""
+    because = f" ({reason})" if reason else ""
+    return Problem("signature-invalid", f"the signature does not verify with a key registered on "
+                                        f"this node{because}; check that the owner registered "
+                                        "your public key, and sign the request again")
+
+
+def verify_signature(
+    *,
+    method: str,
+    url: str,
+    headers: list[tuple[str, str]],
+    declares_body: bool,
+    lookup_key: Callable[[str], RegisteredKey | None],
+    now: float,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+    skew_seconds: int = DEFAULT_SKEW_SECONDS,
+) -> VerifiedRequest:
+    """Authenticate a request from its headers alone (see the module contract); the body, if
+    ``declares_body``, must then pass ``verify_body_digest``. Raises ``Problem``."""
+    view = _HeaderView(headers)
+    params = _signature_parameters(view)
+    key_id = str(params["keyid"])
+    created, expires = int(params["created"]), int(params["expires"])  # type: ignore[call-overload]
+    _check_freshness(created, expires, now, window_seconds, skew_seconds)
+    content_digest = _claimed_content_digest(view) if declares_body else None
+    key = lookup_key(key_id)
+    candidate = key or RegisteredKey(key_id, "", "", _NO_SUCH_KEY, revoked=False)
+    verifier = HTTPMessageVerifier(
+        signature_algorithm=algorithms.ED25519, key_resolver=_SingleKeyResolver(candidate)
+    )
+    # Freshness is enforced above with our own window; give the library the same skew.
+    verifier.max_clock_skew = dt.timedelta(seconds=skew_seconds)
+    try:
+        verifier.verify(
+            _RequestView(method=method, url=url, headers=view),
+            max_age=None,
+            expect_tag=SIGNATURE_TAG,
+            require_components=REQUIRED_COMPONENTS + (BODY_COMPONENTS if declares_body else ()),
+        )
+    except HTTPMessageSignaturesException as exc:
+        raise _invalid(str(exc)) from None
+    if key is None:
+        raise _invalid("")
+    if key.revoked:
+        raise Problem("revoked-key", f"key {key_id} has been revoked; ask the owner for a new one")
+    return VerifiedRequest(
+        key_id=key_id,
+        principal=key.principal,
+        role=key.role,
+        nonce=str(params["nonce"]),
+        nonce_expires_at=float(expires + skew_seconds),
+        content_digest=content_digest,
+    )
+
+
+def verify_body_digest(verified: VerifiedRequest, body_sha256: bytes, body_size: int) -> None:
+    """The body received (its sha-256 and size) matches the Content-Digest the signature
+    covers; a request that declared no body may not carry one. Raises ``Problem``."""
+    if verified.content_digest is None:
+        if body_size:
+            raise Problem("digest-missing",
+                          "requests with a body need an RFC 9530 Content-Digest (sha-256)")
+        return
+    if not hmac.compare_digest(verified.content_digest, body_sha256):
         raise Problem("digest-mismatch", "the body does not match its Content-Digest")
 
 
@@ -177,42 +269,13 @@ def verify_request(
     window_seconds: int = DEFAULT_WINDOW_SECONDS,
     skew_seconds: int = DEFAULT_SKEW_SECONDS,
 ) -> VerifiedRequest:
-    """Authenticate one request (see the module contract); raises ``Problem``."""
-    view = _HeaderView(headers)
-    params = _signature_parameters(view)
-    key_id = str(params["keyid"])
-    key = lookup_key(key_id)
-    if key is None:
-        raise Problem("unknown-key", f"key {key_id} is not registered on this node")
-    if key.revoked:
-        raise Problem("revoked-key", f"key {key_id} has been revoked; ask the owner for a new one")
-    created, expires = int(params["created"]), int(params["expires"])  # type: ignore[call-overload]
-    _check_freshness(created, expires, now, window_seconds, skew_seconds)
-    required = REQUIRED_COMPONENTS + (BODY_COMPONENTS if body else ())
-    if body:
-        _check_content_digest(view, body)
-    verifier = HTTPMessageVerifier(
-        signature_algorithm=algorithms.ED25519, key_resolver=_SingleKeyResolver(key)
-    )
-    # Freshness is enforced above with our own window; give the library the same skew.
-    verifier.max_clock_skew = dt.timedelta(seconds=skew_seconds)
-    try:
-        verifier.verify(
-            _RequestView(method=method, url=url, headers=view),
-            max_age=None,
-            expect_tag=SIGNATURE_TAG,
-            require_components=required,
-            body=body,
-        )
-    except HTTPMessageSignaturesException as exc:
-        raise Problem("signature-invalid", f"signature does not verify: {exc}") from None
-    return VerifiedRequest(
-        key_id=key_id,
-        principal=key.principal,
-        role=key.role,
-        nonce=str(params["nonce"]),
-        nonce_expires_at=float(expires + skew_seconds),
-    )
+    """Authenticate a whole request held in memory: ``verify_signature`` then
+    ``verify_body_digest``. Raises ``Problem``."""
+    verified = verify_signature(method=method, url=url, headers=headers, declares_body=bool(body),
+                                lookup_key=lookup_key, now=now, window_seconds=window_seconds,
+                                skew_seconds=skew_seconds)
+    verify_body_digest(verified, hashlib.sha256(body).digest(), len(body))
+    return verified
 
 
 def b64(data: bytes) -> str:

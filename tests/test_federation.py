@@ -192,7 +192,7 @@ def test_nodes_that_refuse_up_front_are_excluded_with_their_reasons(
                           "--noise-multiplier", "1", "--clip", "1", "--key",
                           str(tmp_path / "alice.key"), "--json"])
     reasons = {a.node: (a.admitted, a.problem_type) for a in refused.value.admissions}
-    assert reasons == {"poor": (False, "budget-exceeded"), "strangers": (False, "unknown-key"),
+    assert reasons == {"poor": (False, "budget-exceeded"), "strangers": (False, "signature-invalid"),
                        "gone": (False, "unreachable")}
     poor = next(a for a in refused.value.admissions if a.node == "poor")
     assert poor.rounds_that_fit is not None and poor.rounds_that_fit < 50

@@ -58,12 +58,21 @@ def test_registered_researcher_sees_the_dataset_with_rounded_user_counts(node_di
     assert "training_users" not in datasets[0] and "evaluation_users_rounded" not in datasets[0]
 
 
-def test_request_signed_by_unregistered_key_is_refused(node_dir: Path) -> None:
+def test_request_signed_by_unregistered_key_is_refused_like_a_forged_one(node_dir: Path) -> None:
+    """Probing which key ids are registered: an unknown key gets the same answer as a
+    signature that does not verify."""
+    alice = make_researcher(node_dir, "alice")
     stranger = keys.generate_private_key()
+    forged = signature_headers(private_key=stranger, method="GET",
+                               url="http://testserver/v1/datasets", body=b"", content_type=None,
+                               key_id=keys.key_id(alice.public_key()))
     with signed_client(create_app(node_dir), stranger) as client:
-        response = client.get("/v1/datasets")
-    assert response.status_code == 401
-    assert response.json()["type"] == "urn:fedgate:problem:unknown-key"
+        unknown = client.get("/v1/datasets")
+    with TestClient(create_app(node_dir)) as client:
+        bad = client.get("/v1/datasets", headers=forged)
+    assert unknown.status_code == bad.status_code == 401
+    assert unknown.json() == bad.json()
+    assert unknown.json()["type"] == "urn:fedgate:problem:signature-invalid"
 
 
 def test_bad_signature_is_refused(node_dir: Path) -> None:

@@ -97,7 +97,6 @@ def test_each_defect_is_refused_with_its_own_problem_type(alice) -> None:  # typ
     other = keys.generate_private_key()
     cases = {
         "signature-missing": lambda: _verify({"Content-Type": "application/json"}, registered),
-        "unknown-key": lambda: _verify(_signed(other), registered),
         "revoked-key": lambda: _verify(good, RegisteredKey(registered.key_id, "alice",
                                                            "researcher", registered.public_key,
                                                            True)),
@@ -128,3 +127,55 @@ def test_expired_nonces_are_pruned_and_live_ones_kept(db_url: str) -> None:
         assert prune_nonces(s, now) == 1
         assert not remember_nonce(s, key_id="k-1", nonce="live", expires_at=now + 300)
     engine.dispose()
+
+
+def test_unknown_key_and_forged_signature_are_indistinguishable(alice) -> None:  # type: ignore[no-untyped-def]
+    """An outsider probing key ids learns nothing: an unregistered key id, a registered one
+    with a signature by another key, and a revoked one with a signature by another key give the
+    same problem, type and detail alike."""
+    _, registered = alice
+    stranger = keys.generate_private_key()
+    revoked = RegisteredKey(registered.key_id, "alice", "researcher", registered.public_key, True)
+
+    def refusal(headers: dict[str, str], key: RegisteredKey) -> tuple[str, str]:
+        with pytest.raises(Problem) as info:
+            _verify(headers, key)
+        return info.value.slug, info.value.detail
+
+    forged = _signed(stranger, key_id=registered.key_id)
+    outcomes = {refusal(_signed(stranger), registered), refusal(forged, registered),
+                refusal(forged, revoked)}
+    assert len(outcomes) == 1 and next(iter(outcomes))[0] == "signature-invalid"
+
+
+def test_oversized_nonce_is_refused_before_it_is_stored(alice) -> None:  # type: ignore[no-untyped-def]
+    private_key, registered = alice
+    assert _slug(lambda: _verify(_signed(private_key, nonce="n" * 15_000),
+                                 registered)) == "signature-malformed"
+    assert _slug(lambda: _verify(_signed(private_key, nonce="n" * 65),
+                                 registered)) == "signature-malformed"
+    assert _verify(_signed(private_key, nonce="n" * 64), registered).nonce == "n" * 64
+
+
+def test_oversized_signature_headers_are_refused(alice) -> None:  # type: ignore[no-untyped-def]
+    private_key, registered = alice
+    headers = _signed(private_key)
+    padded = {**headers, "Signature-Input": headers["Signature-Input"] + ", pad=" + "a" * 5000}
+    assert _slug(lambda: _verify(padded, registered)) == "signature-malformed"
+
+
+def test_headers_verify_before_the_body_is_read(alice) -> None:  # type: ignore[no-untyped-def]
+    """The signature, with the digest it covers, verifies from the headers alone; the body is
+    checked later against that digest."""
+    import hashlib
+
+    from gateway.signatures import verify_body_digest, verify_signature
+
+    private_key, registered = alice
+    verified = verify_signature(method="POST", url=URL, headers=list(_signed(private_key).items()),
+                                declares_body=True,
+                                lookup_key=lambda k: registered if k == registered.key_id else None,
+                                now=time.time())
+    verify_body_digest(verified, hashlib.sha256(BODY).digest(), len(BODY))
+    assert _slug(lambda: verify_body_digest(verified, hashlib.sha256(b"x").digest(), 1)) == \
+        "digest-mismatch"

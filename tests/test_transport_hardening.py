@@ -1,11 +1,15 @@
-"""Red-team findings at the request layer (issue 22), against real gateways (`fedgate serve`
-on loopback): a signature binds the node it was made for."""
+"""Red-team findings at the request layer (issue 22), most against real gateways (`fedgate
+serve` on loopback): a signature binds the node it was made for; an unauthenticated body is
+never read and authenticated uploads are read a few at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from tests.conftest import make_node
 
 JOB = {"dataset": "demo", "rounds": 10, "clients_per_round": 20, "noise_multiplier": 1.0,
        "clip": 1.0}
+MIB = 1024 * 1024
 
 
 def _node(root: Path, table: Path, monkeypatch: pytest.MonkeyPatch, **gateway: object) -> Path:
@@ -127,4 +132,115 @@ def test_public_origin_must_be_an_origin(node_dir: Path) -> None:
         "[gateway]\n", '[gateway]\npublic_origin = "https://node.example/fedgate"\n', 1))
     with pytest.raises(ValueError, match="public_origin"):
         Deployment(node_dir).load_config()
+
+
+# --- Pre-authentication memory --------------------------------------------------------------
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident set) of a process, from /proc, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def _upload(port: int, head: bytes, body: bytes) -> bytes:
+    """Send ``head`` and ``body`` (1 MiB at a time) on a raw connection; the response's status
+    line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as conn:
+        conn.sendall(head)
+        view = memoryview(body)
+        for start in range(0, len(body), MIB):
+            conn.sendall(view[start:start + MIB])
+        return conn.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_unsigned_upload_is_refused_from_its_headers_before_its_body_is_sent(
+    tmp_path: Path, synthetic_table: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _node(tmp_path / "node", synthetic_table, monkeypatch)
+    with _gateway(root, tmp_path) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(f"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                         f"application/json\r\nContent-Length: {64 * MIB}\r\n\r\n".encode())
+            status = conn.recv(4096).split(b"\r\n", 1)[0]
+    assert status == b"HTTP/1.1 401 Unauthorized"
+
+
+def test_unauthenticated_64_mib_uploads_do_not_grow_gateway_memory(
+    tmp_path: Path, synthetic_table: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 connections each POST 64 MiB to /v1/models at once, half unsigned, half signed by a
+    key the node does not know: all are refused from their headers, no body is buffered, and
+    the gateway's peak resident memory grows by less than 100 MB (the red team saw 2.4 GB)."""
+    root = _node(tmp_path / "node", synthetic_table, monkeypatch)
+    body = bytes(64 * MIB)
+    with _gateway(root, tmp_path) as (url, pid):
+        port = int(url.rsplit(":", 1)[1])
+        head = (f"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+        signed = signature_headers(private_key=keys.generate_private_key(), method="POST",
+                                   url=url + "/v1/models", body=body,
+                                   content_type="application/json")
+        signature = "".join(f"{k}: {v}\r\n" for k, v in signed.items() if k != "Content-Type")
+        heads = [f"{head}\r\n".encode(), f"{head}{signature}\r\n".encode()]
+        before = _memory_kib(pid)
+        statuses: list[bytes] = []
+        threads = [threading.Thread(target=lambda i=i: statuses.append(
+            _upload(port, heads[i % 2], body))) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        after = _memory_kib(pid)
+        assert httpx.get(url + "/healthz").status_code == 200
+    assert statuses == [b"HTTP/1.1 401 Unauthorized"] * 20
+    growth_mb = (after["VmHWM"] - before["VmRSS"]) * 1024 / 1e6
+    assert growth_mb < 100, f"the gateway's peak RSS grew by {growth_mb:.0f} MB"
+
+
+def test_model_uploads_beyond_the_upload_slots_wait_with_their_bodies_unread() -> None:
+    """Authenticated uploads hold at most max_concurrent_uploads bodies in memory: one more
+    waits for a slot before a byte of its body is read; requests on other paths do not."""
+    from gateway.middleware import BodyLimit, BodyLimitMiddleware
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = BodyLimitMiddleware(
+        app, max_concurrent_uploads=1,
+        limit_for_path=lambda path: BodyLimit(100, upload=path == "/v1/models"))
+    reads: list[str] = []
+
+    async def request(name: str, path: str, gate: asyncio.Event | None) -> None:
+        async def receive():  # type: ignore[no-untyped-def]
+            reads.append(name)
+            if gate is not None:
+                await gate.wait()
+            return {"type": "http.request", "body": b"x", "more_body": False}
+
+        async def send(message):  # type: ignore[no-untyped-def]
+            pass
+
+        scope = {"type": "http", "path": path, "headers": [(b"content-length", b"1")]}
+        await middleware(scope, receive, send)
+
+    async def scenario() -> None:
+        slow = asyncio.Event()
+        first = asyncio.create_task(request("first upload", "/v1/models", slow))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(request("second upload", "/v1/models", None))
+        await request("estimate", "/v1/estimate", None)
+        await asyncio.sleep(0.05)
+        assert reads == ["first upload", "estimate"]
+        slow.set()
+        await asyncio.gather(first, second)
+
+    asyncio.run(scenario())
+    assert reads == ["first upload", "estimate", "second upload"]
 
