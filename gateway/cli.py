@@ -306,15 +306,14 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.server import serve
 
     root = _deployment_dir(args)
     app = create_app(root)
     config = app.state.node.config
-    uvicorn.run(app, host=args.host or config.host, port=args.port or config.port,
-                log_level=args.log_level)
+    serve(app, config, host=args.host or config.host, port=args.port or config.port,
+          log_level=args.log_level)
     return 0
 
 

@@ -65,6 +65,11 @@ max_request_bytes = 1048576
 # At most this many model uploads are read at once; more wait for a slot (each may hold up to
 # max_model_bytes in memory). Requests are authenticated before any body is read.
 max_concurrent_uploads = 4
+# `fedgate serve`: connections beyond this are answered 503; a connection whose request
+# headers have not all arrived this many seconds after it opened (or after its previous
+# response) is closed.
+max_connections = 256
+header_timeout_seconds = 10
 
 [engine]
 # Wall-clock limit for one job.
@@ -139,6 +144,8 @@ class NodeConfig:
     review_expiry_hours: float = 72.0
     public_origin: Origin | None = None  # None: the address each request arrived on
     max_concurrent_uploads: int = 4
+    max_connections: int = 256
+    header_timeout_seconds: float = 10.0
     remote_workers: tuple[WorkerAddress, ...] = ()
     billing: PriceList | None = None  # None: jobs are metered but not charged
     max_concurrent_jobs: int | None = None  # None: every admitted job starts at once
@@ -319,20 +326,25 @@ def let_sandbox_read(tree: Path, config: NodeConfig) -> None:
 
 
 def _transport(gw: dict[str, Any]) -> dict[str, Any]:
-    """``[gateway]`` public_origin and max_concurrent_uploads; absent keys (older
-    deployments) keep their defaults."""
+    """``[gateway]`` public_origin, max_concurrent_uploads, max_connections and
+    header_timeout_seconds; absent keys (older deployments) keep their defaults."""
     settings: dict[str, Any] = {}
     if "public_origin" in gw:
         try:
             settings["public_origin"] = Origin.parse(str(gw["public_origin"]))
         except ValueError as error:
             raise ValueError(f"[gateway] public_origin: {error}") from None
-    for name in ("max_concurrent_uploads",):
+    for name in ("max_concurrent_uploads", "max_connections"):
         if name in gw:
             value = gw[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"[gateway] {name} must be a whole number ≥ 1")
             settings[name] = value
+    if "header_timeout_seconds" in gw:
+        timeout = gw["header_timeout_seconds"]
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError("[gateway] header_timeout_seconds must be a number of seconds > 0")
+        settings["header_timeout_seconds"] = float(timeout)
     return settings
 
 

@@ -1,6 +1,7 @@
 """Red-team findings at the request layer (issue 22), most against real gateways (`fedgate
 serve` on loopback): a signature binds the node it was made for; an unauthenticated body is
-never read and authenticated uploads are read a few at a time."""
+never read and authenticated uploads are read a few at a time; slow headers cannot hold a
+connection."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,4 +245,65 @@ def test_model_uploads_beyond_the_upload_slots_wait_with_their_bodies_unread() -
 
     asyncio.run(scenario())
     assert reads == ["first upload", "estimate", "second upload"]
+
+
+# --- Slow and oversized headers -------------------------------------------------------------
+
+
+def _seconds_until_closed(conn: socket.socket, drip: bytes, limit: float) -> float | None:
+    """Send ``drip`` every 0.2 s (a slowloris client's headers) until the server closes the
+    connection; the seconds that took, or None if it stayed open for ``limit`` seconds."""
+    conn.settimeout(0.2)
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            conn.sendall(drip)
+            if conn.recv(4096) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+    return None
+
+
+def test_slowloris_connection_is_closed_when_its_headers_are_late(
+    tmp_path: Path, synthetic_table: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends its headers a line at a time, forever, loses the connection after
+    header_timeout_seconds, on its first request and on a later one on the same connection."""
+    root = _node(tmp_path / "node", synthetic_table, monkeypatch, header_timeout_seconds=1)
+    with _gateway(root, tmp_path) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            first = _seconds_until_closed(conn, b"X-Slow: 1\r\n", limit=8)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+            later = _seconds_until_closed(conn, b"X-Slow: 1\r\n", limit=8)
+        assert httpx.get(url + "/healthz").status_code == 200
+    assert first is not None and first < 4
+    assert later is not None and later < 4
+
+
+def test_connections_beyond_the_cap_are_answered_503(
+    tmp_path: Path, synthetic_table: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections held open (idle or slow) cannot make the gateway take unbounded more: past
+    max_connections a request is answered 503 at once, and served again once they close."""
+    root = _node(tmp_path / "node", synthetic_table, monkeypatch, max_connections=3)
+    with _gateway(root, tmp_path) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        for conn in held:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.5)
+        over_the_cap = httpx.get(url + "/healthz", timeout=10).status_code
+        for conn in held:
+            conn.close()
+        time.sleep(0.5)
+        after = httpx.get(url + "/healthz", timeout=10).status_code
+    assert (over_the_cap, after) == (503, 200)
 
