@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact_structure
-from gateway import audit_api
-from gateway.admission import JobRequest, admit_job, calibrate_job, estimate_job
+from gateway import access_log, audit_api
+from gateway.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
 from gateway.dashboard import Dashboard
 from gateway.jobs import JobRunner, recover_interrupted_jobs
+from gateway.json_body import RequestJsonInvalid, parse_request_json
 from gateway.middleware import request_middleware
 from gateway.node import Node
 from gateway.openapi import openapi_document
@@ -50,10 +51,24 @@ def _principal(request: Request) -> VerifiedRequest:
 
 
 def _json_body(request: Request) -> Any:
+    """The body parsed by the strict parser (``gateway.json_body``): depth, duplicate keys,
+    non-finite numbers and encoding refused as ``invalid-request``."""
     try:
-        return json.loads(request.scope.get("fedgate.body", b""))
-    except ValueError:
-        raise Problem("invalid-request", "the body must be valid JSON") from None
+        return parse_request_json(request.scope.get("fedgate.body", b""))
+    except RequestJsonInvalid as error:
+        raise Problem("invalid-request", str(error)) from None
+
+
+async def _parsed(request: Request, action: str, parse: Callable[[Any], Any]) -> Any:
+    """``parse(body)``; a refusal (malformed JSON or parameters) is audited as a ``deny`` of
+    ``action`` before it is returned."""
+    try:
+        return parse(_json_body(request))
+    except Problem as problem:
+        await run_in_threadpool(_audit_invalid_request, request.app.state.node,
+                                _principal(request), problem,
+                                sha256_digest(request.scope.get("fedgate.body", b"")), action)
+        raise
 
 
 async def healthz(request: Request) -> Response:
@@ -126,7 +141,7 @@ async def dataset_mock(request: Request) -> Response:
         decision = node.policy().decide(subject=principal.principal, domain=node.config.owner,
                                         dataset=name, action="estimate")
         if dataset is None or not decision.allowed:
-            raise Problem("unknown-dataset", f"no dataset {name!r} visible to this key")
+            raise not_visible(name)
         path = Path(dataset.path) / MOCK_FILE
         if not path.exists():
             raise Problem("not-found", f"dataset {name} has no mock data")
@@ -165,23 +180,25 @@ async def upload_model(request: Request) -> Response:
 
 async def estimate(request: Request) -> Response:
     node: Node = request.app.state.node
-    job_request = JobRequest.from_json(_json_body(request), needs_model=False)
+    job_request = await _parsed(request, "estimate",
+                                lambda body: JobRequest.from_json(body, needs_model=False))
     result = await run_in_threadpool(estimate_job, node, _principal(request), job_request)
     return JSONResponse(result)
 
 
 async def calibrate(request: Request) -> Response:
     node: Node = request.app.state.node
-    result = await run_in_threadpool(calibrate_job, node, _principal(request), _json_body(request))
+    body = await _parsed(request, "calibrate", lambda body: body)
+    result = await run_in_threadpool(calibrate_job, node, _principal(request), body)
     return JSONResponse(result)
 
 
 def _audit_invalid_request(node: Node, principal: VerifiedRequest, problem: Problem,
-                           request_digest: str) -> None:
+                           request_digest: str, action: str = "train") -> None:
     with node.session() as s, s.begin():
         append_entry(s, action="deny", decision="deny", reason=problem.slug,
                      explanation=problem.detail, actor=principal.key_id,
-                     principal=principal.principal, request_action="train",
+                     principal=principal.principal, request_action=action,
                      request_digest=request_digest)
 
 
@@ -189,11 +206,7 @@ async def submit_job(request: Request) -> Response:
     node: Node = request.app.state.node
     principal = _principal(request)
     request_digest = sha256_digest(request.scope.get("fedgate.body", b""))
-    try:
-        job_request = JobRequest.from_json(_json_body(request))
-    except Problem as problem:
-        await run_in_threadpool(_audit_invalid_request, node, principal, problem, request_digest)
-        raise
+    job_request = await _parsed(request, "train", JobRequest.from_json)
     job = await run_in_threadpool(admit_job, node, principal, job_request, request_digest)
     if job.state == "queued":
         request.app.state.runner.start(job)
@@ -357,6 +370,10 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
                             Exception: _internal_error_handler},
         lifespan=lifespan,
     )
+    # Starlette would answer /dashboard/ with an absolute redirect built from the Host header
+    # (a redirect to any host a caller names): every path is exact instead.
+    app.router.redirect_slashes = False
+    access_log.install()  # sign-in tokens never reach the access log
     app.state.node = node
     app.state.runner = runner
     return app

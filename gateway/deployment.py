@@ -91,8 +91,11 @@ evaluation_loss_clip = 5.0
 # this node's trust domain, on a private network (docs/sandbox.md, "Remote workers").
 remote_workers = []
 # At most this many jobs run at once; further admitted jobs wait, started round robin across
-# researchers (docs/billing.md). Absent: every admitted job starts at once.
-# max_concurrent_jobs = 2
+# researchers (docs/billing.md). Absent (older configurations): every admitted job starts at once.
+max_concurrent_jobs = 2
+# At most this many admitted, unfinished jobs per researcher (held for review, queued or
+# running); one more is refused with 429 quota-exceeded. Policy quotas may be stricter.
+max_jobs_per_researcher = 8
 
 [engine.limits]
 # Per process of a job (TFF's worker_binary has its own), except `processes`: all tasks,
@@ -149,6 +152,7 @@ class NodeConfig:
     remote_workers: tuple[WorkerAddress, ...] = ()
     billing: PriceList | None = None  # None: jobs are metered but not charged
     max_concurrent_jobs: int | None = None  # None: every admitted job starts at once
+    max_jobs_per_researcher: int | None = None  # None: only policy quotas bound it
 
     @property
     def sandbox_settings(self) -> SandboxSettings:
@@ -238,7 +242,8 @@ class Deployment:
             review_expiry_hours=float(data.get("review", {}).get("expiry_hours", 72.0)),
             remote_workers=_remote_workers(engine.get("remote_workers", [])),
             billing=PriceList.from_table(data["billing"]) if "billing" in data else None,
-            max_concurrent_jobs=_max_concurrent_jobs(engine.get("max_concurrent_jobs")),
+            max_concurrent_jobs=_whole_number(engine, "max_concurrent_jobs"),
+            max_jobs_per_researcher=_whole_number(engine, "max_jobs_per_researcher"),
         )
 
 
@@ -256,12 +261,13 @@ def _evaluation_mechanism(engine: dict[str, Any]) -> dict[str, float]:
     return {"evaluation_noise_multiplier": float(z), "evaluation_loss_clip": float(clip)}
 
 
-def _max_concurrent_jobs(value: object) -> int | None:
-    """``[engine] max_concurrent_jobs``: a whole number ≥ 1; absent means no limit."""
+def _whole_number(engine: dict[str, Any], key: str) -> int | None:
+    """``[engine] key`` (a job-count cap): a whole number ≥ 1; absent means no limit."""
+    value = engine.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("[engine] max_concurrent_jobs must be a whole number ≥ 1")
+        raise ValueError(f"[engine] {key} must be a whole number ≥ 1")
     return value
 
 

@@ -37,7 +37,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     # 429, not 403: the refusal lifts by itself (jobs end, the month turns), no policy change needed.
     "quota-exceeded": (429, "Compute quota exceeded"),
     "invalid-request": (422, "Request is invalid"),
-    "job-too-large": (422, "Job needs more memory than the node allows"),
+    "job-too-large": (422, "Job needs more memory or time than the node allows"),
     "model-rejected": (422, "Model artifact rejected"),
     "unknown-dataset": (404, "Unknown dataset"),
     "unknown-model": (404, "Unknown model artifact"),

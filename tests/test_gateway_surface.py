@@ -18,8 +18,8 @@ from starlette.testclient import TestClient
 from gateway.access_log import RedactSecrets
 from gateway.app import create_app
 from tests.conftest import make_researcher
-from tests.test_audit_api import make_officer
 from tests.ledger_activity import login_token
+from tests.test_audit_api import make_officer
 from tests.test_gateway import JOB, audit_entries, signed_client
 from tests.test_review import submit
 
