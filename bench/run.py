@@ -12,11 +12,11 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import accounting, audit, dataset_import, engine, gateway, policy, vectorized
+from bench import accounting, audit, dataset_import, engine, gateway, policy, scale, vectorized
 
 BENCHMARKS = {"accounting": accounting.run, "audit": audit.run, "policy": policy.run,
               "gateway": gateway.run, "dataset_import": dataset_import.run,
-              "engine": engine.run, "vectorized": vectorized.run}
+              "engine": engine.run, "vectorized": vectorized.run, "scale": scale.run}
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 
