@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("demo", help="run the end-to-end demo on a temporary node")
-    p.add_argument("--users", type=int, default=2500)
+    p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--keep", action="store_true", help="keep the temporary deployment")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -25,7 +25,7 @@ from gateway.process import running_gateway
 DEMO_DATASET = "demo"
 DEMO_EPSILON_TOTAL = 8.0
 DEMO_DELTA = 1e-5
-FIRST_JOB = {"rounds": 150, "clients_per_round": 300, "noise_multiplier": 3.0, "clip": 1.0,
+FIRST_JOB = {"rounds": 200, "clients_per_round": 1000, "noise_multiplier": 1.6, "clip": 1.0,
              "client_learning_rate": 0.1, "server_learning_rate": 1.0, "local_epochs": 1,
              "batch_size": 16}
 GREEDY_JOB = {**FIRST_JOB, "rounds": 2000}
@@ -46,7 +46,7 @@ def demo_model(num_features: int, num_classes: int):  # type: ignore[no-untyped-
     ])
 
 
-def run_demo(*, users: int = 2500, keep: bool = False) -> int:
+def run_demo(*, users: int = 20_000, keep: bool = False) -> int:
     from engine.artifact import artifact_from_keras
     from gateway import keys
     from gateway.cli import main as fedgate
