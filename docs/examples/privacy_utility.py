@@ -6,10 +6,10 @@ Run from the repository root, in the project environment (``make env``)::
 
 It plays both parts on a temporary node:
 
-* **owner** — ``fedgate init``, ``fedgate dataset synthesize --users 2500`` (the demo data: LEAF
-  Synthetic(1, 1) with a labelling model shared by all users), ``fedgate dataset import`` with a
-  budget large enough for every job (ε_total 50, δ 1e-5), ``fedgate researcher add``, and
-  ``fedgate serve`` on a free loopback port;
+* **owner** — ``fedgate init``, ``fedgate dataset synthesize --users 20000`` (the demo's kind of
+  data: LEAF Synthetic(1, 1) with a labelling model shared by all users), ``fedgate dataset
+  import`` with a budget large enough for every job (ε_total 50, δ 1e-5), ``fedgate researcher
+  add``, and ``fedgate serve`` on a free loopback port;
 * **researcher** — for each target ε, ``Client.calibrate`` picks the smallest noise multiplier z
   for fixed rounds and clients per round, and ``Client.train_model`` trains the demo's Keras model
   (multinomial logistic regression, 60 features, 10 classes) with user-level DP-FedAvg and returns
@@ -112,10 +112,10 @@ def owner_sets_up_node(workdir: Path, *, users: int, epsilon_total: float, delta
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=2500)
+    parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--clients-per-round", type=float, default=200)
+    parser.add_argument("--rounds", type=int, default=500)
+    parser.add_argument("--clients-per-round", type=float, default=1000)
     parser.add_argument("--clip", type=float, default=0.5)
     parser.add_argument("--client-learning-rate", type=float, default=0.1)
     parser.add_argument("--server-learning-rate", type=float, default=1.0)
