@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway import keys
+from ledger import keys
 from ledger.audit import append_entry, audit_tree, publish_checkpoint
 from ledger.audit_export import decode_export, export_audit
 from ledger.audit_verify import verify_export

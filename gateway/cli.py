@@ -65,7 +65,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from gateway import keys
+    from ledger import keys
 
     private_key = keys.generate_private_key()
     private_path, public_path = keys.write_key_pair(private_key, Path(args.out))
@@ -76,8 +76,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_add(args: argparse.Namespace) -> int:
-    from gateway import keys
     from gateway.policy import declared_groups, rows_naming
+    from ledger import keys
     from ledger.registry import add_principal
 
     node = _node(args)
@@ -101,7 +101,7 @@ def cmd_principal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_add_key(args: argparse.Namespace) -> int:
-    from gateway import keys
+    from ledger import keys
     from ledger.registry import add_key
 
     node = _node(args)
@@ -115,7 +115,7 @@ def cmd_principal_add_key(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_rotate(args: argparse.Namespace) -> int:
-    from gateway import keys
+    from ledger import keys
     from ledger.registry import rotate_principal
 
     node = _node(args)

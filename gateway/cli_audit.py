@@ -33,7 +33,7 @@ def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from gateway import keys
+    from ledger import keys
     from ledger.audit_verify import verify_export
 
     public_key = keys.load_public_key(Path(args.node_key))

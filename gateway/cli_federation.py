@@ -174,12 +174,12 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_federation(args: argparse.Namespace) -> int:
-    from gateway import keys
     from gateway.federation import (
         FederationManifestInvalid,
         parse_nodes_toml,
         verify_federation_manifest,
     )
+    from ledger import keys
 
     document = json.loads(Path(args.manifest).read_text(encoding="utf-8"))
     coordinator = keys.load_public_key(Path(args.coordinator_key))

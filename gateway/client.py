@@ -26,9 +26,9 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway import keys
 from gateway.problems import TYPE_PREFIX
 from gateway.request_signing import SignedRequestAuth
+from ledger import keys
 from ledger.canonical import canonical_json, sha256_digest
 
 if TYPE_CHECKING:

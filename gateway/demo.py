@@ -48,9 +48,9 @@ def demo_model(num_features: int, num_classes: int):  # type: ignore[no-untyped-
 
 def run_demo(*, users: int = 20_000, keep: bool = False) -> int:
     from engine.artifact import artifact_from_keras
-    from gateway import keys
     from gateway.cli import main as fedgate
     from gateway.client import BudgetExceeded, Client
+    from ledger import keys
 
     workdir = Path(tempfile.mkdtemp(prefix="fedgate-demo-"))
     node_dir = workdir / "node"

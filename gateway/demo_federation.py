@@ -151,7 +151,7 @@ def verify_node_audit(root: Path, out: Path) -> str:
     from gateway.cli import main as fedgate
 
     fedgate(["-d", str(root), "audit", "export", "--out", str(out)])
-    from gateway import keys
+    from ledger import keys
     from ledger.audit_verify import verify_export
 
     report = verify_export(out.read_bytes(), keys.load_public_key(root / "node.pub"))

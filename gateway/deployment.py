@@ -35,8 +35,8 @@ from engine.sandbox import (
     SandboxSettings,
     WorkerAddress,
 )
-from gateway import keys
 from gateway.origin import Origin
+from ledger import keys
 from ledger.names import check_name
 from ledger.pricing import PriceList
 

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from engine.job import OPTIMIZER_FIELDS
-from gateway import keys
+from ledger import keys
 from ledger.canonical import canonical_json, sha256_digest
 
 FEDERATION_FORMAT = "fedgate-federation-v1"

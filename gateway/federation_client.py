@@ -42,7 +42,6 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import keys
 from gateway.client import (
     AuthenticationFailed,
     Client,
@@ -64,6 +63,7 @@ from gateway.federation import (
     sign_federation_manifest,
 )
 from gateway.problems import TYPE_PREFIX
+from ledger import keys
 from ledger.audit import utc_timestamp
 
 Progress = Callable[[str], None]

@@ -30,10 +30,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gateway.keys import key_id as derive_key_id
 from ledger.audit import entry_object
 from ledger.audit_export import AuditExport, ExportMalformed, decode_export
 from ledger.checkpoints import Checkpoint, CheckpointInvalid, parse_and_verify_checkpoint
+from ledger.keys import key_id as derive_key_id
 from ledger.merkle import MerkleTree, leaf_hash, verify_consistency
 
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.keys import key_id as derive_key_id
-from gateway.keys import raw_public_bytes
+from ledger.keys import key_id as derive_key_id
+from ledger.keys import raw_public_bytes
 from ledger.merkle import HASH_SIZE
 
 SIGNATURE_PREFIX = "— "  # em dash, space

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from gateway import keys
 from gateway.deployment import init_deployment
+from ledger import keys
 
 POSTGRES_URL = os.environ.get(
     "FEDGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import keys
 from gateway.admission import JobRequest, admit_job
 from gateway.node import Node
 from gateway.problems import Problem
 from gateway.signatures import VerifiedRequest
+from ledger import keys
 from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import sha256_digest
 from ledger.models import Dataset, Job

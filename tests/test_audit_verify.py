@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select, update
 
-from gateway import keys
 from gateway.cli import main as fedgate
+from ledger import keys
 from ledger.audit import AuditLogCorrupted, append_entry, publish_checkpoint
 from ledger.audit_export import export_audit
 from ledger.audit_verify import verify_export

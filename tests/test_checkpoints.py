@@ -9,7 +9,7 @@ import base64
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import keys
+from ledger import keys
 from ledger.checkpoints import (
     CheckpointInvalid,
     note_key_hash,

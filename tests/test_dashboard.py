@@ -189,7 +189,7 @@ def test_researchers_get_no_token_and_their_signatures_do_not_open_the_dashboard
 def test_an_officer_the_policy_does_not_allow_to_read_audit_is_refused_and_audited(
     node_dir: Path,
 ) -> None:
-    from gateway import keys
+    from ledger import keys
 
     key = keys.generate_private_key()
     _, public = keys.write_key_pair(key, node_dir / "trainee")

@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import pytest
 
 from engine.artifact import linear_classifier_artifact
-from gateway import keys
 from gateway.client import Job
 from gateway.federation import (
     FederationManifestInvalid,
@@ -27,6 +26,7 @@ from gateway.federation import (
 )
 from gateway.federation_client import FederationRefused, federate
 from gateway.process import free_port, stop_gateway
+from ledger import keys
 
 JOB = {"rounds": 4, "clients_per_round": 40, "noise_multiplier": 1.0, "clip": 1.0,
        "client_learning_rate": 0.5, "batch_size": 16}

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway import keys
 from gateway.federation import (
     FEDERATION_FORMAT,
     Aggregation,
@@ -26,7 +25,7 @@ from gateway.federation import (
     sign_federation_manifest,
     verify_federation_manifest,
 )
-from ledger import accounting
+from ledger import accounting, keys
 from ledger.canonical import canonical_json
 
 NODES_TOML = """

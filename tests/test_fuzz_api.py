@@ -11,11 +11,11 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from starlette.testclient import TestClient
 
-from gateway import keys
 from gateway.app import create_app
 from gateway.deployment import init_deployment
 from gateway.openapi import openapi_document
 from gateway.request_signing import SignedRequestAuth
+from ledger import keys
 
 schema = schemathesis.openapi.from_dict(openapi_document())
 

@@ -8,11 +8,11 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import keys
 from gateway.admission import JobRequest
 from gateway.problems import Problem
 from gateway.request_signing import signature_headers
 from gateway.signatures import RegisteredKey, verify_request
+from ledger import keys
 
 KEY = keys.generate_private_key()
 REGISTERED = RegisteredKey(keys.key_id(KEY.public_key()), "alice", "researcher",

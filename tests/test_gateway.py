@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from gateway import keys
 from gateway.app import create_app
 from gateway.request_signing import SignedRequestAuth, signature_headers
+from ledger import keys
 from ledger.audit import read_entries
 from ledger.db import make_engine, session
 from tests.conftest import make_researcher

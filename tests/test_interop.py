@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from gateway import keys
 from gateway.app import create_app
+from ledger import keys
 from tests.conftest import make_researcher
 
 INTEROP = Path(__file__).parent / "interop"

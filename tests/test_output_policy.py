@@ -20,9 +20,9 @@ from engine.launcher import JobOutcome
 from gateway.app import create_app
 from gateway.client import verify_release
 from gateway.jobs import JobRunner
-from gateway.keys import load_public_key
 from gateway.policy import OutputPolicy, PolicyEngine
 from ledger.db import make_engine, session
+from ledger.keys import load_public_key
 from ledger.models import Job
 from tests.conftest import make_researcher
 from tests.test_gateway import JOB, audit_entries, signed_client

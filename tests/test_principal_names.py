@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from gateway import keys
 from gateway.cli import main as fedgate
 from gateway.deployment import init_deployment
 from gateway.node import Node
+from ledger import keys
 from ledger.models import Principal
 
 

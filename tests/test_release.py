@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from engine.artifact import encode_array
-from gateway import keys
 from gateway.client import ReleaseVerificationFailed, verify_release
 from gateway.release import ReleaseRefused, build_release, gate_engine_output
+from ledger import keys
 from ledger.models import Job
 
 FIXTURES = Path(__file__).parent / "fixtures"

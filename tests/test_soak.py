@@ -51,11 +51,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
-from gateway import keys
 from gateway.cli import main as fedgate
 from gateway.process import start_gateway, stop_gateway
 from gateway.request_signing import SignedRequestAuth, signature_headers
-from ledger import accounting
+from ledger import accounting, keys
 from ledger.audit import read_entries
 from ledger.canonical import sha256_digest
 from ledger.db import make_engine, session

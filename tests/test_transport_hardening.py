@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway import keys
 from gateway.cli import main as fedgate
 from gateway.process import start_gateway, stop_gateway
 from gateway.request_signing import signature_headers
+from ledger import keys
 from tests.conftest import make_node
 
 JOB = {"dataset": "demo", "rounds": 10, "clients_per_round": 20, "noise_multiplier": 1.0,
