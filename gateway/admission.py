@@ -40,7 +40,7 @@ from gateway.policy import (
     researcher_committed_jobs,
     researcher_epsilon_spent,
 )
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from gateway.quotas import QuotaExceeded, enforce_quotas
 from gateway.signatures import VerifiedRequest
 from ledger import accounting, mechanism

@@ -34,7 +34,8 @@ from gateway.middleware import request_middleware
 from gateway.node import Node
 from gateway.openapi import openapi_document
 from gateway.output_policy import fetch_release
-from gateway.problems import Problem, problem_response
+from gateway.problems import problem_response
+from gateway.protocol.problems import Problem
 from gateway.review import review_status, review_watch
 from gateway.signatures import VerifiedRequest
 from ledger.accounting import JobCost

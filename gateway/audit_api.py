@@ -22,7 +22,7 @@ from starlette.routing import Route
 from gateway import node_audit
 from gateway.background import every
 from gateway.node import Node
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger.audit import AuditLogCorrupted, append_entry
 

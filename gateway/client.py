@@ -26,7 +26,7 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.problems import TYPE_PREFIX
+from gateway.protocol.problems import TYPE_PREFIX
 from gateway.request_signing import SignedRequestAuth
 from ledger import keys
 from ledger.canonical import canonical_json, sha256_digest

@@ -37,7 +37,7 @@ from gateway import dashboard_pages
 from gateway.audit_api import authorise_audit_reader
 from gateway.dashboard_data import LogVerification, load_billing, load_overview, parse_month
 from gateway.node import Node
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from ledger.officer_login import (
     LoginRefused,
     OfficerLogin,

@@ -62,9 +62,9 @@ from gateway.federation import (
     model_digest,
     sign_federation_manifest,
 )
-from gateway.problems import TYPE_PREFIX
+from gateway.protocol.problems import TYPE_PREFIX
 from ledger import keys
-from ledger.audit import utc_timestamp
+from ledger.timestamps import utc_timestamp
 
 Progress = Callable[[str], None]
 

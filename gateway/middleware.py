@@ -35,7 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.node import Node
 from gateway.origin import arrival_origin
-from gateway.problems import Problem, problem_response
+from gateway.problems import problem_response
+from gateway.protocol.problems import Problem
 from gateway.signatures import VerifiedRequest, verify_body_digest, verify_signature
 from ledger.registry import prune_nonces, remember_nonce
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.job import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from gateway.middleware import cookie_authenticated
-from gateway.problems import PROBLEM_TYPES, TYPE_PREFIX
+from gateway.protocol.problems import PROBLEM_TYPES, TYPE_PREFIX
 from ledger.mechanism import RANGES
 
 NUMBER = {"type": "number"}

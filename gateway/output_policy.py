@@ -27,7 +27,7 @@ from sqlmodel import select
 
 from gateway.node import Node
 from gateway.policy import OutputPolicy
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger.audit import append_entry
 from ledger.models import Dataset, Job, ResultFetch

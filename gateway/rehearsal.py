@@ -118,7 +118,7 @@ def rehearse(client: Client, artifact: dict[str, Any], dataset: str, parameters:
     does not let this key estimate on ``dataset``; every other finding is in the report.
     """
     from gateway.admission import JobRequest
-    from gateway.problems import Problem
+    from gateway.protocol.problems import Problem
 
     estimate = client.estimate(dataset, **parameters)
     listing = next((d for d in client.datasets() if d["name"] == dataset), None)

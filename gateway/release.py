@@ -27,9 +27,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from engine.artifact import decode_array
-from ledger.audit import utc_timestamp
 from ledger.canonical import canonical_json, sha256_digest
 from ledger.models import Job
+from ledger.timestamps import utc_timestamp
 
 RELEASED_METRICS = frozenset({"accuracy", "loss"})
 

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from http_message_signatures import HTTPMessageVerifier, HTTPSignatureKeyResolver, algorithms
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 
 SIGNATURE_TAG = "fedgate"
 REQUIRED_COMPONENTS = ("@method", "@target-uri")

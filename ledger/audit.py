@@ -19,7 +19,6 @@ Contract:
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Any
 
@@ -37,6 +36,7 @@ from ledger.checkpoints import (
 )
 from ledger.merkle import MerkleTree, leaf_hash, merkle_root, node_hash
 from ledger.models import AuditCheckpoint, AuditEntry, AuditHead
+from ledger.timestamps import utc_timestamp
 
 __all__ = [
     "AUDIT_ACTIONS",
@@ -53,7 +53,6 @@ __all__ = [
     "publish_checkpoint",
     "read_entries",
     "read_entry_rows",
-    "utc_timestamp",
 ]
 
 AUDIT_ACTIONS = frozenset(
@@ -72,11 +71,6 @@ AUDIT_ACTIONS = frozenset(
         "token",  # an officer dashboard login token was issued or exchanged for a session
     }
 )
-
-
-def utc_timestamp() -> str:
-    """Audit timestamp: RFC 3339 UTC with microseconds."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def append_entry(session: Session, *, action: str, **fields: Any) -> int:

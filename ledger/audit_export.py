@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
-from ledger.audit import checkpoint_texts, utc_timestamp
+from ledger.audit import checkpoint_texts
 from ledger.models import AuditEntry
+from ledger.timestamps import utc_timestamp
 
 EXPORT_FORMAT = "fedgate-audit-export/1"
 

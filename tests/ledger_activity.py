@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.admission import JobRequest, admit_job
 from gateway.node import Node
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger import keys
 from ledger.budget import commit_budget, refund_budget

@@ -20,7 +20,7 @@ from gateway.cli import main as fedgate
 from gateway.deployment import Deployment, init_deployment
 from gateway.jobs import JobRunner
 from gateway.node import Node
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from ledger.audit import read_entries
 from ledger.metering import month_of
 from ledger.models import BillingCharge, Job, JobMeter

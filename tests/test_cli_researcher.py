@@ -17,8 +17,8 @@ from gateway.admission import JobRequest
 from gateway.cli import main as fedgate
 from gateway.client import Client, InvalidRequest, progress_postfix
 from gateway.jobs import engine_job_document
-from gateway.problems import Problem
 from gateway.process import running_gateway
+from gateway.protocol.problems import Problem
 from ledger import accounting
 from ledger.accounting import JobCost
 from tests.conftest import make_researcher

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.admission import JobRequest
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from gateway.request_signing import signature_headers
 from gateway.signatures import RegisteredKey, verify_request
 from ledger import keys

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli_policy, keys
+from gateway import cli_policy
 from gateway.cli_policy import lint_policy, parse_expectations, run_expectations
 from gateway.deployment import init_deployment
 from gateway.node import Node
 from gateway.policy import PolicyEngine
+from ledger import keys
 from ledger.audit import read_entries
 from ledger.budget import register_dataset
 from ledger.models import Job, Principal

@@ -43,7 +43,7 @@ from engine.privacy_audit import (
 )
 from gateway import cli_privacy_audit
 from gateway.admission import JobRequest
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from ledger.mechanism import MIN_CLIP
 from tests.conftest import in_own_process
 

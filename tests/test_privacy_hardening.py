@@ -31,7 +31,7 @@ from engine.training import cap_examples, poisson_sample
 from gateway.admission import JobRequest
 from gateway.app import GENERIC_FAILURE, create_app, researcher_failure
 from gateway.cli import main as fedgate
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from ledger import mechanism
 from ledger.accounting import JobCost
 from ledger.db import make_engine, session

@@ -18,7 +18,7 @@ from gateway.admission import JobRequest, admit_job
 from gateway.jobs import JobRunner
 from gateway.node import Node
 from gateway.policy import PolicyEngine, PolicyInvalid
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from ledger.audit import read_entries
 from ledger.models import Dataset, Job, JobMeter
 from tests.ledger_activity import researcher, submit, upload_model

@@ -11,7 +11,7 @@ import pytest
 from gateway.admission import JobRequest, admit_job
 from gateway.jobs import recover_interrupted_jobs
 from gateway.node import Node
-from gateway.problems import Problem
+from gateway.protocol.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger import accounting
 from ledger.audit import read_entries
