@@ -9,6 +9,8 @@ Invariant (the user is the privacy unit): nothing mixes users. Every operation i
 * elementwise (activations, Dropout, Add, the RNN gates);
 * a batched matmul or gather whose batch axis is the user axis, each user with their own
   weights: Dense, Conv1D/Conv2D (on patches), Embedding (``tf.gather(..., batch_dims=1)``),
+  a Conv2D with no more filters than kernel taps as one depthwise convolution whose channels
+  are the users' (a depthwise convolution never mixes channels),
   the input and recurrent kernels of SimpleRNN/GRU/LSTM;
 * a weight-free operation on one example at a time, on a merged ``[U·B, ...]`` axis or along
   the per-example axes: Flatten, Reshape, Concatenate, convolution patch extraction,
@@ -389,8 +391,18 @@ def _conv(node: _Node, dropped: bool) -> _Step:
     activation = _activation(fields.get("activation"), dropped)
     taps = math.prod(kernel_size)
 
+    # Conv2D with few filters (F ≤ taps, so the per-channel outputs are no larger than the
+    # patches) as one depthwise convolution: users side by side as channels.
+    depthwise = (rank == 2 and groups == 1 and filters <= taps and strides[0] == strides[1]
+                 and padding in ("valid", "same"))
+
     def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
         x = inputs[0]
+        if depthwise:
+            y = _depthwise_conv2d(x, params[index], filters, strides[0], dilation, padding)
+            if bias:
+                y = y + params[index + 1][:, None, None, None, :]
+            return activation(y)
         users, channels = tf.shape(x)[0], int(x.shape[-1])
         patches = _patches(_merge_examples(x), kernel_size, strides, dilation, padding)
         positions = list(patches.shape[1:-2])  # [U·B, *positions, taps, C]
@@ -408,6 +420,33 @@ def _conv(node: _Node, dropped: bool) -> _Step:
         return activation(_to_examples(y, x, [*positions, filters]))
 
     return apply
+
+
+def _depthwise_conv2d(x: Any, kernel: Any, filters: int, stride: int,
+                      dilation: Sequence[int], padding: str) -> Any:
+    """Per-user Conv2D as one depthwise convolution: ``x`` [U, B, H, W, C] becomes
+    [B, H, W, U·C] (user u's example b in channels u·C … u·C + C − 1 of image b), each
+    channel is convolved with its own F kernels (user u's, ``kernel`` [U, kh, kw, C, F]) and
+    the C input channels of each user are summed: [U, B, H', W', F]. Channels never mix in a
+    depthwise convolution, so neither do users; padding and strides are TensorFlow's, which
+    Keras uses."""
+    import tensorflow as tf
+
+    users, batch = tf.shape(x)[0], tf.shape(x)[1]
+    height, width, channels = (int(n) for n in x.shape[2:])
+    kh, kw = (int(n) for n in kernel.shape[1:3])
+    images = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]),
+                        tf.stack([batch, height, width, users * channels]))
+    depth = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
+                       tf.stack([kh, kw, users * channels, filters]))
+    y = tf.nn.depthwise_conv2d(images, depth, [1, stride, stride, 1], padding.upper(),
+                               dilations=list(dilation))
+    out_h, out_w = int(y.shape[1]), int(y.shape[2])
+    y = tf.reduce_sum(tf.reshape(y, tf.stack([batch, out_h, out_w, users, channels, filters])),
+                      axis=4)
+    result = tf.transpose(y, [3, 0, 1, 2, 4])
+    result.set_shape(x.shape[:2].concatenate([out_h, out_w, filters]))
+    return result
 
 
 def _patches(x: Any, kernel_size: Sequence[int], strides: Sequence[int],

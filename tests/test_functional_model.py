@@ -113,6 +113,9 @@ CONV2D = {
     "same_dilation_2": dict(kernel_size=3, dilation_rate=2, padding="same"),
     "valid_dilation_2_1_no_bias": dict(kernel_size=(2, 3), dilation_rate=(2, 1), use_bias=False),
     "groups_2_relu": dict(kernel_size=3, groups=2, padding="same", activation="relu"),
+    # 6 filters > 4 taps: patches and a batched matmul (the others above with F ≤ taps and
+    # equal strides run as one depthwise convolution)
+    "valid_more_filters_than_taps": dict(kernel_size=2),
 }
 
 
