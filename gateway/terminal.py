@@ -7,7 +7,8 @@ a line read differently from what it holds. ``escape_controls`` replaces every c
 character (Unicode categories Cc and Cf, and the line and paragraph separators Zl and Zp) by
 a visible escape (``\\u001b``, ``\\u202e``); ``ControlEscapingStream`` applies it to everything
 the ``fedgate`` command prints (``gateway.cli.main``), keeping the newlines and tabs the
-commands write themselves. A field that must stay on its line is escaped with
+commands write themselves and the carriage return a progress bar starts each redraw with.
+A field that must stay on its line is escaped with
 ``keep=""``, which escapes its newlines too.
 """
 
@@ -46,7 +47,10 @@ class ControlEscapingStream:
         self.stream = stream
 
     def write(self, text: str) -> int:
-        self.stream.write(escape_controls(text, keep="\n\t"))
+        # A progress bar redraws its line with one write that starts with a carriage return
+        # (tqdm); that leading return is layout too. Any other one is escaped.
+        redraw = "\r" if text.startswith("\r") else ""
+        self.stream.write(redraw + escape_controls(text[len(redraw):], keep="\n\t"))
         return len(text)
 
     def __getattr__(self, name: str) -> object:  # flush, fileno, isatty, encoding, ...

@@ -67,3 +67,18 @@ def test_every_control_and_format_character_is_escaped_and_nothing_else() -> Non
     assert escape_controls("alice → ε 1.2 on Zürich-notes\t", keep="\t") == \
         "alice → ε 1.2 on Zürich-notes\t"
     assert escape_controls("a\nb") == "a\\u000ab" and escape_controls("a\nb", keep="\n") == "a\nb"
+
+
+def test_a_progress_bar_still_redraws_its_line_but_no_other_carriage_return_passes() -> None:
+    """The researcher CLI's progress bar (tqdm) starts every redraw with a carriage return;
+    that one is layout. A return inside other text could hide what precedes it: escaped."""
+    import io
+
+    from gateway.terminal import ControlEscapingStream
+
+    out = io.StringIO()
+    stream = ControlEscapingStream(out)
+    stream.write("\rjob-1:  50%|█████     | 100/200 [00:20<00:20, ε 1.2/3.0, running]")
+    stream.write("name: alice\rmallory\x1b[2J")
+    assert out.getvalue() == ("\rjob-1:  50%|█████     | 100/200 [00:20<00:20, ε 1.2/3.0, running]"
+                              "name: alice\\u000dmallory\\u001b[2J")
