@@ -329,15 +329,11 @@ class JobSpec:
         """The job's memory estimate (``engine.memory.job_memory``) for the validated model
         ``summary``; raises :class:`JobSpecInvalid` — before any data is read, so the job is
         refunded — when it exceeds ``memory_limit_bytes``."""
-        import math
+        from engine.memory import job_memory, model_inputs
 
-        from engine.memory import job_memory
-
-        cap = self.max_examples_per_user or 1
-        estimate = job_memory(parameters=summary.parameter_count,
-                              example_floats=math.prod(summary.input_shape),
-                              working_elements=summary.working_elements, cap=cap,
-                              local_epochs=self.local_epochs, batch_size=self.batch_size,
+        estimate = job_memory(**model_inputs(summary, cap=self.max_examples_per_user or 1,
+                                             local_epochs=self.local_epochs,
+                                             batch_size=self.batch_size),
                               clients_per_round=self.expected_clients_per_round)
         if self.memory_limit_bytes is not None and estimate.bytes > self.memory_limit_bytes:
             raise JobSpecInvalid(

@@ -467,14 +467,18 @@ def _working_elements(layer: _Layer, inputs: list[Shape], output: Shape) -> int:
     elements = math.prod(output)
     kind = layer.class_name
     if kind.startswith("Conv"):
-        kernel = layer.config.get("kernel_size")
-        window = math.prod(kernel) if isinstance(kernel, list) else int(kernel or 1)
-        elements += math.prod(output[:-1]) * window * inputs[0][-1]
+        elements += math.prod(output[:-1]) * _taps(layer) * inputs[0][-1]
     elif kind in _GATES:  # per step: input and recurrent projections, gates, states
         steps = inputs[0][0]
         units = int(layer.config.get("units", 1))
         elements += steps * (2 * _GATES[kind] + 2) * units
     return elements
+
+
+def _taps(layer: _Layer) -> int:
+    """Kernel positions of a (validated) convolution: the product of its kernel_size."""
+    kernel = layer.config.get("kernel_size")
+    return math.prod(kernel) if isinstance(kernel, list) else int(kernel or 1)
 
 
 def _forward_flops(layer: _Layer, inputs: list[Shape], output: Shape) -> int:
@@ -483,8 +487,7 @@ def _forward_flops(layer: _Layer, inputs: list[Shape], output: Shape) -> int:
     if kind == "Dense":
         return 2 * elements * inputs[0][-1]
     if kind.startswith("Conv"):
-        kernel = layer.config.get("kernel_size")
-        taps = math.prod(kernel) if isinstance(kernel, list) else int(kernel or 1)
+        taps = _taps(layer)
         groups = int(layer.config.get("groups", 1) or 1)
         return 2 * elements * taps * (inputs[0][-1] // groups)
     if kind in _GATES:

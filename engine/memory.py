@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ENGINE_BASE_BYTES", "SHARD_MEMORY_BYTES", "MemoryEstimate", "job_memory",
-           "users_per_shard"]
+           "model_inputs", "users_per_shard"]
 
 SHARD_MEMORY_BYTES = 256 * 2**20
 """Memory one shard's tensors may take; sets the users per shard."""
@@ -60,6 +60,17 @@ class MemoryEstimate:
         return {"bytes": self.bytes, "per_user_bytes": self.per_user_bytes,
                 "users_per_shard": self.users_per_shard,
                 "users_in_flight": self.users_in_flight}
+
+
+def model_inputs(summary: Any, *, cap: int, local_epochs: int, batch_size: int
+                 ) -> dict[str, int]:
+    """The keyword inputs of :func:`job_memory` (without clients per round) for a validated
+    model ``summary`` (``ModelSummary`` or ``ConfigSummary``): the gateway and the engine
+    estimate from the same numbers."""
+    return {"parameters": summary.parameter_count,
+            "example_floats": math.prod(summary.input_shape),
+            "working_elements": summary.working_elements, "cap": cap,
+            "local_epochs": local_epochs, "batch_size": batch_size}
 
 
 def per_user_bytes(*, parameters: int, example_floats: int, working_elements: int, cap: int,

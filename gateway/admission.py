@@ -328,47 +328,58 @@ def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:
 
 def _memory_inputs(dataset: Dataset, request: JobRequest, summary: ModelSummary
                    ) -> dict[str, int]:
-    return {"parameters": summary.parameter_count,
-            "example_floats": math.prod(summary.input_shape),
-            "working_elements": summary.working_elements,
-            "cap": dataset.max_examples_per_user, "local_epochs": request.local_epochs,
-            "batch_size": request.batch_size}
+    return memory.model_inputs(summary, cap=dataset.max_examples_per_user,
+                               local_epochs=request.local_epochs, batch_size=request.batch_size)
 
 
-def check_resources(node: Node, dataset: Dataset, request: JobRequest,
-                    summary: ModelSummary) -> tuple[MemoryEstimate, ComputeEstimate]:
-    """The job's memory and time estimates (``engine.memory``, ``engine.compute``: public
-    inputs only — the architecture, the owner's cap, batch, epochs, rounds, clients per round);
-    refuses with ``job-too-large`` a job above the node's ``memory_bytes`` (with the largest
-    clients_per_round that fits) or its ``job_timeout_seconds`` (with the most rounds)."""
-    inputs = _memory_inputs(dataset, request, summary)
-    needed = memory.job_memory(**inputs, clients_per_round=float(request.clients_per_round))
+def _compute_inputs(dataset: Dataset, request: JobRequest, summary: ModelSummary
+                    ) -> dict[str, Any]:
+    return {"forward_flops": summary.forward_flops, "cap": dataset.max_examples_per_user,
+            "local_epochs": request.local_epochs,
+            "clients_per_round": float(request.clients_per_round)}
+
+
+def _resource_refusal(node: Node, dataset: Dataset, request: JobRequest, summary: ModelSummary,
+                      needed: MemoryEstimate, time_needed: ComputeEstimate) -> Problem | None:
+    """``job-too-large`` when the estimates exceed the node's ``memory_bytes`` (with the
+    largest clients_per_round that fits) or ``job_timeout_seconds`` (with the most rounds)."""
     limit = node.config.sandbox_limits.memory_bytes
     if needed.bytes > limit:
-        most = memory.max_clients_per_round(limit, **inputs)
+        most = memory.max_clients_per_round(limit, **_memory_inputs(dataset, request, summary))
         fix = (f"lower clients_per_round to ≤ {most:g}" if most >= 1 else
                "even one client per round does not fit: use a smaller model or batch_size")
-        raise Problem(
+        return Problem(
             "job-too-large",
             f"the engine would need about {needed.bytes / 2**30:.1f} GiB "
             f"({needed.per_user_bytes / 2**20:.2f} MiB per sampled user, "
             f"{needed.users_in_flight} users in flight) but this node allows "
             f"{limit / 2**30:.1f} GiB per job; {fix}",
             field="clients_per_round")
-    work = {"forward_flops": summary.forward_flops, "cap": dataset.max_examples_per_user,
-            "local_epochs": request.local_epochs,
-            "clients_per_round": float(request.clients_per_round)}
-    time_needed = compute.job_compute(**work, rounds=request.rounds)
     time_limit = node.config.job_timeout_seconds
     if time_needed.seconds > time_limit:
-        rounds = compute.max_rounds(time_limit, **work)
+        rounds = compute.max_rounds(time_limit, **_compute_inputs(dataset, request, summary))
         fix = (f"lower rounds to ≤ {rounds}" if rounds >= 1 else
                "even one round does not fit: lower clients_per_round or local_epochs")
-        raise Problem(
+        return Problem(
             "job-too-large",
             f"training would take about {time_needed.seconds / 60:,.0f} min "
             f"({time_needed.flops:.3g} FLOPs over {request.rounds} rounds) but jobs on this "
             f"node may run {time_limit / 60:,.0f} min; {fix}", field="rounds")
+    return None
+
+
+def check_resources(node: Node, dataset: Dataset, request: JobRequest,
+                    summary: ModelSummary) -> tuple[MemoryEstimate, ComputeEstimate]:
+    """The job's memory and time estimates (``engine.memory``, ``engine.compute``: public
+    inputs only — the architecture, the owner's cap, batch, epochs, rounds, clients per round);
+    raises :func:`_resource_refusal`'s ``job-too-large`` when they exceed the node's limits."""
+    needed = memory.job_memory(**_memory_inputs(dataset, request, summary),
+                               clients_per_round=float(request.clients_per_round))
+    time_needed = compute.job_compute(**_compute_inputs(dataset, request, summary),
+                                      rounds=request.rounds)
+    refusal = _resource_refusal(node, dataset, request, summary, needed, time_needed)
+    if refusal is not None:
+        raise refusal
     return needed, time_needed
 
 
@@ -569,8 +580,8 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
 
 def _resources_report(node: Node, dataset: Dataset, request: JobRequest) -> dict[str, Any]:
     """The estimate's ``memory`` and ``compute`` members: the engine's expected peak memory
-    and training time against the node's limits, and whether the job fits them (``problem``
-    says what to change when it does not)."""
+    and training time against the node's limits, and whether the job fits them
+    (``resources_problem`` says what to change when it does not)."""
     stored = _stored_model(node, request.model_digest)
     if stored is None:
         raise Problem("unknown-model", f"no model {request.model_digest}; upload it to "
@@ -578,19 +589,15 @@ def _resources_report(node: Node, dataset: Dataset, request: JobRequest) -> dict
     summary = stored[0]
     needed = memory.job_memory(**_memory_inputs(dataset, request, summary),
                                clients_per_round=float(request.clients_per_round))
-    time_needed = compute.job_compute(
-        forward_flops=summary.forward_flops, cap=dataset.max_examples_per_user,
-        local_epochs=request.local_epochs, rounds=request.rounds,
-        clients_per_round=float(request.clients_per_round))
+    time_needed = compute.job_compute(**_compute_inputs(dataset, request, summary),
+                                      rounds=request.rounds)
+    refusal = _resource_refusal(node, dataset, request, summary, needed, time_needed)
     report: dict[str, Any] = {
         "memory": {**needed.to_json(), "limit_bytes": node.config.sandbox_limits.memory_bytes},
-        "compute": {**time_needed.to_json(), "limit_seconds": node.config.job_timeout_seconds}}
-    try:
-        check_resources(node, dataset, request, summary)
-    except Problem as problem:
-        report["resources_fit"], report["resources_problem"] = False, problem.detail
-    else:
-        report["resources_fit"] = True
+        "compute": {**time_needed.to_json(), "limit_seconds": node.config.job_timeout_seconds},
+        "resources_fit": refusal is None}
+    if refusal is not None:
+        report["resources_problem"] = refusal.detail
     return report
 
 
