@@ -157,10 +157,13 @@ def build_stacked_model(config: dict[str, Any]) -> StackedModel:
              for node in plan.nodes]
 
     def forward(params: Sequence[Any], x: Any, training: bool) -> Any:
-        values = {plan.input_name: x}
+        values: dict[str, Any] = {plan.input_name: x}
         for node, step in steps:
-            values[node.name] = step(params, [values[name] for name in node.inputs], training)
-        return values[plan.output_name]
+            inputs = [values[name] for name in node.inputs]
+            if not _keeps_channels(node):
+                inputs = [_users_first(value) for value in inputs]
+            values[node.name] = step(params, inputs, training)
+        return _users_first(values[plan.output_name])
 
     return StackedModel(forward=forward, weight_count=plan.weight_count)
 
@@ -258,6 +261,59 @@ def _final_softmax(output_name: str, nodes: Mapping[str, _Node]) -> str | None:
     return node.name
 
 
+@dataclass(frozen=True)
+class _UsersAsChannels:
+    """A layer output in the layout of a depthwise convolution: ``tensor`` is
+    ``[B, *spatial, U·F]`` with user u's feature f of example b in channel ``u·F + f``.
+
+    Operations that act on each channel of each example alone keep it (elementwise activations,
+    Dropout, 2D pooling, the next depthwise convolution), which saves the two transposes of the
+    largest activations per layer; every other layer gets ``[U, B, *spatial, F]`` from
+    :func:`_users_first`. Channels never mix in these operations, so neither do users."""
+
+    tensor: Any
+    users: Any
+    features: int
+    like: Any
+    """A ``[U, B, ...]`` tensor whose static U and B the standard layout carries."""
+
+
+_ELEMENTWISE = frozenset({"linear", "relu", "elu", "selu", "gelu", "sigmoid", "hard_sigmoid",
+                          "tanh", "softplus", "softsign", "swish", "mish", "exponential"})
+"""Allowlisted activations that act on each element alone (softmax is the exception)."""
+
+
+def _keeps_channels(node: _Node) -> bool:
+    """Whether ``node`` takes a :class:`_UsersAsChannels` input as it is (its builder handles
+    that layout); every other node gets the standard layout."""
+    if node.kind == "Activation":
+        return str(node.fields.get("activation") or "linear") in _ELEMENTWISE
+    return node.kind in ("Dropout", "MaxPooling2D", "AveragePooling2D", "Conv2D")
+
+
+def _users_first(value: Any) -> Any:
+    """The standard ``[U, B, *spatial, F]`` layout of a layer output."""
+    import tensorflow as tf
+
+    if not isinstance(value, _UsersAsChannels):
+        return value
+    tensor = value.tensor
+    spatial = [int(n) for n in tensor.shape[1:-1]]
+    split = tf.reshape(tensor, tf.concat([tf.shape(tensor)[:1], spatial,
+                                          tf.stack([value.users, value.features])], axis=0))
+    rank = len(spatial) + 2
+    result = tf.transpose(split, [rank - 1, *range(rank - 1), rank])
+    result.set_shape(value.like.shape[:2].concatenate([*spatial, value.features]))
+    return result
+
+
+def _channels_map(value: Any, function: Callable[[Any], Any]) -> Any:
+    """``function`` (per element or per channel of each example) applied in either layout."""
+    if isinstance(value, _UsersAsChannels):
+        return _UsersAsChannels(function(value.tensor), value.users, value.features, value.like)
+    return function(value)
+
+
 def _check_fields(name: str, kind: str, fields: Mapping[str, Any]) -> None:
     where = f"layer {name!r} ({kind})"
     if kind not in _FIELDS:
@@ -348,7 +404,7 @@ def _dense(node: _Node, dropped: bool) -> _Step:
 
 def _activation_layer(node: _Node, dropped: bool) -> _Step:
     activation = _activation(node.fields.get("activation"), dropped)
-    return lambda params, inputs, training: activation(inputs[0])
+    return lambda params, inputs, training: _channels_map(inputs[0], activation)
 
 
 def _flatten(node: _Node, dropped: bool) -> _Step:
@@ -373,7 +429,8 @@ def _dropout(node: _Node, dropped: bool) -> _Step:
 
     rate = float(node.fields.get("rate", 0.0))
     return lambda params, inputs, training: (
-        tf.nn.dropout(inputs[0], rate=rate) if training and rate > 0 else inputs[0])
+        _channels_map(inputs[0], lambda x: tf.nn.dropout(x, rate=rate))
+        if training and rate > 0 else inputs[0])
 
 
 def _conv(node: _Node, dropped: bool) -> _Step:
@@ -397,12 +454,14 @@ def _conv(node: _Node, dropped: bool) -> _Step:
                  and padding in ("valid", "same"))
 
     def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
-        x = inputs[0]
         if depthwise:
-            y = _depthwise_conv2d(x, params[index], filters, strides[0], dilation, padding)
-            if bias:
-                y = y + params[index + 1][:, None, None, None, :]
-            return activation(y)
+            y = _depthwise_conv2d(inputs[0], params[index], filters, strides[0], dilation,
+                                  padding)
+            if bias:  # bias [U, F] is channel u·F + f's: a contiguous per-channel add
+                y = _channels_map(y, lambda t: tf.nn.bias_add(
+                    t, tf.reshape(params[index + 1], [-1])))
+            return _channels_map(y, activation)
+        x = _users_first(inputs[0])
         users, channels = tf.shape(x)[0], int(x.shape[-1])
         patches = _patches(_merge_examples(x), kernel_size, strides, dilation, padding)
         positions = list(patches.shape[1:-2])  # [U·B, *positions, taps, C]
@@ -423,30 +482,35 @@ def _conv(node: _Node, dropped: bool) -> _Step:
 
 
 def _depthwise_conv2d(x: Any, kernel: Any, filters: int, stride: int,
-                      dilation: Sequence[int], padding: str) -> Any:
-    """Per-user Conv2D as one depthwise convolution: ``x`` [U, B, H, W, C] becomes
-    [B, H, W, U·C] (user u's example b in channels u·C … u·C + C − 1 of image b), each
-    channel is convolved with its own F kernels (user u's, ``kernel`` [U, kh, kw, C, F]) and
-    the C input channels of each user are summed: [U, B, H', W', F]. Channels never mix in a
+                      dilation: Sequence[int], padding: str) -> _UsersAsChannels:
+    """Per-user Conv2D as one depthwise convolution: ``x`` [U, B, H, W, C] (or already
+    :class:`_UsersAsChannels`) becomes [B, H, W, U·C] (user u's example b in channels u·C …
+    u·C + C − 1 of image b), each channel is convolved with its own F kernels (user u's,
+    ``kernel`` [U, kh, kw, C, F]) and the C input channels of each user are summed: the
+    result is [B, H', W', U·F] in the :class:`_UsersAsChannels` layout. Channels never mix in a
     depthwise convolution, so neither do users; padding and strides are TensorFlow's, which
     Keras uses."""
     import tensorflow as tf
 
-    users, batch = tf.shape(x)[0], tf.shape(x)[1]
-    height, width, channels = (int(n) for n in x.shape[2:])
-    kh, kw = (int(n) for n in kernel.shape[1:3])
-    images = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]),
-                        tf.stack([batch, height, width, users * channels]))
+    users = tf.shape(kernel)[0]
+    kh, kw, channels = (int(n) for n in kernel.shape[1:4])
+    if isinstance(x, _UsersAsChannels):
+        images, like = x.tensor, x.like
+    else:
+        batch, height, width = tf.shape(x)[1], int(x.shape[2]), int(x.shape[3])
+        images = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]),
+                            tf.stack([batch, height, width, users * channels]))
+        like = x
     depth = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
                        tf.stack([kh, kw, users * channels, filters]))
     y = tf.nn.depthwise_conv2d(images, depth, [1, stride, stride, 1], padding.upper(),
                                dilations=list(dilation))
-    out_h, out_w = int(y.shape[1]), int(y.shape[2])
-    y = tf.reduce_sum(tf.reshape(y, tf.stack([batch, out_h, out_w, users, channels, filters])),
-                      axis=4)
-    result = tf.transpose(y, [3, 0, 1, 2, 4])
-    result.set_shape(x.shape[:2].concatenate([out_h, out_w, filters]))
-    return result
+    if channels > 1:
+        out_h, out_w = int(y.shape[1]), int(y.shape[2])
+        y = tf.reduce_sum(tf.reshape(y, tf.stack([tf.shape(y)[0], out_h, out_w, users,
+                                                  channels, filters])), axis=4)
+        y = tf.reshape(y, tf.stack([tf.shape(y)[0], out_h, out_w, users * filters]))
+    return _UsersAsChannels(y, users, filters, like)
 
 
 def _patches(x: Any, kernel_size: Sequence[int], strides: Sequence[int],
@@ -487,6 +551,8 @@ def _pool(node: _Node, dropped: bool) -> _Step:
     pool = tf.nn.max_pool if node.kind.startswith("Max") else tf.nn.avg_pool
 
     def apply(params: Sequence[Any], inputs: list[Any], training: bool) -> Any:
+        if isinstance(inputs[0], _UsersAsChannels):  # 2D only (see _keeps_channels)
+            return _channels_map(inputs[0], lambda t: pool(t, pool_size, strides, padding))
         pooled = pool(_merge_examples(inputs[0]), pool_size, strides, padding)
         return _to_examples(pooled, inputs[0], pooled.shape[1:])
 

@@ -225,6 +225,22 @@ def _functional(build: Callable[[Any], Any], input_shape: tuple[int, ...]) -> An
     return tf.keras.Model(inputs, build(inputs))
 
 
+def test_users_as_channels_layout_flows_through_activation_dropout_pooling_and_add() -> None:
+    """A depthwise convolution's output stays in its users-as-channels layout through an
+    Activation, Dropout, 'same' average pooling and the next convolution (3 input channels),
+    and returns to [U, B, ...] for Add and Flatten: each user still gets Keras's output."""
+    layers = _layers()
+
+    def build(inputs: Any) -> Any:
+        a = layers.AveragePooling2D(padding="same")(layers.Dropout(0.5)(
+            layers.Activation("tanh")(layers.Conv2D(3, 3, padding="same")(inputs))))
+        b = layers.Conv2D(3, 2, padding="same", activation="relu")(a)
+        c = layers.MaxPooling2D(padding="same")(layers.Conv2D(3, 3, padding="same")(inputs))
+        return layers.Dense(3)(layers.Flatten()(layers.Add()([b, c])))
+
+    _assert_each_user_gets_keras_output(_functional(build, (6, 7, 2)), _features(6, 7, 2))
+
+
 def test_functional_residual_add_matches_keras_per_user() -> None:
     layers = _layers()
 
