@@ -19,7 +19,7 @@ $(CURDIR)/.tools/bin/uv:
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
 .venv/.synced: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --locked
+	$(UV) sync --locked --extra node
 	touch $@
 
 tests/interop/node_modules/.installed: tests/interop/package-lock.json

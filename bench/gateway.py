@@ -62,7 +62,7 @@ from gateway.cli import main as fedgate
 from gateway.deployment import init_deployment
 from gateway.node import Node
 from gateway.process import free_port, start_gateway, stop_gateway
-from gateway.request_signing import SignedRequestAuth, signature_headers
+from gateway.sdk.request_signing import SignedRequestAuth, signature_headers
 from ledger import accounting, keys
 from ledger.audit import audit_size
 from ledger.budget import filter_orders

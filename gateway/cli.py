@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.cli_common import deployment_dir, open_node
 from gateway.terminal import ControlEscapingStream, escape_controls
-from ledger.mechanism import DEFAULT_MAX_EXAMPLES_PER_USER
+from ledger.ranges import DEFAULT_MAX_EXAMPLES_PER_USER
 
 EXAMPLES = """\
 examples:
@@ -29,16 +29,6 @@ examples:
   fedgate -d ./node serve --port 8620
   fedgate demo                          # the whole story on a temporary node
 """
-
-
-def _deployment_dir(args: argparse.Namespace) -> Path:
-    return Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or ".")
-
-
-def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from gateway.node import Node
-
-    return Node(_deployment_dir(args))
 
 
 def _print(data: Any, as_json: bool) -> None:
@@ -80,7 +70,7 @@ def cmd_principal_add(args: argparse.Namespace) -> int:
     from ledger import keys
     from ledger.registry import add_principal
 
-    node = _node(args)
+    node = open_node(args)
     public_key = keys.load_public_key(Path(args.public_key))
     group = args.group if args.group is not None else f"{args.role}s"
     policy = node.deployment.policy_file
@@ -104,7 +94,7 @@ def cmd_principal_add_key(args: argparse.Namespace) -> int:
     from ledger import keys
     from ledger.registry import add_key
 
-    node = _node(args)
+    node = open_node(args)
     public_key = keys.load_public_key(Path(args.public_key))
     with node.session() as s, s.begin():
         principal = add_key(s, name=args.name, role=args.role, key_id=keys.key_id(public_key),
@@ -118,7 +108,7 @@ def cmd_principal_rotate(args: argparse.Namespace) -> int:
     from ledger import keys
     from ledger.registry import rotate_principal
 
-    node = _node(args)
+    node = open_node(args)
     public_key = keys.load_public_key(Path(args.public_key))
     with node.session() as s, s.begin():
         principal = rotate_principal(
@@ -132,7 +122,7 @@ def cmd_principal_rotate(args: argparse.Namespace) -> int:
 def cmd_principal_list(args: argparse.Namespace) -> int:
     from ledger.registry import list_principals
 
-    node = _node(args)
+    node = open_node(args)
     with node.session() as s:
         rows = [
             {"name": p.name, "role": p.role, "group": p.group, "key_id": p.key_id,
@@ -147,7 +137,7 @@ def cmd_principal_list(args: argparse.Namespace) -> int:
 def cmd_principal_revoke(args: argparse.Namespace) -> int:
     from ledger.registry import revoke_principal
 
-    node = _node(args)
+    node = open_node(args)
     with node.session() as s, s.begin():
         revoked = revoke_principal(s, name_or_key_id=args.name, actor="owner-cli")
     for principal in revoked:
@@ -179,7 +169,7 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
         dp_count_estimate,
     )
 
-    node = _node(args)
+    node = open_node(args)
     with node.session() as s:  # before any work: the name, then all public inputs
         check_new_dataset_name(s, args.name)
     if args.public_users is not None:
@@ -241,7 +231,7 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
 
     from ledger.models import Dataset
 
-    node = _node(args)
+    node = open_node(args)
     with node.session() as s:
         rows = [
             {"name": d.name, "training_users": d.training_users,
@@ -262,7 +252,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     from ledger.burndown import dataset_filter_usage
     from ledger.models import Dataset, Job
 
-    node = _node(args)
+    node = open_node(args)
     report = []
     with node.session() as s:
         query = select(Dataset).order_by(Dataset.name)
@@ -309,7 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.server import serve
 
-    root = _deployment_dir(args)
+    root = deployment_dir(args)
     app = create_app(root)
     config = app.state.node.config
     serve(app, config, host=args.host or config.host, port=args.port or config.port,
@@ -320,7 +310,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(users=args.users, keep=args.keep)
+    return run_demo(main, users=args.users, keep=args.keep)
+
+
+def cmd_demo_federation(args: argparse.Namespace) -> int:
+    from gateway.demo_federation import run_federation_demo
+
+    return run_federation_demo(main, keep=args.keep)
+
+
+NODE_EXTRA_HINT = "pip install 'fedgate[node]'"
+NODE_LIBRARIES = frozenset({
+    "casbin", "dp_accounting", "jax", "psycopg", "pyarrow", "pyseccomp", "sqlalchemy",
+    "sqlmodel", "starlette", "tensorflow", "tensorflow_federated", "tensorflow_privacy",
+    "uvicorn"})
+"""Top-level modules of the node extra (pyproject's ``node``): a researcher's light install
+does not have them."""
+
+
+def needs_node_extra(missing: ModuleNotFoundError) -> bool:
+    """Whether ``missing`` is a library of the node extra (not a broken installation)."""
+    return (missing.name or "").split(".")[0] in NODE_LIBRARIES
+
+
+def _needs_node(missing: ModuleNotFoundError):  # type: ignore[no-untyped-def]
+    def refuse(args: argparse.Namespace) -> int:
+        raise missing
+
+    return refuse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -423,12 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_budget_show)
 
+    # Imported here, not at the top: `fedgate --help` and the researcher commands must work
+    # without the node extra, and cli_policy needs it (Casbin, Starlette) at import.
     from gateway import (
         cli_audit,
         cli_billing,
         cli_dashboard,
         cli_federation,
-        cli_policy,
         cli_privacy_audit,
         cli_researcher,
         cli_review,
@@ -437,7 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     cli_audit.register(commands)
     cli_billing.register(commands)
     cli_dashboard.register(commands)
-    cli_policy.register(commands)
+    try:
+        from gateway import cli_policy
+    except ModuleNotFoundError as missing:
+        if not needs_node_extra(missing):
+            raise
+        p = commands.add_parser("policy", help="check, test, explain and reload the owner "
+                                f"policy (owner; needs the node extra: {NODE_EXTRA_HINT})")
+        p.add_argument("arguments", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_needs_node(missing))
+    else:
+        cli_policy.register(commands)
     cli_review.register(commands)
     cli_privacy_audit.register(commands)
     cli_researcher.register(commands)
@@ -453,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--keep", action="store_true", help="keep the temporary deployment")
     p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("demo-federation", help="run the cross-silo federation demo on three "
+                            "temporary nodes")
+    p.add_argument("--keep", action="store_true", help="keep the temporary deployments")
+    p.set_defaults(func=cmd_demo_federation)
     return parser
 
 
@@ -468,11 +501,17 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ModuleNotFoundError as missing:
+        if not needs_node_extra(missing):
+            raise
+        print(f"fedgate: error: `fedgate {args.command}` runs on a node and needs the node "
+              f"extra ({missing.name} is not installed): {NODE_EXTRA_HINT}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"fedgate: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from gateway.client import FedgateError
+        from gateway.sdk.client import FedgateError
 
         if not isinstance(exc, FedgateError):
             raise

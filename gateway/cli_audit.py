@@ -18,18 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.cli_common import open_node
 from gateway.terminal import escape_controls
-
-
-def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from gateway.node import Node
-
-    return Node(Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or "."))
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -46,7 +40,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from gateway.node_audit import export_node_audit
 
-    node = _node(args)
+    node = open_node(args)
     export, warning = export_node_audit(node)
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
@@ -65,7 +59,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from ledger.audit import read_entries
 
-    node = _node(args)
+    node = open_node(args)
     with node.session() as s:
         entries = read_entries(s, args.start, args.end)
     if args.json:
@@ -83,7 +77,7 @@ def cmd_audit_proof(args: argparse.Namespace) -> int:
     from ledger.audit import AuditLogCorrupted
 
     try:
-        proof = inclusion_proof_for(_node(args), args.index, args.size)
+        proof = inclusion_proof_for(open_node(args), args.index, args.size)
     except AuditLogCorrupted as exc:
         return _refused(exc)
     print(json.dumps(proof, indent=2, ensure_ascii=False))
@@ -95,7 +89,7 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     from ledger.audit import AuditLogCorrupted
 
     try:
-        checkpoint = publish_node_checkpoint(_node(args))
+        checkpoint = publish_node_checkpoint(open_node(args))
     except AuditLogCorrupted as exc:
         return _refused(exc)
     sys.stdout.write(checkpoint.text)

@@ -17,15 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
-
-def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from gateway.node import Node
-
-    return Node(Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or "."))
+from gateway.cli_common import open_node
 
 
 def _month(text: str) -> str:
@@ -41,7 +35,7 @@ def _month(text: str) -> str:
 def cmd_statement(args: argparse.Namespace) -> int:
     from gateway.billing import statement, statement_csv
 
-    node = _node(args)
+    node = open_node(args)
     with node.session() as s:
         document = statement(s, researcher=args.researcher, month=args.month)
     if args.format == "csv":
@@ -70,7 +64,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from ledger.metering import month_bounds
     from ledger.models import JobMeter
 
-    node = _node(args)
+    node = open_node(args)
     start, end = month_bounds(args.month)
     with node.session() as s:
         rows = s.exec(select(JobMeter).where(  # reviewed: ORM query, not exec

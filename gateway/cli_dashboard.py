@@ -19,12 +19,13 @@ import json
 import time
 from urllib.parse import quote
 
+from gateway.cli_common import open_node
+
 
 def cmd_officer_token(args: argparse.Namespace) -> int:
-    from gateway.cli import _node
     from ledger.officer_login import issue_login_token
 
-    node = _node(args)
+    node = open_node(args)
     with node.session() as s, s.begin():
         issued = issue_login_token(s, officer=args.name, hours=args.hours, actor="owner-cli",
                                    now=time.time())

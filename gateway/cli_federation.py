@@ -203,12 +203,6 @@ def cmd_verify_federation(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo_federation(args: argparse.Namespace) -> int:
-    from gateway.demo_federation import run_federation_demo
-
-    return run_federation_demo(keep=args.keep)
-
-
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``federate`` and ``verify-federation`` to the top-level parser."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -256,8 +250,3 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--coordinator-key", required=True, help="the coordinator's public key")
     p.add_argument("--nodes", help="nodes.toml naming each node's public key")
     p.set_defaults(func=cmd_verify_federation)
-
-    p = commands.add_parser("demo-federation", help="run the cross-silo federation demo on three "
-                            "temporary nodes")
-    p.add_argument("--keep", action="store_true", help="keep the temporary deployments")
-    p.set_defaults(func=cmd_demo_federation)

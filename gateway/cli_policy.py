@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.audit_api import AUDIT_OBJECT
+from gateway.cli_common import open_node
 from gateway.policy import (
     ACTIONS,
     JOB_ACTIONS,
@@ -279,12 +280,6 @@ def outcome(decision: PolicyDecision) -> str:
 # Commands (the shell: deployment, ledger, files, output)
 
 
-def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from gateway.node import Node
-
-    return Node(Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or "."))
-
-
 def _registry(node) -> tuple[list[tuple[str, str, str]], set[str], dict[str, int]]:  # type: ignore[no-untyped-def]
     """The node's memberships, principal names and datasets (name → training users)."""
     from sqlmodel import select
@@ -329,7 +324,7 @@ def _now(args: argparse.Namespace) -> dt.datetime:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    node = _node(args)
+    node = open_node(args)
     memberships, principals, datasets = _registry(node)
     path = _policy_path(node, args)
     engine = _build_or_report(node, path, memberships)
@@ -348,7 +343,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    node = _node(args)
+    node = open_node(args)
     memberships, _, _ = _registry(node)
     path = _policy_path(node, args)
     engine = _build(node, path, memberships)
@@ -375,7 +370,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     from gateway.policy import researcher_epsilon_spent
     from ledger.models import Dataset
 
-    node = _node(args)
+    node = open_node(args)
     memberships, _, _ = _registry(node)
     engine = _build(node, _policy_path(node, args), memberships)
     with node.session() as s:
@@ -418,7 +413,7 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
     policy changes nothing, so the running gateway keeps its current policy."""
     from ledger.audit import append_entry
 
-    node = _node(args)
+    node = open_node(args)
     memberships, principals, datasets = _registry(node)
     live = node.deployment.policy_file
     path = _policy_path(node, args)

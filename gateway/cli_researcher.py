@@ -41,7 +41,7 @@ optimizers (a closed choice from tff.learning.optimizers; they do not change ε)
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from gateway.client import Client
+    from gateway.sdk.client import Client
 
     url = args.url or os.environ.get("FEDGATE_URL")
     key = args.key or os.environ.get("FEDGATE_KEY")
@@ -69,7 +69,7 @@ def _show(data: Any, args: argparse.Namespace, human: str) -> None:
 def _verified_release(job):  # type: ignore[no-untyped-def]
     """The job's verified release, or None after saying on stderr why there is none (the job
     failed, or the release does not verify against the node key)."""
-    from gateway.client import JobFailed, ReleaseVerificationFailed
+    from gateway.sdk.client import JobFailed, ReleaseVerificationFailed
 
     try:
         return job.result()
@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from gateway.client import Job
+    from gateway.sdk.client import Job
 
     with _client(args) as client:
         job = Job(client, {"job_id": args.job_id, "rounds": 0, "state": "unknown"})

@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from gateway.cli_common import open_node
+
 ACTOR = "owner-cli"
-
-
-def _node(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from gateway.node import Node
-
-    return Node(Path(args.deployment or os.environ.get("FEDGATE_DEPLOYMENT") or "."))
 
 
 def _expire(node) -> list[str]:  # type: ignore[no-untyped-def]
@@ -42,7 +36,7 @@ def _expire(node) -> list[str]:  # type: ignore[no-untyped-def]
 def cmd_review_list(args: argparse.Namespace) -> int:
     from gateway.review import pending_reviews
 
-    node = _node(args)
+    node = open_node(args)
     expired = _expire(node)
     rows = pending_reviews(node)
     if args.json:
@@ -89,7 +83,7 @@ def _human_details(details: dict[str, Any]) -> str:
 def cmd_review_show(args: argparse.Namespace) -> int:
     from gateway.review import review_details
 
-    node = _node(args)
+    node = open_node(args)
     _expire(node)
     details = review_details(node, args.job_id)
     print(json.dumps(details, indent=2, ensure_ascii=False) if args.json else _human_details(details))
@@ -100,7 +94,7 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     from gateway.review import runnable_problem
     from ledger.review import approve_review, deny_review
 
-    node = _node(args)
+    node = open_node(args)
     decide = approve_review if args.review_command == "approve" else deny_review
     if args.review_command == "approve":
         problem = runnable_problem(node, args.job_id)

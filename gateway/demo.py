@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gateway.cli_common import Fedgate
 from gateway.process import running_gateway
 
 DEMO_DATASET = "demo"
@@ -46,10 +47,11 @@ def demo_model(num_features: int, num_classes: int):  # type: ignore[no-untyped-
     ])
 
 
-def run_demo(*, users: int = 20_000, keep: bool = False) -> int:
+def run_demo(fedgate: Fedgate, *, users: int = 20_000, keep: bool = False) -> int:
+    """The whole story on a temporary node; ``fedgate`` runs each command a user would type
+    (``gateway.cli.main``)."""
     from engine.artifact import artifact_from_keras
-    from gateway.cli import main as fedgate
-    from gateway.client import BudgetExceeded, Client
+    from gateway.sdk.client import BudgetExceeded, Client
     from ledger import keys
 
     workdir = Path(tempfile.mkdtemp(prefix="fedgate-demo-"))

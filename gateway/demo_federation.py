@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.cli_common import Fedgate
+
 DATASET = "demo"
 FEATURES, CLASSES = 20, 5
 # users of each node and the public held-out users, as consecutive slices of one table
@@ -91,13 +93,13 @@ class NodeSetup:
     root: Path
 
 
-def make_federation_node(root: Path, *, owner: str, table: Path, researcher: str,
-                         researcher_public_key: Path, deny_training: bool = False,
+def make_federation_node(fedgate: Fedgate, root: Path, *, owner: str, table: Path,
+                         researcher: str, researcher_public_key: Path, deny_training: bool = False,
                          epsilon_total: float = EPSILON_TOTAL, delta: float = DELTA) -> Path:
     """What one owner does: init a node (own key pair, ledger, policy), import their users with
     a budget, register the researcher; with ``deny_training`` a policy that forbids that
-    researcher to train (estimates stay allowed), installed with ``policy reload``."""
-    from gateway.cli import main as fedgate
+    researcher to train (estimates stay allowed), installed with ``policy reload``.
+    ``fedgate`` runs the owner's commands (``gateway.cli.main``)."""
 
     def run(*argv: str) -> None:
         status = fedgate(list(argv))
@@ -146,10 +148,8 @@ def write_nodes_toml(path: Path, nodes: dict[str, tuple[str, Path]]) -> Path:
     return path
 
 
-def verify_node_audit(root: Path, out: Path) -> str:
+def verify_node_audit(fedgate: Fedgate, root: Path, out: Path) -> str:
     """Export a node's audit log (owner) and verify it offline with only node.pub (officer)."""
-    from gateway.cli import main as fedgate
-
     fedgate(["-d", str(root), "audit", "export", "--out", str(out)])
     from ledger import keys
     from ledger.audit_verify import verify_export
@@ -160,9 +160,9 @@ def verify_node_audit(root: Path, out: Path) -> str:
     return report.summary().splitlines()[0]
 
 
-def run_federation_demo(*, keep: bool = False) -> int:
+def run_federation_demo(fedgate: Fedgate, *, keep: bool = False) -> int:
+    """Three temporary nodes, one federated model; ``fedgate`` is ``gateway.cli.main``."""
     from engine.artifact import linear_classifier_artifact
-    from gateway.cli import main as fedgate
     from gateway.process import stop_gateway
 
     os.environ.pop("FEDGATE_DATABASE_URL", None)  # every node keeps its own SQLite ledger
@@ -176,7 +176,7 @@ def run_federation_demo(*, keep: bool = False) -> int:
         roots: dict[str, Path] = {}
         for name in (n for n in USERS if n != "held-out"):
             roots[name] = make_federation_node(
-                workdir / name, owner=name, table=tables[name], researcher="alice",
+                fedgate, workdir / name, owner=name, table=tables[name], researcher="alice",
                 researcher_public_key=workdir / "alice.pub", deny_training=name == DENYING_NODE)
         for name, (url, process) in start_gateways(roots, workdir).items():
             gateways.append(process)
@@ -212,7 +212,7 @@ def run_federation_demo(*, keep: bool = False) -> int:
         for name, root in roots.items():
             print(f"{name} ledger:", end=" ", flush=True)
             fedgate(["-d", str(root), "budget", "show", DATASET])
-            print(f"{name} audit: {verify_node_audit(root, workdir / f'{name}-audit.json')}")
+            print(f"{name} audit: {verify_node_audit(fedgate, root, workdir / f'{name}-audit.json')}")
 
         _say("Anyone with alice.pub and the nodes' keys: the federation manifest verifies")
         status = fedgate(["verify-federation", str(workdir / "federation.json"),

@@ -212,7 +212,7 @@ def aggregate(global_weights: Sequence[np.ndarray], node_models: Sequence[Sequen
 
 def model_digest(artifact: Mapping[str, Any]) -> str:
     """The content address a node gives an uploaded artifact (SHA-256 of its canonical JSON,
-    the bytes ``gateway.client.Client.upload_model`` sends)."""
+    the bytes ``gateway.sdk.client.Client.upload_model`` sends)."""
     return sha256_digest(canonical_json(artifact))
 
 

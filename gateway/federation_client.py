@@ -42,15 +42,6 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.client import (
-    AuthenticationFailed,
-    Client,
-    FedgateError,
-    Job,
-    JobFailed,
-    Release,
-    ReleaseVerificationFailed,
-)
 from gateway.federation import (
     FEDERATION_FORMAT,
     Aggregation,
@@ -63,6 +54,15 @@ from gateway.federation import (
     sign_federation_manifest,
 )
 from gateway.protocol.problems import TYPE_PREFIX
+from gateway.sdk.client import (
+    AuthenticationFailed,
+    Client,
+    FedgateError,
+    Job,
+    JobFailed,
+    Release,
+    ReleaseVerificationFailed,
+)
 from ledger import keys
 from ledger.timestamps import utc_timestamp
 

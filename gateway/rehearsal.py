@@ -32,13 +32,21 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact
 from ledger.canonical import canonical_json
 
-if TYPE_CHECKING:
-    from gateway.client import Client
+
+class Client(Protocol):
+    """What a rehearsal asks of the node (``gateway.sdk.client.Client`` provides it): the free
+    estimate, the dataset listing and the public mock data."""
+
+    def estimate(self, dataset: str, **parameters: Any) -> dict[str, Any]: ...
+
+    def datasets(self) -> list[dict[str, Any]]: ...
+
+    def mock_data(self, dataset: str, path: str | Path) -> Path: ...
 
 # The defaults of a node's [engine] evaluation settings; they only change the noise on the
 # mock's DP metrics, never shapes, validation or timing.

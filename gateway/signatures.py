@@ -42,10 +42,8 @@ from http_message_signatures import HTTPMessageVerifier, HTTPSignatureKeyResolve
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
 from gateway.protocol.problems import Problem
+from gateway.protocol.signing import BODY_COMPONENTS, REQUIRED_COMPONENTS, SIGNATURE_TAG
 
-SIGNATURE_TAG = "fedgate"
-REQUIRED_COMPONENTS = ("@method", "@target-uri")
-BODY_COMPONENTS = ("content-digest", "content-type")
 DEFAULT_WINDOW_SECONDS = 300
 DEFAULT_SKEW_SECONDS = 5
 MAX_NONCE_LENGTH = 64

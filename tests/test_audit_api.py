@@ -16,7 +16,7 @@ from gateway import audit_api
 from gateway.app import create_app
 from gateway.deployment import init_deployment
 from gateway.node import Node
-from gateway.request_signing import SignedRequestAuth
+from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys
 from ledger.audit import append_entry, latest_checkpoint_text, read_entries
 from ledger.audit_verify import verify_export

@@ -34,7 +34,7 @@ from gateway.dashboard_data import (
 from gateway.dashboard_pages import CONTENT_SECURITY_POLICY, STYLESHEET, billing_page
 from gateway.node import Node
 from gateway.protocol.problems import Problem
-from gateway.request_signing import SignedRequestAuth
+from gateway.sdk.request_signing import SignedRequestAuth
 from ledger.audit import append_entry, read_entries
 from ledger.burndown import burn_down, filter_usage
 from ledger.metering import month_of

@@ -125,11 +125,34 @@ def test_relative_links_point_to_existing_files(name: str) -> None:
     assert targets and not missing, missing
 
 
+MODULE_PATH = re.compile(r"\b((?:fedgate|gateway|engine|ledger|bench)/(?:[a-z_]+/)*[a-z_]+\.py)\b")
+MODULE_NAME = re.compile(r"`((?:gateway|engine|ledger)(?:\.[a-z_]+)+)")
+
+
+def _documents() -> list[Path]:
+    return [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
 def test_architecture_names_only_modules_that_exist() -> None:
-    text = (DOCS / "architecture.md").read_text()
-    modules = set(re.findall(r"\b((?:gateway|engine|ledger)/[a-z_]+\.py)\b", text))
+    modules = set(MODULE_PATH.findall((DOCS / "architecture.md").read_text()))
     assert len(modules) > 20
     assert not [m for m in sorted(modules) if not (REPO / m).exists()]
+
+
+@pytest.mark.parametrize("document", _documents(), ids=lambda p: p.name)
+def test_every_module_a_document_names_exists(document: Path) -> None:
+    """Paths (gateway/sdk/client.py) and dotted names (`gateway.sdk.client`, possibly followed
+    by an attribute: `gateway.sdk.client.Client`) name modules of this repository."""
+    text = document.read_text()
+    missing = [m for m in sorted(set(MODULE_PATH.findall(text))) if not (REPO / m).exists()]
+    for dotted in sorted(set(MODULE_NAME.findall(text))):
+        parts = dotted.split(".")
+        # the longest prefix that is a module or package; what follows may be an attribute
+        if not any((REPO / Path(*parts[:n])).with_suffix(".py").exists()
+                   or (REPO / Path(*parts[:n]) / "__init__.py").exists()
+                   for n in range(len(parts), 1, -1)):
+            missing.append(dotted)
+    assert missing == []
 
 
 def test_owner_quickstart_runs_as_written(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from sqlmodel import select
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.request_signing import SignedRequestAuth
+from gateway.sdk.request_signing import SignedRequestAuth
 from ledger.audit import read_entries
 from ledger.db import make_engine, session
 from ledger.models import Dataset, Job

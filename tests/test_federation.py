@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import pytest
 
 from engine.artifact import linear_classifier_artifact
+from gateway.cli import main as fedgate
 from gateway.client import Job
 from gateway.federation import (
     FederationManifestInvalid,
@@ -91,7 +92,7 @@ def test_three_nodes_train_one_model_and_each_ledger_charges_only_its_own_epsilo
     monkeypatch.delenv("FEDGATE_DATABASE_URL", raising=False)  # each node: its own SQLite
     alice_key, alice_pub = alice
     tables = synthesize_partitions(tmp_path, {"a": 500, "b": 400, "c": 300, "held-out": 200})
-    roots = {name: make_federation_node(tmp_path / name, owner=f"owner-{name}",
+    roots = {name: make_federation_node(fedgate, tmp_path / name, owner=f"owner-{name}",
                                         table=tables[name], researcher="alice",
                                         researcher_public_key=alice_pub,
                                         deny_training=name == "c")
@@ -134,13 +135,13 @@ def test_three_nodes_train_one_model_and_each_ledger_charges_only_its_own_epsilo
         per_job = [json.loads(j.cost_rdp) for j in jobs]
         assert [sum(c) for c in zip(*per_job, strict=True)] == pytest.approx(whole, rel=1e-12)
         assert [e["action"] for e in entries].count("release") == OUTER_ROUNDS
-        assert verify_node_audit(roots[name], tmp_path / f"{name}-audit.json").startswith("OK")
+        assert verify_node_audit(fedgate, roots[name], tmp_path / f"{name}-audit.json").startswith("OK")
     dataset, jobs, entries = _ledger(roots["c"])
     assert jobs == [] and (accounting.vector_from_json(json.loads(dataset.spent_rdp))
                            == dataset_initial_spent(dataset))  # only the count estimate
     denials = [e for e in entries if e["action"] == "deny"]
     assert len(denials) == 1 and denials[0]["reason"] == "policy-denied"
-    assert verify_node_audit(roots["c"], tmp_path / "c-audit.json").startswith("OK")
+    assert verify_node_audit(fedgate, roots["c"], tmp_path / "c-audit.json").startswith("OK")
 
     # The final model improves over the initial one on public held-out users.
     features, labels = held_out_arrays(tables["held-out"])
@@ -164,17 +165,16 @@ def test_nodes_that_refuse_up_front_are_excluded_with_their_reasons(
 ) -> None:
     """Budget too small, key not registered, node unreachable: nothing is submitted anywhere,
     and the CLI shows the table and exits 3."""
-    from gateway.cli import main as fedgate
     from gateway.demo_federation import make_federation_node, write_nodes_toml
 
     monkeypatch.delenv("FEDGATE_DATABASE_URL", raising=False)
     alice_key, alice_pub = alice
     stranger_pub = keys.write_key_pair(keys.generate_private_key(), tmp_path / "stranger")[1]
     roots = {
-        "poor": make_federation_node(tmp_path / "poor", owner="poor", table=synthetic_table,
+        "poor": make_federation_node(fedgate, tmp_path / "poor", owner="poor", table=synthetic_table,
                                      researcher="alice", researcher_public_key=alice_pub,
                                      epsilon_total=0.5),
-        "strangers": make_federation_node(tmp_path / "strangers", owner="strangers",
+        "strangers": make_federation_node(fedgate, tmp_path / "strangers", owner="strangers",
                                           table=synthetic_table, researcher="bob",
                                           researcher_public_key=stranger_pub),
     }

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.deployment import init_deployment
 from gateway.openapi import openapi_document
-from gateway.request_signing import SignedRequestAuth
+from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys
 
 schema = schemathesis.openapi.from_dict(openapi_document())

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.admission import JobRequest
 from gateway.protocol.problems import Problem
-from gateway.request_signing import signature_headers
+from gateway.sdk.request_signing import signature_headers
 from gateway.signatures import RegisteredKey, verify_request
 from ledger import keys
 

@@ -10,7 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.request_signing import SignedRequestAuth, signature_headers
+from gateway.sdk.request_signing import SignedRequestAuth, signature_headers
 from ledger import keys
 from ledger.audit import read_entries
 from ledger.db import make_engine, session

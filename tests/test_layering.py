@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIRST_PARTY = ("gateway", "engine", "ledger")
+FIRST_PARTY = ("fedgate", "gateway", "engine", "ledger")
 
 # The ledger modules gateway.protocol may use: pure functions over plain values.
 PURE_LEDGER_FOR_PROTOCOL = frozenset({"ledger.canonical"})
@@ -71,9 +71,9 @@ def _modules_in(package: str) -> list[str]:
 
 
 def test_the_import_scan_sees_imports_inside_functions() -> None:
-    # gateway.client imports engine.artifact only inside methods (TensorFlow stays lazy).
-    assert "engine.artifact" in imports_of("gateway.client")
-    assert "ledger.keys" in imports_of("gateway.client")  # written `from ledger import keys`
+    # gateway.sdk.client imports gateway.rehearsal only inside a method (the engine stays lazy).
+    assert "gateway.rehearsal" in imports_of("gateway.sdk.client")
+    assert "ledger.keys" in imports_of("gateway.sdk.client")  # written `from ledger import keys`
 
 
 @pytest.mark.parametrize("layer", ["ledger", "engine"])
@@ -103,7 +103,8 @@ def test_protocol_imports_only_the_standard_library_pure_ledger_and_itself() -> 
     assert outside == {}
 
 
-@pytest.mark.parametrize("sdk_module", ["gateway.client", "gateway.cli_researcher"])
+@pytest.mark.parametrize("sdk_module", ["fedgate", "gateway.sdk", "gateway.client",
+                                        "gateway.cli_researcher", "gateway.cli"])
 def test_researcher_sdk_loads_no_server_library_or_tensorflow(sdk_module: str) -> None:
     probe = (
         f"import json, sys, {sdk_module}\n"
@@ -112,3 +113,98 @@ def test_researcher_sdk_loads_no_server_library_or_tensorflow(sdk_module: str) -
     run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                          text=True, timeout=120, check=True)
     assert json.loads(run.stdout) == []
+
+
+# What the researcher's light install has: pyproject's default dependencies.
+LIGHT_LIBRARIES = frozenset({"httpx", "cryptography", "http_message_signatures", "tqdm", "numpy"})
+# Contracts both sides read, TensorFlow-free at import: key ids, canonical JSON, parameter
+# ranges, timestamps, the model format and its allowlist.
+SHARED_CONTRACTS = frozenset({"ledger.keys", "ledger.canonical", "ledger.ranges",
+                              "ledger.timestamps", "engine.artifact", "engine.keras_config"})
+# Imported by the SDK only inside the function that needs them (the probe above checks that
+# importing the SDK loads neither): converting a Keras model, rehearsing on mock data.
+SDK_ON_DEMAND = {"tensorflow": "engine.artifact's Keras conversion",
+                 "gateway.rehearsal": "Client.rehearse runs the engine locally (node extra)"}
+
+
+def test_sdk_and_protocol_import_nothing_from_the_server_side() -> None:
+    """Everything gateway.sdk, gateway.protocol and fedgate reach, following first-party imports
+    through the shared contracts, is the standard library, a light dependency, themselves, a
+    shared contract or an on-demand import named above."""
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    roots = [m for m in first_party_modules()
+             if _in_package(m, "fedgate") or _in_package(m, "gateway.sdk")
+             or _in_package(m, "gateway.protocol")]
+    seen, queue, wrong = set(roots), list(roots), {}
+    while queue:
+        module = queue.pop()
+        for target in imports_of(module):
+            top = target.split(".")[0]
+            if top in stdlib or top in LIGHT_LIBRARIES or target in SDK_ON_DEMAND \
+                    or top in SDK_ON_DEMAND:
+                continue
+            if target in first_party_modules() and (
+                    target in SHARED_CONTRACTS or any(_in_package(target, root) for root in
+                                                      ("fedgate", "gateway.sdk",
+                                                       "gateway.protocol"))):
+                if target not in seen:
+                    seen.add(target)
+                    queue.append(target)
+                continue
+            wrong.setdefault(module, []).append(target)
+    assert wrong == {}
+
+
+def _import_cycles() -> list[list[str]]:
+    """Strongly connected components (> 1 module) of the first-party import graph."""
+    modules = first_party_modules()
+    graph = {m: sorted(t for t in imports_of(m) if t in modules and t != m) for m in modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    return sorted(cycles)
+
+
+def test_no_import_cycles_among_first_party_modules() -> None:
+    """Counting imports inside functions and under TYPE_CHECKING: a lazy import cannot hide a
+    cycle (the demos receive the CLI as a function; the rehearsal types its client as a
+    Protocol)."""
+    assert _import_cycles() == []
+
+
+def test_the_cycle_finder_finds_a_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = imports_of
+
+    def with_a_cycle(module: str) -> frozenset[str]:
+        extra = {"ledger.keys": {"ledger.canonical"}, "ledger.canonical": {"ledger.keys"}}
+        return real(module) | extra.get(module, set())
+
+    monkeypatch.setattr(sys.modules[__name__], "imports_of", with_a_cycle)
+    assert ["ledger.canonical", "ledger.keys"] in _import_cycles()

@@ -21,7 +21,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.request_signing import SignedRequestAuth
+from gateway.sdk.request_signing import SignedRequestAuth
 from tests.conftest import make_researcher
 
 

@@ -191,7 +191,7 @@ def test_over_http_a_waiting_job_shows_its_queue_position_and_a_quota_refusal_is
     from starlette.testclient import TestClient
 
     from gateway.app import create_app
-    from gateway.request_signing import SignedRequestAuth
+    from gateway.sdk.request_signing import SignedRequestAuth
     from tests.conftest import make_researcher
 
     async def engine_that_keeps_running(self: JobRunner, job_id: str) -> None:

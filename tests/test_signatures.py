@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from http_message_signatures import HTTPMessageVerifier, InvalidSignature, algorithms
 
 from gateway.protocol.problems import Problem
-from gateway.request_signing import signature_headers
+from gateway.sdk.request_signing import signature_headers
 from gateway.signatures import RegisteredKey, _HeaderView, _RequestView, _SingleKeyResolver, verify_request
 from ledger import keys
 

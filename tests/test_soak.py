@@ -53,7 +53,7 @@ from sqlmodel import select
 
 from gateway.cli import main as fedgate
 from gateway.process import start_gateway, stop_gateway
-from gateway.request_signing import SignedRequestAuth, signature_headers
+from gateway.sdk.request_signing import SignedRequestAuth, signature_headers
 from ledger import accounting, keys
 from ledger.audit import read_entries
 from ledger.canonical import sha256_digest

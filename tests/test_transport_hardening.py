@@ -20,7 +20,7 @@ import pytest
 
 from gateway.cli import main as fedgate
 from gateway.process import start_gateway, stop_gateway
-from gateway.request_signing import signature_headers
+from gateway.sdk.request_signing import signature_headers
 from ledger import keys
 from tests.conftest import make_node
 

@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary node")
     args = parser.parse_args()
 
-    from gateway.client import Client
+    from fedgate import Client
     from gateway.process import running_gateway
 
     job = {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "clip": args.clip,

@@ -16,7 +16,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver, algorithms
 
-from gateway.signatures import BODY_COMPONENTS, REQUIRED_COMPONENTS, SIGNATURE_TAG
+from gateway.protocol.signing import BODY_COMPONENTS, REQUIRED_COMPONENTS, SIGNATURE_TAG
 from ledger.keys import key_id as derive_key_id
 
 DEFAULT_VALIDITY_SECONDS = 120

@@ -1,0 +1,359 @@
+"""Researcher SDK: signed requests to a fedgate node and verified results.
+
+Every request is signed (RFC 9421, ``gateway.sdk.request_signing``). Every release is
+verified before it is returned: the Ed25519 signature of the node over the canonical
+manifest, and the digest of the weights named in the manifest. Refusals raise typed
+exceptions that carry the server's problem+json document.
+
+Example::
+
+    client = Client("http://127.0.0.1:8620", key="alice.key", node_public_key="node.pub")
+    job = dict(rounds=20, clients_per_round=50, noise_multiplier=1.0, clip=0.5)
+    print(client.rehearse(model, "demo", **job).summary())  # locally, on mock data: free
+    result = client.train_model(model, "demo", **job)
+    print(result.epsilon, result.metrics)
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway.protocol.problems import TYPE_PREFIX
+from gateway.sdk.request_signing import SignedRequestAuth
+from ledger import keys
+from ledger.canonical import canonical_json, sha256_digest
+
+if TYPE_CHECKING:
+    from gateway.rehearsal import RehearsalReport
+
+__all__ = [
+    "HELD_STATES",
+    "AuthenticationFailed",
+    "BudgetExceeded",
+    "Client",
+    "FedgateError",
+    "InvalidRequest",
+    "Job",
+    "JobFailed",
+    "ModelRejected",
+    "OutputPolicyRefused",
+    "PolicyDenied",
+    "Release",
+    "ReleaseVerificationFailed",
+    "progress_postfix",
+    "verify_release",
+]
+
+
+
+class FedgateError(Exception):
+    """A refusal by the node; ``problem`` is its RFC 9457 document."""
+
+    def __init__(self, problem: dict[str, Any]) -> None:
+        super().__init__(problem.get("detail") or problem.get("title") or "request refused")
+        self.problem = problem
+        self.status = problem.get("status")
+        self.type = str(problem.get("type", ""))
+
+
+class AuthenticationFailed(FedgateError):
+    """The node did not accept the request's signature (HTTP 401)."""
+
+
+class PolicyDenied(FedgateError):
+    """The data owner's policy refused the request; ``problem['rule']`` names the rule."""
+
+
+class BudgetExceeded(FedgateError):
+    """The job does not fit the dataset's privacy budget; ``detail`` says what to change."""
+
+
+class InvalidRequest(FedgateError):
+    """A parameter is malformed or out of range; ``problem['field']`` names it and, for a
+    closed choice such as an optimizer, ``problem['allowed']`` lists the valid values."""
+
+
+class ModelRejected(FedgateError):
+    """The model artifact was refused by validation."""
+
+
+class OutputPolicyRefused(FedgateError):
+    """The owner's output policy refuses this fetch (e.g. a single release was fetched)."""
+
+
+class JobFailed(Exception):
+    """The job ended without a release."""
+
+
+class ReleaseVerificationFailed(Exception):
+    """A release's node signature or weights digest does not verify: do not use it."""
+
+
+_ERRORS: dict[str, type[FedgateError]] = {
+    "policy-denied": PolicyDenied,
+    "budget-exceeded": BudgetExceeded,
+    "invalid-request": InvalidRequest,
+    "model-rejected": ModelRejected,
+    "output-policy": OutputPolicyRefused,
+}
+# States of a job held for the data owner's review (its budget is reserved meanwhile).
+HELD_STATES = ("pending_review", "approved")
+
+
+def _raise_for_problem(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {"status": response.status_code, "detail": response.text[:200]}
+    slug = str(problem.get("type", "")).removeprefix(TYPE_PREFIX)
+    if response.status_code == 401:
+        raise AuthenticationFailed(problem)
+    raise _ERRORS.get(slug, FedgateError)(problem)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A verified release: DP weights, DP metrics and what was charged for them."""
+
+    job_id: str
+    weights: list[Any]  # numpy arrays, in the model's get_weights() order
+    metrics: dict[str, float]
+    epsilon: float
+    delta: float
+    manifest: dict[str, Any]
+
+
+def verify_release(document: dict[str, Any], node_public_key: Ed25519PublicKey) -> Release:
+    """Check the node's signature and the weights digest; decode the weights."""
+    from engine.artifact import decode_array
+
+    try:
+        manifest = document["manifest"]
+        signature = base64.b64decode(document["signature"], validate=True)
+        node_public_key.verify(signature, canonical_json(manifest))
+    except (KeyError, ValueError, TypeError, InvalidSignature) as exc:
+        raise ReleaseVerificationFailed(f"node signature does not verify: {exc!r}") from None
+    if sha256_digest(canonical_json(document.get("weights"))) != manifest.get("weights_digest"):
+        raise ReleaseVerificationFailed("weights do not match the signed manifest")
+    return Release(
+        job_id=manifest["job_id"],
+        weights=[decode_array(w) for w in document["weights"]],
+        metrics=dict(manifest["metrics"]),
+        epsilon=float(manifest["epsilon"]),
+        delta=float(manifest["delta"]),
+        manifest=manifest,
+    )
+
+
+def _load_private(key: Ed25519PrivateKey | str | Path) -> Ed25519PrivateKey:
+    return key if isinstance(key, Ed25519PrivateKey) else keys.load_private_key(Path(key))
+
+
+def _load_public(key: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
+    return key if isinstance(key, Ed25519PublicKey) else keys.load_public_key(Path(key))
+
+
+def _artifact(model_or_artifact: Any) -> dict[str, Any]:
+    """A keras-json-v1 artifact from a Keras model, an artifact dict or its bytes."""
+    from engine.artifact import artifact_from_keras, parse_artifact
+
+    if isinstance(model_or_artifact, dict):
+        return model_or_artifact
+    if isinstance(model_or_artifact, bytes):
+        return parse_artifact(model_or_artifact)
+    return artifact_from_keras(model_or_artifact)
+
+
+class Job:
+    """Handle of a submitted job."""
+
+    def __init__(self, client: Client, status: dict[str, Any]) -> None:
+        self.client = client
+        self.id: str = status["job_id"]
+        self.last_status = status
+
+    def status(self) -> dict[str, Any]:
+        self.last_status = self.client._get(f"/v1/jobs/{self.id}")
+        return self.last_status
+
+    def cancel(self) -> dict[str, Any]:
+        """Stop the job. It is charged if it had begun reading data, refunded otherwise."""
+        self.last_status = self.client._post(f"/v1/jobs/{self.id}/cancel", b"")
+        return self.last_status
+
+    def wait(self, *, progress: bool = True, poll_seconds: float = 0.5,
+             timeout_seconds: float = 3600.0, review_poll_seconds: float = 5.0) -> dict[str, Any]:
+        """Poll until the job ends; show a progress bar when ``progress`` (tqdm: a text bar in
+        a terminal, a widget in Jupyter) with rounds i/T, the ε spent so far and the state.
+
+        The ε so far is the node's ``progress.epsilon_so_far``: the ε of i rounds from the
+        job's public parameters (never from data or realised client counts); at the last round
+        it is the job's ε, which is also what a job that fails after reading data is charged.
+
+        A job the owner's policy holds for review (``pending_review``, then ``approved``)
+        is polled every ``review_poll_seconds``, and time spent in review does not count
+        toward ``timeout_seconds``: the review's own deadline bounds it (an expired review
+        ends the job, refunded). The bar shows the state; ``status()['review']`` has the
+        owner's reason.
+        """
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.last_status["rounds"], desc=self.id, unit="round")
+        deadline = time.monotonic() + timeout_seconds
+        try:
+            while True:
+                status = self.status()
+                held = status["state"] in HELD_STATES
+                if bar is not None:  # postfix first: update() redraws the bar
+                    bar.set_postfix_str(progress_postfix(status), refresh=False)
+                    bar.update(status["round"] - bar.n)
+                    bar.refresh()
+                if status["state"] in ("succeeded", "failed"):
+                    return status
+                if held:
+                    deadline = time.monotonic() + timeout_seconds
+                elif time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} still {status['state']}")
+                time.sleep(review_poll_seconds if held else poll_seconds)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def result(self) -> Release:
+        """Fetch and verify the release; raises if the job failed."""
+        return self.signed_result()[0]
+
+    def signed_result(self) -> tuple[Release, str]:
+        """The verified release and the node's signature over its manifest (for a record that
+        cites it, e.g. a federation manifest); one fetch, raises if the job failed."""
+        if self.last_status["state"] == "failed":
+            raise JobFailed(f"job {self.id} failed: {self.last_status.get('failure')}")
+        document = self.client._get(f"/v1/jobs/{self.id}/result")
+        return verify_release(document, self.client.node_public_key), document["signature"]
+
+
+def progress_postfix(status: dict[str, Any]) -> str:
+    """The text after the progress bar: ε spent so far of the job's ε, and its state."""
+    spent = status.get("progress", {}).get("epsilon_so_far")
+    so_far = "" if spent is None else f"ε {spent:.3g}/{status['epsilon']:.3g}, "
+    return f"{so_far}{status['state']}"
+
+
+class Client:
+    """A researcher's connection to one fedgate node."""
+
+    def __init__(self, url: str, key: Ed25519PrivateKey | str | Path,
+                 node_public_key: Ed25519PublicKey | str | Path, *, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.private_key = _load_private(key)
+        self.node_public_key = _load_public(node_public_key)
+        self.key_id = keys.key_id(self.private_key.public_key())
+        self._http = httpx.Client(base_url=self.url, auth=SignedRequestAuth(self.private_key),
+                                  timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _get(self, path: str) -> Any:
+        response = self._http.get(path)
+        _raise_for_problem(response)
+        return response.json()
+
+    def _post(self, path: str, body: bytes, content_type: str = "application/json") -> Any:
+        response = self._http.post(path, content=body, headers={"Content-Type": content_type})
+        _raise_for_problem(response)
+        return response.json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._get("/v1/datasets")["datasets"]
+
+    def mock_data(self, dataset: str, path: str | Path) -> Path:
+        """Download the dataset's public mock data (Parquet, same schema, synthetic values)."""
+        response = self._http.get(f"/v1/datasets/{dataset}/mock")
+        _raise_for_problem(response)
+        Path(path).write_bytes(response.content)
+        return Path(path)
+
+    def upload_model(self, artifact: dict[str, Any] | bytes) -> str:
+        """Upload a keras-json-v1 artifact; returns its content digest."""
+        body = artifact if isinstance(artifact, bytes) else canonical_json(artifact)
+        return self._post("/v1/models", body)["digest"]
+
+    def estimate(self, dataset: str, **parameters: Any) -> dict[str, Any]:
+        """ε, δ of a proposed job, whether it fits now and how many such jobs fit; with the
+        node's price list also ``cost``, its projected cost (an upper bound, see its ``basis``)."""
+        body = {"dataset": dataset, **parameters}
+        return self._post("/v1/estimate", canonical_json(body))
+
+    def calibrate(self, dataset: str, *, target_epsilon: float, solve_for: str = "noise_multiplier",
+                  **parameters: Any) -> dict[str, Any]:
+        """The smallest noise_multiplier (or largest rounds) whose training ε meets the target."""
+        body = {"dataset": dataset, "target_epsilon": target_epsilon, "solve_for": solve_for,
+                **parameters}
+        return self._post("/v1/calibrate", canonical_json(body))
+
+    def rehearse(self, model_or_artifact: Any, dataset: str, *, timeout_seconds: float = 3600.0,
+                 **parameters: Any) -> RehearsalReport:
+        """Run the job you would submit locally on ``dataset``'s mock data; reserves nothing.
+
+        ``model_or_artifact`` is a Keras model or a keras-json-v1 artifact (dict or bytes).
+        The report has the validation refusal the node would give, or the engine's failure,
+        or the time per round and the mock DP metrics; and the job's ε on the node (from the
+        free estimate). Needs TensorFlow Federated locally. See ``gateway.rehearsal``.
+        """
+        from gateway.rehearsal import rehearse
+
+        return rehearse(self, _artifact(model_or_artifact), dataset, parameters,
+                        timeout_s=timeout_seconds)
+
+    def submit(self, dataset: str, model_digest: str, **parameters: Any) -> Job:
+        """Submit a job for an uploaded model; returns its handle at once (see ``train_model``
+        for the parameters)."""
+        body = {"dataset": dataset, "model_digest": model_digest, **parameters}
+        return Job(self, self._post("/v1/jobs", canonical_json(body)))
+
+    def train_model(self, model: Any, dataset: str, *, progress: bool = True,
+                    **parameters: Any) -> Release:
+        """Upload a Keras model, train it under DP on ``dataset``, load the DP weights.
+
+        Blocks until the job ends (progress bar of rounds and ε so far), verifies the node's
+        signature on the result and sets the released weights on ``model``.
+
+        ``parameters`` are the job request's fields: ``rounds``, ``clients_per_round``,
+        ``noise_multiplier``, ``clip`` (these four set ε); ``local_epochs``, ``batch_size``,
+        ``evaluate``; and the optimizers, a closed choice from ``tff.learning.optimizers``:
+        ``client_optimizer`` "sgd" (default) or "sgdm" with ``client_learning_rate`` (0.1) and
+        ``client_momentum``; ``server_optimizer`` "sgd", "sgdm" (default; ``server_momentum``
+        0), "adam", "yogi" or "adagrad" with ``server_learning_rate`` (1.0) and, as the optimizer
+        takes them, ``server_beta_1``, ``server_beta_2``, ``server_epsilon``,
+        ``server_initial_preconditioner_value``. The optimizers do not change ε (local training
+        is clipped before the noise, the server step comes after it). An unknown name or an
+        out-of-range value is refused with ``invalid-request`` naming the field (and the
+        allowed names).
+        """
+        from engine.artifact import artifact_from_keras
+
+        digest = self.upload_model(artifact_from_keras(model))
+        job = self.submit(dataset, digest, **parameters)
+        job.wait(progress=progress)
+        release = job.result()
+        model.set_weights(release.weights)
+        return release
