@@ -23,6 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger.ranges import (
+    CLIENT_OPTIMIZERS,
+    HYPERPARAMETER_RANGES,
+    OPTIMIZER_HYPERPARAMETERS,
+    RANGES,
+    SERVER_OPTIMIZERS,
+)
+
 __all__ = [
     "CLIENT_OPTIMIZERS",
     "DATA_ACCESS_EVENT",
@@ -51,38 +59,13 @@ RELEASE_FILE = "release.json"
 PROGRESS_FD_ENV = "FEDGATE_PROGRESS_FD"
 
 _MAX_LINE = 4096
-_MAX_ROUNDS = 100_000  # = ledger.mechanism.RANGES["rounds"].high (a test checks it)
+_MAX_ROUNDS = int(RANGES["rounds"].high)
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizers: a closed choice from tff.learning.optimizers, by name.
-#
-# Privacy: the client optimizer is part of each user's local training, whose result is clipped
-# to C before it is noised; the server optimizer transforms the noised aggregate (post-
-# processing). Neither changes the mechanism the ledger accounts, so neither changes ε.
-
-CLIENT_OPTIMIZERS = ("sgd", "sgdm")
-SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi", "adagrad")
-
-OPTIMIZER_HYPERPARAMETERS: dict[str, dict[str, float]] = {
-    "sgd": {},
-    "sgdm": {"momentum": 0.0},
-    "adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
-    "yogi": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-3,
-             "initial_preconditioner_value": 1e-6},
-    "adagrad": {"initial_preconditioner_value": 0.1, "epsilon": 1e-7},
-}
-"""The hyperparameters each optimizer takes besides its learning rate, with the defaults of
-its ``tff.learning.optimizers.build_*`` function (sgdm's momentum defaults to 0: plain SGD)."""
-
-# name → (low, high, low inclusive, high inclusive)
-_HYPERPARAMETER_RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "momentum": (0.0, 1.0, True, False),
-    "beta_1": (0.0, 1.0, True, False),
-    "beta_2": (0.0, 1.0, True, False),
-    "epsilon": (0.0, 1.0, False, True),
-    "initial_preconditioner_value": (0.0, 100.0, True, True),
-}
+# Optimizers: a closed choice from tff.learning.optimizers, by name; the names, defaults and
+# ranges are ``ledger.ranges``' (CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, OPTIMIZER_HYPERPARAMETERS,
+# HYPERPARAMETER_RANGES), which also says why neither optimizer changes ε.
 
 OPTIMIZER_FIELDS: tuple[str, ...] = (
     "client_optimizer", "client_momentum", "server_optimizer", "server_momentum",
@@ -128,11 +111,9 @@ def optimizer_hyperparameters(side: str, name: object,
             takes = ", ".join(f"{side}_{k}" for k in resolved) or "no hyperparameters"
             raise OptimizerInvalid(field, f"{field} does not apply to {side}_optimizer {name!r} "
                                           f"(it takes {takes} besides the learning rate)")
-        low, high, low_in, high_in = _HYPERPARAMETER_RANGES[key]
-        if not ((value >= low if low_in else value > low) and
-                (value <= high if high_in else value < high)):
-            raise OptimizerInvalid(field, f"{field} must be in {'[' if low_in else '('}{low:g}, "
-                                          f"{high:g}{']' if high_in else ')'}")
+        allowed_range = HYPERPARAMETER_RANGES[key]
+        if not allowed_range.contains(value):
+            raise OptimizerInvalid(field, f"{field} must be in {allowed_range.interval()}")
         resolved[key] = float(value)
     return resolved
 
@@ -245,7 +226,7 @@ class JobSpec:
         name = self.client_optimizer if side == "client" else self.server_optimizer
         rate = self.client_learning_rate if side == "client" else self.server_learning_rate
         given = {key: getattr(self, f"{side}_{key}", None)
-                 for key in _HYPERPARAMETER_RANGES}
+                 for key in HYPERPARAMETER_RANGES}
         return name, rate, optimizer_hyperparameters(side, name, given)
 
     def to_json(self) -> dict[str, Any]:
@@ -357,7 +338,7 @@ def _optimizer_fields(fields: _Fields, server_momentum: float) -> dict[str, Any]
     for side, default in (("client", "sgd"), ("server", "sgdm")):
         name = fields.optional(f"{side}_optimizer")
         name = default if name is None else name
-        given = {key: fields.optional(f"{side}_{key}") for key in _HYPERPARAMETER_RANGES
+        given = {key: fields.optional(f"{side}_{key}") for key in HYPERPARAMETER_RANGES
                  if f"{side}_{key}" in OPTIMIZER_FIELDS and f"{side}_{key}" != "server_momentum"}
         if side == "server":
             given["momentum"] = server_momentum

@@ -40,6 +40,7 @@ from gateway.policy import (
     researcher_committed_jobs,
     researcher_epsilon_spent,
 )
+from gateway.protocol import job_parameters
 from gateway.protocol.problems import Problem
 from gateway.quotas import QuotaExceeded, enforce_quotas
 from gateway.signatures import VerifiedRequest
@@ -70,6 +71,11 @@ def mechanism_problem(error: mechanism.MechanismParameterInvalid) -> Problem:
 @dataclass(frozen=True)
 class JobRequest:
     """A researcher's training request, validated field by field.
+
+    Its fields besides ``model_digest`` and ``idempotency_key`` are the parameters of
+    ``gateway.protocol.job_parameters`` with their defaults and required set
+    (``tests/test_job_parameters.py`` compares them); the table also generates the OpenAPI
+    schema, the CLI options and ``docs/job-parameters.md``.
 
     The optimizers are a closed choice by name (``engine.job.CLIENT_OPTIMIZERS``,
     ``SERVER_OPTIMIZERS``) with range-checked hyperparameters; the defaults (client sgd,
@@ -109,8 +115,7 @@ class JobRequest:
             raise Problem("invalid-request", f"unknown fields: {', '.join(unknown)}")
         if not needs_model:
             data = {"model_digest": NO_MODEL, **data}
-        missing = [n for n in ("dataset", "model_digest", "rounds", "clients_per_round",
-                               "noise_multiplier", "clip") if n not in data]
+        missing = [n for n in ("model_digest", *job_parameters.REQUIRED) if n not in data]
         if missing:
             raise Problem("invalid-request", f"missing fields: {', '.join(missing)}")
         request = cls(**data)

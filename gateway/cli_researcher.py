@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.job import CLIENT_OPTIMIZERS, OPTIMIZER_FIELDS, SERVER_OPTIMIZERS
+from gateway.protocol.job_parameters import add_cli_options, parameters_from_cli
 
 RESEARCHER_EXAMPLES = """\
 examples:
@@ -53,15 +53,6 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Client(str(url), key=Path(str(key)), node_public_key=Path(str(node_key)))
 
 
-def _job_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("rounds", "clients_per_round", "noise_multiplier", "clip", "client_learning_rate",
-             "server_learning_rate", "local_epochs", "batch_size", *OPTIMIZER_FIELDS)
-    parameters = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if getattr(args, "no_evaluation", False):
-        parameters["evaluate"] = False
-    return parameters
-
-
 def _show(data: Any, args: argparse.Namespace, human: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else human)
 
@@ -94,7 +85,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.estimate(args.dataset, **_job_parameters(args))
+        result = client.estimate(args.dataset, **parameters_from_cli(args))
     human = (f"ε {result['epsilon']:.3f} at δ {result['delta']:g} (RDP); "
              f"fits now: {'yes' if result['fits'] else 'no'}; "
              f"jobs like this that fit: {result['jobs_that_fit']}")
@@ -108,7 +99,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    parameters = _job_parameters(args)
+    parameters = parameters_from_cli(args)
     solve_for = "rounds" if "noise_multiplier" in parameters else "noise_multiplier"
     with _client(args) as client:
         result = client.calibrate(args.dataset, target_epsilon=args.target_epsilon,
@@ -128,7 +119,7 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 
     artifact = parse_artifact(Path(args.model).read_bytes())
     with _client(args) as client:
-        report = client.rehearse(artifact, args.dataset, **_job_parameters(args))
+        report = client.rehearse(artifact, args.dataset, **parameters_from_cli(args))
     human = f"rehearsal of {args.dataset}: {report.summary()}"
     if report.engine_log:
         human += "\nengine log (mock data):\n" + report.engine_log
@@ -144,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     artifact = parse_artifact(Path(args.model).read_bytes())
     with _client(args) as client:
         digest = client.upload_model(artifact)
-        job = client.submit(args.dataset, digest, **_job_parameters(args))
+        job = client.submit(args.dataset, digest, **parameters_from_cli(args))
         print(f"submitted {job.id} (ε {job.last_status['epsilon']:.3f})"
               + ("" if args.no_wait else "; waiting"), file=sys.stderr)
         if "review" in job.last_status:
@@ -226,34 +217,6 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _job_options(parser: argparse.ArgumentParser, *, solve: bool = False) -> None:
-    parser.add_argument("dataset")
-    parser.add_argument("--rounds", type=int, required=not solve)
-    parser.add_argument("--clients-per-round", type=float, required=True,
-                        help="expected users sampled per round (Poisson)")
-    parser.add_argument("--noise-multiplier", type=float, required=not solve,
-                        help="Gaussian noise std / clip")
-    parser.add_argument("--clip", type=float, required=True, help="per-user L2 clip of updates")
-    parser.add_argument("--client-optimizer", choices=CLIENT_OPTIMIZERS,
-                        help="local training optimizer (default sgd)")
-    parser.add_argument("--client-learning-rate", type=float, help="default 0.1")
-    parser.add_argument("--client-momentum", type=float, help="sgdm only, in [0, 1)")
-    parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
-                        help="optimizer applied to the noised aggregate (default sgdm)")
-    parser.add_argument("--server-learning-rate", type=float, help="default 1.0")
-    parser.add_argument("--server-momentum", type=float, help="sgdm only, in [0, 1) (default 0)")
-    parser.add_argument("--server-beta-1", type=float, help="adam, yogi (default 0.9)")
-    parser.add_argument("--server-beta-2", type=float, help="adam, yogi (default 0.999)")
-    parser.add_argument("--server-epsilon", type=float,
-                        help="adam (default 1e-7), yogi (1e-3), adagrad (1e-7)")
-    parser.add_argument("--server-initial-preconditioner-value", type=float,
-                        help="yogi (default 1e-6), adagrad (0.1)")
-    parser.add_argument("--local-epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--no-evaluation", action="store_true",
-                        help="skip DP evaluation on held-out users")
-
-
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the researcher commands to the top-level parser."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -264,20 +227,20 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
 
     p = commands.add_parser("estimate", help="ε of a proposed job and whether it fits (free)",
                             epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
-    _job_options(p)
+    add_cli_options(p)
     _connection_options(p)
     p.set_defaults(func=cmd_estimate)
 
     p = commands.add_parser("calibrate", help="noise (or rounds) for a target ε; omit the one "
                             "to solve for", epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
-    _job_options(p, solve=True)
+    add_cli_options(p, optional=("rounds", "noise_multiplier"))
     p.add_argument("--target-epsilon", type=float, required=True)
     _connection_options(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = commands.add_parser("train", help="train a model under user-level DP and fetch it",
                             epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
-    _job_options(p)
+    add_cli_options(p)
     p.add_argument("--model", required=True, help="keras-json-v1 artifact (fedgate model "
                    "from-keras makes one)")
     p.add_argument("--out", help="write the released DP model (keras-json-v1) here")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import math
 import re
-import tomllib
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,22 +31,30 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from engine.job import OPTIMIZER_FIELDS
+from gateway.protocol.job_parameters import FEDERATED, REQUIRED
+from gateway.protocol.release import (
+    ReleaseVerificationFailed,
+    manifest_digest,
+    verify_manifest_signature,
+)
 from ledger import keys
 from ledger.canonical import canonical_json, sha256_digest
+
+if sys.version_info >= (3, 11):  # noqa: UP036 (the SDK installs on 3.10)
+    import tomllib
+else:  # a researcher's light install on Python 3.10 (pyproject: tomli there)
+    import tomli as tomllib
 
 FEDERATION_FORMAT = "fedgate-federation-v1"
 AGGREGATION_RULES = ("users", "mean")
 # Parameters of the local job each node runs per outer round (gateway.admission.JobRequest
 # minus dataset, model, evaluation and idempotency key, which the coordinator sets).
-LOCAL_JOB_FIELDS = frozenset({
-    "rounds", "clients_per_round", "noise_multiplier", "clip", "client_learning_rate",
-    "server_learning_rate", "local_epochs", "batch_size", *OPTIMIZER_FIELDS,
-})
-REQUIRED_JOB_FIELDS = ("rounds", "clients_per_round", "noise_multiplier", "clip")
+LOCAL_JOB_FIELDS = FEDERATED
+REQUIRED_JOB_FIELDS = tuple(name for name in REQUIRED if name in FEDERATED)
 # What a node entry in nodes.toml may override for that node alone.
 NODE_OVERRIDES = frozenset({"clients_per_round", "batch_size"})
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
 
 
 class NodeListInvalid(ValueError):
@@ -219,10 +227,6 @@ def model_digest(artifact: Mapping[str, Any]) -> str:
 # --- the signed federation manifest -----------------------------------------------------
 
 
-def release_manifest_digest(release_manifest: Mapping[str, Any]) -> str:
-    return sha256_digest(canonical_json(release_manifest))
-
-
 def contribution(node: str, release_document: Mapping[str, Any]) -> dict[str, Any]:
     """A node's contribution to one round, as recorded in the federation manifest: the node's
     signed release manifest (no weights), its signature and its digest."""
@@ -234,7 +238,7 @@ def contribution(node: str, release_document: Mapping[str, Any]) -> dict[str, An
         "epsilon": manifest["epsilon"],
         "delta": manifest["delta"],
         "weights_digest": manifest["weights_digest"],
-        "release_manifest_digest": release_manifest_digest(manifest),
+        "release_manifest_digest": manifest_digest(manifest),
         "release_manifest": manifest,
         "release_signature": release_document["signature"],
     }
@@ -327,7 +331,7 @@ def _check_contribution(position: int, record: Mapping[str, Any], item: Mapping[
     if node is None or not node["admitted"]:
         raise FederationManifestInvalid(f"{where}: contribution from a node that was not admitted")
     release = item["release_manifest"]
-    if release_manifest_digest(release) != item["release_manifest_digest"]:
+    if manifest_digest(release) != item["release_manifest_digest"]:
         raise FederationManifestInvalid(f"{where}: release manifest does not match its digest")
     recorded = {"job_id": item["job_id"], "node_key_id": item["node_key_id"],
                 "epsilon": item["epsilon"], "delta": item["delta"],
@@ -348,8 +352,7 @@ def _check_contribution(position: int, record: Mapping[str, Any], item: Mapping[
         raise FederationManifestInvalid(f"{where}: the given node key is not the one that "
                                         "signed the release")
     try:
-        public_key.verify(base64.b64decode(item["release_signature"], validate=True),
-                          canonical_json(release))
-    except (ValueError, TypeError, InvalidSignature):
+        verify_manifest_signature(release, item["release_signature"], public_key)
+    except ReleaseVerificationFailed:
         raise FederationManifestInvalid(f"{where}: the node's release signature does not "
                                         "verify") from None

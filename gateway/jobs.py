@@ -35,12 +35,13 @@ from engine.meter import read_counts
 from engine.sandbox import SandboxSettings
 from gateway.billing import settle_usage
 from gateway.node import Node
+from gateway.protocol.release import manifest_digest
 from gateway.release import ReleaseRefused, build_release, gate_engine_output, read_engine_output
 from gateway.scheduler import FairQueue
 from ledger.accounting import JobCost
 from ledger.audit import append_entry
 from ledger.budget import commit_budget, refund_budget
-from ledger.canonical import canonical_json, sha256_digest
+from ledger.canonical import canonical_json
 from ledger.models import Dataset, Job, JobMeter
 from ledger.review import claim_approved_jobs
 
@@ -290,7 +291,7 @@ class JobRunner:
                 dataset=job.dataset,
                 epsilon=job.epsilon,
                 delta=job.delta,
-                release_manifest_digest=sha256_digest(canonical_json(release["manifest"])),
+                release_manifest_digest=manifest_digest(release["manifest"]),
                 **self.node.config.engine_audit_fields,
             )
             row = s.get(Job, job_id, with_for_update=True)

@@ -9,57 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.job import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from gateway.middleware import cookie_authenticated
+from gateway.protocol.job_parameters import json_schema, markdown
 from gateway.protocol.problems import PROBLEM_TYPES, TYPE_PREFIX
-from ledger.mechanism import RANGES
 
 NUMBER = {"type": "number"}
 INTEGER = {"type": "integer"}
 STRING = {"type": "string"}
 
 
-def _ranged(field: str) -> dict[str, Any]:
-    """The JSON schema of a parameter with an admissible range (``ledger.mechanism.RANGES``,
-    the table the gateway and the engine enforce)."""
-    allowed = RANGES[field]
-    if allowed.integer:
-        return {**INTEGER, "minimum": int(allowed.low), "maximum": int(allowed.high)}
-    low = "minimum" if allowed.low_inclusive else "exclusiveMinimum"
-    return {**NUMBER, low: allowed.low, "maximum": allowed.high}
+JOB_PARAMETERS: dict[str, Any] = json_schema()
+"""The request bodies' parameters, generated from ``gateway.protocol.job_parameters``."""
 
 
-JOB_PARAMETERS: dict[str, Any] = {
-    "dataset": {**STRING, "maxLength": 128},
-    "rounds": _ranged("rounds"),
-    "clients_per_round": {**NUMBER, "minimum": 1,
-                          "description": "expected users sampled per round against the "
-                                         "dataset's public user count N̂ (q = this / N̂)"},
-    "noise_multiplier": _ranged("noise_multiplier"),
-    "clip": {**_ranged("clip"), "description": "per-user L2 clip of updates"},
-    "client_learning_rate": _ranged("client_learning_rate"),
-    "server_learning_rate": _ranged("server_learning_rate"),
-    "server_momentum": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
-                        "description": "server_optimizer sgdm only"},
-    "client_optimizer": {**STRING, "enum": list(CLIENT_OPTIMIZERS), "default": "sgd",
-                         "description": "local training; does not change ε"},
-    "client_momentum": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
-                        "description": "client_optimizer sgdm only"},
-    "server_optimizer": {**STRING, "enum": list(SERVER_OPTIMIZERS), "default": "sgdm",
-                         "description": "applied to the noised aggregate (post-processing); "
-                                        "does not change ε"},
-    "server_beta_1": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
-                      "description": "adam, yogi (default 0.9)"},
-    "server_beta_2": {**NUMBER, "minimum": 0, "exclusiveMaximum": 1,
-                      "description": "adam, yogi (default 0.999)"},
-    "server_epsilon": {**NUMBER, "exclusiveMinimum": 0, "maximum": 1,
-                       "description": "adam (default 1e-7), yogi (1e-3), adagrad (1e-7)"},
-    "server_initial_preconditioner_value": {**NUMBER, "minimum": 0, "maximum": 100,
-                                            "description": "yogi (default 1e-6), adagrad (0.1)"},
-    "local_epochs": _ranged("local_epochs"),
-    "batch_size": _ranged("batch_size"),
-    "evaluate": {"type": "boolean"},
-}
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -275,12 +237,15 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-def write_document(path: str = "docs/openapi.json") -> None:
-    """Regenerate the committed copy (``make openapi``)."""
+def write_document(path: str = "docs/openapi.json",
+                   parameters_page: str = "docs/job-parameters.md") -> None:
+    """Regenerate the committed copies (``make openapi``): the OpenAPI document and the job
+    parameters' reference page, both from the same table."""
     import json
     from pathlib import Path
 
     Path(path).write_text(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")
+    Path(parameters_page).write_text(markdown())
 
 
 if __name__ == "__main__":

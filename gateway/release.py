@@ -7,9 +7,11 @@ Contract: a release contains exactly
   weights the researcher uploaded;
 * ``manifest.metrics`` — DP evaluation metrics (``accuracy``, ``loss``; noised sums over
   held-out users, finite floats);
-* the manifest: job id, dataset, model digest, parameters, (ε, δ) charged, accountant,
-  policy version, the digest of the weights, release time, node key id;
-* ``signature`` — Ed25519 by the node key over the canonical JSON of the manifest.
+* the manifest (``gateway.protocol.release.ReleaseManifest``): job id, dataset, model digest,
+  parameters, (ε, δ) charged, accountant, policy version, the digest of the weights, release
+  time, node key id;
+* ``signature`` — Ed25519 by the node key over the canonical JSON of the manifest
+  (``sign_release``, beside the ``verify_release_document`` every recipient uses).
 
 Anything else the engine wrote (TFF training metrics, client counts, logs) is refused:
 an engine output with any other field fails the job (it is still charged).
@@ -17,7 +19,6 @@ an engine output with any other field fails the job (it is still charged).
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from engine.artifact import decode_array
+from gateway.protocol.release import ReleaseManifest, sign_release
 from ledger.canonical import canonical_json, sha256_digest
 from ledger.models import Job
 from ledger.timestamps import utc_timestamp
@@ -71,29 +73,16 @@ def build_release(
     *, job: Job, weights: list[Any], metrics: dict[str, float], node_key: Ed25519PrivateKey,
     node_key_id: str,
 ) -> dict[str, Any]:
-    """Assemble and sign the release document for a finished job."""
-    manifest = {
-        "job_id": job.id,
-        "dataset": job.dataset,
-        "researcher_key_id": job.researcher_key_id,
-        "model_digest": job.model_digest,
-        "request_digest": job.request_digest,
-        "parameters": json.loads(job.spec),
-        "epsilon": job.epsilon,
-        "delta": job.delta,
-        "accountant": "rdp",
-        "policy_version": job.policy_version,
-        "weights_digest": sha256_digest(canonical_json(weights)),
-        "metrics": metrics,
-        "released_at": utc_timestamp(),
-        "node_key_id": node_key_id,
-    }
-    signature = node_key.sign(canonical_json(manifest))
-    return {
-        "manifest": manifest,
-        "signature": base64.b64encode(signature).decode("ascii"),
-        "weights": weights,
-    }
+    """Assemble and sign the release document for a finished job
+    (``gateway.protocol.release``: the manifest and its signature)."""
+    manifest = ReleaseManifest(
+        job_id=job.id, dataset=job.dataset, researcher_key_id=job.researcher_key_id,
+        model_digest=job.model_digest, request_digest=job.request_digest,
+        parameters=json.loads(job.spec), epsilon=job.epsilon, delta=job.delta,
+        accountant="rdp", policy_version=job.policy_version,
+        weights_digest=sha256_digest(canonical_json(weights)), metrics=metrics,
+        released_at=utc_timestamp(), node_key_id=node_key_id)
+    return sign_release(manifest, weights, node_key)
 
 
 def read_engine_output(path: Path) -> Any:

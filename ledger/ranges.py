@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "CLIENT_OPTIMIZERS",
     "DEFAULT_MAX_EXAMPLES_PER_USER",
+    "HYPERPARAMETER_RANGES",
     "MAX_CLIP",
     "MAX_NOISE_MULTIPLIER",
     "MAX_NOISE_STDDEV",
@@ -19,7 +21,9 @@ __all__ = [
     "MIN_CLIP",
     "MIN_NOISE_MULTIPLIER",
     "MIN_NOISE_STDDEV",
+    "OPTIMIZER_HYPERPARAMETERS",
     "RANGES",
+    "SERVER_OPTIMIZERS",
     "ParameterRange",
 ]
 
@@ -47,16 +51,22 @@ class ParameterRange:
     high: float
     low_inclusive: bool = True
     integer: bool = False
+    high_inclusive: bool = True
+
+    def interval(self) -> str:
+        """``[0, 1)``-style, or ``1..100`` for integers."""
+        if self.integer:
+            return f"{int(self.low)}..{int(self.high)}"
+        return (f"{'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}"
+                f"{']' if self.high_inclusive else ')'}")
 
     def describe(self) -> str:
-        left = "[" if self.low_inclusive else "("
-        if self.integer:
-            return f"an integer in {int(self.low)}..{int(self.high)}"
-        return f"a number in {left}{self.low:g}, {self.high:g}]"
+        return f"{'an integer' if self.integer else 'a number'} in {self.interval()}"
 
     def contains(self, value: float) -> bool:
         above = value >= self.low if self.low_inclusive else value > self.low
-        return above and value <= self.high
+        below = value <= self.high if self.high_inclusive else value < self.high
+        return above and below
 
 
 RANGES: dict[str, ParameterRange] = {
@@ -72,3 +82,32 @@ RANGES: dict[str, ParameterRange] = {
     "server_learning_rate": ParameterRange(0.0, 100.0, low_inclusive=False),
 }
 """Every bounded parameter's admissible range: the one table the gateway and engine share."""
+
+
+# Optimizers: a closed choice from tff.learning.optimizers, by name (``engine.job`` builds
+# them). Privacy: the client optimizer is part of each user's local training, whose result is
+# clipped to C before it is noised; the server optimizer transforms the noised aggregate
+# (post-processing). Neither changes the mechanism the ledger accounts, so neither changes ε.
+
+CLIENT_OPTIMIZERS = ("sgd", "sgdm")
+SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi", "adagrad")
+
+OPTIMIZER_HYPERPARAMETERS: dict[str, dict[str, float]] = {
+    "sgd": {},
+    "sgdm": {"momentum": 0.0},
+    "adam": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+    "yogi": {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-3,
+             "initial_preconditioner_value": 1e-6},
+    "adagrad": {"initial_preconditioner_value": 0.1, "epsilon": 1e-7},
+}
+"""The hyperparameters each optimizer takes besides its learning rate, with the defaults of
+its ``tff.learning.optimizers.build_*`` function (sgdm's momentum defaults to 0: plain SGD)."""
+
+HYPERPARAMETER_RANGES: dict[str, ParameterRange] = {
+    "momentum": ParameterRange(0.0, 1.0, high_inclusive=False),
+    "beta_1": ParameterRange(0.0, 1.0, high_inclusive=False),
+    "beta_2": ParameterRange(0.0, 1.0, high_inclusive=False),
+    "epsilon": ParameterRange(0.0, 1.0, low_inclusive=False),
+    "initial_preconditioner_value": ParameterRange(0.0, 100.0),
+}
+"""The admissible range of each optimizer hyperparameter (whichever optimizer takes it)."""

@@ -19,8 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("fedgate", "gateway", "engine", "ledger")
 
-# The ledger modules gateway.protocol may use: pure functions over plain values.
-PURE_LEDGER_FOR_PROTOCOL = frozenset({"ledger.canonical"})
+# The ledger modules gateway.protocol may use: pure functions and data over plain values.
+PURE_LEDGER_FOR_PROTOCOL = frozenset({"ledger.canonical", "ledger.ranges"})
+# The one library it may use: Ed25519 for the release signature (the light install has it).
+PROTOCOL_LIBRARIES = frozenset({"cryptography"})
 
 # Server libraries and TensorFlow: a researcher installing the SDK must not need them.
 HEAVY_LIBRARIES = ("starlette", "sqlmodel", "sqlalchemy", "casbin", "tensorflow",
@@ -85,7 +87,7 @@ def test_layer_never_imports_gateway(layer: str) -> None:
     assert {module: targets for module, targets in upward.items() if targets} == {}
 
 
-def test_protocol_imports_only_the_standard_library_pure_ledger_and_itself() -> None:
+def test_protocol_imports_only_the_standard_library_ed25519_pure_ledger_and_itself() -> None:
     modules = _modules_in("gateway.protocol")
     assert "gateway.protocol.problems" in modules
     allowed_stdlib = set(sys.stdlib_module_names) | {"__future__"}
@@ -95,6 +97,7 @@ def test_protocol_imports_only_the_standard_library_pure_ledger_and_itself() -> 
             target
             for target in imports_of(module)
             if target.split(".")[0] not in allowed_stdlib
+            and target.split(".")[0] not in PROTOCOL_LIBRARIES
             and not _in_package(target, "gateway.protocol")
             and target not in PURE_LEDGER_FOR_PROTOCOL
         )

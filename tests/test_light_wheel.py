@@ -40,36 +40,50 @@ def _uv() -> str:
 
 
 @functools.cache
+def _python(version: str) -> str | None:
+    """A working interpreter of ``version`` on this machine (PATH or pyenv), if any."""
+    candidates = [shutil.which(f"python{version}")]
+    pyenv = Path.home() / ".pyenv" / "versions"
+    if pyenv.is_dir():
+        candidates += sorted(str(p / "bin" / f"python{version}")
+                             for p in pyenv.glob(f"{version}.*"))
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "-c", "import ssl, venv"],
+                                        capture_output=True).returncode == 0:
+            return candidate  # (a pyenv shim without that version installed fails)
+    return None
+
+
 def _other_python() -> str:
     """A Python interpreter other than the node's 3.11 if this machine has one, else 3.11."""
-    for version in ("3.13", "3.12", "3.10"):
-        candidates = [shutil.which(f"python{version}")]
-        pyenv = Path.home() / ".pyenv" / "versions"
-        if pyenv.is_dir():
-            candidates += sorted(str(p / "bin" / f"python{version}")
-                                 for p in pyenv.glob(f"{version}.*"))
-        for candidate in candidates:
-            if candidate and subprocess.run([candidate, "-c", "import ssl, venv"],
-                                            capture_output=True).returncode == 0:
-                return candidate  # (a pyenv shim without that version installed fails)
-    return sys.executable
+    return next(filter(None, map(_python, ("3.13", "3.12", "3.10"))), sys.executable)
+
+
+def _wheel(work: Path, env: dict[str, str]) -> Path:
+    subprocess.run([_uv(), "build", "--wheel", "-q", "-o", str(work / "dist")], cwd=REPOSITORY,
+                   env=env, check=True, timeout=300)
+    return next((work / "dist").glob("fedgate-*.whl"))
+
+
+def _install(wheel: Path, python: str, venv: Path, env: dict[str, str]) -> Path:
+    subprocess.run([_uv(), "venv", "-q", "--python", python, str(venv)], env=env, check=True,
+                   timeout=120)
+    subprocess.run([_uv(), "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                    str(wheel)], env=env, check=True, timeout=600)
+    return venv
+
+
+def _uv_env() -> dict[str, str]:
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
 
 
 @pytest.fixture(scope="module")
 def light_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding the wheel and its default (light) dependencies only."""
-    work = tmp_path_factory.mktemp("light")
-    uv, env = _uv(), {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
-    env.pop("VIRTUAL_ENV", None)
-    subprocess.run([uv, "build", "--wheel", "-q", "-o", str(work / "dist")], cwd=REPOSITORY,
-                   env=env, check=True, timeout=300)
-    wheel = next((work / "dist").glob("fedgate-*.whl"))
-    venv = work / "venv"
-    subprocess.run([uv, "venv", "-q", "--python", _other_python(), str(venv)], env=env,
-                   check=True, timeout=120)
-    subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                    str(wheel)], env=env, check=True, timeout=600)
-    return venv
+    work, env = tmp_path_factory.mktemp("light"), _uv_env()
+    return _install(_wheel(work, env), _other_python(), work / "venv", env)
 
 
 def _light(venv: Path, *argv: str, cwd: Path, extra_env: dict[str, str] | None = None
@@ -149,3 +163,20 @@ def test_researcher_on_a_light_install_keygen_datasets_estimate_and_train_on_a_l
     assert trained["epsilon"] == pytest.approx(estimate["epsilon"])  # type: ignore[index]
     released = json.loads((tmp_path / "model.json").read_text())  # verified by the light SDK
     assert released["format"] == "keras-json-v1" and len(released["weights"]) == 2
+
+
+LIGHT_MODULES = ("fedgate", "gateway.sdk", "gateway.protocol.job_parameters",
+                 "gateway.cli_researcher", "gateway.federation_client", "gateway.cli")
+
+
+def test_the_light_modules_import_on_python_3_10(tmp_path: Path) -> None:
+    """The oldest Python the wheel declares (tomllib, for one, is 3.11's: tomli stands in)."""
+    python = _python("3.10")
+    if python is None:
+        pytest.skip("no Python 3.10 on this machine")
+    env = _uv_env()
+    venv = _install(_wheel(tmp_path, env), python, tmp_path / "venv", env)
+    probe = "import sys; [__import__(m) for m in sys.argv[1:]]; print(sys.version_info[:2])"
+    result = _light(venv, "python", "-c", probe, *LIGHT_MODULES, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(3, 10)"

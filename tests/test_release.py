@@ -55,6 +55,35 @@ def test_a_release_signed_by_another_key_is_refused() -> None:
         verify_release(_release(), keys.generate_private_key().public_key())
 
 
+@pytest.mark.parametrize("change", [
+    lambda m: m.__setitem__("train_loss", 0.1),        # a field a release manifest has not
+    lambda m: m.pop("accountant"),                     # a field it must have
+    lambda m: m.__setitem__("epsilon", "1.5"),         # a wrong type
+])
+def test_a_correctly_signed_manifest_of_another_shape_is_refused(change) -> None:  # type: ignore[no-untyped-def]
+    """The typed ReleaseManifest (gateway.protocol.release): the node signs exactly its fields,
+    and a recipient accepts nothing else, even under a valid signature."""
+    import base64
+
+    from ledger.canonical import canonical_json
+
+    release = copy.deepcopy(_release())
+    change(release["manifest"])
+    release["signature"] = base64.b64encode(
+        NODE_KEY.sign(canonical_json(release["manifest"]))).decode()
+    with pytest.raises(ReleaseVerificationFailed, match="manifest"):
+        verify_release(release, NODE_KEY.public_key())
+
+
+def test_the_node_cannot_sign_a_manifest_for_other_weights() -> None:
+    from gateway.protocol.release import ReleaseManifest, sign_release
+
+    release = _release()
+    manifest = ReleaseManifest.from_json(release["manifest"])
+    with pytest.raises(ValueError, match="weights_digest"):
+        sign_release(manifest, release["weights"][:1], NODE_KEY)
+
+
 @pytest.mark.parametrize("output", [
     {"weights": UPLOADED, "metrics": {"accuracy": 0.5}, "train_loss": 0.1},
     {"weights": UPLOADED, "metrics": {"num_examples": 120.0}},

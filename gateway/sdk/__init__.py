@@ -9,38 +9,5 @@ installs the wheel without extras on another Python and runs a job against a liv
     from fedgate import Client   # the same object as gateway.sdk.Client
 """
 
-from gateway.sdk.client import (
-    HELD_STATES,
-    AuthenticationFailed,
-    BudgetExceeded,
-    Client,
-    FedgateError,
-    InvalidRequest,
-    Job,
-    JobFailed,
-    ModelRejected,
-    OutputPolicyRefused,
-    PolicyDenied,
-    Release,
-    ReleaseVerificationFailed,
-    progress_postfix,
-    verify_release,
-)
-
-__all__ = [
-    "HELD_STATES",
-    "AuthenticationFailed",
-    "BudgetExceeded",
-    "Client",
-    "FedgateError",
-    "InvalidRequest",
-    "Job",
-    "JobFailed",
-    "ModelRejected",
-    "OutputPolicyRefused",
-    "PolicyDenied",
-    "Release",
-    "ReleaseVerificationFailed",
-    "progress_postfix",
-    "verify_release",
-]
+from gateway.sdk.client import *  # noqa: F403  (the SDK's public names: Client, Job, …)
+from gateway.sdk.client import __all__  # noqa: F401

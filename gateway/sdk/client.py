@@ -16,20 +16,19 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.protocol.problems import TYPE_PREFIX
+from gateway.protocol.release import ReleaseVerificationFailed, verify_release_document
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys
-from ledger.canonical import canonical_json, sha256_digest
+from ledger.canonical import canonical_json
 
 if TYPE_CHECKING:
     from gateway.rehearsal import RehearsalReport
@@ -93,10 +92,6 @@ class JobFailed(Exception):
     """The job ended without a release."""
 
 
-class ReleaseVerificationFailed(Exception):
-    """A release's node signature or weights digest does not verify: do not use it."""
-
-
 _ERRORS: dict[str, type[FedgateError]] = {
     "policy-denied": PolicyDenied,
     "budget-exceeded": BudgetExceeded,
@@ -134,24 +129,18 @@ class Release:
 
 
 def verify_release(document: dict[str, Any], node_public_key: Ed25519PublicKey) -> Release:
-    """Check the node's signature and the weights digest; decode the weights."""
+    """Check the node's signature, the manifest's shape and the weights digest
+    (``gateway.protocol.release``); decode the weights."""
     from engine.artifact import decode_array
 
-    try:
-        manifest = document["manifest"]
-        signature = base64.b64decode(document["signature"], validate=True)
-        node_public_key.verify(signature, canonical_json(manifest))
-    except (KeyError, ValueError, TypeError, InvalidSignature) as exc:
-        raise ReleaseVerificationFailed(f"node signature does not verify: {exc!r}") from None
-    if sha256_digest(canonical_json(document.get("weights"))) != manifest.get("weights_digest"):
-        raise ReleaseVerificationFailed("weights do not match the signed manifest")
+    manifest = verify_release_document(document, node_public_key)
     return Release(
-        job_id=manifest["job_id"],
+        job_id=manifest.job_id,
         weights=[decode_array(w) for w in document["weights"]],
-        metrics=dict(manifest["metrics"]),
-        epsilon=float(manifest["epsilon"]),
-        delta=float(manifest["delta"]),
-        manifest=manifest,
+        metrics=dict(manifest.metrics),
+        epsilon=float(manifest.epsilon),
+        delta=float(manifest.delta),
+        manifest=manifest.to_json(),
     )
 
 
