@@ -30,6 +30,7 @@ from ledger.audit import append_entry
 from ledger.models import Dataset, Job
 from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
+from ledger.renyi_filter import RenyiFilter
 
 
 class LedgerError(Exception):
@@ -180,14 +181,16 @@ def filter_orders(dataset: Dataset) -> tuple[float, ...]:
     return tuple(json.loads(dataset.filter_orders))
 
 
+def renyi_filter(dataset: Dataset) -> RenyiFilter:
+    """The dataset's filter as its row stores it (read it under ``lock_dataset`` to change it)."""
+    return RenyiFilter.from_json(orders=dataset.filter_orders, budget=dataset.filter_budget,
+                                 spent=dataset.spent_rdp)
+
+
 def budget_fit(dataset: Dataset, cost_rdp: tuple[float, ...]) -> BudgetFit:
     """Pure read of the filter: does ``cost_rdp`` fit now, and how many copies would."""
-    spent = accounting.vector_from_json(json.loads(dataset.spent_rdp))
-    budget = accounting.vector_from_json(json.loads(dataset.filter_budget))
-    return BudgetFit(
-        fits=accounting.admits(spent=spent, cost=cost_rdp, budget=budget),
-        jobs_that_fit=accounting.jobs_that_fit(spent=spent, cost=cost_rdp, budget=budget),
-    )
+    current = renyi_filter(dataset)
+    return BudgetFit(fits=current.admits(cost_rdp), jobs_that_fit=current.jobs_that_fit(cost_rdp))
 
 
 def find_idempotent_job(session: Session, researcher_key_id: str, key: str | None) -> Job | None:
@@ -209,11 +212,10 @@ def reserve_budget(
     must roll back and record the ``deny`` in a transaction of its own.
     """
     dataset = lock_dataset(session, job.dataset)
-    fit = budget_fit(dataset, cost_rdp)
-    if not fit.fits:
-        raise BudgetExceeded(dataset.name, job.epsilon, fit.jobs_that_fit)
-    spent = accounting.vector_from_json(json.loads(dataset.spent_rdp))
-    dataset.spent_rdp = json.dumps(accounting.vector_to_json(accounting.add(spent, cost_rdp)))
+    current = renyi_filter(dataset)
+    if not current.admits(cost_rdp):
+        raise BudgetExceeded(dataset.name, job.epsilon, current.jobs_that_fit(cost_rdp))
+    dataset.spent_rdp = current.charge(cost_rdp).spent_json()
     job.budget_state = "reserved"
     job.cost_rdp = json.dumps(list(cost_rdp))
     append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
@@ -275,9 +277,7 @@ def refund_budget(session: Session, job_id: str, *, reason: str, actor: str) -> 
         delta=job.delta,
         reason=reason,
     )
-    spent = accounting.vector_from_json(json.loads(dataset.spent_rdp))
-    cost = tuple(json.loads(job.cost_rdp))
-    dataset.spent_rdp = json.dumps(accounting.vector_to_json(accounting.subtract(spent, cost)))
+    dataset.spent_rdp = renyi_filter(dataset).refund(tuple(json.loads(job.cost_rdp))).spent_json()
     job.budget_state = "refunded"
     job.updated_at = time.time()
     session.add(dataset)
