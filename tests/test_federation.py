@@ -272,11 +272,10 @@ class _FakeClient:
         return _FakeJob(self, job_id)
 
     def _get(self, path: str) -> dict[str, Any]:
-        import base64
-
         import numpy as np
 
         from engine.artifact import decode_array, encode_array
+        from gateway.protocol.release import ReleaseManifest, sign_release
         from ledger.canonical import canonical_json, sha256_digest
 
         job_id = path.split("/")[3]
@@ -285,12 +284,14 @@ class _FakeClient:
             return job["status"]
         weights = [encode_array(np.full_like(decode_array(w), self.node.target))
                    for w in self.node.model["weights"]]  # type: ignore[attr-defined]
-        manifest = {"job_id": job_id, "dataset": "demo", "model_digest": job["digest"],
-                    "epsilon": 0.4, "delta": 1e-5, "metrics": {},
-                    "weights_digest": sha256_digest(canonical_json(weights)),
-                    "node_key_id": keys.key_id(self.node_public_key)}
-        signature = base64.b64encode(self.node.key.sign(canonical_json(manifest))).decode()
-        return {"manifest": manifest, "signature": signature, "weights": weights}
+        manifest = ReleaseManifest(
+            job_id=job_id, dataset="demo", researcher_key_id="k-alice",
+            model_digest=job["digest"], request_digest="sha256:" + "0" * 64,
+            parameters={"rounds": 2}, epsilon=0.4, delta=1e-5, accountant="rdp",
+            policy_version="sha256:" + "1" * 64,
+            weights_digest=sha256_digest(canonical_json(weights)), metrics={},
+            released_at="2026-12-06T00:00:00Z", node_key_id=keys.key_id(self.node_public_key))
+        return sign_release(manifest, weights, self.node.key)
 
 
 def _fake_federation(monkeypatch: pytest.MonkeyPatch, *nodes: _FakeNode) -> list[Any]:
