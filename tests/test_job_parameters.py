@@ -75,3 +75,17 @@ def test_federation_sends_every_parameter_but_the_dataset_and_evaluation() -> No
 def test_reference_page_is_generated_from_the_table() -> None:
     assert (DOCS / "job-parameters.md").read_text() == markdown(), \
         "regenerate with `make openapi`"
+
+
+def test_the_engines_job_spec_has_the_tables_defaults_for_the_fields_it_shares() -> None:
+    """engine.job.JobSpec (the job.json contract; the engine never imports gateway) declares
+    the optimizer fields again: their defaults must be the table's."""
+    from engine.job import JobSpec
+
+    table = {p.name: p for p in PARAMETERS}
+    shared = [f for f in dataclasses.fields(JobSpec)
+              if f.name in table and f.default is not dataclasses.MISSING]
+    assert {f.name for f in shared} >= {"client_optimizer", "client_momentum",
+                                         "server_optimizer", "server_beta_1"}
+    assert {f.name: f.default for f in shared} == {f.name: table[f.name].default
+                                                   for f in shared}
