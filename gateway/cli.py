@@ -18,6 +18,10 @@ from gateway.cli_common import deployment_dir, open_node
 from gateway.terminal import ControlEscapingStream, escape_controls
 from ledger.ranges import DEFAULT_MAX_EXAMPLES_PER_USER
 
+# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
+# and each command loads only what it needs.
+
 EXAMPLES = """\
 examples:
   fedgate init ./node --owner clinic

@@ -25,6 +25,10 @@ from typing import Any
 from gateway.cli_common import open_node
 from gateway.terminal import escape_controls
 
+# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
+# and each command loads only what it needs.
+
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from ledger import keys

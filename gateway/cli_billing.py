@@ -21,6 +21,10 @@ import sys
 
 from gateway.cli_common import open_node
 
+# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
+# and each command loads only what it needs.
+
 
 def _month(text: str) -> str:
     from ledger.metering import month_bounds

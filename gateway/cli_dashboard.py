@@ -21,6 +21,10 @@ from urllib.parse import quote
 
 from gateway.cli_common import open_node
 
+# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
+# and each command loads only what it needs.
+
 
 def cmd_officer_token(args: argparse.Namespace) -> int:
     from ledger.officer_login import issue_login_token

@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
+# and each command loads only what it needs.
+
 FEDERATE_DESCRIPTION = """\
 Train one model across several fedgate nodes, each under its own owner's policy and budget.
 

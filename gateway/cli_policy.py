@@ -45,6 +45,9 @@ from gateway.policy import (
 )
 from ledger.names import ROLE_GROUPS, name_key
 
+# Imports inside the commands, not at the top: each command loads only what it needs (this
+# module itself needs the node extra; `fedgate --help` stubs it on a light install).
+
 # ---------------------------------------------------------------------------------------------
 # Lint (the pure parts, lint and expectation tables, take an engine and plain values, so tests
 # and the cookbook use them without a deployment)

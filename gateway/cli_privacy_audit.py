@@ -49,6 +49,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # numpy/scipy/dp-accounting: imported only when the command runs
     from engine.privacy_audit import AuditConfig
 
+# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
+# and each command loads only what it needs.
+
 EXIT_FAILED = 1
 BROKEN_CHOICES = ("noise", "half-noise", "clipping")  # engine.privacy_audit.BROKEN_MECHANISMS
 PATH_CHOICES = ("aggregator", "training", "shards")  # engine.privacy_audit.AUDIT_PATHS

@@ -17,6 +17,10 @@ from typing import Any
 
 from gateway.protocol.job_parameters import add_cli_options, parameters_from_cli
 
+# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
+# and each command loads only what it needs.
+
 RESEARCHER_EXAMPLES = """\
 examples:
   export FEDGATE_URL=http://127.0.0.1:8620 FEDGATE_KEY=alice.key FEDGATE_NODE_KEY=node.pub

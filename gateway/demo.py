@@ -23,6 +23,9 @@ from pathlib import Path
 from gateway.cli_common import Fedgate
 from gateway.process import running_gateway
 
+# Imports inside functions, not at the top: TensorFlow, the engine and the node's services
+# load only when this runs; the CLI imports this module to build its parser.
+
 DEMO_DATASET = "demo"
 DEMO_EPSILON_TOTAL = 8.0
 DEMO_DELTA = 1e-5

@@ -29,6 +29,9 @@ import numpy as np
 
 from gateway.cli_common import Fedgate
 
+# Imports inside functions, not at the top: TensorFlow, the engine and the node's services
+# load only when this runs; the CLI imports this module to build its parser.
+
 DATASET = "demo"
 FEATURES, CLASSES = 20, 5
 # users of each node and the public held-out users, as consecutive slices of one table

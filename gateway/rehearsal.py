@@ -37,6 +37,9 @@ from typing import Any, Protocol, TypeVar
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact
 from ledger.canonical import canonical_json
 
+# Imports inside functions, not at the top: the engine (TensorFlow, TFF) and the node's
+# services load only when a rehearsal runs (Client.rehearse, `fedgate train --rehearse`).
+
 
 class Client(Protocol):
     """What a rehearsal asks of the node (``gateway.sdk.client.Client`` provides it): the free
