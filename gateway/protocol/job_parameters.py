@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +139,6 @@ PARAMETERS: tuple[JobParameter, ...] = (
 )
 """Every job parameter, in the order the CLI's help and the reference page list them."""
 
-BY_NAME: Mapping[str, JobParameter] = {p.name: p for p in PARAMETERS}
 REQUIRED: tuple[str, ...] = tuple(p.name for p in PARAMETERS if p.required)
 FEDERATED: frozenset[str] = frozenset(p.name for p in PARAMETERS if p.federated)
 """The fields a federation job sets for every node (the dataset is each node's own; nodes do
@@ -149,9 +147,9 @@ not evaluate)."""
 _JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
 
 
-def json_schema(*, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+def json_schema() -> dict[str, dict[str, Any]]:
     """The ``properties`` of a request body: every parameter's schema."""
-    return {p.name: p.schema() for p in PARAMETERS if p.name not in exclude}
+    return {p.name: p.schema() for p in PARAMETERS}
 
 
 def add_cli_options(parser: argparse.ArgumentParser, *,

@@ -58,10 +58,6 @@ class ReleaseManifest:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def digest(self) -> str:
-        """What a federation manifest and the audit log cite (:func:`manifest_digest`)."""
-        return manifest_digest(self.to_json())
-
     @classmethod
     def from_json(cls, data: object) -> ReleaseManifest:
         """The manifest a document holds; exactly these fields, of these JSON types."""
@@ -115,10 +111,9 @@ def sign_release(manifest: ReleaseManifest, weights: list[Any],
 
 
 def verify_release_document(document: Mapping[str, Any],
-                            node_public_key: Ed25519PublicKey, *,
-                            weights: bool = True) -> ReleaseManifest:
+                            node_public_key: Ed25519PublicKey) -> ReleaseManifest:
     """Check the node's signature over the manifest exactly as received, the manifest's shape
-    and, with ``weights``, that the document's weights are the signed ones. Raises
+    and that the document's weights are the signed ones. Raises
     :class:`ReleaseVerificationFailed` naming the first failed check."""
     try:
         body, signature = document["manifest"], document["signature"]
@@ -126,7 +121,6 @@ def verify_release_document(document: Mapping[str, Any],
         raise ReleaseVerificationFailed(f"node signature does not verify: {exc!r}") from None
     verify_manifest_signature(body, signature, node_public_key)
     manifest = ReleaseManifest.from_json(body)
-    if weights and sha256_digest(canonical_json(document.get("weights"))) != \
-            manifest.weights_digest:
+    if sha256_digest(canonical_json(document.get("weights"))) != manifest.weights_digest:
         raise ReleaseVerificationFailed("weights do not match the signed manifest")
     return manifest
