@@ -25,6 +25,7 @@ from typing import Any
 
 from ledger.ranges import (
     CLIENT_OPTIMIZERS,
+    CLIP_STRATEGIES,
     HYPERPARAMETER_RANGES,
     OPTIMIZER_HYPERPARAMETERS,
     RANGES,
@@ -179,6 +180,13 @@ class JobSpec:
     server_initial_preconditioner_value: float | None = None
     max_examples_per_user: int | None = None
     charged_cost: dict[str, Any] | None = None
+    clip_strategy: str = "fixed"
+    """``fixed`` (C every round) or ``adaptive`` (``ledger.mechanism.AdaptiveClipping``: C is the
+    initial clip and moves toward the target quantile of update norms; ``noise_multiplier`` is
+    the effective multiplier of the update and clipped-count queries together)."""
+    clipped_count_stddev: float | None = None
+    target_unclipped_quantile: float | None = None
+    clip_learning_rate: float | None = None
     memory_limit_bytes: int | None = None
     """The node's per-job memory limit: the runner refuses, before reading data, a job whose
     estimate (``engine.memory.job_memory``) exceeds it. None: not checked (older job files)."""
@@ -190,16 +198,32 @@ class JobSpec:
 
         return noise_stddev(clip=self.clip, noise_multiplier=self.noise_multiplier)
 
+    def adaptive_clipping(self) -> Any:
+        """The validated ``ledger.mechanism.AdaptiveClipping`` of an adaptive job (z_Δ, the
+        float32 multiplier and clip bounds the engine runs with); None for a fixed clip."""
+        from ledger import mechanism
+
+        if self.clip_strategy == "fixed":
+            return None
+        return mechanism.validate_adaptive_clipping(
+            clip=self.clip, noise_multiplier=self.noise_multiplier,
+            clipped_count_stddev=self.clipped_count_stddev,
+            target_unclipped_quantile=self.target_unclipped_quantile,
+            clip_learning_rate=self.clip_learning_rate)
+
     def executed_cost(self) -> Any:
         """The DP event of what this spec runs (``ledger.accounting.JobCost``), rebuilt from
-        its own parameters: q, z, T and the evaluation's noise multiplier."""
+        its own parameters: q, z, T, the clipped-count noise σ_b of adaptive clipping and the
+        evaluation's noise multiplier."""
         from ledger.accounting import JobCost
 
         return JobCost.for_job(
             sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier,
             rounds=self.rounds,
             evaluation_noise_multiplier=(None if self.evaluation is None
-                                         else self.evaluation.noise_multiplier))
+                                         else self.evaluation.noise_multiplier),
+            clipped_count_stddev=(self.clipped_count_stddev
+                                  if self.clip_strategy == "adaptive" else None))
 
     def check_charged(self) -> None:
         """Refuse to run unless what runs is exactly what was charged.
@@ -274,6 +298,7 @@ class JobSpec:
             **_optimizer_fields(fields, server_momentum=server_momentum),
             max_examples_per_user=fields.optional("max_examples_per_user"),
             charged_cost=fields.optional("charged_cost"),
+            **_clipping_fields(fields),
             memory_limit_bytes=fields.optional("memory_limit_bytes"),
         )
         fields.done()
@@ -297,6 +322,7 @@ class JobSpec:
                     loss_clip=self.evaluation.loss_clip)
             if self.max_examples_per_user is not None:
                 mechanism.check_in_range("max_examples_per_user", self.max_examples_per_user)
+            self.adaptive_clipping()
         except mechanism.MechanismParameterInvalid as error:
             raise JobSpecInvalid(f"{error.message} (admissible: {error.admissible})") from None
         if self.charged_cost is not None and not isinstance(self.charged_cost, dict):
@@ -330,6 +356,25 @@ class JobSpec:
             raise JobSpecInvalid(f"cannot read {JOB_FILE} ({error.__class__.__name__})") \
                 from error
         return cls.from_json(data)
+
+
+_ADAPTIVE_FIELDS = ("clipped_count_stddev", "target_unclipped_quantile", "clip_learning_rate")
+
+
+def _clipping_fields(fields: _Fields) -> dict[str, Any]:
+    """The optional clipping fields of job.json: absent means a fixed clip (earlier job files);
+    ``adaptive`` needs all three of its parameters, ``fixed`` none of them."""
+    strategy = fields.optional("clip_strategy")
+    strategy = "fixed" if strategy is None else strategy
+    if strategy not in CLIP_STRATEGIES:
+        raise JobSpecInvalid(f"clip_strategy must be one of {', '.join(CLIP_STRATEGIES)}")
+    values = {name: fields.optional(name) for name in _ADAPTIVE_FIELDS}
+    given = [name for name, value in values.items() if value is not None]
+    if strategy == "fixed" and given:
+        raise JobSpecInvalid(f"{', '.join(given)} apply to clip_strategy adaptive only")
+    if strategy == "adaptive" and len(given) != len(_ADAPTIVE_FIELDS):
+        raise JobSpecInvalid(f"clip_strategy adaptive needs {', '.join(_ADAPTIVE_FIELDS)}")
+    return {"clip_strategy": strategy, **values}
 
 
 def _optimizer_fields(fields: _Fields, server_momentum: float) -> dict[str, Any]:

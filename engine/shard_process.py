@@ -13,7 +13,13 @@ The privacy unit stays the user; only the unit of TFF work changes. Per round:
   optimizer (post-processing): ``DifferentiallyPrivateFactory(NormalizedQuery(
   ShardSumQuery(σ), q·N̂))`` wrapped as a weighted aggregator with weight 1 per shard.
 
-The accounted event is unchanged: ``PoissonSampled(q, Gaussian(z))`` per round. Every sampled
+The accounted event is unchanged: ``PoissonSampled(q, Gaussian(z))`` per round. Under
+adaptive clipping (``JobSpec.clip_strategy == "adaptive"``) the process is
+:class:`AdaptiveClipProcess` instead: the server state carries the clip C_t, broadcast with the
+weights; each shard also returns its exact count of unclipped users, and the server noises the
+sum with σ_t ≥ z_Δ·C_t and the centred count with σ_b, then moves C_t (the event is
+``PoissonSampled(q, Composed([Gaussian(z_Δ), Gaussian(2σ_b)]))``, see
+``ledger.mechanism.AdaptiveClipping``). Every sampled
 user is padded to the owner's cap (masks), so a user's work is the same whatever their data;
 a shard holds as many users as fit 256 MiB by :mod:`engine.memory`'s per-user model (the
 padded examples, a few copies of the parameters and one local batch's working tensors:
@@ -41,14 +47,19 @@ from engine.job import JobSpec
 from engine.keras_config import check_model_config
 from engine.memory import per_user_bytes, users_per_shard
 from engine.training import poisson_sample
-from engine.vectorized_users import example_order, gather_users, shard_clipped_sum
+from engine.vectorized_users import (
+    example_order,
+    gather_users,
+    shard_clipped_sum,
+    shard_clipped_sum_and_count,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
     from engine.datastore import Partition
 
-__all__ = ["ShardedTraining", "prepare_sharded_training"]
+__all__ = ["AdaptiveClipProcess", "ShardedTraining", "prepare_sharded_training"]
 
 
 @dataclass
@@ -218,6 +229,20 @@ def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
     ], tuple))
     _, learning_rate, hyperparameters = spec.optimizer("client")  # sgd or sgdm
     momentum = hyperparameters.get("momentum") or None
+    initial = [w.numpy() for w in keras_model.trainable_weights]
+    size = users_per_shard(per_user_bytes(
+        parameters=sum(math.prod(s) for s in shapes), example_floats=math.prod(input_shape),
+        working_elements=check_model_config(doc["config"]).working_elements, cap=cap,
+        local_epochs=spec.local_epochs, batch_size=spec.batch_size))
+    adaptive = spec.adaptive_clipping()
+    if adaptive is not None:
+        process = AdaptiveClipProcess(
+            stacked=stacked, initial=initial, spec=spec, adaptive=adaptive,
+            shard_type=shard_type, learning_rate=learning_rate, momentum=momentum,
+            noise=noise_stddev is None)
+        return ShardedTraining(process=process, state=process.initialize(), spec=spec,
+                               keras_model=keras_model, cap=cap, shard_size=size,
+                               min_shards=min_shards, scratch_dir=scratch_dir)
 
     @tff.tensorflow.computation(weights_type, shard_type)
     def client_update(weights: Any, shard: Any) -> Any:
@@ -246,7 +271,6 @@ def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
         denominator=float(spec.expected_clients_per_round)))
     aggregator = tff.aggregators.as_weighted_aggregator(factory).create(
         weights_type.trainable, tff.TensorType(np.float32))
-    initial = [w.numpy() for w in keras_model.trainable_weights]
 
     @tff.tensorflow.computation
     def initial_weights() -> Any:
@@ -261,13 +285,117 @@ def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
         tff.learning.templates.build_apply_optimizer_finalizer(tff_optimizer(spec, "server"),
                                                                weights_type),
     )
-    size = users_per_shard(per_user_bytes(
-        parameters=sum(math.prod(s) for s in shapes), example_floats=math.prod(input_shape),
-        working_elements=check_model_config(doc["config"]).working_elements, cap=cap,
-        local_epochs=spec.local_epochs, batch_size=spec.batch_size))
     return ShardedTraining(process=process, state=process.initialize(), spec=spec,
                            keras_model=keras_model, cap=cap, shard_size=size,
                            min_shards=min_shards, scratch_dir=scratch_dir)
+
+
+class AdaptiveClipProcess:
+    """Sharded DP-FedAvg with adaptive clipping (Andrew et al. 2021), as a TFF computation.
+
+    Server state: (trainable weights, server optimizer state, C_t as float32). One round
+    (``next``): broadcast the weights and C_t; each shard returns Σ_u clip(Δ_u, C_t) and
+    Σ_u (2·b_u − 1) (int64, exact); TFF sums the shards; the server adds N(0, σ_t²) to each
+    tensor of the sum with σ_t = float32(C_t × m) (m = ``AdaptiveClipping.update_multiplier32``
+    ≥ z_Δ·(1 + 2⁻¹⁸): σ_t ≥ z_Δ·C_t), divides by q·N̂ and takes the server optimizer's step; it
+    adds N(0, σ_b²) in float64 to the centred count (the int64 halved, exact), estimates the
+    unclipped fraction b̄ = noised count / (q·N̂) + 1/2 and sets C_{t+1} = clamp(C_t ·
+    exp(−η (b̄ − γ)), [min_clip, max_clip]) — post-processing of the noised count. Nothing
+    else leaves a shard or the server. ``noise=False`` (tests only) draws no noise at all.
+    """
+
+    def __init__(self, *, stacked: StackedModel, initial: list[np.ndarray], spec: JobSpec,
+                 adaptive: Any, shard_type: Any, learning_rate: float,
+                 momentum: float | None, noise: bool) -> None:
+        import tensorflow as tf
+        import tensorflow_federated as tff
+
+        from engine.training import tff_optimizer
+
+        optimizer = tff_optimizer(spec, "server")
+        specs = [tf.TensorSpec(w.shape, tf.float32) for w in initial]
+        trainable_type = [tff.TensorType(np.float32, w.shape) for w in initial]
+        clip_type = tff.TensorType(np.float32)
+        denominator = float(spec.expected_clients_per_round)
+        multiplier = adaptive.update_multiplier32 if noise else 0.0
+        count_stddev = adaptive.clipped_count_stddev if noise else 0.0
+        low, high = adaptive.min_clip, adaptive.max_clip
+        rate, target = adaptive.clip_learning_rate, adaptive.target_unclipped_quantile
+
+        @tff.tensorflow.computation
+        def server_initial() -> Any:
+            trainable = [tf.constant(w) for w in initial]
+            return trainable, optimizer.initialize(specs), tf.constant(spec.clip, tf.float32)
+
+        state_type = server_initial.type_signature.result
+
+        @tff.tensorflow.computation(state_type)
+        def weights_and_clip(state: Any) -> Any:
+            return state[0], state[2]
+
+        @tff.tensorflow.computation(trainable_type, clip_type, shard_type)
+        def client_update(trainable: Any, clip: Any, shard: Any) -> Any:
+            features, labels, counts, order = shard.get_single_element()
+            return shard_clipped_sum_and_count(
+                stacked, list(trainable), features, labels, counts, order, clip=clip,
+                local_epochs=spec.local_epochs, batch_size=spec.batch_size,
+                learning_rate=learning_rate, momentum=momentum)
+
+        total_type = client_update.type_signature.result
+
+        @tff.tensorflow.computation(state_type, total_type)
+        def server_update(state: Any, total: Any) -> Any:
+            trainable, optimizer_state, clip = state
+            sums, twice_centred = total
+            stddev = clip * tf.constant(multiplier, tf.float32)
+            average = [(s + tf.random.normal(tf.shape(s), stddev=stddev)) / denominator
+                       for s in sums]
+            optimizer_state, trainable = optimizer.next(optimizer_state, list(trainable),
+                                                        average)
+            centred = (tf.cast(twice_centred, tf.float64) / 2.0
+                       + tf.random.normal([], stddev=count_stddev, dtype=tf.float64))
+            unclipped = centred / denominator + 0.5
+            moved = tf.cast(clip, tf.float64) * tf.exp(-rate * (unclipped - target))
+            new_clip = tf.clip_by_value(tf.cast(moved, tf.float32), low, high)
+            return trainable, optimizer_state, new_clip
+
+        @tff.federated_computation
+        def initialize() -> Any:
+            return tff.federated_eval(server_initial, tff.SERVER)
+
+        @tff.federated_computation(tff.FederatedType(state_type, tff.SERVER),
+                                   tff.FederatedType(shard_type, tff.CLIENTS))
+        def next_fn(state: Any, shards: Any) -> Any:
+            trainable, clip = tff.federated_map(weights_and_clip, state)
+            results = tff.federated_map(client_update, (
+                tff.federated_broadcast(trainable), tff.federated_broadcast(clip), shards))
+            return tff.federated_map(server_update, (state, tff.federated_sum(results)))
+
+        self._initialize, self._next = initialize, next_fn
+
+    def initialize(self) -> Any:
+        return self._initialize()
+
+    def next(self, state: Any, shards: list[Any]) -> Any:
+        """One round; returns an object whose ``state`` is the new server state (as TFF's
+        learning processes do)."""
+        return _Output(self._next(state, shards))
+
+    @staticmethod
+    def clip(state: Any) -> float:
+        """C_t of a server state (post-processing of noised counts; never released)."""
+        return float(state[2])
+
+    @staticmethod
+    def get_model_weights(state: Any) -> Any:
+        import tensorflow_federated as tff
+
+        return tff.learning.models.ModelWeights(trainable=list(state[0]), non_trainable=[])
+
+
+@dataclass
+class _Output:
+    state: Any
 
 
 def _clipped_sum(stacked: StackedModel, weights: list[Any], features: Any, labels: Any,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.artifact import ModelSummary, keras_from_artifact
-from engine.job import JobSpec
+from engine.job import JobSpec, JobSpecInvalid
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -194,9 +194,15 @@ def tff_optimizer(spec: JobSpec, side: str) -> Any:
 
 def prepare_training(doc: dict[str, Any], summary: ModelSummary, spec: JobSpec,
                      num_features: int) -> FederatedTraining:
-    """Build the TFF process from a validated artifact; reads no user data."""
+    """Build the TFF process from a validated artifact; reads no user data. The per-user
+    reference path clips at a fixed C: an adaptive-clipping spec is refused, never run as
+    fixed (its clipped-count query is part of what was charged)."""
     import tensorflow as tf
     import tensorflow_federated as tff
+
+    if spec.clip_strategy != "fixed":
+        raise JobSpecInvalid("adaptive clipping runs on the vectorized engine only "
+                             "(engine.shard_process); the per-user path clips at a fixed C")
 
     input_spec = (
         tf.TensorSpec([None, num_features], tf.float32),

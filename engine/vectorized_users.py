@@ -16,7 +16,11 @@ sampled users), in float32:
   gradient: no operation mixes users before clipping (no batch statistics across users);
 * user u's update is Δ_u = w − w_u (TFF's sign); if any coordinate is non-finite or its norm
   overflows, Δ_u = 0; Δ_u is clipped to L2 norm C jointly over all tensors;
-* the shard returns Σ_u clip(Δ_u). Nothing else leaves: no per-user value, no count, no loss.
+* the shard returns Σ_u clip(Δ_u). Nothing else leaves: no per-user value, no count, no loss
+  — except under adaptive clipping (:func:`shard_clipped_sum_and_count`), which also returns
+  Σ_u (2·b_u − 1) as an exact int64, b_u = 1 iff ‖Δ_u‖ ≤ C (twice the centred count the
+  server noises with N(0, σ_b²), sensitivity 1/2 per user after halving; see
+  ``ledger.accounting.training_event``). The clip may then be a float32 tensor (C_t).
 
 The order of each user's examples is an input (``order``), drawn outside TF by the caller from
 a CSPRNG-seeded generator, so tests can fix it and compare with the per-user reference path.
@@ -39,7 +43,7 @@ _UNROLLED_STEPS = 64
 steps' independent ops together; a while loop costs ~10 % at 1,000 users per shard)."""
 
 __all__ = ["example_order", "gather_users", "pad_users", "shard_clipped_sum",
-           "user_clipped_updates"]
+           "shard_clipped_sum_and_count", "user_clipped_updates"]
 
 
 def pad_users(examples: Sequence[tuple[np.ndarray, np.ndarray]], cap: int,
@@ -109,7 +113,7 @@ def example_order(rng: np.random.Generator, counts: np.ndarray, cap: int,
 
 
 def shard_clipped_sum(model: StackedModel, server_weights: Sequence[Any], features: Any,
-                      labels: Any, counts: Any, order: Any, *, clip: float, local_epochs: int,
+                      labels: Any, counts: Any, order: Any, *, clip: Any, local_epochs: int,
                       batch_size: int, learning_rate: float, momentum: float | None) -> list[Any]:
     """Σ over the shard's users of their clipped model updates (see the module contract)."""
     import tensorflow as tf
@@ -120,8 +124,26 @@ def shard_clipped_sum(model: StackedModel, server_weights: Sequence[Any], featur
         momentum=momentum)]
 
 
+def shard_clipped_sum_and_count(model: StackedModel, server_weights: Sequence[Any],
+                                features: Any, labels: Any, counts: Any, order: Any, *,
+                                clip: Any, local_epochs: int, batch_size: int,
+                                learning_rate: float, momentum: float | None
+                                ) -> tuple[list[Any], Any]:
+    """(Σ_u clip(Δ_u), Σ_u (2·b_u − 1) as int64) for adaptive clipping: b_u = 1 iff user u's
+    update norm is at most ``clip`` (a non-finite update counts as above it)."""
+    import tensorflow as tf
+
+    clipped, below = _clipped_updates(
+        model, server_weights, features, labels, counts, order, clip=clip,
+        local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
+        momentum=momentum)
+    below_count = tf.reduce_sum(tf.cast(below, tf.int64))
+    users = tf.cast(tf.shape(labels)[0], tf.int64)
+    return [tf.reduce_sum(u, axis=0) for u in clipped], 2 * below_count - users
+
+
 def user_clipped_updates(model: StackedModel, server_weights: Sequence[Any], features: Any,
-                         labels: Any, counts: Any, order: Any, *, clip: float,
+                         labels: Any, counts: Any, order: Any, *, clip: Any,
                          local_epochs: int, batch_size: int, learning_rate: float,
                          momentum: float | None) -> list[Any]:
     """Each user's clipped update, stacked ``[U, *weight_shape]`` (never leaves a shard:
@@ -130,6 +152,17 @@ def user_clipped_updates(model: StackedModel, server_weights: Sequence[Any], fea
     TensorFlow function body: call it inside ``tf.function`` or a TFF computation. Shapes:
     ``features [U, cap, ...]``, ``labels [U, cap]``, ``counts [U]``, ``order [U, E·cap]``.
     """
+    return _clipped_updates(model, server_weights, features, labels, counts, order, clip=clip,
+                            local_epochs=local_epochs, batch_size=batch_size,
+                            learning_rate=learning_rate, momentum=momentum)[0]
+
+
+def _clipped_updates(model: StackedModel, server_weights: Sequence[Any], features: Any,
+                     labels: Any, counts: Any, order: Any, *, clip: Any, local_epochs: int,
+                     batch_size: int, learning_rate: float, momentum: float | None
+                     ) -> tuple[list[Any], Any]:
+    """(each user's clipped update ``[U, *weight_shape]``, whether their unclipped norm is at
+    most ``clip`` ``[U]`` bool)."""
     import tensorflow as tf
 
     users = tf.shape(labels)[0]
@@ -197,4 +230,4 @@ def user_clipped_updates(model: StackedModel, server_weights: Sequence[Any], fea
     for d in updates:
         shaped = tf.reshape(scale, tf.concat([[-1], tf.ones(tf.rank(d) - 1, tf.int32)], 0))
         clipped.append(tf.where(shaped > 0, d, 0.0) * shaped)
-    return clipped
+    return clipped, tf.logical_and(keep, norm <= clip)

@@ -6,6 +6,16 @@ Pure functions over plain values; no I/O. The contract, proved in docs/privacy.m
 * Training: DP-FedAvg, each round samples every training user independently with probability
   q (Poisson), clips each sampled user's model delta to L2 norm C and adds N(0, (z·C)²) to the
   sum. T rounds compose to the event ``SelfComposed(PoissonSampled(q, Gaussian(z)), T)``.
+* Adaptive clipping (Andrew et al. 2021) adds a second query on the same sampled users in the
+  same round: the count of users whose update norm is at most C, centred (each user adds
+  ±1/2, sensitivity 1/2) and noised with N(0, σ_b²). The round's event is the composition
+  ``PoissonSampled(q, Composed([Gaussian(z_Δ), Gaussian(2σ_b)]))``, a Gaussian mechanism of
+  effective noise multiplier (z_Δ⁻² + (2σ_b)⁻²)^(-1/2) (:func:`effective_noise_multiplier`;
+  dp-accounting composes it the same way). A job asks for the effective z and σ_b; the update
+  noise z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2) is derived (:func:`adaptive_update_noise_multiplier`), so
+  the job costs what a fixed-clip job with z costs, up to rounding, and the charged event is
+  exactly the two queries that run. The clip C_t then moves with the noised count
+  (post-processing).
 * Evaluation: one Gaussian release with noise multiplier z_eval on held-out users.
 * Held-out users are a fixed, data-independent partition (by user id) disjoint from training
   users, so adding or removing one user changes the input of exactly one of the two parts:
@@ -121,7 +131,8 @@ def _orders(orders: Sequence[float]) -> tuple[float, ...]:
 # --- events and ε --------------------------------------------------------------------------
 
 
-def training_event(*, sampling_rate: float, noise_multiplier: float, rounds: int) -> dp_accounting.DpEvent:
+def training_event(*, sampling_rate: float, noise_multiplier: float, rounds: int,
+                   clipped_count_stddev: float | None = None) -> dp_accounting.DpEvent:
     """The DP event of ``rounds`` rounds of DP-FedAvg with Poisson sampling of users.
 
     Each round includes each training user independently with probability ``sampling_rate``,
@@ -129,16 +140,75 @@ def training_event(*, sampling_rate: float, noise_multiplier: float, rounds: int
     deviation ``noise_multiplier``·C to the sum (user-level, add/remove adjacency). Fields are
     Python floats/ints whatever the input type.
 
+    ``clipped_count_stddev`` σ_b (adaptive clipping): the round also releases the centred count
+    of unclipped users with N(0, σ_b²); ``noise_multiplier`` is then the *effective* multiplier
+    of the two queries together and the update noise is
+    :func:`adaptive_update_noise_multiplier`. The inner event is
+    ``Composed([Gaussian(z_Δ), Gaussian(2σ_b)])`` (events as a tuple: hashable).
+
     Raises:
-        InvalidPrivacyParameter: a parameter is not finite or out of range.
+        InvalidPrivacyParameter: a parameter is not finite or out of range (σ_b must exceed
+            z/2, else no update noise gives the effective z).
     """
+    z = _positive("noise_multiplier", noise_multiplier)
+    one_round: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+    if clipped_count_stddev is not None:
+        count_multiplier = 2.0 * _positive("clipped_count_stddev", clipped_count_stddev)
+        one_round = dp_accounting.ComposedDpEvent((
+            dp_accounting.GaussianDpEvent(adaptive_update_noise_multiplier(
+                noise_multiplier=z, clipped_count_stddev=clipped_count_stddev)),
+            dp_accounting.GaussianDpEvent(count_multiplier)))
     return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            _sampling_rate(sampling_rate),
-            dp_accounting.GaussianDpEvent(_positive("noise_multiplier", noise_multiplier)),
-        ),
+        dp_accounting.PoissonSampledDpEvent(_sampling_rate(sampling_rate), one_round),
         _count("rounds", rounds),
     )
+
+
+def adaptive_update_noise_multiplier(*, noise_multiplier: float,
+                                     clipped_count_stddev: float) -> float:
+    """z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2): the update noise that, composed with the clipped-count
+    query's N(0, σ_b²) at sensitivity 1/2, gives the effective multiplier z (TFF's
+    ``DifferentiallyPrivateFactory.gaussian_adaptive`` splits it the same way).
+
+    Raises:
+        InvalidPrivacyParameter: 2σ_b ≤ z (the count query alone would cost more than z).
+    """
+    z = _positive("noise_multiplier", noise_multiplier)
+    count_multiplier = 2.0 * _positive("clipped_count_stddev", clipped_count_stddev)
+    remaining = z**-2 - count_multiplier**-2
+    if not remaining > 0.0:
+        raise InvalidPrivacyParameter(
+            f"clipped_count_stddev {clipped_count_stddev:g} must exceed noise_multiplier / 2 = "
+            f"{z / 2:g}: the clipped-count query alone would cost more than the job's z")
+    z_update = remaining**-0.5
+    if not math.isfinite(z_update):
+        raise InvalidPrivacyParameter(
+            f"clipped_count_stddev {clipped_count_stddev:g} is too close to noise_multiplier / 2 "
+            f"= {z / 2:g}: the update noise would be unbounded")
+    return float(z_update)
+
+
+def effective_noise_multiplier(event: dp_accounting.DpEvent) -> float:
+    """The noise multiplier of the single Gaussian equivalent to ``event``: a
+    ``GaussianDpEvent``, or a ``ComposedDpEvent`` of them ((Σ zᵢ⁻²)^(-1/2), with
+    dp-accounting's own operations in its order, so the RDP of ``Gaussian(effective)`` is its
+    RDP of the composition, bit for bit; a test checks it)."""
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        return float(event.noise_multiplier)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        inverse_squares = 0
+        for part in event.events:
+            inverse_squares += effective_noise_multiplier(part) ** -2
+        return float(inverse_squares**-0.5)
+    raise InvalidPrivacyParameter(f"not a Gaussian event or a composition of them: {event}")
+
+
+def clipped_count_stddev_of(event: dp_accounting.DpEvent) -> float | None:
+    """σ_b of a training round's inner event (None: fixed clipping): the second Gaussian of
+    the composition is the count query at sensitivity 1/2, so σ_b is half its multiplier."""
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return float(event.events[1].noise_multiplier) / 2.0
+    return None
 
 
 def evaluation_event(*, noise_multiplier: float) -> dp_accounting.DpEvent:
@@ -200,10 +270,13 @@ class JobCost:
         noise_multiplier: float,
         rounds: int,
         evaluation_noise_multiplier: float | None,
+        clipped_count_stddev: float | None = None,
     ) -> JobCost:
-        """The cost of a job spec; ``evaluation_noise_multiplier`` None means no DP evaluation."""
+        """The cost of a job spec; ``evaluation_noise_multiplier`` None means no DP evaluation,
+        ``clipped_count_stddev`` None means a fixed clip (:func:`training_event`)."""
         training = training_event(
-            sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, rounds=rounds
+            sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, rounds=rounds,
+            clipped_count_stddev=clipped_count_stddev,
         )
         if evaluation_noise_multiplier is None:
             return cls(training, None)
@@ -235,11 +308,14 @@ class JobCost:
         return float(epsilon)
 
     def epsilon_after_rounds(self, rounds_done: int, delta: float) -> float:
-        """:func:`epsilon_after_rounds` with this job's parameters, read from its events."""
+        """:func:`epsilon_after_rounds` with this job's parameters, read from its events (an
+        adaptive-clipping round counts as the Gaussian of its effective multiplier: the same
+        RDP, bit for bit)."""
         sampled = self.training.event
         return epsilon_after_rounds(
             sampling_rate=float(sampled.sampling_probability),
-            noise_multiplier=float(sampled.event.noise_multiplier), rounds=int(self.training.count),
+            noise_multiplier=effective_noise_multiplier(sampled.event),
+            rounds=int(self.training.count),
             rounds_done=rounds_done, delta=delta,
             evaluation_noise_multiplier=(None if self.evaluation is None
                                          else float(self.evaluation.noise_multiplier)))
@@ -278,7 +354,18 @@ _EVENT_FIELDS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "count": lambda v: _count("count", v),
         "event": lambda v: _event_from_json(v).to_named_tuple(),
     },
+    "ComposedDpEvent": {"events": lambda v: _gaussian_pair(v)},
 }
+
+
+def _gaussian_pair(data: object) -> list[DpEventNamedTuple]:
+    """The only composition fedgate emits: [update Gaussian, clipped-count Gaussian]."""
+    if not isinstance(data, list) or len(data) != 2:
+        raise ValueError("a ComposedDpEvent must hold exactly two events")
+    events = [_event_from_json(item) for item in data]
+    if not all(isinstance(e, dp_accounting.GaussianDpEvent) for e in events):
+        raise ValueError("a ComposedDpEvent may only compose Gaussian events")
+    return [e.to_named_tuple() for e in events]
 
 
 def _event_to_json(event: dp_accounting.DpEvent) -> dict[str, Any]:
@@ -288,10 +375,15 @@ def _event_to_json(event: dp_accounting.DpEvent) -> dict[str, Any]:
 def _named_tuple_to_json(named: DpEventNamedTuple) -> dict[str, Any]:
     if named.module_name != _EVENT_MODULE or named.class_name not in _EVENT_FIELDS:
         raise ValueError(f"cannot serialize {named.module_name}.{named.class_name}")
-    return {
-        field: _named_tuple_to_json(value) if isinstance(value, DpEventNamedTuple) else value
-        for field, value in zip(named._fields, named, strict=True)
-    }
+    return {field: _field_to_json(value) for field, value in zip(named._fields, named, strict=True)}
+
+
+def _field_to_json(value: object) -> object:
+    if isinstance(value, DpEventNamedTuple):
+        return _named_tuple_to_json(value)
+    if isinstance(value, (list, tuple)):
+        return [_field_to_json(item) for item in value]
+    return value
 
 
 def _event_from_json(data: object) -> dp_accounting.DpEvent:
@@ -305,9 +397,12 @@ def _event_from_json(data: object) -> dp_accounting.DpEvent:
         raise ValueError(f"{class_name} must have exactly the fields {sorted(fields)}")
     values = {name: validate(data[name]) for name, validate in fields.items()}
     named = namedtuple(f"_{class_name}", ["module_name", "class_name", *fields])
-    return dp_accounting.DpEvent.from_named_tuple(
+    event = dp_accounting.DpEvent.from_named_tuple(
         named(module_name=_EVENT_MODULE, class_name=class_name, **values)
     )
+    if isinstance(event, dp_accounting.ComposedDpEvent):  # as training_event builds it
+        event = dp_accounting.ComposedDpEvent(tuple(event.events))
+    return event
 
 
 def training_epsilon(*, sampling_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -34,6 +34,13 @@ that arithmetic:
    have integer ranges, so the local work of one user is at most
    ``local_epochs × ⌈cap / batch_size⌉`` steps, the same for every sampled user.
 
+Adaptive clipping (:func:`validate_adaptive_clipping`) keeps rules 1–3 for every round's C_t:
+the clip is clamped to float32 bounds [``min_clip``, ``max_clip``] inside which σ_t =
+float32(C_t × m), with m the smallest float32 ≥ z_Δ·(1 + 2⁻¹⁸), is normal, within
+[``MIN_NOISE_STDDEV``, ``MAX_NOISE_STDDEV``] and ≥ z_Δ·C_t·(1 + 2⁻¹⁹) (one rounding to nearest
+loses at most 2⁻²⁴). The clipped count is exact (integers, summed in int64) and noised in
+float64 with σ_b ≥ 10⁻³, far from any rounding issue.
+
 Refusals raise :class:`MechanismParameterInvalid` naming the field and its admissible range.
 """
 
@@ -46,6 +53,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from ledger.accounting import InvalidPrivacyParameter, adaptive_update_noise_multiplier
 from ledger.ranges import (
     DEFAULT_MAX_EXAMPLES_PER_USER,
     MAX_CLIP,
@@ -70,12 +78,14 @@ __all__ = [
     "MIN_NOISE_MULTIPLIER",
     "MIN_NOISE_STDDEV",
     "RANGES",
+    "AdaptiveClipping",
     "MechanismParameterInvalid",
     "ParameterRange",
     "TrainingMechanism",
     "check_in_range",
     "effective_clip",
     "noise_stddev",
+    "validate_adaptive_clipping",
     "validate_evaluation_mechanism",
     "validate_training_mechanism",
 ]
@@ -203,6 +213,67 @@ def validate_evaluation_mechanism(*, noise_multiplier: object, loss_clip: object
     """
     check_in_range("evaluation_noise_multiplier", noise_multiplier)
     check_in_range("evaluation_loss_clip", loss_clip)
+
+
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """Validated adaptive-clipping parameters and the float32 constants the engine runs with.
+
+    Per round t, with C_t the clip (float32, clamped to [min_clip, max_clip]): each sampled
+    user's update is clipped to C_t, the sum gets N(0, σ_t²) with σ_t = float32(C_t ×
+    ``update_multiplier32``) ≥ z_Δ·C_t; the count of users with norm ≤ C_t, centred (Σ(bᵢ −
+    1/2), computed exactly from integer counts) gets N(0, σ_b²) in float64; then
+    C_{t+1} = clamp(C_t · exp(−η (b̄ − γ))) with b̄ the noised centred count over q·N̂ plus
+    1/2 (post-processing).
+    """
+
+    update_noise_multiplier: float
+    update_multiplier32: float
+    clipped_count_stddev: float
+    target_unclipped_quantile: float
+    clip_learning_rate: float
+    min_clip: float
+    max_clip: float
+
+
+def validate_adaptive_clipping(*, clip: object, noise_multiplier: object,
+                               clipped_count_stddev: object, target_unclipped_quantile: object,
+                               clip_learning_rate: object) -> AdaptiveClipping:
+    """Validate adaptive clipping for a job whose effective noise multiplier is
+    ``noise_multiplier`` and initial clip ``clip``; derive z_Δ (as the ledger charges it) and
+    the float32 bounds of C_t. Raises :class:`MechanismParameterInvalid`."""
+    clip_value = float(check_in_range("clip", clip))
+    z = float(check_in_range("noise_multiplier", noise_multiplier))
+    sigma_b = float(check_in_range("clipped_count_stddev", clipped_count_stddev))
+    quantile = float(check_in_range("target_unclipped_quantile", target_unclipped_quantile))
+    rate = float(check_in_range("clip_learning_rate", clip_learning_rate))
+    try:
+        z_update = adaptive_update_noise_multiplier(noise_multiplier=z,
+                                                    clipped_count_stddev=sigma_b)
+    except InvalidPrivacyParameter as error:
+        raise MechanismParameterInvalid(
+            "clipped_count_stddev", str(error), f"a number > noise_multiplier / 2 = {z / 2:g}"
+        ) from None
+    admissible_z = RANGES["noise_multiplier"]
+    if not admissible_z.contains(z_update):
+        raise MechanismParameterInvalid(
+            "clipped_count_stddev", f"the update noise multiplier z_Δ = {z_update:g} this "
+            f"clipped_count_stddev leaves is outside {admissible_z.interval()}",
+            f"a number well above noise_multiplier / 2 = {z / 2:g}")
+    multiplier = np.float32(_float32_at_least(Fraction(z_update) * _NOISE_ROOM * _NOISE_ROOM))
+    low = np.float32(_float32_at_least(Fraction(MIN_CLIP)))
+    high = min(np.float32(MAX_CLIP), np.float32(MAX_NOISE_STDDEV / float(multiplier)))
+    while float(high * multiplier) > MAX_NOISE_STDDEV:  # at most a step or two
+        high = np.nextafter(high, np.float32(0))
+    if float(low * multiplier) < MIN_NOISE_STDDEV or not low <= np.float32(clip_value) <= high:
+        admissible = f"clip in [{float(low):g}, {float(high):g}] for this noise"
+        raise MechanismParameterInvalid(
+            "clip", f"clip {clip_value:g} with update noise multiplier {z_update:g} leaves the "
+            f"range float32 noise keeps exact: {admissible}", admissible)
+    return AdaptiveClipping(
+        update_noise_multiplier=z_update, update_multiplier32=float(multiplier),
+        clipped_count_stddev=sigma_b, target_unclipped_quantile=quantile,
+        clip_learning_rate=rate, min_clip=float(low), max_clip=float(high))
 
 
 def _check_sums_stay_finite() -> None:

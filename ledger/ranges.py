@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CLIENT_OPTIMIZERS",
+    "CLIP_STRATEGIES",
     "DEFAULT_MAX_EXAMPLES_PER_USER",
     "HYPERPARAMETER_RANGES",
     "MAX_CLIP",
@@ -80,8 +81,17 @@ RANGES: dict[str, ParameterRange] = {
     "max_examples_per_user": ParameterRange(1, 1_000_000, integer=True),
     "client_learning_rate": ParameterRange(0.0, 100.0, low_inclusive=False),
     "server_learning_rate": ParameterRange(0.0, 100.0, low_inclusive=False),
+    "clipped_count_stddev": ParameterRange(1e-3, 1e9),
+    "target_unclipped_quantile": ParameterRange(0.0, 1.0),
+    "clip_learning_rate": ParameterRange(0.0, 10.0),
 }
 """Every bounded parameter's admissible range: the one table the gateway and engine share."""
+
+
+CLIP_STRATEGIES = ("fixed", "adaptive")
+"""How the clip norm C evolves: ``fixed`` (the job's C every round) or ``adaptive`` (Andrew et
+al. 2021: C_t moves geometrically toward the ``target_unclipped_quantile`` of the users' update
+norms, estimated by a noised count; ``ledger.accounting.training_event`` charges the count)."""
 
 
 # Optimizers: a closed choice from tff.learning.optimizers, by name (``engine.job`` builds

@@ -238,6 +238,75 @@ def test_changing_one_users_data_changes_only_that_users_clipped_update(model: s
     assert np.all(norms <= spec.clip * (1 + 1e-5))
 
 
+def _adaptive_spec(**fields: Any) -> JobSpec:
+    return _spec(clip_strategy="adaptive", clipped_count_stddev=5.0,
+                 target_unclipped_quantile=0.5, clip_learning_rate=0.2,
+                 expected_clients_per_round=6.0, **fields)
+
+
+@in_own_process
+def test_an_adaptive_round_with_noise_off_applies_the_fixed_clip_mean_and_moves_the_clip() -> None:
+    """Round 1 of adaptive clipping clips at the initial C exactly as a fixed clip does; the
+    next clip is C·exp(−η(b̄ − γ)) with b̄ the fraction of users whose norm was at most C."""
+    import tensorflow as tf
+
+    from engine.shard_process import AdaptiveClipProcess, noiseless_sharded_training_for_tests
+
+    doc, users = _mlp(), _users()
+    counts = np.array([len(y) for _, y in users], np.int32)
+    order = example_order(np.random.default_rng(5), counts, CAP, 1)
+    features, labels, counts = pad_users(users, CAP, _feature_shape(doc))
+    shard = (features, labels, counts, order)
+    unclipped = _per_user_updates(doc, _spec(clip=1e6), users, order)
+    norms = np.sqrt(sum((u.reshape(len(users), -1).astype(np.float64) ** 2).sum(axis=1)
+                        for u in unclipped))
+    clip = round(float(np.median(norms)), 4)
+    fixed_spec = _spec(expected_clients_per_round=6.0, clip=clip)
+    adaptive_spec = _adaptive_spec(clip=clip)
+    below = int(np.sum(norms <= np.float32(clip)))
+    assert 0 < below < len(users)  # the clip splits these users: the test can see a move
+
+    results = []
+    for spec in (fixed_spec, adaptive_spec):
+        training = noiseless_sharded_training_for_tests(doc, spec, cap=CAP)
+        state = training.process.next(training.state, [
+            tf.data.Dataset.from_tensors(tuple(a[part] for a in shard))
+            for part in np.array_split(np.arange(len(users)), 2)]).state
+        results.append((training, state))
+    (fixed, fixed_state), (adaptive, adaptive_state) = results
+    assert isinstance(adaptive.process, AdaptiveClipProcess)
+    for f, a in zip(fixed.process.get_model_weights(fixed_state).trainable,
+                    adaptive.process.get_model_weights(adaptive_state).trainable, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(f), rtol=1e-6, atol=1e-7)
+    fraction = below / 6.0
+    expected = np.float32(np.float64(np.float32(clip)) * np.exp(-0.2 * (fraction - 0.5)))
+    assert AdaptiveClipProcess.clip(adaptive_state) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_the_shard_counts_each_unclipped_user_exactly_once_centred() -> None:
+    """Σ(2·b_u − 1) over a shard: b_u = 1 iff the user's update norm is at most C."""
+    import tensorflow as tf
+
+    from engine.vectorized_users import shard_clipped_sum_and_count
+
+    doc, users = _mlp(), _users()
+    counts = np.array([len(y) for _, y in users], np.int32)
+    order = example_order(np.random.default_rng(5), counts, CAP, 1)
+    unclipped = _per_user_updates(doc, _spec(clip=1e6), users, order)
+    norms = np.sqrt(sum((u.reshape(len(users), -1).astype(np.float64) ** 2).sum(axis=1)
+                        for u in unclipped))
+    clip = float(np.median(norms))
+    features, labels, padded = pad_users(users, CAP, _feature_shape(doc))
+    _, twice_centred = shard_clipped_sum_and_count(
+        build_stacked_model(doc["config"]), [tf.constant(w) for w in _weights(doc)],
+        tf.constant(features), tf.constant(labels), tf.constant(padded), tf.constant(order),
+        clip=tf.constant(clip, tf.float32), local_epochs=1, batch_size=4, learning_rate=0.5,
+        momentum=None)
+    below = int(np.sum(norms <= np.float32(clip)))
+    assert twice_centred.dtype == tf.int64
+    assert int(twice_centred) == 2 * below - len(users)
+
+
 def test_a_non_finite_local_update_contributes_nothing() -> None:
     doc, spec = _linear(), _spec(client_learning_rate=1e30, clip=1.0)
     users = _users()
