@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from ledger import audit
 from ledger.merkle import (
     EMPTY_ROOT,
+    LEAF_PREFIX,
     MerkleTree,
     consistency_proof,
+    hash_leaf_inputs,
     inclusion_proof,
     leaf_hash,
     merkle_root,
@@ -79,6 +81,10 @@ def flip(data: bytes, position: int) -> bytes:
 
 def test_audit_module_keeps_exporting_the_hash_functions() -> None:
     assert (audit.leaf_hash, audit.node_hash, audit.merkle_root) == (leaf_hash, node_hash, merkle_root)
+
+
+def test_leaves_hashed_in_bulk_are_the_reference_leaf_hashes() -> None:
+    assert hash_leaf_inputs(LEAF_PREFIX + bytes.fromhex(x) for x in CT_LEAVES) == LEAVES
 
 
 def test_roots_match_the_reference_tree_heads_for_every_prefix() -> None:
