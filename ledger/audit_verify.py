@@ -2,7 +2,7 @@
 
 Trust model: the verifier trusts only the node public key the officer supplies (and any
 checkpoints the officer saved earlier). Everything else in the export is recomputed:
-leaf hashes from the exact entry text, the RFC 6962 tree, each checkpoint's root at its
+leaf hashes from the exact entry bytes, the RFC 6962 tree, each checkpoint's root at its
 size, and consistency proofs between consecutive checkpoints.
 
 Checks, in order; the report names the first problem found:
@@ -20,21 +20,36 @@ Checks, in order; the report names the first problem found:
 
 Entries after the latest checkpoint are structurally checked but not yet vouched for by
 any signature; the report says how many.
+
+Two passes, one result. The fast pass hashes each entry's bytes where they lie in the file
+and compares the tree with every signed root (roots of one tree are consistent with each
+other, so check 4 needs no proofs); it decodes only the entries no signed root covers. For
+the covered ones check 3 holds without decoding: a matching root means their bytes are
+exactly the bytes the node signed (SHA-256 collision resistance; the tree has the size the
+node signed, so no leaf can pass for an interior node), and the node signs only canonical
+entries numbered by their position (``ledger.audit.publish_checkpoint`` checks each new
+entry before signing). The layout checks of ``ledger.audit_export`` make those bytes the
+file's whole meaning: a JSON reader sees nothing else. At any doubt the fast pass gives up,
+and the entry-by-entry pass runs the checks above, entry by entry, to find and word the
+first problem.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import mmap
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger.audit import entry_object
-from ledger.audit_export import AuditExport, ExportMalformed, decode_export
+from ledger.audit_export import ExportBytes, ExportMalformed, ExportReader, read_export
 from ledger.checkpoints import Checkpoint, CheckpointInvalid, parse_and_verify_checkpoint
 from ledger.keys import key_id as derive_key_id
-from ledger.merkle import MerkleTree, leaf_hash, verify_consistency
+from ledger.merkle import LEAF_PREFIX, MerkleTree, hash_leaf_inputs, verify_consistency
 
 
 @dataclass(frozen=True)
@@ -82,11 +97,12 @@ class VerificationReport:
 
 
 def verify_export(
-    export_bytes: bytes, node_public_key: Ed25519PublicKey, known_checkpoints: Sequence[str] = ()
+    export_bytes: ExportBytes, node_public_key: Ed25519PublicKey,
+    known_checkpoints: Sequence[str] = (),
 ) -> VerificationReport:
     """Verify an export; ``known_checkpoints`` are checkpoint texts saved earlier."""
     try:
-        export = decode_export(export_bytes)
+        export = read_export(export_bytes)
     except ExportMalformed as exc:
         return _failed(Finding("malformed-export", f"the file is not a fedgate audit export: {exc}"))
     key_id = derive_key_id(node_public_key)
@@ -102,27 +118,81 @@ def verify_export(
         return _failed(Finding("no-checkpoint", "the export holds no signed checkpoint, so none "
                                "of its entries is vouched for by the node; publish one with "
                                "`fedgate audit checkpoint` and export again"), export)
-    tree = MerkleTree(leaf_hash(text.encode("utf-8")) for text in export.entries)
+    report = _vouched_by_signed_roots(export, checkpoints)
+    return report if report is not None else _entry_by_entry(export, checkpoints)
+
+
+def verify_export_file(
+    path: Path, node_public_key: Ed25519PublicKey, known_checkpoints: Sequence[str] = ()
+) -> VerificationReport:
+    """``verify_export`` of a file, mapped into memory rather than read into it."""
+    with path.open("rb") as file:
+        if path.stat().st_size == 0:
+            return verify_export(b"", node_public_key, known_checkpoints)
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return verify_export(data, node_public_key, known_checkpoints)
+
+
+def _vouched_by_signed_roots(
+    export: ExportReader, checkpoints: list[Checkpoint]
+) -> VerificationReport | None:
+    """The report of an export every signed root matches, or None to look entry by entry.
+
+    Hashes the entries as they lie in the file; checks the form and number of an entry only
+    where no signed root covers it (see the module docstring for why that suffices).
+    """
+    signed = checkpoints[-1].size
+    leaves: list[bytes] = []
+    try:
+        for batch in export.leaf_input_batches():
+            first = len(leaves)
+            leaves += hash_leaf_inputs(batch)
+            unsigned = range(max(first, signed), len(leaves))
+            if not all(_is_entry_numbered(batch[index - first], index) for index in unsigned):
+                return None
+    except ExportMalformed:
+        return None
+    if signed > len(leaves):
+        return None
+    tree = MerkleTree(leaves)
+    if any(tree.root(checkpoint.size) != checkpoint.root for checkpoint in checkpoints):
+        return None
+    return _verified(tree, checkpoints)
+
+
+def _is_entry_numbered(leaf_input: bytes, index: int) -> bool:
+    """Is ``leaf_input`` the leaf prefix and a canonical entry with ``"seq": index``?"""
+    prefix, text = leaf_input[:len(LEAF_PREFIX)], leaf_input[len(LEAF_PREFIX):]
+    return prefix == LEAF_PREFIX and _seq(_entry_value(text)) == index
+
+
+def _entry_by_entry(export: ExportReader, checkpoints: list[Checkpoint]) -> VerificationReport:
+    """Every check of the module docstring, reading each entry exactly: the first problem."""
+    tree = MerkleTree(hash_leaf_inputs(LEAF_PREFIX + text for text in export.entry_texts()))
     size = tree.size
-    structural = _first_malformed_entry(export.entries)
     mismatch = _first_root_mismatch(tree, [c for c in checkpoints if c.size <= size])
-    if structural is not None and (mismatch is None or structural.first_index < mismatch[1]):
-        return _failed(structural, export)
+    structural = _first_malformed_entry(export.entry_texts(), mismatch[1] if mismatch else size)
+    if structural is not None:
+        return _failed(structural, export, size)
     if mismatch is not None:
-        return _failed(mismatch[0], export)
+        return _failed(mismatch[0], export, size)
     if checkpoints[-1].size > size:
         latest = checkpoints[-1]
         return _failed(Finding(
             "truncated", f"the export holds {size} entries, but the node signed a checkpoint for "
             f"size {latest.size} at {latest.timestamp}: entries {_span(size, latest.size - 1)} "
-            "were removed from the end of the log", size, latest.size - 1), export)
-    return VerificationReport(ok=True, entries=size, checkpoints=len(checkpoints),
+            "were removed from the end of the log", size, latest.size - 1), export, size)
+    return _verified(tree, checkpoints)
+
+
+def _verified(tree: MerkleTree, checkpoints: list[Checkpoint]) -> VerificationReport:
+    return VerificationReport(ok=True, entries=tree.size, checkpoints=len(checkpoints),
                               verified_size=checkpoints[-1].size, root=tree.root().hex(),
                               latest=checkpoints[-1], problem=None)
 
 
 def _verified_checkpoints(
-    export: AuditExport, public_key: Ed25519PublicKey, known: Sequence[str]
+    export: ExportReader, public_key: Ed25519PublicKey, known: Sequence[str]
 ) -> tuple[list[Checkpoint], Finding | None]:
     """All checkpoints (exported and known), verified and by size; or the first bad one."""
     by_size: dict[int, Checkpoint] = {}
@@ -145,29 +215,43 @@ def _verified_checkpoints(
     return [by_size[s] for s in sorted(by_size)], None
 
 
-def _first_malformed_entry(entries: list[str]) -> Finding | None:
-    """The first entry that is not canonical JSON numbered by its position."""
-    values = [entry_object(text) for text in entries]
-    seqs = [_seq(value) for value in values]
-    for index, (value, seq) in enumerate(zip(values, seqs, strict=True)):
+def _first_malformed_entry(texts: Iterator[bytes], limit: int) -> Finding | None:
+    """The first entry before ``limit`` that is not canonical JSON numbered by its position.
+
+    Decodes one entry at a time, and past ``limit`` only to tell a reordered entry from a
+    deleted one.
+    """
+    for index, text in enumerate(islice(texts, limit)):
+        value = _entry_value(text)
         if value is None:
             return Finding("malformed-entry", f"entry {index} is not a canonical JSON object: its "
                            "text was edited after the node wrote it", index, index)
+        seq = _seq(value)
         if seq is None:
             return Finding("malformed-entry", f"entry {index} has no valid \"seq\" number",
                            index, index)
         if seq < index:
             return Finding("inserted-entry", f"position {index} holds a second entry numbered "
                            f"{seq}: an entry was inserted or duplicated", index, index)
-        if seq > index and index in seqs[index + 1:]:
-            return Finding("reordered-entries", f"entries are out of order: position {index} "
-                           f"holds entry {seq}, and entry {index} comes later, at position "
-                           f"{seqs.index(index, index + 1)}", index, index)
         if seq > index:
+            later = next((position for position, text in enumerate(texts, index + 1)
+                          if _seq(_entry_value(text)) == index), None)
+            if later is not None:
+                return Finding("reordered-entries", f"entries are out of order: position {index} "
+                               f"holds entry {seq}, and entry {index} comes later, at position "
+                               f"{later}", index, index)
             removed = f", so entries {_span(index, seq - 1)} were removed" if seq - 1 > index else ""
             return Finding("missing-entry", f"entry {index} is missing (deleted): position {index} "
                            f"holds entry {seq}{removed}", index, seq - 1)
     return None
+
+
+def _entry_value(text: bytes) -> dict[str, Any] | None:
+    """The object an entry's bytes encode, if they are its canonical JSON; else None."""
+    try:
+        return entry_object(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
 
 
 def _seq(value: dict[str, Any] | None) -> int | None:
@@ -212,7 +296,11 @@ def _span(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}–{last}"
 
 
-def _failed(problem: Finding, export: AuditExport | None = None) -> VerificationReport:
-    return VerificationReport(ok=False, entries=len(export.entries) if export else 0,
+def _failed(problem: Finding, export: ExportReader | None = None,
+            entries: int | None = None) -> VerificationReport:
+    """A failed report; ``entries`` is counted from the export when not known yet."""
+    if export is not None and entries is None:
+        entries = export.count_entries()
+    return VerificationReport(ok=False, entries=entries or 0,
                               checkpoints=len(export.checkpoints) if export else 0,
                               verified_size=0, root="", latest=None, problem=problem)

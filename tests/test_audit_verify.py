@@ -1,10 +1,16 @@
 """Tamper evidence end to end: a real log on SQLite and PostgreSQL, real checkpoints
 signed by the node key, an export, and an attacker with write access to the database.
 Each tampering is caught by ``verify_export`` and ``fedgate audit verify`` with a message
-naming the first bad entry; the node refuses to sign over a tampered log."""
+naming the first bad entry; the node refuses to sign over a tampered log.
+
+The verifier's fast path trusts the bytes a signed root covers and re-encodes only the
+rest; the tests after the specification attack exactly that (unsigned entries, the export's
+layout, roots other than the latest, what JSON readers would see)."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +21,20 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select, update
 
 from gateway.cli import main as fedgate
-from ledger import keys
-from ledger.audit import AuditLogCorrupted, append_entry, publish_checkpoint
+from ledger import audit_export, keys
+from ledger.audit import (
+    AuditLogCorrupted,
+    append_entry,
+    checkpoint_texts,
+    publish_checkpoint,
+    read_entry_rows,
+)
 from ledger.audit_export import export_audit
-from ledger.audit_verify import verify_export
+from ledger.audit_verify import verify_export, verify_export_file
 from ledger.canonical import canonical_json
 from ledger.checkpoints import sign_checkpoint, sign_note
 from ledger.db import create_schema, make_engine, session
-from ledger.merkle import leaf_hash
+from ledger.merkle import LEAF_PREFIX, hash_leaf_inputs, leaf_hash
 from ledger.models import AuditCheckpoint, AuditEntry, AuditHead
 
 LOG_SIZE = 12
@@ -286,6 +298,211 @@ def test_a_publisher_that_loses_the_race_returns_the_stored_checkpoint(log: Log)
         assert publish_checkpoint(loser, log.node_key, log.key_id).text == winner
     with log.session() as s:
         assert [c.size for c in s.exec(select(AuditCheckpoint)).all()] == [3, 6, 9, 12, 13]
+
+
+# --- what the fast path must still catch -------------------------------------------------
+
+def append_unsigned(log: Log, count: int = 3) -> None:
+    """Entries 12.. with no checkpoint over them: no signed root vouches for their bytes."""
+    for n in range(LOG_SIZE, LOG_SIZE + count):
+        log.append(n)
+
+
+def duplicate_entry(log: Log, seq: int = 12, at: int = 13) -> None:
+    """Insert a copy of entry ``seq`` at position ``at``, moving later entries up by one."""
+    with log.session() as s, s.begin():
+        row = s.get(AuditEntry, seq)
+        assert row is not None
+        copy = row.entry
+        s.exec(update(AuditEntry).where(AuditEntry.seq >= at).values(seq=AuditEntry.seq + 1000))
+        s.exec(update(AuditEntry).where(AuditEntry.seq >= 1000).values(seq=AuditEntry.seq - 999))
+        s.add(AuditEntry(seq=at, entry=copy, leaf_hash=leaf_hash(copy.encode()).hex()))
+
+
+def rewrite_entry(log: Log, seq: int, edit: Callable[[str], str]) -> None:
+    with log.session() as s, s.begin():
+        row = s.get(AuditEntry, seq)
+        assert row is not None
+        _rewrite(s, seq, edit(row.entry))
+
+
+def legacy_export(log: Log) -> bytes:
+    """The same log in export format 1 (entries as JSON strings), as earlier nodes wrote it."""
+    with log.session() as s:
+        entries = [row.entry for row in read_entry_rows(s)]
+        checkpoints = checkpoint_texts(s)
+    document = {"format": "fedgate-audit-export/1", "node_key_id": log.key_id,
+                "exported_at": "2026-11-25T10:42:00.123456Z", "entries": entries,
+                "checkpoints": checkpoints}
+    return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def with_entry_lines(export: bytes, edit: Callable[[bytes], bytes]) -> bytes:
+    head, body = export.split(b'"entries": [\n', 1)
+    return head + b'"entries": [\n' + edit(body.removesuffix(b" ]\n}\n")) + b" ]\n}\n"
+
+
+# Edits that keep an entry's meaning for a JSON reader (or for some JSON readers) but not
+# its bytes; entry 7 and 13 both hold "epsilon" and "dataset":"demo".
+RE_ENCODINGS: dict[str, Callable[[str], str]] = {
+    "space after a colon": lambda text: text.replace('"dataset":', '"dataset": '),
+    "number written differently": lambda text: re.sub(r'"epsilon":([0-9.]+)', r'"epsilon":\g<1>0', text),
+    "key given twice": lambda text: text[:-1] + ',"epsilon":0.01}',
+    "character escaped": lambda text: text.replace('"demo"', '"d\\u0065mo"'),
+}
+
+
+@pytest.mark.parametrize("seq", [7, 13], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("name", list(RE_ENCODINGS))
+def test_an_entry_re_encoded_without_changing_its_meaning_is_caught_signed_or_not(
+    log: Log, name: str, seq: int
+) -> None:
+    append_unsigned(log)
+    rewrite_entry(log, seq, RE_ENCODINGS[name])
+    problem = log.verify().problem
+    assert problem is not None and problem.reason == "malformed-entry", problem
+    assert (problem.first_index, problem.message) == (
+        seq, f"entry {seq} is not a canonical JSON object: its text was edited after the node "
+        "wrote it")
+
+
+UNSIGNED_TAMPERINGS: dict[str, tuple[Callable[[Log], None], str, int, str]] = {
+    "deleted": (lambda log: delete_entry(log, 13), "missing-entry", 13, "entry 13 is missing"),
+    "swapped": (lambda log: swap_entries(log, 12, 14), "reordered-entries", 12,
+                "position 12 holds entry 14, and entry 12 comes later, at position 14"),
+    "duplicated": (duplicate_entry, "inserted-entry", 13, "position 13 holds a second entry "
+                   "numbered 12"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSIGNED_TAMPERINGS))
+def test_unsigned_entries_deleted_swapped_or_duplicated_after_the_latest_checkpoint_are_caught(
+    log: Log, name: str
+) -> None:
+    tamper, reason, first_index, words = UNSIGNED_TAMPERINGS[name]
+    append_unsigned(log)
+    tamper(log)
+    problem = log.verify().problem
+    assert problem is not None and problem.reason == reason, problem
+    assert problem.first_index == first_index and words in problem.message
+
+
+def test_a_rewritten_and_re_signed_history_is_caught_by_a_checkpoint_saved_before(log: Log) -> None:
+    with log.session() as s:
+        saved = s.get(AuditCheckpoint, 6)
+        assert saved is not None
+    rewrite_entry(log, 4, lambda text: text.replace('"epsilon":0.5', '"epsilon":0.05'))
+    with log.session() as s, s.begin():  # ... and the node signs the rewritten log anew
+        for row in s.exec(select(AuditCheckpoint).where(AuditCheckpoint.size >= 6)).all():
+            s.delete(row)
+    log.checkpoint()
+    assert log.verify().ok  # the export's own checkpoints agree with the rewritten log
+    problem = log.verify(known=(saved.text,)).problem
+    assert problem is not None and problem.reason == "modified-entries"
+    assert problem.first_index == 3
+    assert "entries 3–5 do not match the checkpoint signed for size 6" in problem.message
+
+
+def test_a_second_entries_list_that_json_readers_would_read_instead_is_refused(log: Log) -> None:
+    forged = canonical_json({"action": "admit", "actor": "k-researcher", "dataset": "demo",
+                             "seq": 0, "timestamp": "2026-11-25T10:42:00.000000Z"})
+    attacked = log.export().removesuffix(b" ]\n}\n") + (
+        b' ],\n "entries": [\n\t' + forged + b"\n ]\n}\n")
+    assert json.loads(attacked)["entries"] == [json.loads(forged)]  # what a JSON reader sees
+    problem = log.verify(attacked).problem
+    assert problem is not None and problem.reason == "malformed-entry"
+    assert problem.first_index == LOG_SIZE - 1  # no longer the last line, yet without a comma
+
+
+def test_an_export_whose_header_names_a_second_node_is_refused(log: Log) -> None:
+    export = log.export()
+    line = f' "node_key_id": "{log.key_id}",\n'.encode()
+    attacked = export.replace(line, line + b' "node_key_id": "k-0123456789abcdef",\n', 1)
+    assert json.loads(attacked)["node_key_id"] == "k-0123456789abcdef"
+    problem = log.verify(attacked).problem
+    assert problem is not None and problem.reason == "malformed-export"
+    assert "key 'node_key_id' appears twice" in problem.message
+
+
+NOT_JSON: dict[str, Callable[[bytes], bytes]] = {
+    # Each keeps every entry's bytes where a careless reader would look for them.
+    "NUL bytes for the TABs": lambda lines: lines.replace(b"\t", b"\x00"),
+    "spaces for the commas": lambda lines: lines.replace(b",\n", b" \n"),
+    "a comma after the last entry": lambda lines: lines.removesuffix(b"\n") + b",\n",
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_JSON))
+def test_an_export_that_is_not_json_is_refused_though_each_entry_is_intact(log: Log, name: str) -> None:
+    attacked = with_entry_lines(log.export(), NOT_JSON[name])
+    with pytest.raises(ValueError):
+        json.loads(attacked)
+    problem = log.verify(attacked).problem
+    assert problem is not None and problem.reason == "malformed-entry"
+
+
+def test_an_entry_rewritten_to_break_out_of_its_line_is_exported_as_a_string_and_reported(
+    log: Log,
+) -> None:
+    breakout = '{"seq":4}\n ]\n}\n'  # would close the export early if written verbatim
+    rewrite_entry(log, 4, lambda _: breakout)
+    export = log.export()
+    entries = json.loads(export)["entries"]
+    assert len(entries) == LOG_SIZE and entries[4] == breakout
+    problem = log.verify(export).problem
+    assert problem is not None and problem.reason == "malformed-entry" and problem.first_index == 4
+
+
+@pytest.mark.parametrize("name", [None, *TAMPERINGS])
+def test_a_format_1_export_gets_the_report_its_format_2_export_gets(log: Log, name: str | None) -> None:
+    if name is not None:
+        TAMPERINGS[name][0](log)
+    assert log.verify(legacy_export(log)) == log.verify()
+
+
+def test_a_format_1_entry_holding_an_unpaired_surrogate_is_reported_not_a_crash(log: Log) -> None:
+    document = json.loads(legacy_export(log))
+    document["entries"][7] = document["entries"][7].replace("demo", "\ud800")
+    problem = log.verify(json.dumps(document).encode()).problem
+    assert problem is not None and problem.reason == "malformed-entry" and problem.first_index == 7
+
+
+def test_a_format_2_export_reformatted_by_a_json_tool_is_refused(log: Log) -> None:
+    reformatted = json.dumps(json.loads(log.export()), indent=2).encode()
+    problem = log.verify(reformatted).problem
+    assert problem is not None and problem.reason == "malformed-export"
+    assert "reformatted" in problem.message
+
+
+@pytest.mark.parametrize("block_bytes", [1, 600, 1 << 20])
+@pytest.mark.parametrize("name", [None, *TAMPERINGS])
+def test_findings_do_not_depend_on_where_the_reader_cuts_its_blocks(
+    log: Log, name: str | None, block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if name is not None:
+        TAMPERINGS[name][0](log)
+    expected = log.verify()
+    monkeypatch.setattr(audit_export, "_BLOCK_BYTES", block_bytes)
+    assert log.verify() == expected
+
+
+def test_a_file_verifies_mapped_into_memory_as_it_does_read_into_it(log: Log, tmp_path: Path) -> None:
+    edit_entry(log)
+    path = tmp_path / "audit.json"
+    path.write_bytes(log.export())
+    assert verify_export_file(path, log.node_key.public_key()) == log.verify(path.read_bytes())
+    path.write_bytes(b"")
+    problem = verify_export_file(path, log.node_key.public_key()).problem
+    assert problem is not None and problem.reason == "malformed-export"
+
+
+def test_the_entry_lines_are_the_leaf_inputs_the_node_hashed(log: Log) -> None:
+    reader = audit_export.read_export(log.export())
+    with log.session() as s:
+        stored = [bytes.fromhex(row.leaf_hash) for row in read_entry_rows(s)]
+    inputs = [leaf_input for batch in reader.leaf_input_batches() for leaf_input in batch]
+    assert hash_leaf_inputs(inputs) == stored
+    assert [LEAF_PREFIX + text for text in reader.entry_texts()] == inputs
 
 
 # --- the command line ---------------------------------------------------------------------
