@@ -1,0 +1,44 @@
+"""The parameter planner: a proposal for a target ε from public inputs only (ledger.planner)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger.accounting import JobCost
+from ledger.planner import Plan, PlanningFailed, plan
+from ledger.ranges import RANGES
+
+
+def _charged(proposal: Plan) -> JobCost:
+    return JobCost.for_job(sampling_rate=proposal.sampling_rate,
+                           noise_multiplier=proposal.noise_multiplier, rounds=proposal.rounds,
+                           evaluation_noise_multiplier=None,
+                           clipped_count_stddev=proposal.clipped_count_stddev)
+
+
+@pytest.mark.parametrize("users, epsilon", [(9_500, 4.0), (927, 4.0)])
+def test_a_plan_fits_the_target_epsilon_and_the_admissible_ranges(users, epsilon):
+    delta = users**-1.1
+    proposal = plan(users=users, epsilon=epsilon, delta=delta, parameters=24_000)
+    assert _charged(proposal).epsilon(delta) == proposal.epsilon <= epsilon
+    assert proposal.epsilon >= 0.99 * epsilon  # the budget is spent, not left on the table
+    assert RANGES["noise_multiplier"].contains(proposal.noise_multiplier)
+    assert RANGES["rounds"].contains(proposal.rounds) and proposal.rounds >= 100
+    assert proposal.client_updates <= 1_000_000
+    assert proposal.expected_clients_per_round == pytest.approx(proposal.sampling_rate * users)
+    assert any(f"{proposal.rounds:,} rounds" in line for line in proposal.explanation)
+
+
+def test_with_room_the_plan_keeps_the_noise_on_the_average_under_the_ratio_and_spends_the_budget():
+    proposal = plan(users=9_500, epsilon=4.0, delta=9_500**-1.1, parameters=24_000,
+                    noise_ratio=0.01, client_updates=1_000_000)
+    assert proposal.noise_ratio <= 0.01
+    assert proposal.client_updates >= 0.99 * 1_000_000
+    assert proposal.clip_strategy == "adaptive"  # hundreds of clients: the count is cheap
+    assert proposal.job_parameters()["clipped_count_stddev"] == pytest.approx(
+        0.05 * proposal.expected_clients_per_round)
+
+
+def test_a_target_nothing_can_meet_is_refused_with_what_to_change():
+    with pytest.raises(PlanningFailed, match="raise ε"):
+        plan(users=50, epsilon=1e-4, delta=1e-3, parameters=100)
