@@ -20,8 +20,9 @@ import time
 
 import casbin
 
-from gateway.deployment import POLICY_TEMPLATES
-from gateway.policy import PolicyEngine, RequestContext
+from gateway.policy.decisions import PolicyEngine
+from gateway.policy.request import RequestContext
+from gateway.policy.rows import POLICY_TEMPLATES
 
 MODEL = (POLICY_TEMPLATES / "model.conf").read_text()
 PRINCIPALS = 1_000

@@ -32,14 +32,14 @@ from engine.job import OPTIMIZER_FIELDS, OptimizerInvalid, optimizer_hyperparame
 from engine.memory import MemoryEstimate
 from gateway import billing
 from gateway.node import Node
-from gateway.policy import (
-    PolicyDecision,
-    Quota,
-    RequestContext,
+from gateway.policy.constraints import Quota
+from gateway.policy.decisions import PolicyDecision
+from gateway.policy.ledger_inputs import (
     committed_model_digests,
     researcher_committed_jobs,
     researcher_epsilon_spent,
 )
+from gateway.policy.request import RequestContext
 from gateway.protocol import job_parameters
 from gateway.protocol.problems import Problem
 from gateway.quotas import QuotaExceeded, enforce_quotas

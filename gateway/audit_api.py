@@ -22,13 +22,13 @@ from starlette.routing import Route
 from gateway import node_audit
 from gateway.background import every
 from gateway.node import Node
+from gateway.policy.rows import AUDIT_OBJECT
 from gateway.protocol.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger.audit import AuditLogCorrupted, append_entry
 
 log = logging.getLogger("fedgate.audit")
 
-AUDIT_OBJECT = "audit"
 CHECKPOINT_INTERVAL_SECONDS = 60.0
 
 

@@ -70,7 +70,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_add(args: argparse.Namespace) -> int:
-    from gateway.policy import declared_groups, rows_naming
+    from gateway.policy.rows import declared_groups, rows_naming
     from ledger import keys
     from ledger.registry import add_principal
 

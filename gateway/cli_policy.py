@@ -17,267 +17,24 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from gateway.audit_api import AUDIT_OBJECT
+from sqlmodel import select
+
 from gateway.cli_common import open_node
-from gateway.policy import (
-    ACTIONS,
-    JOB_ACTIONS,
-    OBLIGATION_ACTIONS,
-    Constraint,
-    Grant,
-    Obligation,
-    PolicyDecision,
-    PolicyEngine,
-    PolicyInvalid,
-    RequestContext,
-    context_from_params,
-    dataset_matches,
-    parse_instant,
-)
-from ledger.names import ROLE_GROUPS, name_key
-
-# Imports inside the commands, not at the top: each command loads only what it needs (this
-# module itself needs the node extra; `fedgate --help` stubs it on a light install).
-
-# ---------------------------------------------------------------------------------------------
-# Lint (the pure parts, lint and expectation tables, take an engine and plain values, so tests
-# and the cookbook use them without a deployment)
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: Literal["error", "warning"]
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.severity}: {self.where}: {self.message}"
-
-
-def _covers(broad: str, narrow: str) -> bool:
-    """Every dataset ``narrow`` matches is matched by ``broad``."""
-    if broad.endswith("*"):
-        return narrow.startswith(broad[:-1])
-    return broad == narrow
-
-
-def lint_policy(engine: PolicyEngine, *, owner: str, datasets: Mapping[str, int],
-                principals: Collection[str], now: dt.datetime) -> list[Finding]:
-    """Warnings about a valid policy: rules that can never apply or never matter.
-
-    ``datasets`` maps the node's dataset names to their training users; ``principals``
-    are the registered principal names. Validation errors are not found here: a policy
-    with errors does not build (``PolicyInvalid``).
-    """
-    findings: list[Finding] = []
-
-    def warn(where: str, message: str) -> None:
-        findings.append(Finding("warning", where, message))
-
-    groups = {m.group for m in engine.memberships}
-    known_subjects = set(principals) | groups | {m.member for m in engine.memberships}
-    declared_at = {name_key(m.group): m.where for m in reversed(engine.memberships)}
-    declared_at.update({name: "role group" for name in ROLE_GROUPS})
-    for principal in sorted(principals):
-        if name_key(principal) in declared_at:
-            warn(declared_at[name_key(principal)],
-                 f"principal {principal!r} is also a group: it gets every grant of the group "
-                 "and the group's members get its grants; give the principal or the group "
-                 "another name")
-    for m in engine.rows.memberships:
-        if m.domain != owner:
-            warn(m.where, f"membership in domain {m.domain!r} never applies on this node "
-                          f"(owner {owner!r})")
-        if m.member not in principals and m.member not in groups:
-            warn(m.where, f"member {m.member!r} is neither a registered principal nor a group")
-
-    rules: list[Grant | Constraint | Obligation] = [*engine.rows.grants, *engine.rows.constraints,
-                                                    *engine.rows.obligations]
-    first_seen: dict[tuple[str, ...], str] = {}
-    for rule in rules:
-        if rule.cells in first_seen:
-            warn(rule.where, f"duplicate of {first_seen[rule.cells]}")
-            continue
-        first_seen[rule.cells] = rule.where
-        if rule.domain != owner:
-            warn(rule.where, f"domain {rule.domain!r} never applies on this node (owner {owner!r})")
-        if rule.subject not in known_subjects:
-            warn(rule.where, f"subject {rule.subject!r} is neither a registered principal nor a "
-                             "group with members (a typo?)")
-        if rule.action == "read-audit":
-            if not dataset_matches(rule.dataset, AUDIT_OBJECT):
-                warn(rule.where, f"read-audit rules apply to the object {AUDIT_OBJECT!r}, which "
-                                 f"{rule.dataset!r} does not match")
-        elif rule.dataset != "*" and not any(dataset_matches(rule.dataset, name) for name in datasets):
-            kind = "matches no dataset (yet)" if rule.dataset.endswith("*") else "is not a dataset"
-            warn(rule.where, f"{rule.dataset!r} {kind} of this node (known: "
-                             f"{', '.join(sorted(datasets)) or 'none'})")
-
-    for allow in (g for g in engine.rows.grants if g.effect == "allow"):
-        related = engine.subjects(allow.subject, allow.domain)
-        for deny in engine.rows.grants:
-            if (deny.effect != "deny" or deny.domain != allow.domain
-                    or deny.action != allow.action or deny.subject not in related
-                    or not _covers(deny.dataset, allow.dataset)):
-                continue
-            same = deny.subject == allow.subject and deny.dataset == allow.dataset
-            verb = "contradicts" if same else "is shadowed by"
-            warn(allow.where, f"'{allow.text}' {verb} '{deny.text}' ({deny.where}): deny overrides "
-                              "allow, so this rule never grants anything")
-            break
-
-    findings.extend(_lint_constraints(engine, datasets=datasets, now=now))
-    findings.extend(_lint_obligations(engine))
-    return findings
-
-
-def _lint_obligations(engine: PolicyEngine) -> list[Finding]:
-    """Obligations on actions that create no job never apply; repeated output limits."""
-    findings: list[Finding] = []
-    same_scope: dict[tuple[str, ...], Obligation] = {}
-    for duty in engine.rows.obligations:
-        if duty.action not in (*OBLIGATION_ACTIONS, "*"):
-            findings.append(Finding("warning", duty.where, f"{duty.kind.name} never applies to "
-                                    f"{duty.action}: only {', '.join(sorted(OBLIGATION_ACTIONS))} "
-                                    "requests create jobs"))
-        key = (*duty.cells[1:5], duty.kind.name)
-        earlier = same_scope.setdefault(key, duty)
-        if earlier is not duty and duty.kind.stage == "output":
-            findings.append(Finding("warning", duty.where, f"repeats {duty.kind.name} of "
-                                    f"{earlier.where}: both apply, so the stricter one decides"))
-    return findings
-
-
-def _lint_constraints(engine: PolicyEngine, *, datasets: Mapping[str, int],
-                      now: dt.datetime) -> list[Finding]:
-    findings: list[Finding] = []
-    same_scope: dict[tuple[str, ...], Constraint] = {}
-    for rule in engine.rows.constraints:
-        name = rule.kind.name
-        if rule.kind.reads and rule.action not in (*JOB_ACTIONS, "*"):
-            findings.append(Finding("warning", rule.where, f"{name} never applies to "
-                                    f"{rule.action}: those requests state no job parameters"))
-        if name == "valid_until" and now >= rule.value.ends:
-            findings.append(Finding("warning", rule.where, f"expired: valid until {rule.value.text}"))
-        if name == "min_clients_per_round":
-            matched = {d: users for d, users in datasets.items() if dataset_matches(rule.dataset, d)}
-            small = sorted(d for d, users in matched.items() if users < rule.value)
-            if small:
-                findings.append(Finding("warning", rule.where, f"can never hold on {', '.join(small)}: "
-                                        "fewer training users than clients_per_round"))
-        key = (*rule.cells[1:5], name)
-        earlier = same_scope.setdefault(key, rule)
-        if earlier is rule:
-            continue
-        if name == "allowed_model_families" and not earlier.value & rule.value:
-            message = (f"contradicts {earlier.where}: no model family is allowed by both, so every "
-                       "request with a model is denied")
-        else:
-            message = f"repeats {name} of {earlier.where}: both apply, so the stricter one decides"
-        findings.append(Finding("warning", rule.where, message))
-    return findings
-
-
-# ---------------------------------------------------------------------------------------------
-# Expectation tables
-
-
-EXPECTATION_HEADER = ("subject", "dataset", "action", "params", "expect")
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """One row of an owner's expectation table: a request and the decision it must get."""
-
-    where: str
-    subject: str
-    domain: str
-    dataset: str
-    action: str
-    params: str
-    context: RequestContext
-    allowed: bool
-    review: bool = False  # ``expect`` is ``review``: allowed, and held for the owner's review
-
-    @property
-    def expected(self) -> str:
-        return "review" if self.review else "allow" if self.allowed else "deny"
-
-
-def parse_params(words: list[str], *, domain: str, now: dt.datetime) -> tuple[str, RequestContext]:
-    """``NAME=VALUE`` words: request parameters plus ``at=`` (an ISO time) and ``domain=``."""
-    params: dict[str, str] = {}
-    for word in words:
-        name, sep, value = word.partition("=")
-        if not sep or not value:
-            raise ValueError(f"{word!r} is not NAME=VALUE")
-        if name in params:
-            raise ValueError(f"parameter {name} is given twice")
-        params[name] = value
-    if "at" in params:
-        now = parse_instant(params.pop("at"))
-    return params.pop("domain", domain), context_from_params(params, now)
-
-
-def parse_expectations(text: str, *, domain: str, now: dt.datetime,
-                       source: str = "expectations.csv") -> list[Expectation]:
-    """Parse a CSV table with the header ``subject,dataset,action,params,expect``.
-
-    ``params`` holds space-separated ``NAME=VALUE`` words (``rounds=500 at=2025-06-02T09:00Z``);
-    ``expect`` is ``allow``, ``deny`` or ``review`` (allowed, and held for the owner's review;
-    ``allow`` then means allowed without review). Blank lines and lines starting with ``#``
-    are skipped.
-    Raises ValueError naming the line of the first malformed row.
-    """
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
-             if line.strip() and not line.lstrip().startswith("#")]
-    rows = [(n, [cell.strip() for cell in cells])
-            for (n, _), cells in zip(lines, csv.reader(line for _, line in lines), strict=True)]
-    if not rows or tuple(rows[0][1]) != EXPECTATION_HEADER:
-        raise ValueError(f"{source}: the first row must be the header {','.join(EXPECTATION_HEADER)}")
-    expectations = []
-    for number, cells in rows[1:]:
-        where = f"{source}:{number}"
-        if len(cells) != len(EXPECTATION_HEADER):
-            raise ValueError(f"{where}: expected {len(EXPECTATION_HEADER)} cells "
-                             f"({','.join(EXPECTATION_HEADER)}), found {len(cells)}")
-        subject, dataset, action, params, expect = cells
-        if action not in ACTIONS:
-            raise ValueError(f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})")
-        if expect not in ("allow", "deny", "review"):
-            raise ValueError(f"{where}: expect must be allow, deny or review, not {expect!r}")
-        try:
-            row_domain, context = parse_params(params.split(), domain=domain, now=now)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        expectations.append(Expectation(where, subject, row_domain, dataset, action, params,
-                                        context, expect != "deny", expect == "review"))
-    return expectations
-
-
-def run_expectations(engine: PolicyEngine, expectations: list[Expectation]
-                     ) -> list[tuple[Expectation, PolicyDecision]]:
-    """Each expectation with the engine's decision (compare ``outcome(decision)`` with
-    ``expectation.expected``)."""
-    return [(e, engine.decide(subject=e.subject, domain=e.domain, dataset=e.dataset,
-                              action=e.action, context=e.context)) for e in expectations]
-
-
-def outcome(decision: PolicyDecision) -> str:
-    """``allow``, ``deny`` or ``review`` (allowed, and held for the owner's review)."""
-    if not decision.allowed:
-        return "deny"
-    return "review" if decision.review is not None else "allow"
-
+from gateway.policy.decisions import PolicyEngine
+from gateway.policy.expectations import outcome, parse_expectations, parse_params, run_expectations
+from gateway.policy.ledger_inputs import registry_memberships, researcher_epsilon_spent
+from gateway.policy.lint import lint_policy
+from gateway.policy.rows import ACTIONS, PolicyInvalid
+from gateway.policy.values import parse_instant
+from ledger.audit import append_entry
+from ledger.models import Dataset, Principal
 
 # ---------------------------------------------------------------------------------------------
 # Commands (the shell: deployment, ledger, files, output)
@@ -285,11 +42,6 @@ def outcome(decision: PolicyDecision) -> str:
 
 def _registry(node) -> tuple[list[tuple[str, str, str]], set[str], dict[str, int]]:  # type: ignore[no-untyped-def]
     """The node's memberships, principal names and datasets (name → training users)."""
-    from sqlmodel import select
-
-    from gateway.policy import registry_memberships
-    from ledger.models import Dataset, Principal
-
     with node.session() as s:
         memberships = registry_memberships(s, node.config.owner)
         people = s.exec(select(Principal)).all()  # reviewed: ORM query, not exec
@@ -370,9 +122,6 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
-    from gateway.policy import researcher_epsilon_spent
-    from ledger.models import Dataset
-
     node = open_node(args)
     memberships, _, _ = _registry(node)
     engine = _build(node, _policy_path(node, args), memberships)
@@ -414,8 +163,6 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
     """Validate the policy; if valid, install it (``--from``) atomically and nudge the
     gateway, which switches at its next request. Either outcome is audited; a refused
     policy changes nothing, so the running gateway keeps its current policy."""
-    from ledger.audit import append_entry
-
     node = open_node(args)
     memberships, principals, datasets = _registry(node)
     live = node.deployment.policy_file

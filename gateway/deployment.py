@@ -36,11 +36,10 @@ from engine.sandbox import (
     WorkerAddress,
 )
 from gateway.origin import Origin
+from gateway.policy.rows import POLICY_TEMPLATES
 from ledger import keys
 from ledger.names import check_name
 from ledger.pricing import PriceList
-
-POLICY_TEMPLATES = Path(__file__).resolve().parent.parent / "policies"
 
 CONFIG_TEMPLATE = """\
 # fedgate node configuration (written by `fedgate init`).

@@ -18,7 +18,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from gateway.deployment import Deployment, NodeConfig
-from gateway.policy import PolicyEngine, registry_memberships
+from gateway.policy.decisions import PolicyEngine
+from gateway.policy.ledger_inputs import registry_memberships
 from gateway.signatures import RegisteredKey
 from ledger import keys
 from ledger.audit import append_entry

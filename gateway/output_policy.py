@@ -26,7 +26,7 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from gateway.node import Node
-from gateway.policy import OutputPolicy
+from gateway.policy.constraints import OutputPolicy
 from gateway.protocol.problems import Problem
 from gateway.signatures import VerifiedRequest
 from ledger.audit import append_entry

@@ -34,7 +34,8 @@ from decimal import Decimal
 from sqlmodel import Session, select
 
 from gateway.billing import project_cost, spend_used
-from gateway.policy import Quota, dataset_matches
+from gateway.policy.constraints import Quota
+from gateway.policy.decisions import dataset_matches
 from gateway.protocol.problems import Problem
 from ledger.metering import active_jobs, cpu_seconds_used, lock_usage, month_bounds, month_of
 from ledger.models import Dataset, Job

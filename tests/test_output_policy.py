@@ -20,7 +20,8 @@ from engine.launcher import JobOutcome
 from gateway.app import create_app
 from gateway.client import verify_release
 from gateway.jobs import JobRunner
-from gateway.policy import OutputPolicy, PolicyEngine
+from gateway.policy.constraints import OutputPolicy
+from gateway.policy.decisions import PolicyEngine
 from ledger.db import make_engine, session
 from ledger.keys import load_public_key
 from ledger.models import Job

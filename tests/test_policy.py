@@ -15,14 +15,10 @@ from casbin.core_enforcer import EnforceContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.policy import (
-    CONSTRAINTS,
-    MAX_GROUP_NESTING,
-    PolicyEngine,
-    PolicyInvalid,
-    RequestContext,
-    parse_policy,
-)
+from gateway.policy.constraints import CONSTRAINTS
+from gateway.policy.decisions import MAX_GROUP_NESTING, PolicyEngine
+from gateway.policy.request import RequestContext
+from gateway.policy.rows import PolicyInvalid, parse_policy
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "policies" / "model.conf"
 MODEL = MODEL_PATH.read_text()

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from gateway import cli_policy
-from gateway.cli_policy import lint_policy, parse_expectations, run_expectations
 from gateway.deployment import init_deployment
 from gateway.node import Node
-from gateway.policy import PolicyEngine
+from gateway.policy.decisions import PolicyEngine
+from gateway.policy.expectations import parse_expectations, run_expectations
+from gateway.policy.lint import lint_policy
 from ledger import keys
 from ledger.audit import read_entries
 from ledger.budget import register_dataset

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli_policy import lint_policy, outcome, parse_expectations, run_expectations
-from gateway.policy import PolicyEngine
+from gateway.policy.decisions import PolicyEngine
+from gateway.policy.expectations import outcome, parse_expectations, run_expectations
+from gateway.policy.lint import lint_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = (ROOT / "policies" / "model.conf").read_text()

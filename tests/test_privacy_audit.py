@@ -192,13 +192,13 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_only_the_audit_builds_the_aggregator_with_a_switch() -> None:
     calls = {path.relative_to(ROOT).as_posix(): _dp_aggregator_calls(path)
-             for package in ("engine", "gateway", "ledger") for path in (ROOT / package).glob("*.py")}
+             for package in ("engine", "gateway", "ledger") for path in (ROOT / package).rglob("*.py")}
     assert [len(c) for c in (calls["engine/training.py"], calls["engine/privacy_audit.py"])] == [1, 1]
     for path, found in calls.items():
         if path != "engine/privacy_audit.py":
             assert all(not call.keywords and len(call.args) == 1 for call in found), path
     importers = [path.relative_to(ROOT).as_posix() for package in ("engine", "gateway", "ledger")
-                 for path in sorted((ROOT / package).glob("*.py"))
+                 for path in sorted((ROOT / package).rglob("*.py"))
                  if "engine.seeded_noise" in _imported_modules(path)]
     assert importers == ["engine/training.py"]  # inside dp_aggregator's noise_seed branch
 
@@ -206,7 +206,7 @@ def test_only_the_audit_builds_the_aggregator_with_a_switch() -> None:
 def test_only_the_audit_builds_the_vectorized_engine_without_noise() -> None:
     users: dict[str, set[str]] = {}
     for package in ("engine", "gateway", "ledger"):
-        for path in (ROOT / package).glob("*.py"):
+        for path in (ROOT / package).rglob("*.py"):
             tree = ast.parse(path.read_text())
             names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
             names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)

@@ -17,7 +17,8 @@ from engine.meter import ResourceUsage
 from gateway.admission import JobRequest, admit_job
 from gateway.jobs import JobRunner
 from gateway.node import Node
-from gateway.policy import PolicyEngine, PolicyInvalid
+from gateway.policy.decisions import PolicyEngine
+from gateway.policy.rows import PolicyInvalid
 from gateway.protocol.problems import Problem
 from ledger.audit import read_entries
 from ledger.models import Dataset, Job, JobMeter

@@ -17,7 +17,9 @@ import pytest
 
 from gateway.app import create_app
 from gateway.cli import main as fedgate
-from gateway.policy import PolicyEngine, RequestContext
+from gateway.policy.decisions import PolicyEngine
+from gateway.policy.lint import lint_policy
+from gateway.policy.request import RequestContext
 from ledger.db import make_engine, session
 from ledger.models import Dataset, Job, JobMeter
 from tests.conftest import make_researcher
@@ -128,8 +130,6 @@ def test_the_gateway_is_asked_only_for_the_facts_matching_review_conditions_read
 
 
 def test_obligations_on_actions_that_create_no_job_are_flagged_by_the_linter() -> None:
-    from gateway.cli_policy import lint_policy
-
     engine = PolicyEngine(MODEL_CONF, GRANTS
                           + "p2, researchers, owner, demo, estimate, require_review, always\n"
                             "p2, researchers, owner, demo, train, max_result_fetches, 2\n"
