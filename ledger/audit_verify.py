@@ -30,8 +30,9 @@ node signed, so no leaf can pass for an interior node), and the node signs only 
 entries numbered by their position (``ledger.audit.publish_checkpoint`` checks each new
 entry before signing). The layout checks of ``ledger.audit_export`` make those bytes the
 file's whole meaning: a JSON reader sees nothing else. At any doubt the fast pass gives up,
-and the entry-by-entry pass runs the checks above, entry by entry, to find and word the
-first problem.
+and the entry-by-entry pass runs the checks above to find and word the first problem,
+decoding the entries from the last checkpoint whose root matches on (by the same argument,
+those before it cannot hold one).
 """
 
 from __future__ import annotations
@@ -167,11 +168,17 @@ def _is_entry_numbered(leaf_input: bytes, index: int) -> bool:
 
 
 def _entry_by_entry(export: ExportReader, checkpoints: list[Checkpoint]) -> VerificationReport:
-    """Every check of the module docstring, reading each entry exactly: the first problem."""
+    """Every check of the module docstring, reading each entry exactly: the first problem.
+
+    Entries before the first contradicted checkpoint's predecessor match a signed root, so
+    (as in the fast pass) only the entries after them are decoded.
+    """
     tree = MerkleTree(hash_leaf_inputs(LEAF_PREFIX + text for text in export.entry_texts()))
     size = tree.size
-    mismatch = _first_root_mismatch(tree, [c for c in checkpoints if c.size <= size])
-    structural = _first_malformed_entry(export.entry_texts(), mismatch[1] if mismatch else size)
+    within = [c for c in checkpoints if c.size <= size]
+    mismatch = _first_root_mismatch(tree, within)
+    suspect = mismatch[1] if mismatch else range(within[-1].size if within else 0, size)
+    structural = _first_malformed_entry(export.entry_texts(), suspect)
     if structural is not None:
         return _failed(structural, export, size)
     if mismatch is not None:
@@ -215,13 +222,13 @@ def _verified_checkpoints(
     return [by_size[s] for s in sorted(by_size)], None
 
 
-def _first_malformed_entry(texts: Iterator[bytes], limit: int) -> Finding | None:
-    """The first entry before ``limit`` that is not canonical JSON numbered by its position.
+def _first_malformed_entry(texts: Iterator[bytes], suspect: range) -> Finding | None:
+    """The first ``suspect`` entry that is not canonical JSON numbered by its position.
 
-    Decodes one entry at a time, and past ``limit`` only to tell a reordered entry from a
+    Decodes one entry at a time, and past the range only to tell a reordered entry from a
     deleted one.
     """
-    for index, text in enumerate(islice(texts, limit)):
+    for index, text in enumerate(islice(texts, suspect.start, suspect.stop), suspect.start):
         value = _entry_value(text)
         if value is None:
             return Finding("malformed-entry", f"entry {index} is not a canonical JSON object: its "
@@ -261,10 +268,11 @@ def _seq(value: dict[str, Any] | None) -> int | None:
 
 def _first_root_mismatch(
     tree: MerkleTree, checkpoints: list[Checkpoint]
-) -> tuple[Finding, int] | None:
+) -> tuple[Finding, range] | None:
     """The first checkpoint (within the export) the recomputed tree contradicts.
 
-    Returns the finding and the checkpoint's size (the end of the suspect range).
+    Returns the finding and the suspect entries: from the previous checkpoint's size to this
+    one's.
     """
     previous: Checkpoint | None = None
     for checkpoint in checkpoints:
@@ -283,7 +291,7 @@ def _first_root_mismatch(
                 message = (f"entries {_span(low, high)} do not match the checkpoint signed for size "
                            f"{checkpoint.size} at {checkpoint.timestamp}: at least one of them was "
                            f"modified or replaced{intact}")
-            return Finding("modified-entries", message, low, high), checkpoint.size
+            return Finding("modified-entries", message, low, high), range(low, checkpoint.size)
         previous = checkpoint
     return None
 
