@@ -38,7 +38,7 @@ import pyarrow.csv as pa_csv
 
 from engine.datastore import import_dataset
 from gateway.cli import main as fedgate
-from gateway.deployment import init_deployment
+from gateway.node.deployment import init_deployment
 
 USERS = 100_000
 EXAMPLES_PER_USER = 10

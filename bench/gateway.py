@@ -57,10 +57,10 @@ from sqlmodel import select
 from bench import policy as policy_bench
 from engine.artifact import linear_classifier_artifact
 from engine.datastore import generate_synthetic
-from gateway.admission import JobRequest, project_cost
 from gateway.cli import main as fedgate
-from gateway.deployment import init_deployment
-from gateway.node import Node
+from gateway.node.admission import JobRequest, project_cost
+from gateway.node.deployment import init_deployment
+from gateway.node.node import Node
 from gateway.process import free_port, start_gateway, stop_gateway
 from gateway.sdk.request_signing import SignedRequestAuth, signature_headers
 from ledger import accounting, keys

@@ -26,18 +26,18 @@ from starlette.routing import Route
 
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact_structure
 from gateway import access_log, audit_api
-from gateway.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
 from gateway.dashboard import Dashboard
-from gateway.jobs import JobRunner, recover_interrupted_jobs
 from gateway.json_body import RequestJsonInvalid, parse_request_json
 from gateway.middleware import request_middleware
-from gateway.node import Node
+from gateway.node.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
+from gateway.node.identity import VerifiedRequest
+from gateway.node.jobs import JobRunner, recover_interrupted_jobs
+from gateway.node.node import Node
+from gateway.node.output_policy import fetch_release
+from gateway.node.review import review_status, review_watch
 from gateway.openapi import openapi_document
-from gateway.output_policy import fetch_release
 from gateway.problems import problem_response
 from gateway.protocol.problems import Problem
-from gateway.review import review_status, review_watch
-from gateway.signatures import VerifiedRequest
 from ledger.accounting import JobCost
 from ledger.audit import append_entry
 from ledger.canonical import sha256_digest
@@ -217,7 +217,7 @@ async def submit_job(request: Request) -> Response:
 
 def _with_queue_position(request: Request, status: dict[str, Any]) -> dict[str, Any]:
     """``status`` with ``queue_position`` (1 = starts next) while the job waits for a slot
-    (``[engine] max_concurrent_jobs``, ``gateway.scheduler``)."""
+    (``[engine] max_concurrent_jobs``, ``gateway.node.scheduler``)."""
     position = request.app.state.runner.queue_position(status["job_id"])
     return status if position is None else {**status, "queue_position": position}
 

@@ -3,8 +3,8 @@
 Every route requires a signed request (``SignatureAuthMiddleware``) whose principal the
 policy allows ``read-audit`` on the object ``audit`` in the owner's domain; the default
 policy grants it to the ``officers`` group (``p, officers, OWNER, *, read-audit, allow``).
-A refusal is audited and returned as ``policy-denied``. Handlers only parse and
-authorise; the work is in ``gateway.node_audit``.
+A refusal is audited and returned as ``policy-denied``. Handlers only parse; the
+authorisation and the work are in ``gateway.node.audit``.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import node_audit
-from gateway.background import every
-from gateway.node import Node
-from gateway.policy.rows import AUDIT_OBJECT
+from gateway.node import audit as node_audit
+from gateway.node.background import every
+from gateway.node.identity import VerifiedRequest
+from gateway.node.node import Node
 from gateway.protocol.problems import Problem
-from gateway.signatures import VerifiedRequest
-from ledger.audit import AuditLogCorrupted, append_entry
+from ledger.audit import AuditLogCorrupted
 
 log = logging.getLogger("fedgate.audit")
 
@@ -100,7 +99,7 @@ async def _officer_call(request: Request, operation: Callable[..., Any], *args: 
     principal: VerifiedRequest = request.scope["fedgate.principal"]
 
     def authorised_call() -> Any:
-        authorise_audit_reader(node, subject=principal.principal, key_id=principal.key_id)
+        node_audit.authorise_audit_reader(node, subject=principal.principal, key_id=principal.key_id)
         try:
             return operation(node, *args)
         except node_audit.AuditRequestInvalid as exc:
@@ -110,19 +109,6 @@ async def _officer_call(request: Request, operation: Callable[..., Any], *args: 
                                             "export it and run `fedgate audit verify`") from None
 
     return await run_in_threadpool(authorised_call)
-
-
-def authorise_audit_reader(node: Node, *, subject: str, key_id: str) -> None:
-    """Raise ``policy-denied`` (and audit the refusal) unless the policy allows ``subject``
-    to ``read-audit``. Blocking: call it off the event loop."""
-    decision = node.policy().decide(subject=subject, domain=node.config.owner,
-                                    dataset=AUDIT_OBJECT, action="read-audit")
-    if not decision.allowed:
-        with node.session() as s, s.begin():
-            append_entry(s, action="deny", decision="deny", reason="policy-denied",
-                         explanation=decision.explanation, actor=key_id, principal=subject,
-                         request_action="read-audit", policy_version=decision.policy_version)
-        raise Problem("policy-denied", decision.explanation)
 
 
 def _optional_int(request: Request, name: str) -> int | None:

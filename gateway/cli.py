@@ -48,7 +48,7 @@ def _print(data: Any, as_json: bool) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from gateway.deployment import init_deployment
+    from gateway.node.deployment import init_deployment
 
     deployment = init_deployment(Path(args.directory), owner=args.owner)
     print(f"initialised fedgate node in {deployment.root}")
@@ -164,7 +164,7 @@ def cmd_dataset_synthesize(args: argparse.Namespace) -> int:
 def cmd_dataset_import(args: argparse.Namespace) -> int:
     from engine.datastore import import_dataset, load_schema
     from engine.mock import MOCK_FILE, parse_ranges, write_mock
-    from gateway.deployment import let_sandbox_read, owner_only_files
+    from gateway.node.deployment import let_sandbox_read, owner_only_files
     from ledger.budget import check_new_dataset_name, register_dataset
     from ledger.public_count import (
         DeltaTooLarge,

@@ -42,7 +42,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from gateway.node_audit import export_node_audit
+    from gateway.node.audit import export_node_audit
 
     node = open_node(args)
     export, warning = export_node_audit(node)
@@ -77,7 +77,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_proof(args: argparse.Namespace) -> int:
-    from gateway.node_audit import inclusion_proof_for
+    from gateway.node.audit import inclusion_proof_for
     from ledger.audit import AuditLogCorrupted
 
     try:
@@ -89,7 +89,7 @@ def cmd_audit_proof(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
-    from gateway.node_audit import publish_node_checkpoint
+    from gateway.node.audit import publish_node_checkpoint
     from ledger.audit import AuditLogCorrupted
 
     try:

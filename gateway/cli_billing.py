@@ -37,7 +37,7 @@ def _month(text: str) -> str:
 
 
 def cmd_statement(args: argparse.Namespace) -> int:
-    from gateway.billing import statement, statement_csv
+    from gateway.node.billing import statement, statement_csv
 
     node = open_node(args)
     with node.session() as s:

@@ -1,7 +1,7 @@
 """What every owner command module shares: where the deployment is and how to open it.
 
 The deployment directory is ``-d DIR``, else ``$FEDGATE_DEPLOYMENT``, else the current
-directory. Opening it (:class:`gateway.node.Node`) needs the node extra, so it is imported when
+directory. Opening it (:class:`gateway.node.node.Node`) needs the node extra, so it is imported when
 a command runs, never when ``fedgate --help`` builds the parser on a researcher's light install.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.node import Node
+    from gateway.node.node import Node  # the node extra (SQLModel, Casbin): only when a command runs
 
 __all__ = ["Fedgate", "deployment_dir", "open_node"]
 
@@ -28,6 +28,6 @@ def deployment_dir(args: argparse.Namespace) -> Path:
 
 
 def open_node(args: argparse.Namespace) -> Node:
-    from gateway.node import Node  # the node extra (SQLModel, Casbin): only when a command runs
+    from gateway.node.node import Node  # the node extra (SQLModel, Casbin): only when a command runs
 
     return Node(deployment_dir(args))

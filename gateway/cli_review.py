@@ -32,13 +32,13 @@ ACTOR = "owner-cli"
 
 def _expire(node) -> list[str]:  # type: ignore[no-untyped-def]
     """Apply the deadlines first, so the owner never acts on an overdue review."""
-    from gateway.review import expire_overdue_reviews
+    from gateway.node.review import expire_overdue_reviews
 
     return expire_overdue_reviews(node, actor=ACTOR)
 
 
 def cmd_review_list(args: argparse.Namespace) -> int:
-    from gateway.review import pending_reviews
+    from gateway.node.review import pending_reviews
 
     node = open_node(args)
     expired = _expire(node)
@@ -85,7 +85,7 @@ def _human_details(details: dict[str, Any]) -> str:
 
 
 def cmd_review_show(args: argparse.Namespace) -> int:
-    from gateway.review import review_details
+    from gateway.node.review import review_details
 
     node = open_node(args)
     _expire(node)
@@ -95,7 +95,7 @@ def cmd_review_show(args: argparse.Namespace) -> int:
 
 
 def cmd_review_decide(args: argparse.Namespace) -> int:
-    from gateway.review import runnable_problem
+    from gateway.node.review import runnable_problem
     from ledger.review import approve_review, deny_review
 
     node = open_node(args)

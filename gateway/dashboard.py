@@ -9,7 +9,7 @@
   other site can make the browser send it), ``Path=/dashboard``, ``Secure`` over HTTPS,
   expiring with the session. ``GET /dashboard/login`` alone shows the sign-in form.
 * ``GET /dashboard/billing?month=YYYY-MM`` shows a month's compute charges per researcher
-  and job (``gateway.billing.statement``), reconciled with the audit log's ``bill`` entries;
+  and job (``gateway.node.billing.statement``), reconciled with the audit log's ``bill`` entries;
   a malformed month is ``422 invalid-request``.
 * Every other dashboard page is wrapped in ``officer_page``: without a live session of an
   active officer key it answers ``401 login-required``; if the policy does not allow
@@ -34,9 +34,9 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from gateway import dashboard_pages
-from gateway.audit_api import authorise_audit_reader
 from gateway.dashboard_data import LogVerification, load_billing, load_overview, parse_month
-from gateway.node import Node
+from gateway.node.audit import authorise_audit_reader
+from gateway.node.node import Node
 from gateway.protocol.problems import Problem
 from ledger.officer_login import (
     LoginRefused,

@@ -19,9 +19,9 @@ from typing import Any
 
 from sqlmodel import select
 
-from gateway import node_audit
-from gateway.billing import statement
-from gateway.node import Node
+from gateway.node import audit as node_audit
+from gateway.node.billing import statement
+from gateway.node.node import Node
 from ledger.audit import audit_size
 from ledger.audit_verify import verify_export
 from ledger.burndown import BurnDown, burn_down
@@ -180,7 +180,7 @@ def parse_month(text: str | None, *, now: float) -> str:
 
 @dataclass(frozen=True)
 class ResearcherBill:
-    """One researcher's month: ``statement`` (``gateway.billing``) as is, plus the CPU-hours of
+    """One researcher's month: ``statement`` (``gateway.node.billing``) as is, plus the CPU-hours of
     its lines. Researcher-facing: rounds and *expected* client updates, never the exact count."""
 
     researcher: str

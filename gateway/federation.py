@@ -47,7 +47,7 @@ else:  # a researcher's light install on Python 3.10 (pyproject: tomli there)
 
 FEDERATION_FORMAT = "fedgate-federation-v1"
 AGGREGATION_RULES = ("users", "mean")
-# Parameters of the local job each node runs per outer round (gateway.admission.JobRequest
+# Parameters of the local job each node runs per outer round (gateway.node.admission.JobRequest
 # minus dataset, model, evaluation and idempotency key, which the coordinator sets).
 LOCAL_JOB_FIELDS = FEDERATED
 REQUIRED_JOB_FIELDS = tuple(name for name in REQUIRED if name in FEDERATED)

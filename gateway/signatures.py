@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from http_message_signatures import HTTPMessageVerifier, HTTPSignatureKeyResolver, algorithms
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
+from gateway.node.identity import RegisteredKey, VerifiedRequest
 from gateway.protocol.problems import Problem
 from gateway.protocol.signing import BODY_COMPONENTS, REQUIRED_COMPONENTS, SIGNATURE_TAG
 
@@ -52,30 +53,6 @@ MAX_SIGNATURE_FIELD_BYTES = 4096
 # Stands in for an unknown key id, so an unknown key takes the same path and the same time as a
 # registered key whose signature does not verify. Its private key is discarded at creation.
 _NO_SUCH_KEY = Ed25519PrivateKey.generate().public_key()
-
-
-@dataclass(frozen=True)
-class RegisteredKey:
-    """What the key registry knows about a key id."""
-
-    key_id: str
-    principal: str
-    role: str
-    public_key: Ed25519PublicKey
-    revoked: bool
-
-
-@dataclass(frozen=True)
-class VerifiedRequest:
-    """An authenticated request: who signed it, the nonce to remember until when, and the
-    sha-256 its body must have (None when it declared no body)."""
-
-    key_id: str
-    principal: str
-    role: str
-    nonce: str
-    nonce_expires_at: float
-    content_digest: bytes | None = None
 
 
 class _HeaderView:

@@ -60,7 +60,7 @@ AUDIT_ACTIONS = frozenset(
         "admit",  # a job was admitted and its budget reserved
         "deny",  # a request was refused (policy, budget, validation)
         "charge",  # a reservation was committed
-        "bill",  # a job's metered compute was priced and charged (gateway.billing; money, not ε)
+        "bill",  # a job's metered compute was priced and charged (gateway.node.billing; money, not ε)
         "refund",  # a reservation was released (failure before data access)
         "release",  # DP outputs of a job were released
         "review",  # owner review of a held job: requested, approved, denied, expired, withdrawn

@@ -5,7 +5,7 @@ Contract:
 * ``reserve_compute`` runs in the admission transaction: the job's CPU reservation (what its
   quota check counted, and the limit the engine's meter stops it at) is stored with the job.
   The reservation is fixed before the job runs from the node's configuration: public.
-* ``record_usage`` runs in the settlement transaction (``gateway.jobs``) and fills in what the
+* ``record_usage`` runs in the settlement transaction (``gateway.node.jobs``) and fills in what the
   meter measured from the kernel (``engine.meter``): CPU seconds, wall seconds, peak memory —
   plus rounds run (from the engine's progress events), client updates and bytes released.
 * Privacy invariant: what a job *used* after it began reading user data depends on that data

@@ -233,7 +233,7 @@ class JobMeter(SQLModel, table=True):
 
 
 class BillingCharge(SQLModel, table=True):
-    """The money charged for one job by the owner's price list (``gateway.billing``).
+    """The money charged for one job by the owner's price list (``gateway.node.billing``).
 
     Written in the same transaction as the ``bill`` audit entry whose sequence number it keeps;
     ``total`` is the exact decimal sum of ``items``; ``month`` (UTC, ``YYYY-MM``) is that of

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from gateway.deployment import init_deployment
+from gateway.node.deployment import init_deployment
 from ledger import keys
 
 POSTGRES_URL = os.environ.get(

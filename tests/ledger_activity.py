@@ -1,5 +1,5 @@
 """Real ledger activity for tests, without training: admissions through
-``gateway.admission.admit_job``, charges and refunds through ``ledger.budget``, and officer
+``gateway.node.admission.admit_job``, charges and refunds through ``ledger.budget``, and officer
 dashboard login tokens."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.admission import JobRequest, admit_job
-from gateway.node import Node
+from gateway.node.admission import JobRequest, admit_job
+from gateway.node.identity import VerifiedRequest
+from gateway.node.node import Node
 from gateway.protocol.problems import Problem
-from gateway.signatures import VerifiedRequest
 from ledger import keys
 from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import sha256_digest

@@ -14,8 +14,8 @@ from starlette.testclient import TestClient
 
 from gateway import audit_api
 from gateway.app import create_app
-from gateway.deployment import init_deployment
-from gateway.node import Node
+from gateway.node.deployment import init_deployment
+from gateway.node.node import Node
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys
 from ledger.audit import append_entry, latest_checkpoint_text, read_entries

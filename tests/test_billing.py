@@ -17,9 +17,9 @@ import pytest
 from engine.launcher import JobOutcome
 from engine.meter import ResourceUsage
 from gateway.cli import main as fedgate
-from gateway.deployment import Deployment, init_deployment
-from gateway.jobs import JobRunner
-from gateway.node import Node
+from gateway.node.deployment import Deployment, init_deployment
+from gateway.node.jobs import JobRunner
+from gateway.node.node import Node
 from gateway.protocol.problems import Problem
 from ledger.audit import read_entries
 from ledger.metering import month_of
@@ -279,7 +279,7 @@ def test_the_owner_billing_guide_runs_as_written(tmp_path: Path) -> None:
 
 def test_an_estimate_projects_an_upper_bound_of_the_cost_next_to_epsilon(
         node_dir: Path) -> None:
-    from gateway.admission import JobRequest, estimate_job
+    from gateway.node.admission import JobRequest, estimate_job
 
     body = {"dataset": "demo", "rounds": 2, "clients_per_round": 20, "noise_multiplier": 1.0,
             "clip": 1.0}

@@ -13,10 +13,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from engine.job import SERVER_OPTIMIZERS, JobSpec, JobSpecInvalid
-from gateway.admission import JobRequest
 from gateway.cli import main as fedgate
 from gateway.client import Client, InvalidRequest, progress_postfix
-from gateway.jobs import engine_job_document
+from gateway.node.admission import JobRequest
+from gateway.node.jobs import engine_job_document
 from gateway.process import running_gateway
 from gateway.protocol.problems import Problem
 from ledger import accounting

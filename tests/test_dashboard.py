@@ -19,7 +19,6 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.billing import statement
 from gateway.cli import main as fedgate
 from gateway.dashboard import SESSION_COOKIE
 from gateway.dashboard_data import (
@@ -32,7 +31,8 @@ from gateway.dashboard_data import (
     parse_month,
 )
 from gateway.dashboard_pages import CONTENT_SECURITY_POLICY, STYLESHEET, billing_page
-from gateway.node import Node
+from gateway.node.billing import statement
+from gateway.node.node import Node
 from gateway.protocol.problems import Problem
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger.audit import append_entry, read_entries
@@ -372,8 +372,8 @@ def charged_jobs(node_dir: Path) -> tuple[Node, list[Job]]:
     reading data (metered, priced, ``bill`` audited); the exact client counts are 987654."""
     from engine.launcher import JobOutcome
     from engine.meter import ResourceUsage
-    from gateway.deployment import Deployment
-    from gateway.jobs import JobRunner
+    from gateway.node.deployment import Deployment
+    from gateway.node.jobs import JobRunner
 
     config = Deployment(node_dir).config_path
     config.write_text(config.read_text() + PRICES)

@@ -17,7 +17,7 @@ import pytest
 from engine.sandbox import SANDBOX_ID, UidSwitch
 from engine.sandbox_launch import _check_readable
 from gateway.cli import main as fedgate
-from gateway.deployment import init_deployment
+from gateway.node.deployment import init_deployment
 
 AS_ROOT = os.geteuid() == 0
 

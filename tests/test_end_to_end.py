@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.client import BudgetExceeded, Client
-from gateway.deployment import init_deployment
+from gateway.node.deployment import init_deployment
 from gateway.process import running_gateway
 from ledger.audit import read_entries
 from ledger.db import make_engine, session

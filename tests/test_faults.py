@@ -85,7 +85,7 @@ def test_dropped_database_connection_mid_admission_fails_closed(
     def inject() -> None:
         nonlocal before
         before = _ledger_state(db_url)
-        monkeypatch.setattr("gateway.admission.reserve_budget", reserve_then_lose_connection)
+        monkeypatch.setattr("gateway.node.admission.reserve_budget", reserve_then_lose_connection)
 
     response = _submit(node_dir, monkeypatch, inject)
     assert response.status_code == 500

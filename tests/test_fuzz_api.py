@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.deployment import init_deployment
+from gateway.node.deployment import init_deployment
 from gateway.openapi import openapi_document
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys

@@ -73,8 +73,8 @@ def _modules_in(package: str) -> list[str]:
 
 
 def test_the_import_scan_sees_imports_inside_functions() -> None:
-    # gateway.sdk.client imports gateway.rehearsal only inside a method (the engine stays lazy).
-    assert "gateway.rehearsal" in imports_of("gateway.sdk.client")
+    # gateway.sdk.client imports gateway.node.rehearsal only inside a method (the engine stays lazy).
+    assert "gateway.node.rehearsal" in imports_of("gateway.sdk.client")
     assert "ledger.keys" in imports_of("gateway.sdk.client")  # written `from ledger import keys`
 
 
@@ -127,7 +127,7 @@ SHARED_CONTRACTS = frozenset({"ledger.keys", "ledger.canonical", "ledger.ranges"
 # Imported by the SDK only inside the function that needs them (the probe above checks that
 # importing the SDK loads neither): converting a Keras model, rehearsing on mock data.
 SDK_ON_DEMAND = {"tensorflow": "engine.artifact's Keras conversion",
-                 "gateway.rehearsal": "Client.rehearse runs the engine locally (node extra)"}
+                 "gateway.node.rehearsal": "Client.rehearse runs the engine locally (node extra)"}
 
 
 def test_sdk_and_protocol_import_nothing_from_the_server_side() -> None:

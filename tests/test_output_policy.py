@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from engine.launcher import JobOutcome
 from gateway.app import create_app
 from gateway.client import verify_release
-from gateway.jobs import JobRunner
+from gateway.node.jobs import JobRunner
 from gateway.policy.constraints import OutputPolicy
 from gateway.policy.decisions import PolicyEngine
 from ledger.db import make_engine, session

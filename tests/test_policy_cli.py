@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from gateway import cli_policy
-from gateway.deployment import init_deployment
-from gateway.node import Node
+from gateway.node.deployment import init_deployment
+from gateway.node.node import Node
 from gateway.policy.decisions import PolicyEngine
 from gateway.policy.expectations import parse_expectations, run_expectations
 from gateway.policy.lint import lint_policy

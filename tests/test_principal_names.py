@@ -13,8 +13,8 @@ import pytest
 from sqlmodel import select
 
 from gateway.cli import main as fedgate
-from gateway.deployment import init_deployment
-from gateway.node import Node
+from gateway.node.deployment import init_deployment
+from gateway.node.node import Node
 from ledger import keys
 from ledger.models import Principal
 

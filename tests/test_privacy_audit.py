@@ -42,7 +42,7 @@ from engine.privacy_audit import (
     two_gaussian_epsilon,
 )
 from gateway import cli_privacy_audit
-from gateway.admission import JobRequest
+from gateway.node.admission import JobRequest
 from gateway.protocol.problems import Problem
 from ledger.mechanism import MIN_CLIP
 from tests.conftest import in_own_process

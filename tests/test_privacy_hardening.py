@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from engine.datastore import generate_synthetic
 from engine.job import JobSpec, JobSpecInvalid
 from engine.training import cap_examples, poisson_sample
-from gateway.admission import JobRequest
 from gateway.app import GENERIC_FAILURE, create_app, researcher_failure
 from gateway.cli import main as fedgate
+from gateway.node.admission import JobRequest
 from gateway.protocol.problems import Problem
 from ledger import mechanism
 from ledger.accounting import JobCost
@@ -268,8 +268,8 @@ def test_a_delta_not_below_one_over_the_public_count_is_refused_at_import(
 def test_a_held_job_approved_after_a_config_change_runs_exactly_the_charged_evaluation_noise(
     node_dir: Path, db_url: str
 ) -> None:
-    from gateway.jobs import write_job_directory
-    from gateway.node import Node
+    from gateway.node.jobs import write_job_directory
+    from gateway.node.node import Node
 
     write_policy(node_dir, "p2, researchers, owner, demo, train, require_review, always\n")
     alice = make_researcher(node_dir, "alice")
@@ -304,7 +304,7 @@ def test_the_engine_refuses_a_job_json_whose_noise_differs_from_the_charged_even
 
 @pytest.mark.parametrize("value", ["0.0", "-1.0", "1e-30"])
 def test_a_node_config_with_no_evaluation_noise_is_refused(node_dir: Path, value: str) -> None:
-    from gateway.node import Node
+    from gateway.node.node import Node
 
     config = node_dir / "fedgate.toml"
     config.write_text(config.read_text().replace("evaluation_noise_multiplier = 10.0",

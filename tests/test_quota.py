@@ -14,9 +14,9 @@ from sqlmodel import select
 
 from engine.launcher import JobOutcome
 from engine.meter import ResourceUsage
-from gateway.admission import JobRequest, admit_job
-from gateway.jobs import JobRunner
-from gateway.node import Node
+from gateway.node.admission import JobRequest, admit_job
+from gateway.node.jobs import JobRunner
+from gateway.node.node import Node
 from gateway.policy.decisions import PolicyEngine
 from gateway.policy.rows import PolicyInvalid
 from gateway.protocol.problems import Problem

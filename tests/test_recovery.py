@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.admission import JobRequest, admit_job
-from gateway.jobs import recover_interrupted_jobs
-from gateway.node import Node
+from gateway.node.admission import JobRequest, admit_job
+from gateway.node.identity import VerifiedRequest
+from gateway.node.jobs import recover_interrupted_jobs
+from gateway.node.node import Node
 from gateway.protocol.problems import Problem
-from gateway.signatures import VerifiedRequest
 from ledger import accounting
 from ledger.audit import read_entries
 from ledger.canonical import sha256_digest

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from engine.artifact import linear_classifier_artifact
 from gateway.app import create_app
 from gateway.client import Client
-from gateway.deployment import init_deployment
+from gateway.node.deployment import init_deployment
 from ledger.db import make_engine, session
 from ledger.models import Dataset, Job, ModelArtifact
 from tests.conftest import make_researcher

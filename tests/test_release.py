@@ -11,7 +11,7 @@ import pytest
 
 from engine.artifact import encode_array
 from gateway.client import ReleaseVerificationFailed, verify_release
-from gateway.release import ReleaseRefused, build_release, gate_engine_output
+from gateway.node.release import ReleaseRefused, build_release, gate_engine_output
 from ledger import keys
 from ledger.models import Job
 

@@ -259,7 +259,7 @@ def test_a_remote_worker_must_be_exactly_host_colon_port(text: object) -> None:
 
 
 def test_remote_workers_are_read_from_the_engine_config(tmp_path: Path) -> None:
-    from gateway.deployment import Deployment, init_deployment
+    from gateway.node.deployment import Deployment, init_deployment
 
     deployment = init_deployment(tmp_path / "node")
     assert deployment.load_config().remote_workers == ()  # the default: TFF's local runtime
@@ -275,7 +275,7 @@ def test_remote_workers_are_read_from_the_engine_config(tmp_path: Path) -> None:
 
 
 def test_audit_entries_name_the_remote_workers_only_when_configured(tmp_path: Path) -> None:
-    from gateway.deployment import Deployment, init_deployment
+    from gateway.node.deployment import Deployment, init_deployment
 
     deployment = init_deployment(tmp_path / "node")
     assert deployment.load_config().engine_audit_fields == {"sandbox": "bwrap"}

@@ -310,7 +310,7 @@ def test_only_the_first_job_of_a_researcher_is_held(
     node_dir: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``first_job`` reads the ledger: a researcher with a job that ran is not held again."""
-    from gateway.jobs import JobRunner
+    from gateway.node.jobs import JobRunner
 
     monkeypatch.setattr(JobRunner, "start", lambda self, job: None)  # admission only
     write_policy(node_dir, "p2, researchers, owner, demo, train, require_review, first_job\n")

@@ -42,7 +42,7 @@ from engine.sandbox import (
     sandbox_environment,
 )
 from engine.seccomp import ALLOWED_SOCKET_FAMILIES, DENIED_SYSCALLS, compile_filter
-from gateway.deployment import Deployment, init_deployment
+from gateway.node.deployment import Deployment, init_deployment
 from tests.conftest import charged
 
 PROBE = (Path(__file__).parent / "sandbox_probe.py").read_text()

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from gateway.deployment import Deployment, init_deployment
-from gateway.jobs import JobRunner
-from gateway.node import Node
-from gateway.scheduler import FairQueue
+from gateway.node.deployment import Deployment, init_deployment
+from gateway.node.jobs import JobRunner
+from gateway.node.node import Node
+from gateway.node.scheduler import FairQueue
 
 
 def test_waiting_jobs_start_round_robin_across_researchers_in_admission_order() -> None:

@@ -11,9 +11,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from http_message_signatures import HTTPMessageVerifier, InvalidSignature, algorithms
 
+from gateway.node.identity import RegisteredKey
 from gateway.protocol.problems import Problem
 from gateway.sdk.request_signing import signature_headers
-from gateway.signatures import RegisteredKey, _HeaderView, _RequestView, _SingleKeyResolver, verify_request
+from gateway.signatures import _HeaderView, _RequestView, _SingleKeyResolver, verify_request
 from ledger import keys
 
 # RFC 9421 Appendix B.1.4 test-key-ed25519 (public part) and B.2.6 request and signature.

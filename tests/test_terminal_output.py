@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main as fedgate
-from gateway.deployment import init_deployment
-from gateway.node import Node
+from gateway.node.deployment import init_deployment
+from gateway.node.node import Node
 from gateway.terminal import escape_controls
 from ledger.audit import append_entry
 

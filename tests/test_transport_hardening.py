@@ -127,7 +127,7 @@ def test_node_behind_a_reverse_proxy_checks_signatures_against_its_public_origin
 
 
 def test_public_origin_must_be_an_origin(node_dir: Path) -> None:
-    from gateway.deployment import Deployment
+    from gateway.node.deployment import Deployment
 
     config = node_dir / "fedgate.toml"
     config.write_text(config.read_text().replace(

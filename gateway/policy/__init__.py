@@ -37,7 +37,7 @@ Contract:
 * Quotas (``max_concurrent_jobs``, ``max_cpu_hours_per_month``, ``max_spend_per_month``) are
   obligations the policy cannot decide alone: they compare a limit with the ledger's current
   use. ``PolicyEngine.quotas`` lists the matching ones (``Quota``); admission checks each in
-  the transaction that reserves the job (``gateway.quotas``) and refuses a job that would
+  the transaction that reserves the job (``gateway.node.quotas``) and refuses a job that would
   exceed one. A group's quota is one pool shared by all its members.
 * ``policy_version`` is the SHA-256 over the model file, the policy file and the group
   memberships from the key registry; it is recorded with every decision.

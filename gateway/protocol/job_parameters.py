@@ -11,7 +11,7 @@ test_job_parameters.py``:
   parameters it sends (:func:`parameters_from_cli`);
 * the fields a federation passes to each node (:data:`FEDERATED`, ``gateway.federation``);
 * the reference page ``docs/job-parameters.md`` (:func:`markdown`; ``make openapi`` writes it);
-* ``gateway.admission.JobRequest``'s fields, defaults and required set (checked by the test).
+* ``gateway.node.admission.JobRequest``'s fields, defaults and required set (checked by the test).
 
 Pure: the standard library and ``ledger.ranges`` only (the researcher's light install has it).
 """

@@ -9,7 +9,7 @@ A release document is ``{"manifest", "signature", "weights"}``:
 * ``signature`` — Ed25519 by the node key over the canonical JSON of the manifest (base64);
 * ``weights`` — the DP weights (keras-json-v1 encoded arrays), bound by ``weights_digest``.
 
-:func:`sign_release` (the node, ``gateway.release``) and :func:`verify_release_document` (the
+:func:`sign_release` (the node, ``gateway.node.release``) and :func:`verify_release_document` (the
 SDK, a federation coordinator, an auditor) live side by side so the two cannot drift. Pure:
 the standard library, ``cryptography`` and ``ledger.canonical``.
 """
@@ -37,7 +37,7 @@ class ReleaseVerificationFailed(Exception):
 
 @dataclass(frozen=True)
 class ReleaseManifest:
-    """What the node signs for a finished job (the release gate's contract, ``gateway.release``:
+    """What the node signs for a finished job (the release gate's contract, ``gateway.node.release``:
     nothing computed on user data is released unless it is named here)."""
 
     job_id: str

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from engine.artifact import artifact_from_keras, decode_array, parse_artifact
 from gateway.protocol.problems import TYPE_PREFIX
 from gateway.protocol.release import ReleaseVerificationFailed, verify_release_document
 from gateway.sdk.request_signing import SignedRequestAuth
@@ -31,7 +32,10 @@ from ledger import keys
 from ledger.canonical import canonical_json
 
 if TYPE_CHECKING:
-    from gateway.rehearsal import RehearsalReport
+    from gateway.node.rehearsal import RehearsalReport
+
+# Imported inside Client.rehearse, not at the top: a rehearsal runs the node's engine locally
+# (TensorFlow, TFF: the node extra), which a researcher's light install does not have.
 
 __all__ = [
     "HELD_STATES",
@@ -131,8 +135,6 @@ class Release:
 def verify_release(document: dict[str, Any], node_public_key: Ed25519PublicKey) -> Release:
     """Check the node's signature, the manifest's shape and the weights digest
     (``gateway.protocol.release``); decode the weights."""
-    from engine.artifact import decode_array
-
     manifest = verify_release_document(document, node_public_key)
     return Release(
         job_id=manifest.job_id,
@@ -154,8 +156,6 @@ def _load_public(key: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
 
 def _artifact(model_or_artifact: Any) -> dict[str, Any]:
     """A keras-json-v1 artifact from a Keras model, an artifact dict or its bytes."""
-    from engine.artifact import artifact_from_keras, parse_artifact
-
     if isinstance(model_or_artifact, dict):
         return model_or_artifact
     if isinstance(model_or_artifact, bytes):
@@ -306,9 +306,9 @@ class Client:
         ``model_or_artifact`` is a Keras model or a keras-json-v1 artifact (dict or bytes).
         The report has the validation refusal the node would give, or the engine's failure,
         or the time per round and the mock DP metrics; and the job's ε on the node (from the
-        free estimate). Needs TensorFlow Federated locally. See ``gateway.rehearsal``.
+        free estimate). Needs TensorFlow Federated locally. See ``gateway.node.rehearsal``.
         """
-        from gateway.rehearsal import rehearse
+        from gateway.node.rehearsal import rehearse
 
         return rehearse(self, _artifact(model_or_artifact), dataset, parameters,
                         timeout_s=timeout_seconds)
@@ -338,8 +338,6 @@ class Client:
         out-of-range value is refused with ``invalid-request`` naming the field (and the
         allowed names).
         """
-        from engine.artifact import artifact_from_keras
-
         digest = self.upload_model(artifact_from_keras(model))
         job = self.submit(dataset, digest, **parameters)
         job.wait(progress=progress)

@@ -1,4 +1,5 @@
-"""A node's audit-log operations, shared by the officer endpoints and ``fedgate audit``.
+"""A node's audit-log operations, shared by the officer endpoints, the dashboard and
+``fedgate audit``, and the check that a principal may read the log (``read-audit``).
 
 Each function opens its own transaction on the node's ledger. Proofs default to the
 latest signed checkpoint (publishing one first if the log grew), so every proof handed
@@ -12,9 +13,12 @@ import json
 import logging
 from typing import Any
 
-from gateway.node import Node
+from gateway.node.node import Node
+from gateway.policy.rows import AUDIT_OBJECT
+from gateway.protocol.problems import Problem
 from ledger.audit import (
     AuditLogCorrupted,
+    append_entry,
     audit_size,
     audit_tree,
     publish_checkpoint,
@@ -128,3 +132,16 @@ def consistency_proof_for(node: Node, old: int, new: int | None = None) -> dict[
 def _check_size(size: int, current: int) -> None:
     if not 0 <= size <= current:
         raise AuditRequestInvalid(f"tree size must be in 0..{current} (the log has {current} entries)")
+
+
+def authorise_audit_reader(node: Node, *, subject: str, key_id: str) -> None:
+    """Raise ``policy-denied`` (and audit the refusal) unless the policy allows ``subject``
+    to ``read-audit``. Blocking: call it off the event loop."""
+    decision = node.policy().decide(subject=subject, domain=node.config.owner,
+                                    dataset=AUDIT_OBJECT, action="read-audit")
+    if not decision.allowed:
+        with node.session() as s, s.begin():
+            append_entry(s, action="deny", decision="deny", reason="policy-denied",
+                         explanation=decision.explanation, actor=key_id, principal=subject,
+                         request_action="read-audit", policy_version=decision.policy_version)
+        raise Problem("policy-denied", decision.explanation)

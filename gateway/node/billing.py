@@ -2,7 +2,7 @@
 
 Contract:
 
-* ``settle_usage`` runs inside the transaction that settles a job (``gateway.jobs``): it
+* ``settle_usage`` runs inside the transaction that settles a job (``gateway.node.jobs``): it
   records the job's metering (``ledger.metering``) and, when the node has a price list
   (``[billing]`` in ``fedgate.toml``) and the job ran (the meter reported, or it read user
   data), prices it (``ledger.pricing.price_job``), appends the ``bill`` audit entry and stores
@@ -21,7 +21,7 @@ Contract:
   entries exactly (``tests/test_billing.py``).
 * ``project_cost`` (estimates, spend quotas) prices a job before it runs at its CPU
   reservation and projected ε: exactly what it will be charged if it reads user data, an
-  upper bound otherwise; ``spend_used`` (``gateway.quotas``) adds a month's charges and the
+  upper bound otherwise; ``spend_used`` (``gateway.node.quotas``) adds a month's charges and the
   projections of active jobs.
 """
 

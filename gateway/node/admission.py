@@ -30,8 +30,10 @@ from engine.compute import ComputeEstimate
 from engine.functional_model import vectorizable
 from engine.job import OPTIMIZER_FIELDS, OptimizerInvalid, optimizer_hyperparameters
 from engine.memory import MemoryEstimate
-from gateway import billing
-from gateway.node import Node
+from gateway.node import billing
+from gateway.node.identity import VerifiedRequest
+from gateway.node.node import Node
+from gateway.node.quotas import QuotaExceeded, enforce_quotas
 from gateway.policy.constraints import Quota
 from gateway.policy.decisions import PolicyDecision
 from gateway.policy.ledger_inputs import (
@@ -42,8 +44,6 @@ from gateway.policy.ledger_inputs import (
 from gateway.policy.request import RequestContext
 from gateway.protocol import job_parameters
 from gateway.protocol.problems import Problem
-from gateway.quotas import QuotaExceeded, enforce_quotas
-from gateway.signatures import VerifiedRequest
 from ledger import accounting, mechanism
 from ledger.audit import append_entry
 from ledger.budget import (
@@ -267,7 +267,7 @@ def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
 
 
 def node_quotas(node: Node, principal: VerifiedRequest, dataset: Dataset) -> tuple[Quota, ...]:
-    """The node's own caps as quotas, checked like the owner's (``gateway.quotas``):
+    """The node's own caps as quotas, checked like the owner's (``gateway.node.quotas``):
     ``[engine] max_jobs_per_researcher`` admitted, unfinished jobs per researcher on this node."""
     limit = node.config.max_jobs_per_researcher
     if limit is None:
@@ -461,7 +461,7 @@ def admit_job(
     owner's review; either way its budget is reserved in the same transaction as the
     ``admit`` entry (and the review's ``requested`` entry), so held jobs count against the
     privacy filter for every later admission (``ledger.review``). The same transaction
-    reserves the job's CPU and checks the owner's compute quotas (``gateway.quotas``): a job
+    reserves the job's CPU and checks the owner's compute quotas (``gateway.node.quotas``): a job
     over a quota is refused with ``quota-exceeded`` and nothing stays reserved.
     """
     audit = _audit_fields(principal, request, request_digest, node)
@@ -485,7 +485,7 @@ def admit_job(
                  policy_explanation=decision.explanation)
     if decision.review is not None:
         audit["review"] = decision.review
-    # Compute quotas are checked in the reservation transaction below (``gateway.quotas``);
+    # Compute quotas are checked in the reservation transaction below (``gateway.node.quotas``);
     # every job reserves the node's per-job CPU limit, at which the engine's meter stops it.
     quotas = node.policy().quotas(subject=principal.principal, domain=dataset.owner,
                                   dataset=dataset.name) + node_quotas(node, principal, dataset)
@@ -559,7 +559,7 @@ def _dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRe
 
 def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) -> dict[str, Any]:
     """Dry run: the job's ε/δ, whether it fits now, how many such jobs fit, and — when the node
-    has a price list — its projected cost (``gateway.billing.project_cost``: an upper bound of
+    has a price list — its projected cost (``gateway.node.billing.project_cost``: an upper bound of
     the CPU, per-job and ε items at the CPU the job would reserve). Charges nothing."""
     dataset = _dataset_for_estimate(node, principal, request)
     projection = project_cost(node, dataset, request)

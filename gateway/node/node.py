@@ -17,10 +17,10 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from gateway.deployment import Deployment, NodeConfig
+from gateway.node.deployment import Deployment, NodeConfig
+from gateway.node.identity import RegisteredKey
 from gateway.policy.decisions import PolicyEngine
 from gateway.policy.ledger_inputs import registry_memberships
-from gateway.signatures import RegisteredKey
 from ledger import keys
 from ledger.audit import append_entry
 from ledger.db import create_schema, database_url, make_engine, session

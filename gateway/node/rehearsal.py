@@ -6,12 +6,12 @@ reserves, charges or records anything. What runs locally is what the node would 
 
 * the same artifact bytes, validated against the dataset's schema by the node's check
   (``engine.artifact.validate_artifact``) — a refusal here is the refusal the node would give;
-* the same parameters with the node's defaults filled in (``gateway.admission.JobRequest``),
-  turned into job.json by the node's builder (``gateway.jobs.engine_job_document``);
+* the same parameters with the node's defaults filled in (``gateway.node.admission.JobRequest``),
+  turned into job.json by the node's builder (``gateway.node.jobs.engine_job_document``);
 * the same engine (``engine.launcher.run_job`` → ``engine.runner``: TFF DP-FedAvg, DP
   evaluation) on the mock table imported with the node's importer
   (``engine.datastore.import_dataset``), then the node's release gate
-  (``gateway.release.gate_engine_output``).
+  (``gateway.node.release.gate_engine_output``).
 
 Differences, all because the mock is small and public: the mock's users are split for
 evaluation with a fixed public key, so rehearsals repeat exactly; ``clients_per_round`` is
@@ -35,10 +35,15 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact
+from engine.datastore import import_dataset
+from engine.launcher import run_job
+from engine.sandbox import SandboxSettings
+from gateway.node.admission import JobRequest
+from gateway.node.jobs import engine_job_document
+from gateway.node.release import ReleaseRefused, gate_engine_output, read_engine_output
+from gateway.protocol.problems import Problem
+from ledger.accounting import JobCost
 from ledger.canonical import canonical_json
-
-# Imports inside functions, not at the top: the engine (TensorFlow, TFF) and the node's
-# services load only when a rehearsal runs (Client.rehearse, `fedgate train --rehearse`).
 
 
 class Client(Protocol):
@@ -128,9 +133,6 @@ def rehearse(client: Client, artifact: dict[str, Any], dataset: str, parameters:
     Raises the node's refusal (``FedgateError``) if the parameters are invalid or the policy
     does not let this key estimate on ``dataset``; every other finding is in the report.
     """
-    from gateway.admission import JobRequest
-    from gateway.protocol.problems import Problem
-
     estimate = client.estimate(dataset, **parameters)
     listing = next((d for d in client.datasets() if d["name"] == dataset), None)
     if listing is None:
@@ -155,13 +157,6 @@ def rehearse(client: Client, artifact: dict[str, Any], dataset: str, parameters:
 
 def _run_on_mock(client: Client, root: Path, report: RehearsalReport, listing: dict[str, Any],
                  body: bytes, spec: dict[str, Any], timeout_s: float) -> RehearsalReport:
-    from engine.datastore import import_dataset
-    from engine.launcher import run_job
-    from engine.sandbox import SandboxSettings
-    from gateway.jobs import engine_job_document
-    from gateway.release import ReleaseRefused, gate_engine_output, read_engine_output
-    from ledger.accounting import JobCost
-
     mock = client.mock_data(report.dataset, root / "mock.parquet")
     schema = import_dataset(mock, root / "dataset", name=report.dataset,
                             user_column=listing["user_id_column"],

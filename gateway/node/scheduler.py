@@ -8,10 +8,10 @@ Contract:
   they were admitted. A researcher who floods the queue thus delays others by at most one job
   per turn (round robin).
 * The queue orders starts only: it never admits, refuses or charges. A waiting job's budget and
-  CPU are reserved since admission (``gateway.admission``), so waiting changes no privacy or
+  CPU are reserved since admission (``gateway.node.admission``), so waiting changes no privacy or
   quota accounting.
 * The queue lives in the gateway process. After a restart, jobs that were waiting are settled
-  like every interrupted job (``gateway.jobs.recover_interrupted_jobs``: refunded, since they
+  like every interrupted job (``gateway.node.jobs.recover_interrupted_jobs``: refunded, since they
   never read data).
 """
 

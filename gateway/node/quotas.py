@@ -12,7 +12,7 @@ Contract:
   running); ``max_cpu_hours_per_month`` the CPU *billed* for jobs settled in the current UTC
   month (``ledger.metering.billed_cpu``) plus the full CPU reservation of every active job;
   ``max_spend_per_month`` the charges of the month plus the projected cost
-  (``gateway.billing.project_cost``) of every active job. Active jobs count at their
+  (``gateway.node.billing.project_cost``) of every active job. Active jobs count at their
   reservation because they may still settle this month: never less than what they are billed.
 * Data independence: a refusal is seen by the researcher, so use never reads measured
   resources of a job that read user data — only reservations, billed CPU and charges, which
@@ -33,7 +33,7 @@ from decimal import Decimal
 
 from sqlmodel import Session, select
 
-from gateway.billing import project_cost, spend_used
+from gateway.node.billing import project_cost, spend_used
 from gateway.policy.constraints import Quota
 from gateway.policy.decisions import dataset_matches
 from gateway.protocol.problems import Problem

@@ -10,7 +10,7 @@ Contract for every job, whatever happens:
 * failure → ``charge`` if data access began, else ``refund``; the researcher sees a
   generic failure, the engine's stderr stays in the owner's local log;
 * either way the job's metering (and, with a price list, its ``bill`` entry and charge) is
-  written in that same settlement transaction (``gateway.billing.settle_usage``); the engine
+  written in that same settlement transaction (``gateway.node.billing.settle_usage``); the engine
   is stopped once its processes used the job's CPU reservation (``engine.meter``).
 """
 
@@ -33,11 +33,16 @@ from engine.job import OPTIMIZER_FIELDS
 from engine.launcher import JobOutcome, run_job
 from engine.meter import read_counts
 from engine.sandbox import SandboxSettings
-from gateway.billing import settle_usage
-from gateway.node import Node
+from gateway.node.billing import settle_usage
+from gateway.node.node import Node
+from gateway.node.release import (
+    ReleaseRefused,
+    build_release,
+    gate_engine_output,
+    read_engine_output,
+)
+from gateway.node.scheduler import FairQueue
 from gateway.protocol.release import manifest_digest
-from gateway.release import ReleaseRefused, build_release, gate_engine_output, read_engine_output
-from gateway.scheduler import FairQueue
 from ledger.accounting import JobCost
 from ledger.audit import append_entry
 from ledger.budget import commit_budget, refund_budget
@@ -61,7 +66,7 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
     configuration.
 
     Pure, and the one place a job becomes engine parameters, so a rehearsal on mock data
-    (``gateway.rehearsal``) runs exactly what the node would. From the charged events: the
+    (``gateway.node.rehearsal``) runs exactly what the node would. From the charged events: the
     sampling rate q, the noise multiplier z and the rounds T of training, and the evaluation's
     noise multiplier (present iff DP evaluation was charged). From the admitted spec: the clip,
     the optimizers, local work, and the public normaliser ``clients_per_round`` (= q × N̂). The
@@ -130,7 +135,7 @@ def write_job_directory(node: Node, job: Job, dataset: Dataset) -> Path:
 class JobRunner:
     """Starts engine processes for admitted jobs and settles them when they end; at most
     ``[engine] max_concurrent_jobs`` run at once, the others wait in a ``FairQueue``
-    (``gateway.scheduler``: round robin across researchers)."""
+    (``gateway.node.scheduler``: round robin across researchers)."""
 
     def __init__(self, node: Node) -> None:
         self.node = node

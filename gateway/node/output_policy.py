@@ -25,10 +25,10 @@ import time
 from sqlalchemy import func
 from sqlmodel import select
 
-from gateway.node import Node
+from gateway.node.identity import VerifiedRequest
+from gateway.node.node import Node
 from gateway.policy.constraints import OutputPolicy
 from gateway.protocol.problems import Problem
-from gateway.signatures import VerifiedRequest
 from ledger.audit import append_entry
 from ledger.models import Dataset, Job, ResultFetch
 

@@ -35,9 +35,11 @@ from engine.sandbox import (
     SandboxSettings,
     WorkerAddress,
 )
-from gateway.origin import Origin
+from gateway.node.origin import Origin
 from gateway.policy.rows import POLICY_TEMPLATES
 from ledger import keys
+from ledger.db import create_schema, database_url, make_engine
+from ledger.mechanism import MechanismParameterInvalid, validate_evaluation_mechanism
 from ledger.names import check_name
 from ledger.pricing import PriceList
 
@@ -249,8 +251,6 @@ class Deployment:
 def _evaluation_mechanism(engine: dict[str, Any]) -> dict[str, float]:
     """``[engine] evaluation_noise_multiplier`` and ``evaluation_loss_clip``, in the admissible
     ranges (``ledger.mechanism``: the noise multiplier charged for DP evaluation is > 0)."""
-    from ledger.mechanism import MechanismParameterInvalid, validate_evaluation_mechanism
-
     z, clip = engine["evaluation_noise_multiplier"], engine["evaluation_loss_clip"]
     try:
         validate_evaluation_mechanism(noise_multiplier=z, loss_clip=clip)
@@ -356,8 +356,6 @@ def _transport(gw: dict[str, Any]) -> dict[str, Any]:
 def init_deployment(root: Path, *, owner: str = "owner") -> Deployment:
     """Create a new deployment directory, readable by its creator only (0700 directories,
     0600 files, the SQLite ledger included); refuses to touch an existing one."""
-    from ledger.db import create_schema, database_url, make_engine
-
     check_name(owner, "owner name")
     deployment = Deployment(root.resolve())
     if deployment.config_path.exists():

@@ -19,19 +19,19 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from engine.artifact import ModelRejected, parse_artifact, validate_artifact
-from gateway.background import every
-from gateway.node import Node
+from engine.job import JobSpec, JobSpecInvalid
+from gateway.node.background import every
+from gateway.node.jobs import ChargedMechanismMismatch, JobRunner, engine_job_document
+from gateway.node.node import Node
+from ledger.accounting import JobCost
 from ledger.models import Dataset, Job, JobReview
 from ledger.review import ReviewError, expire_review, overdue_reviews
-
-if TYPE_CHECKING:
-    from gateway.jobs import JobRunner
 
 REVIEW_POLL_SECONDS = 1.0
 
@@ -135,11 +135,7 @@ def runnable_problem(node: Node, job_id: str) -> str | None:
     """Why the held job ``job_id`` must not run, or None: every stored parameter must still be
     in the admissible float32 ranges (``ledger.mechanism``) and the engine's job document,
     built from the job's *charged* cost events, must be consistent with its spec
-    (``gateway.jobs.engine_job_document``). Checked at approval, before anything runs."""
-    from engine.job import JobSpec, JobSpecInvalid
-    from gateway.jobs import ChargedMechanismMismatch, engine_job_document
-    from ledger.accounting import JobCost
-
+    (``gateway.node.jobs.engine_job_document``). Checked at approval, before anything runs."""
     with node.session() as s:
         job = s.get(Job, job_id)
         dataset = s.get(Dataset, job.dataset) if job is not None else None
