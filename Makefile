@@ -56,7 +56,7 @@ bench: env ## run the benchmarks and update docs/performance.md
 	$(VENV_PY) -m bench.run
 
 openapi: env ## regenerate docs/openapi.json from the routes
-	$(VENV_PY) -m gateway.openapi
+	$(VENV_PY) -m gateway.api.openapi
 
 lint: env ## ruff
 	$(VENV_PY) -m ruff check gateway engine ledger tests bench

@@ -300,8 +300,8 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import create_app
-    from gateway.server import serve
+    from gateway.api.app import create_app
+    from gateway.api.server import serve
 
     root = deployment_dir(args)
     app = create_app(root)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from gateway import audit_api
-from gateway.app import create_app
+from gateway.api import audit as audit_api
+from gateway.api.app import create_app
 from gateway.node.deployment import init_deployment
 from gateway.node.node import Node
 from gateway.sdk.request_signing import SignedRequestAuth

@@ -18,7 +18,7 @@ from sqlmodel import select
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.cli import main as fedgate
 from gateway.dashboard import SESSION_COOKIE
 from gateway.dashboard_data import (

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlmodel import select
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger.audit import read_entries
 from ledger.db import make_engine, session

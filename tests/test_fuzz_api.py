@@ -11,9 +11,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
+from gateway.api.openapi import openapi_document
 from gateway.node.deployment import init_deployment
-from gateway.openapi import openapi_document
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys
 

@@ -8,11 +8,11 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.api.signatures import verify_request
 from gateway.node.admission import JobRequest
 from gateway.node.identity import RegisteredKey
 from gateway.protocol.problems import Problem
 from gateway.sdk.request_signing import signature_headers
-from gateway.signatures import verify_request
 from ledger import keys
 
 KEY = keys.generate_private_key()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.sdk.request_signing import SignedRequestAuth, signature_headers
 from ledger import keys
 from ledger.audit import read_entries
@@ -244,7 +244,7 @@ def test_calibration_finds_the_noise_or_rounds_that_meet_a_target_epsilon(node_d
 def test_openapi_document_lists_exactly_the_mounted_routes_and_matches_docs(node_dir: Path) -> None:
     from starlette.routing import Route
 
-    from gateway.openapi import openapi_document
+    from gateway.api.openapi import openapi_document
 
     app = create_app(node_dir)
     mounted = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from gateway.access_log import RedactSecrets
-from gateway.app import create_app
+from gateway.api.access_log import RedactSecrets
+from gateway.api.app import create_app
 from tests.conftest import make_researcher
 from tests.ledger_activity import login_token
 from tests.test_audit_api import make_officer

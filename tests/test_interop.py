@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from ledger import keys
 from tests.conftest import make_researcher
 

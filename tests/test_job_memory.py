@@ -21,7 +21,7 @@ from engine.artifact import validate_artifact_structure
 from engine.job import JobSpec, JobSpecInvalid
 from engine.keras_config import check_model_config
 from engine.memory import ENGINE_BASE_BYTES, job_memory, max_clients_per_round
-from gateway.app import create_app
+from gateway.api.app import create_app
 from tests.conftest import make_researcher
 from tests.test_gateway import JOB, audit_entries, signed_client
 from tests.test_privacy_hardening import ENGINE_JOB

@@ -7,10 +7,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from gateway.api.openapi import openapi_document
 from gateway.cli import build_parser
 from gateway.federation import LOCAL_JOB_FIELDS, REQUIRED_JOB_FIELDS
 from gateway.node.admission import JobRequest
-from gateway.openapi import openapi_document
 from gateway.protocol.job_parameters import (
     PARAMETERS,
     REQUIRED,

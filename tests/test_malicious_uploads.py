@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.sdk.request_signing import SignedRequestAuth
 from tests.conftest import make_researcher
 

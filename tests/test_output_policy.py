@@ -17,7 +17,7 @@ import pytest
 from starlette.applications import Starlette
 
 from engine.launcher import JobOutcome
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.client import verify_release
 from gateway.node.jobs import JobRunner
 from gateway.policy.constraints import OutputPolicy

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from ledger.db import make_engine, session
 from ledger.models import Job
 from tests.conftest import make_researcher

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from engine.datastore import generate_synthetic
 from engine.job import JobSpec, JobSpecInvalid
 from engine.training import cap_examples, poisson_sample
-from gateway.app import GENERIC_FAILURE, create_app, researcher_failure
+from gateway.api.app import GENERIC_FAILURE, create_app, researcher_failure
 from gateway.cli import main as fedgate
 from gateway.node.admission import JobRequest
 from gateway.protocol.problems import Problem

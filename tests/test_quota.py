@@ -191,7 +191,7 @@ def test_over_http_a_waiting_job_shows_its_queue_position_and_a_quota_refusal_is
         node_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.testclient import TestClient
 
-    from gateway.app import create_app
+    from gateway.api.app import create_app
     from gateway.sdk.request_signing import SignedRequestAuth
     from tests.conftest import make_researcher
 

@@ -15,7 +15,7 @@ from sqlmodel import select
 from starlette.applications import Starlette
 
 from engine.artifact import linear_classifier_artifact
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.client import Client
 from gateway.node.deployment import init_deployment
 from ledger.db import make_engine, session

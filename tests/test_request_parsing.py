@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
-from gateway.json_body import MAX_DEPTH, RequestJsonInvalid, parse_request_json
+from gateway.api.app import create_app
+from gateway.api.json_body import MAX_DEPTH, RequestJsonInvalid, parse_request_json
 from tests.conftest import make_researcher
 from tests.test_gateway import JOB, audit_entries, signed_client
 from tests.test_review import submit

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.cli import main as fedgate
 from gateway.policy.decisions import PolicyEngine
 from gateway.policy.lint import lint_policy

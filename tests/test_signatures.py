@@ -11,10 +11,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from http_message_signatures import HTTPMessageVerifier, InvalidSignature, algorithms
 
+from gateway.api.signatures import _HeaderView, _RequestView, _SingleKeyResolver, verify_request
 from gateway.node.identity import RegisteredKey
 from gateway.protocol.problems import Problem
 from gateway.sdk.request_signing import signature_headers
-from gateway.signatures import _HeaderView, _RequestView, _SingleKeyResolver, verify_request
 from ledger import keys
 
 # RFC 9421 Appendix B.1.4 test-key-ed25519 (public part) and B.2.6 request and signature.
@@ -170,7 +170,7 @@ def test_headers_verify_before_the_body_is_read(alice) -> None:  # type: ignore[
     checked later against that digest."""
     import hashlib
 
-    from gateway.signatures import verify_body_digest, verify_signature
+    from gateway.api.signatures import verify_body_digest, verify_signature
 
     private_key, registered = alice
     verified = verify_signature(method="POST", url=URL, headers=list(_signed(private_key).items()),

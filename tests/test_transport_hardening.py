@@ -104,7 +104,7 @@ def test_node_behind_a_reverse_proxy_checks_signatures_against_its_public_origin
     configured public origin are accepted, requests naming the internal address are not."""
     from starlette.testclient import TestClient
 
-    from gateway.app import create_app
+    from gateway.api.app import create_app
     from tests.conftest import make_researcher
 
     config = node_dir / "fedgate.toml"
@@ -208,7 +208,7 @@ def test_unauthenticated_64_mib_uploads_do_not_grow_gateway_memory(
 def test_model_uploads_beyond_the_upload_slots_wait_with_their_bodies_unread() -> None:
     """Authenticated uploads hold at most max_concurrent_uploads bodies in memory: one more
     waits for a slot before a byte of its body is read; requests on other paths do not."""
-    from gateway.middleware import BodyLimit, BodyLimitMiddleware
+    from gateway.api.middleware import BodyLimit, BodyLimitMiddleware
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         await send({"type": "http.response.start", "status": 204, "headers": []})

@@ -1,6 +1,6 @@
 """Who is asking: a registered key, and a request authenticated with one.
 
-The signature check (``gateway.signatures``) looks keys up through
+The signature check (``gateway.api.signatures``) looks keys up through
 ``Node.lookup_key`` and hands every authenticated request to the node's services as a
 ``VerifiedRequest``; the services decide with it and never see HTTP.
 """

@@ -2,7 +2,7 @@
 
 Contract of ``fetch_release`` (``GET /v1/jobs/{id}/result``):
 
-* Only the key that submitted the job may fetch its result (``gateway.app._own_job``).
+* Only the key that submitted the job may fetch its result (``gateway.api.app._own_job``).
 * The limits are the owner's ``max_result_fetches`` / ``result_available_days`` rows that
   match the researcher's ``train`` grant on the dataset, evaluated at fetch time against the
   policy in force (``PolicyEngine.output_policy``, the strictest row wins). The fetch window

@@ -6,7 +6,7 @@ and a calibration, with its type, whether it is required, its default, its admis
 choice, and what it means. Generated from it, and compared with it by ``tests/
 test_job_parameters.py``:
 
-* the OpenAPI schemas of the request bodies (:func:`json_schema`, ``gateway.openapi``);
+* the OpenAPI schemas of the request bodies (:func:`json_schema`, ``gateway.api.openapi``);
 * the researcher CLI's options (:func:`add_cli_options`, ``gateway.cli_researcher``) and the
   parameters it sends (:func:`parameters_from_cli`);
 * the fields a federation passes to each node (:data:`FEDERATED`, ``gateway.federation``);

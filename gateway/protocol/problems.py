@@ -5,7 +5,7 @@ docs/problems.md), an HTTP status, a short title and a ``detail`` that tells the
 what to change. Extra members carry machine-readable facts (e.g. remaining budget).
 A ``Problem``'s text never contains data values or sandbox output.
 
-Pure: the node turns a ``Problem`` into a response (``gateway.problems``); the researcher
+Pure: the node turns a ``Problem`` into a response (``gateway.api.problems``); the researcher
 SDK matches refusals by ``TYPE_PREFIX`` without loading a server library.
 """
 

@@ -1,5 +1,5 @@
 """What a fedgate request signature covers (RFC 9421), shared by the SDK that signs and the
-gateway that verifies (``gateway.sdk.request_signing``, ``gateway.signatures``).
+gateway that verifies (``gateway.sdk.request_signing``, ``gateway.api.signatures``).
 
 Every request is signed with the tag ``fedgate`` over ``@method`` and ``@target-uri``; a
 request with a body also covers its ``content-digest`` (SHA-256 of the exact bytes) and

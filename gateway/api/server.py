@@ -6,7 +6,7 @@ connections and sends its headers a byte at a time (slowloris) holds each one fo
 them the connection cap. ``HeaderTimeoutProtocol`` closes a connection whose request headers
 have not all arrived ``header_timeout_seconds`` after it opened or after its previous response.
 Body reads have no timer here: a body is read only for an authenticated request
-(``gateway.middleware``). In production, a reverse proxy in front of the node adds the
+(``gateway.api.middleware``). In production, a reverse proxy in front of the node adds the
 timeouts for slow bodies and slow readers (docs/security.md).
 """
 

@@ -2,7 +2,7 @@
 
 ``SignatureAuthMiddleware`` authenticates every request except the explicitly public paths
 from its headers alone, before a byte of its body is read: the request must be addressed to
-this node (``gateway.node.origin``) and its RFC 9421 signature must verify (``gateway.signatures``:
+this node (``gateway.node.origin``) and its RFC 9421 signature must verify (``gateway.api.signatures``:
 key, validity window, nonce length, covered components, the Content-Digest it binds the body
 to); then its nonce is recorded (a replay, even after a restart, is refused). It sets
 ``scope["fedgate.principal"]`` to the ``VerifiedRequest``. An outsider's request is refused
@@ -33,12 +33,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.api.problems import problem_response
+from gateway.api.signatures import verify_body_digest, verify_signature
 from gateway.node.identity import VerifiedRequest
 from gateway.node.node import Node
 from gateway.node.origin import arrival_origin
-from gateway.problems import problem_response
 from gateway.protocol.problems import Problem
-from gateway.signatures import verify_body_digest, verify_signature
 from ledger.registry import prune_nonces, remember_nonce
 
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})

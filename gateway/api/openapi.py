@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.middleware import cookie_authenticated
+from gateway.api.middleware import cookie_authenticated
 from gateway.protocol.job_parameters import json_schema, markdown
 from gateway.protocol.problems import PROBLEM_TYPES, TYPE_PREFIX
 

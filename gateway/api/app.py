@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -25,21 +26,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.artifact import ModelRejected, artifact_digest, parse_artifact, validate_artifact_structure
-from gateway import access_log, audit_api
+from engine.datastore import load_schema
+from engine.mock import MOCK_FILE
+from gateway.api import access_log, audit
+from gateway.api.json_body import RequestJsonInvalid, parse_request_json
+from gateway.api.middleware import request_middleware
+from gateway.api.openapi import openapi_document
+from gateway.api.problems import problem_response
 from gateway.dashboard import Dashboard
-from gateway.json_body import RequestJsonInvalid, parse_request_json
-from gateway.middleware import request_middleware
 from gateway.node.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
 from gateway.node.identity import VerifiedRequest
 from gateway.node.jobs import JobRunner, recover_interrupted_jobs
 from gateway.node.node import Node
 from gateway.node.output_policy import fetch_release
 from gateway.node.review import review_status, review_watch
-from gateway.openapi import openapi_document
-from gateway.problems import problem_response
 from gateway.protocol.problems import Problem
 from ledger.accounting import JobCost
 from ledger.audit import append_entry
+from ledger.burndown import dataset_filter_usage
 from ledger.canonical import sha256_digest
 from ledger.models import Dataset, Job, JobReview, ModelArtifact
 from ledger.review import HELD_JOB_STATES, withdraw_review
@@ -52,7 +56,7 @@ def _principal(request: Request) -> VerifiedRequest:
 
 
 def _json_body(request: Request) -> Any:
-    """The body parsed by the strict parser (``gateway.json_body``): depth, duplicate keys,
+    """The body parsed by the strict parser (``gateway.api.json_body``): depth, duplicate keys,
     non-finite numbers and encoding refused as ``invalid-request``."""
     try:
         return parse_request_json(request.scope.get("fedgate.body", b""))
@@ -82,8 +86,6 @@ async def openapi(request: Request) -> Response:
 
 def _budget_used(dataset: Dataset) -> float:
     """Privacy-filter usage at its best order (1.0 = nothing more fits), rounded."""
-    from ledger.burndown import dataset_filter_usage
-
     return round(min(dataset_filter_usage(dataset).fraction, 1.0), 4)
 
 
@@ -92,8 +94,6 @@ async def list_datasets(request: Request) -> Response:
     principal = _principal(request)
 
     def visible() -> list[dict[str, Any]]:
-        from sqlmodel import select
-
         policy = node.policy()
         with node.session() as s:
             rows = s.exec(select(Dataset).order_by(Dataset.name)).all()  # reviewed: ORM query, not exec
@@ -121,8 +121,6 @@ async def list_datasets(request: Request) -> Response:
 def _columns(dataset: Dataset) -> dict[str, Any]:
     """The dataset's column names (public: its mock data has the same columns), so a
     researcher can import the mock exactly as the owner imported the data."""
-    from engine.datastore import load_schema
-
     schema = load_schema(Path(dataset.path))
     return {"user_id_column": schema.user_id_column, "label_column": schema.label_column,
             "feature_columns": list(schema.feature_columns)}
@@ -130,8 +128,6 @@ def _columns(dataset: Dataset) -> dict[str, Any]:
 
 async def dataset_mock(request: Request) -> Response:
     """The dataset's public mock data (Parquet): same schema, synthetic values."""
-    from engine.mock import MOCK_FILE
-
     node: Node = request.app.state.node
     principal = _principal(request)
     name = request.path_params["name"]
@@ -346,7 +342,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
         settled = await run_in_threadpool(recover_interrupted_jobs, node)
         if settled:
             log.warning("settled %d jobs interrupted by a restart", len(settled))
-        async with audit_api.periodic_checkpoints(node), review_watch(node, runner):
+        async with audit.periodic_checkpoints(node), review_watch(node, runner):
             yield
         await runner.shutdown()
 
@@ -363,7 +359,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/jobs/{job_id}", job_status),
             Route("/v1/jobs/{job_id}/result", job_result),
             Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
-            *audit_api.routes(),
+            *audit.routes(),
             *Dashboard(node).routes(),
         ],
         middleware=request_middleware(node),
