@@ -1,11 +1,18 @@
 """Audit log cost: appends, checkpoints, proofs, export and offline verification.
 
 Measured on SQLite (WAL, synchronous=FULL) with a log of realistic entries (an admission
-record of ~400 bytes): the append transaction at an empty log and at the full log
-(target: flat), publishing a checkpoint and serving an inclusion proof (both read every
-leaf hash: O(n) reads, O(log n) proof hashes), exporting, and verifying the export
-offline. Verification is compared with raw SHA-256 over the same bytes, the floor for
-any verifier that rehashes every entry.
+record of ~400 bytes) appended through ``append_entry``: the append transaction at an empty
+log and at the full log (target: flat), publishing a checkpoint and serving an inclusion
+proof (both read every leaf hash: O(n) reads, O(log n) proof hashes), exporting, and
+verifying the export offline, honest and with one modified entry (which the verifier then
+locates entry by entry).
+
+Verification is also measured at 1,000,000 entries. That log is generated below the
+append path (appending it would take half an hour): the canonical JSON ``append_entry``
+writes for the same records, checkpoints signed over them with ``sign_checkpoint``, and
+the file written by ``encode_export``, the exporter's own encoder. Each verification is
+compared with raw SHA-256 over the same entry bytes, the floor for any verifier that
+rehashes every entry (#26 asks for at least 20 % of its speed).
 """
 
 from __future__ import annotations
@@ -18,28 +25,44 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from ledger import keys
 from ledger.audit import append_entry, audit_tree, publish_checkpoint
-from ledger.audit_export import decode_export, export_audit
+from ledger.audit_export import AuditExport, encode_export, export_audit
 from ledger.audit_verify import verify_export
+from ledger.canonical import canonical_json
+from ledger.checkpoints import sign_checkpoint
 from ledger.db import create_schema, make_engine, session
-from ledger.merkle import MerkleTree, leaf_hash
+from ledger.merkle import LEAF_PREFIX, MerkleTree, hash_leaf_inputs
+from ledger.timestamps import utc_timestamp
 
-LOG_SIZE = 100_000
+LOG_SIZE = 50_000
+GENERATED_SIZE = 1_000_000
 BATCH = 2_000
 
 
+def _admission_fields(n: int) -> dict[str, Any]:
+    return {"decision": "allow", "actor": "k-3f2a9c1d5e7b8a60", "principal": "alice",
+            "dataset": "clinic-notes", "job_id": f"job-{n:012d}",
+            "request_digest": "sha256:" + hashlib.sha256(str(n).encode()).hexdigest(),
+            "epsilon": 0.731, "delta": 1e-6, "policy_version": "sha256:" + "ab" * 32}
+
+
 def _admission(s: Any, n: int) -> None:
-    append_entry(s, action="admit", decision="allow", actor="k-3f2a9c1d5e7b8a60",
-                 principal="alice", dataset="clinic-notes", job_id=f"job-{n:012d}",
-                 request_digest="sha256:" + hashlib.sha256(str(n).encode()).hexdigest(),
-                 epsilon=0.731, delta=1e-6, policy_version="sha256:" + "ab" * 32)
+    append_entry(s, action="admit", **_admission_fields(n))
 
 
 def _timed(function: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = function()
     return time.perf_counter() - start, result
+
+
+def _best(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """The fastest of ``repeats`` runs (the machine is shared: the minimum is the signal)."""
+    runs = [_timed(function) for _ in range(repeats)]
+    return min(runs, key=lambda run: run[0])
 
 
 def _append_ms(engine: Any, repeats: int = 200) -> float:
@@ -52,8 +75,33 @@ def _append_ms(engine: Any, repeats: int = 200) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure(size: int = LOG_SIZE) -> dict[str, float]:
-    node_key = keys.generate_private_key()
+def _entry_bytes(export: bytes) -> list[bytes]:
+    """Each entry's bytes as the verifier hashes them (format 2: one entry per line)."""
+    body = export.split(b'"entries": [\n', 1)[1].removesuffix(b"\n ]\n}\n")
+    return [line.removeprefix(b"\t").removesuffix(b",") for line in body.split(b"\n")]
+
+
+def _with_one_entry_modified(export: bytes) -> bytes:
+    """The export with entry n/2's epsilon changed by one digit: its root no longer matches."""
+    at = export.index(b'"epsilon":0.731', len(export) // 2)
+    return export[:at] + b'"epsilon":0.732' + export[at + len(b'"epsilon":0.731'):]
+
+
+def measure_verify(export: bytes, public_key: Any, repeats: int) -> dict[str, float]:
+    """Verify time and raw SHA-256 of the same entry bytes, each the best of ``repeats``."""
+    verify_s, report = _best(lambda: verify_export(export, public_key), repeats)
+    assert report.ok, report.summary()
+    entries = _entry_bytes(export)
+    assert len(entries) == report.entries
+    blob = b"".join(entries)
+    sha_s, _ = _best(lambda: hashlib.sha256(blob).digest(), repeats + 2)
+    leaf_inputs = [LEAF_PREFIX + entry for entry in entries]
+    tree_s, _ = _best(lambda: MerkleTree(hash_leaf_inputs(leaf_inputs)).root(), repeats)
+    return {"size": report.entries, "export_mb": len(export) / 1e6, "entries_mb": len(blob) / 1e6,
+            "verify_s": verify_s, "sha_s": sha_s, "tree_s": tree_s}
+
+
+def measure_log(node_key: Ed25519PrivateKey, size: int = LOG_SIZE) -> dict[str, Any]:
     key_id = keys.key_id(node_key.public_key())
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(f"sqlite:///{Path(tmp) / 'bench.db'}")
@@ -83,29 +131,49 @@ def measure(size: int = LOG_SIZE) -> dict[str, float]:
         proof_s, _ = _timed(prove)
         export_s, data = _timed(export)
         engine.dispose()
-    verify_s, report = _timed(lambda: verify_export(data, node_key.public_key()))
-    assert report.ok, report.summary()
-    entries = [text.encode() for text in decode_export(data).entries]
-    blob = b"".join(entries)
-    sha_s, _ = _timed(lambda: hashlib.sha256(blob).digest())
-    tree_s, _ = _timed(lambda: MerkleTree(leaf_hash(e) for e in entries).root())
-    return {
-        "size": size, "append_empty_ms": append_empty_ms, "append_full_ms": append_full_ms,
-        "first_checkpoint_s": first_checkpoint_s, "checkpoint_s": checkpoint_s,
-        "proof_s": proof_s, "export_s": export_s,
-        "export_mb": len(data) / 1e6, "verify_s": verify_s, "tree_s": tree_s,
-        "entries_mb": len(blob) / 1e6, "sha_s": sha_s,
-    }
+    locate_s, report = _best(lambda: verify_export(_with_one_entry_modified(data),
+                                                   node_key.public_key()), 2)
+    assert report.problem is not None and report.problem.reason == "modified-entries"
+    return {"size": size, "append_empty_ms": append_empty_ms, "append_full_ms": append_full_ms,
+            "first_checkpoint_s": first_checkpoint_s, "checkpoint_s": checkpoint_s,
+            "proof_s": proof_s, "export_s": export_s, "export": data, "locate_s": locate_s}
+
+
+def generated_export(node_key: Ed25519PrivateKey, size: int = GENERATED_SIZE) -> bytes:
+    """A log of ``size`` admissions as ``append_entry`` would write it, signed at its middle and
+    its end, encoded by the exporter (see the module docstring)."""
+    key_id = keys.key_id(node_key.public_key())
+    entries = [canonical_json({"seq": n, "timestamp": utc_timestamp(), "action": "admit",
+                               **_admission_fields(n)}) for n in range(size)]
+    tree = MerkleTree(hash_leaf_inputs(LEAF_PREFIX + entry for entry in entries))
+    checkpoints = [sign_checkpoint(node_key, key_id, signed, tree.root(signed), utc_timestamp())
+                   for signed in (size // 2, size)]
+    texts = [entry.decode("utf-8") for entry in entries]
+    del entries, tree
+    return encode_export(AuditExport(node_key_id=key_id, exported_at=utc_timestamp(),
+                                     entries=texts, checkpoints=checkpoints))
+
+
+def _verify_row(v: dict[str, float]) -> str:
+    size = v["size"]
+    return (f"| {size:,.0f} | {v['export_mb']:.0f} MB | {v['verify_s']:.2f} s | "
+            f"{size / v['verify_s']:,.0f} entries/s, {v['entries_mb'] / v['verify_s']:.0f} MB/s | "
+            f"{v['sha_s'] * 1e3:.0f} ms ({v['entries_mb'] / v['sha_s']:,.0f} MB/s) | "
+            f"{v['sha_s'] / v['verify_s']:.1%} | {v['tree_s']:.2f} s ({v['sha_s'] / v['tree_s']:.1%}) |")
 
 
 def run() -> str:
-    r = measure()
+    node_key = keys.generate_private_key()
+    r = measure_log(node_key)
+    small = measure_verify(r.pop("export"), node_key.public_key(), repeats=7)
+    large = measure_verify(generated_export(node_key), node_key.public_key(), repeats=3)
     size = r["size"]
     return "\n".join([
         "## Audit log",
         "",
         f"`python -m bench.run audit` — a log of {size:,} admission entries "
-        f"({r['entries_mb'] / size * 1e6:.0f} bytes each), SQLite WAL, synchronous=FULL.",
+        f"({small['entries_mb'] / size * 1e6:.0f} bytes each) appended through `append_entry`, "
+        "SQLite WAL, synchronous=FULL.",
         "",
         "| operation | time | rate |",
         "| --- | ---: | ---: |",
@@ -118,14 +186,24 @@ def run() -> str:
         f"| next checkpoint, 200 entries later (rehash all, check the 200 new) | "
         f"{r['checkpoint_s']:.2f} s | {size / r['checkpoint_s']:,.0f} entries/s |",
         f"| inclusion proof (load leaf hashes, build tree) | {r['proof_s']:.2f} s | |",
-        f"| export ({r['export_mb']:.1f} MB) | {r['export_s']:.2f} s | "
+        f"| export ({small['export_mb']:.1f} MB) | {r['export_s']:.2f} s | "
         f"{size / r['export_s']:,.0f} entries/s |",
-        f"| verify export offline | {r['verify_s']:.2f} s | {size / r['verify_s']:,.0f} entries/s, "
-        f"{r['entries_mb'] / r['verify_s']:.0f} MB/s |",
-        f"| of which: leaf hashes + tree | {r['tree_s']:.2f} s | "
-        f"{size / r['tree_s']:,.0f} entries/s |",
-        f"| raw SHA-256 over the same entry bytes | {r['sha_s'] * 1e3:.0f} ms | "
-        f"{r['entries_mb'] / r['sha_s']:,.0f} MB/s |",
+        f"| verify an export with one modified entry (no root matches: checked entry by entry) | "
+        f"{r['locate_s']:.2f} s | {size / r['locate_s']:,.0f} entries/s |",
+        "",
+        "Offline verification of an honest export (`verify_export`, best of a few runs), against "
+        "raw SHA-256 over the same entry bytes in the same run (#26 asks for at least 20 % of its "
+        f"speed, and {GENERATED_SIZE:,} entries in under 10 s). The last column is the RFC 6962 "
+        "hashing alone, from bytes already in place: two `hashlib` calls per entry (its leaf and, "
+        "on average, one interior node), the floor of a verifier built on `hashlib`. The "
+        f"{GENERATED_SIZE:,}-entry log is generated below the append path: the canonical entries "
+        "`append_entry` writes for the same records, two checkpoints signed over them with "
+        "`sign_checkpoint`, the file written by the exporter's `encode_export`.",
+        "",
+        "| entries | export | verify | rate | raw SHA-256 | verify speed / raw | hashing alone |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        _verify_row(small),
+        _verify_row(large),
     ]) + "\n"
 
 

@@ -128,7 +128,8 @@ def _not_json(constant: str) -> Any:
 
 @dataclass(frozen=True)
 class ExportReader:
-    """A parsed export header and its entries, read on demand (never all at once).
+    """A parsed export header and its entries, read on demand: a format 2 file a block of
+    lines at a time, never as one object per entry (format 1 is decoded whole).
 
     ``leaf_input_batches`` is the fast reader: it checks no entry, so a caller may accept
     its leaf inputs only where they hash to a root the node signed, and must check every
@@ -154,6 +155,7 @@ class ExportReader:
         return self._entries.texts()
 
     def count_entries(self) -> int:
+        """The number of entries (format 2: its entry lines, counted without decoding any)."""
         return self._entries.count()
 
 
