@@ -33,6 +33,7 @@ from ledger.ranges import (
 )
 
 __all__ = [
+    "ADAPTIVE_FIELDS",
     "CLIENT_OPTIMIZERS",
     "DATA_ACCESS_EVENT",
     "DATA_ACCESS_MARKER",
@@ -358,7 +359,8 @@ class JobSpec:
         return cls.from_json(data)
 
 
-_ADAPTIVE_FIELDS = ("clipped_count_stddev", "target_unclipped_quantile", "clip_learning_rate")
+ADAPTIVE_FIELDS = ("clipped_count_stddev", "target_unclipped_quantile", "clip_learning_rate")
+"""job.json's (and a job request's) adaptive-clipping fields besides ``clip_strategy``."""
 
 
 def _clipping_fields(fields: _Fields) -> dict[str, Any]:
@@ -368,12 +370,12 @@ def _clipping_fields(fields: _Fields) -> dict[str, Any]:
     strategy = "fixed" if strategy is None else strategy
     if strategy not in CLIP_STRATEGIES:
         raise JobSpecInvalid(f"clip_strategy must be one of {', '.join(CLIP_STRATEGIES)}")
-    values = {name: fields.optional(name) for name in _ADAPTIVE_FIELDS}
+    values = {name: fields.optional(name) for name in ADAPTIVE_FIELDS}
     given = [name for name, value in values.items() if value is not None]
     if strategy == "fixed" and given:
         raise JobSpecInvalid(f"{', '.join(given)} apply to clip_strategy adaptive only")
-    if strategy == "adaptive" and len(given) != len(_ADAPTIVE_FIELDS):
-        raise JobSpecInvalid(f"clip_strategy adaptive needs {', '.join(_ADAPTIVE_FIELDS)}")
+    if strategy == "adaptive" and len(given) != len(ADAPTIVE_FIELDS):
+        raise JobSpecInvalid(f"clip_strategy adaptive needs {', '.join(ADAPTIVE_FIELDS)}")
     return {"clip_strategy": strategy, **values}
 
 

@@ -38,7 +38,7 @@ from ledger.accounting import (
     calibrate_noise_multiplier,
     calibrate_rounds,
 )
-from ledger.ranges import RANGES
+from ledger.ranges import ADAPTIVE_DEFAULTS, RANGES
 
 __all__ = ["Plan", "PlanningFailed", "plan"]
 
@@ -46,7 +46,7 @@ DEFAULT_NOISE_RATIO = 0.01
 DEFAULT_CLIENT_UPDATES = 1_000_000
 """About 15 minutes of the demo model on a 2-core node (docs/performance.md)."""
 ADAPTIVE_NOISE_PREMIUM = 1.05
-COUNT_STDDEV_FRACTION = 0.05
+COUNT_STDDEV_FRACTION = ADAPTIVE_DEFAULTS["count_stddev_fraction"]
 _GRID_POINTS = 16
 _FALLBACK_POINTS = 4
 _USELESS_RATIO = 1.0
@@ -76,11 +76,14 @@ class Plan:
     def job_parameters(self) -> dict[str, Any]:
         """The fields a job request takes (adaptive clipping with TFF's defaults)."""
         parameters: dict[str, Any] = {
-            "sampling_rate": self.sampling_rate, "noise_multiplier": self.noise_multiplier,
+            "clients_per_round": self.expected_clients_per_round,
+            "noise_multiplier": self.noise_multiplier,
             "rounds": self.rounds, "clip_strategy": self.clip_strategy}
         if self.clip_strategy == "adaptive":
-            parameters.update(clipped_count_stddev=self.clipped_count_stddev,
-                              target_unclipped_quantile=0.5, clip_learning_rate=0.2)
+            parameters.update(
+                clipped_count_stddev=self.clipped_count_stddev,
+                target_unclipped_quantile=ADAPTIVE_DEFAULTS["target_unclipped_quantile"],
+                clip_learning_rate=ADAPTIVE_DEFAULTS["clip_learning_rate"])
         return parameters
 
     def to_json(self) -> dict[str, Any]:

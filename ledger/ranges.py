@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "ADAPTIVE_DEFAULTS",
     "CLIENT_OPTIMIZERS",
     "CLIP_STRATEGIES",
     "DEFAULT_MAX_EXAMPLES_PER_USER",
@@ -92,6 +93,11 @@ CLIP_STRATEGIES = ("fixed", "adaptive")
 """How the clip norm C evolves: ``fixed`` (the job's C every round) or ``adaptive`` (Andrew et
 al. 2021: C_t moves geometrically toward the ``target_unclipped_quantile`` of the users' update
 norms, estimated by a noised count; ``ledger.accounting.training_event`` charges the count)."""
+
+ADAPTIVE_DEFAULTS = {"target_unclipped_quantile": 0.5, "clip_learning_rate": 0.2,
+                     "count_stddev_fraction": 0.05}
+"""TFF's ``gaussian_adaptive`` defaults: the median, η = 0.2, σ_b = 5 % of the expected
+clients per round (Andrew et al. 2021)."""
 
 
 # Optimizers: a closed choice from tff.learning.optimizers, by name (``engine.job`` builds

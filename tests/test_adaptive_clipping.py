@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -207,3 +208,41 @@ def test_incomplete_or_inadmissible_clipping_fields_are_refused_before_data_acce
         fields, message):
     with pytest.raises(JobSpecInvalid, match=message):
         JobSpec.from_json({**ENGINE_JOB, **fields})
+
+
+# --- the gateway admits it like any job and hands the engine what was charged ------------------
+
+def test_an_admitted_adaptive_request_becomes_a_job_json_the_engine_runs_as_charged():
+    from gateway.node.admission import JobRequest
+    from gateway.node.jobs import engine_job_document
+
+    request = JobRequest.from_json({"dataset": "demo", "rounds": 10, "clients_per_round": 100,
+                                    "noise_multiplier": 1.0, "clip": 0.5,
+                                    "clip_strategy": "adaptive", "evaluate": False},
+                                   needs_model=False)
+    assert request.count_stddev() == 5.0  # TFF's default: 5 % of the expected clients
+    cost = JobCost.for_job(sampling_rate=0.1, noise_multiplier=1.0, rounds=10,
+                           evaluation_noise_multiplier=None, clipped_count_stddev=5.0)
+    document = engine_job_document(job_id="j", dataset_dir=Path("/d"), model_path=Path("/m"),
+                                   spec=request.spec(), cost=cost, evaluation_loss_clip=1.0,
+                                   max_examples_per_user=64)
+    spec = JobSpec.from_json(document)
+    spec.check_charged()
+    assert spec.adaptive_clipping().clipped_count_stddev == 5.0
+    assert (spec.target_unclipped_quantile, spec.clip_learning_rate) == (0.5, 0.2)
+
+
+def test_a_fixed_clip_request_keeps_its_spec_and_refuses_adaptive_only_fields():
+    from gateway.node.admission import JobRequest
+    from gateway.protocol.problems import Problem
+
+    body = {"dataset": "demo", "rounds": 10, "clients_per_round": 100, "noise_multiplier": 1.0,
+            "clip": 0.5}
+    spec = JobRequest.from_json(body, needs_model=False).spec()
+    assert not {"clip_strategy", "clipped_count_stddev", "target_unclipped_quantile",
+                "clip_learning_rate"} & set(spec)  # what fixed-clip manifests always held
+    with pytest.raises(Problem, match="adaptive for clipped_count_stddev"):
+        JobRequest.from_json({**body, "clipped_count_stddev": 9.0}, needs_model=False)
+    with pytest.raises(Problem, match="must exceed noise_multiplier / 2"):  # 5 % of 10 = 0.5
+        JobRequest.from_json({**body, "clients_per_round": 10, "clip_strategy": "adaptive"},
+                             needs_model=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gateway.api.openapi import openapi_document
 from gateway.cli import build_parser
-from gateway.federation import LOCAL_JOB_FIELDS, REQUIRED_JOB_FIELDS
+from gateway.federation.core import LOCAL_JOB_FIELDS, REQUIRED_JOB_FIELDS
 from gateway.node.admission import JobRequest
 from gateway.protocol.job_parameters import (
     PARAMETERS,
@@ -79,12 +79,16 @@ def test_reference_page_is_generated_from_the_table() -> None:
 
 def test_the_engines_job_spec_has_the_tables_defaults_for_the_fields_it_shares() -> None:
     """engine.job.JobSpec (the job.json contract; the engine never imports gateway) declares
-    the optimizer fields again: their defaults must be the table's."""
-    from engine.job import JobSpec
+    the optimizer and clip-strategy fields again: their defaults must be the table's (the
+    adaptive-only fields are None in a fixed-clip job.json, whatever the request's default)."""
+    from engine.job import ADAPTIVE_FIELDS, JobSpec
 
     table = {p.name: p for p in PARAMETERS}
     shared = [f for f in dataclasses.fields(JobSpec)
-              if f.name in table and f.default is not dataclasses.MISSING]
+              if f.name in table and f.default is not dataclasses.MISSING
+              and f.name not in ADAPTIVE_FIELDS]
+    assert all(f.default is None for f in dataclasses.fields(JobSpec)
+               if f.name in ADAPTIVE_FIELDS)
     assert {f.name for f in shared} >= {"client_optimizer", "client_momentum",
                                          "server_optimizer", "server_beta_1"}
     assert {f.name: f.default for f in shared} == {f.name: table[f.name].default

@@ -28,7 +28,12 @@ from engine.artifact import (
 )
 from engine.compute import ComputeEstimate
 from engine.functional_model import vectorizable
-from engine.job import OPTIMIZER_FIELDS, OptimizerInvalid, optimizer_hyperparameters
+from engine.job import (
+    ADAPTIVE_FIELDS,
+    OPTIMIZER_FIELDS,
+    OptimizerInvalid,
+    optimizer_hyperparameters,
+)
 from engine.memory import MemoryEstimate
 from gateway.node import billing
 from gateway.node.identity import VerifiedRequest
@@ -56,6 +61,7 @@ from ledger.budget import (
 from ledger.canonical import canonical_json
 from ledger.metering import reserve_compute
 from ledger.models import Dataset, Job
+from ledger.ranges import ADAPTIVE_DEFAULTS, CLIP_STRATEGIES
 from ledger.review import open_review
 
 MAX_ROUNDS = int(mechanism.RANGES["rounds"].high)
@@ -102,6 +108,10 @@ class JobRequest:
     local_epochs: int = 1
     batch_size: int = 16
     evaluate: bool = True
+    clip_strategy: str = "fixed"
+    clipped_count_stddev: float | None = None
+    target_unclipped_quantile: float = ADAPTIVE_DEFAULTS["target_unclipped_quantile"]
+    clip_learning_rate: float = ADAPTIVE_DEFAULTS["clip_learning_rate"]
     idempotency_key: str | None = None
 
     @classmethod
@@ -142,6 +152,15 @@ class JobRequest:
         need(finite(self.server_momentum) and 0 <= self.server_momentum < 1, "server_momentum",
              "a number in [0, 1)")
         need(isinstance(self.evaluate, bool), "evaluate", "true or false")
+        need(isinstance(self.clip_strategy, str) and self.clip_strategy in CLIP_STRATEGIES,
+             "clip_strategy", "one of " + ", ".join(CLIP_STRATEGIES))
+        need(self.clip_strategy == "adaptive" or (
+            self.clipped_count_stddev is None
+            and self.target_unclipped_quantile == ADAPTIVE_DEFAULTS["target_unclipped_quantile"]
+            and self.clip_learning_rate == ADAPTIVE_DEFAULTS["clip_learning_rate"]),
+            "clip_strategy", "adaptive for clipped_count_stddev, target_unclipped_quantile and "
+            "clip_learning_rate to apply")
+        self.adaptive_clipping()
         need(self.idempotency_key is None or (isinstance(self.idempotency_key, str)
              and 0 < len(self.idempotency_key) <= 128), "idempotency_key", "a short string")
         self.optimizers()
@@ -155,6 +174,29 @@ class JobRequest:
                 local_epochs=self.local_epochs, batch_size=self.batch_size,
                 client_learning_rate=self.client_learning_rate,
                 server_learning_rate=self.server_learning_rate)
+        except mechanism.MechanismParameterInvalid as error:
+            raise mechanism_problem(error) from None
+
+    def count_stddev(self) -> float | None:
+        """σ_b of the clipped-count query (adaptive clipping): the request's, else TFF's
+        default of 5 % of the expected clients per round; None for a fixed clip."""
+        if self.clip_strategy != "adaptive":
+            return None
+        if self.clipped_count_stddev is not None:
+            return self.clipped_count_stddev
+        return ADAPTIVE_DEFAULTS["count_stddev_fraction"] * float(self.clients_per_round)
+
+    def adaptive_clipping(self) -> mechanism.AdaptiveClipping | None:
+        """Adaptive clipping's parameters checked by the validator the engine runs too
+        (``ledger.mechanism.validate_adaptive_clipping``); None for a fixed clip."""
+        if self.clip_strategy != "adaptive":
+            return None
+        try:
+            return mechanism.validate_adaptive_clipping(
+                clip=self.clip, noise_multiplier=self.noise_multiplier,
+                clipped_count_stddev=self.count_stddev(),
+                target_unclipped_quantile=self.target_unclipped_quantile,
+                clip_learning_rate=self.clip_learning_rate)
         except mechanism.MechanismParameterInvalid as error:
             raise mechanism_problem(error) from None
 
@@ -183,8 +225,14 @@ class JobRequest:
         manifest: the optimizers with exactly the hyperparameters they use."""
         data = asdict(self)
         data.pop("idempotency_key")
-        for name in OPTIMIZER_FIELDS:
+        for name in (*OPTIMIZER_FIELDS, *ADAPTIVE_FIELDS):
             data.pop(name)
+        if self.clip_strategy == "adaptive":  # a fixed clip's spec is what it always was
+            data.update(clipped_count_stddev=self.count_stddev(),
+                        target_unclipped_quantile=self.target_unclipped_quantile,
+                        clip_learning_rate=self.clip_learning_rate)
+        else:
+            data.pop("clip_strategy")
         return {**data, **self.optimizers()}
 
 
@@ -231,6 +279,7 @@ def _job_cost(node: Node, sampling_rate: float, request: JobRequest) -> accounti
         evaluation_noise_multiplier=(
             node.config.evaluation_noise_multiplier if request.evaluate else None
         ),
+        clipped_count_stddev=request.count_stddev(),
     )
 
 

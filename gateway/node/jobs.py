@@ -43,7 +43,7 @@ from gateway.node.release import (
 )
 from gateway.node.scheduler import FairQueue
 from gateway.protocol.release import manifest_digest
-from ledger.accounting import JobCost
+from ledger.accounting import JobCost, clipped_count_stddev_of, training_event
 from ledger.audit import append_entry
 from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import canonical_json
@@ -68,7 +68,9 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
     Pure, and the one place a job becomes engine parameters, so a rehearsal on mock data
     (``gateway.node.rehearsal``) runs exactly what the node would. From the charged events: the
     sampling rate q, the noise multiplier z and the rounds T of training, and the evaluation's
-    noise multiplier (present iff DP evaluation was charged). From the admitted spec: the clip,
+    noise multiplier (present iff DP evaluation was charged), and adaptive clipping's
+    clipped-count noise σ_b. From the admitted spec: the clip (adaptive: the initial clip, its
+    target quantile and learning rate, post-processing),
     the optimizers, local work, and the public normaliser ``clients_per_round`` (= q × N̂). The
     charged events travel along as ``charged_cost``; the runner refuses to read data unless
     the mechanism it runs rebuilds exactly that event (``JobSpec.check_charged``). From the
@@ -80,12 +82,19 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
     """
     sampled = cost.training.event
     q = float(sampled.sampling_probability)
-    z = float(sampled.event.noise_multiplier)
+    z = float(spec["noise_multiplier"])  # adaptive: the effective z of the charged pair
     rounds = int(cost.training.count)
-    if (z != float(spec["noise_multiplier"]) or rounds != int(spec["rounds"])
+    count_stddev = clipped_count_stddev_of(sampled.event)
+    adaptive = spec.get("clip_strategy", "fixed") == "adaptive"
+    rebuilt = training_event(sampling_rate=q, noise_multiplier=z, rounds=rounds,
+                             clipped_count_stddev=count_stddev)
+    if (rebuilt != cost.training or adaptive != (count_stddev is not None)
             or bool(spec["evaluate"]) != (cost.evaluation is not None)):
         raise ChargedMechanismMismatch(f"job {job_id}: the admitted parameters differ from the "
                                        "charged DP event")
+    clipping = ({"clip_strategy": "adaptive", "clipped_count_stddev": count_stddev,
+                 "target_unclipped_quantile": float(spec["target_unclipped_quantile"]),
+                 "clip_learning_rate": float(spec["clip_learning_rate"])} if adaptive else {})
     return {
         "job_id": job_id,
         "dataset_dir": str(Path(dataset_dir).resolve()),
@@ -110,6 +119,7 @@ def engine_job_document(*, job_id: str, dataset_dir: Path, model_path: Path,
              "loss_clip": evaluation_loss_clip}
         ),
         "charged_cost": cost.to_json(),
+        **clipping,
     }
 
 

@@ -9,7 +9,7 @@ test_job_parameters.py``:
 * the OpenAPI schemas of the request bodies (:func:`json_schema`, ``gateway.api.openapi``);
 * the researcher CLI's options (:func:`add_cli_options`, ``gateway.cli_researcher``) and the
   parameters it sends (:func:`parameters_from_cli`);
-* the fields a federation passes to each node (:data:`FEDERATED`, ``gateway.federation``);
+* the fields a federation passes to each node (:data:`FEDERATED`, ``gateway.federation.core``);
 * the reference page ``docs/job-parameters.md`` (:func:`markdown`; ``make openapi`` writes it);
 * ``gateway.node.admission.JobRequest``'s fields, defaults and required set (checked by the test).
 
@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ledger.ranges import (
+    ADAPTIVE_DEFAULTS,
     CLIENT_OPTIMIZERS,
+    CLIP_STRATEGIES,
     HYPERPARAMETER_RANGES,
     OPTIMIZER_HYPERPARAMETERS,
     RANGES,
@@ -133,6 +135,21 @@ PARAMETERS: tuple[JobParameter, ...] = (
     JobParameter("local_epochs", int, "passes over a user's examples per round", default=1,
                  range=RANGES["local_epochs"]),
     JobParameter("batch_size", int, "local batch size", default=16, range=RANGES["batch_size"]),
+    JobParameter("clip_strategy", str, "fixed: the clip C every round; adaptive: C is the "
+                 "initial clip and moves toward a quantile of the users' update norms (Andrew "
+                 "et al. 2021); z stays the effective multiplier, so ε is unchanged",
+                 default="fixed", choices=CLIP_STRATEGIES),
+    JobParameter("clipped_count_stddev", float, "adaptive clip only: noise σ_b on the count of "
+                 "unclipped users (> z/2; default 5 % of clients_per_round)",
+                 range=RANGES["clipped_count_stddev"]),
+    JobParameter("target_unclipped_quantile", float, "adaptive clip only: the fraction of users "
+                 "whose update the clip should leave unclipped",
+                 default=ADAPTIVE_DEFAULTS["target_unclipped_quantile"],
+                 range=RANGES["target_unclipped_quantile"]),
+    JobParameter("clip_learning_rate", float, "adaptive clip only: η of the geometric clip "
+                 "update C ← C·exp(−η(unclipped fraction − target))",
+                 default=ADAPTIVE_DEFAULTS["clip_learning_rate"],
+                 range=RANGES["clip_learning_rate"]),
     JobParameter("evaluate", bool, "DP evaluation on held-out users after training (its own "
                  "noise, charged with the job)", default=True, federated=False,
                  cli_flag="--no-evaluation"),
