@@ -20,8 +20,7 @@ from starlette.testclient import TestClient
 
 from gateway.api.app import create_app
 from gateway.cli import main as fedgate
-from gateway.dashboard import SESSION_COOKIE
-from gateway.dashboard_data import (
+from gateway.dashboard.data import (
     BillingMonth,
     LogVerification,
     ResearcherBill,
@@ -30,7 +29,8 @@ from gateway.dashboard_data import (
     load_overview,
     parse_month,
 )
-from gateway.dashboard_pages import CONTENT_SECURITY_POLICY, STYLESHEET, billing_page
+from gateway.dashboard.pages import CONTENT_SECURITY_POLICY, STYLESHEET, billing_page
+from gateway.dashboard.routes import SESSION_COOKIE
 from gateway.node.billing import statement
 from gateway.node.node import Node
 from gateway.protocol.problems import Problem
@@ -331,7 +331,7 @@ def test_verification_status_is_cached_and_reports_a_tampered_entry(node_dir: Pa
 
 
 def test_chart_axis_reaches_past_the_largest_value_in_round_steps() -> None:
-    from gateway.dashboard_chart import burn_down_svg
+    from gateway.dashboard.chart import burn_down_svg
     from ledger.burndown import BurnDown, BurnDownPoint, FilterUsage
 
     point = BurnDownPoint(time=100.0, job_id="job-1", researcher="<alice>", budget_state="committed",

@@ -33,7 +33,7 @@ from gateway.api.json_body import RequestJsonInvalid, parse_request_json
 from gateway.api.middleware import request_middleware
 from gateway.api.openapi import openapi_document
 from gateway.api.problems import problem_response
-from gateway.dashboard import Dashboard
+from gateway.dashboard.routes import Dashboard
 from gateway.node.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
 from gateway.node.identity import VerifiedRequest
 from gateway.node.jobs import JobRunner, recover_interrupted_jobs

@@ -17,7 +17,7 @@
   signed audit API). Nothing is read before both checks pass.
 * ``POST /dashboard/logout`` ends the session and clears the cookie.
 
-Pages are read-only and carry a strict Content-Security-Policy (``gateway.dashboard_pages``).
+Pages are read-only and carry a strict Content-Security-Policy (``gateway.dashboard.pages``).
 Refusals are problem+json like every other API refusal.
 """
 
@@ -33,8 +33,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from gateway import dashboard_pages
-from gateway.dashboard_data import LogVerification, load_billing, load_overview, parse_month
+from gateway.dashboard import pages
+from gateway.dashboard.data import LogVerification, load_billing, load_overview, parse_month
 from gateway.node.audit import authorise_audit_reader
 from gateway.node.node import Node
 from gateway.protocol.problems import Problem
@@ -94,7 +94,7 @@ class Dashboard:
     async def overview(self, request: Request, login: OfficerLogin) -> Response:
         def render() -> str:
             now = time.time()
-            return dashboard_pages.overview_page(load_overview(self.node), self.verification.status(now),
+            return pages.overview_page(load_overview(self.node), self.verification.status(now),
                                                  login, now=now)
 
         return _html(await run_in_threadpool(render))
@@ -109,7 +109,7 @@ class Dashboard:
                           field="month") from None
 
         def render() -> str:
-            return dashboard_pages.billing_page(load_billing(self.node, month), login, now=now)
+            return pages.billing_page(load_billing(self.node, month), login, now=now)
 
         return _html(await run_in_threadpool(render))
 
@@ -120,9 +120,9 @@ class Dashboard:
         else:
             token = request.query_params.get("token")
             if token is None:
-                return _html(dashboard_pages.login_form_page())
+                return _html(pages.login_form_page())
         value, login = await run_in_threadpool(self._exchange, token)
-        response = _html(dashboard_pages.signed_in_page(login))
+        response = _html(pages.signed_in_page(login))
         response.set_cookie(SESSION_COOKIE, value, max_age=max(0, int(login.expires_at - time.time())),
                             path=COOKIE_PATH, secure=request.url.scheme == "https", httponly=True,
                             samesite="strict")
@@ -146,7 +146,7 @@ class Dashboard:
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
             await run_in_threadpool(self._end, cookie)
-        response = _html(dashboard_pages.signed_out_page())
+        response = _html(pages.signed_out_page())
         response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH, secure=request.url.scheme == "https",
                                httponly=True, samesite="strict")
         return response
@@ -183,4 +183,4 @@ def _form_token(body: bytes) -> str:
 
 
 def _html(text: str) -> HTMLResponse:
-    return HTMLResponse(text, headers=dashboard_pages.SECURITY_HEADERS)
+    return HTMLResponse(text, headers=pages.SECURITY_HEADERS)

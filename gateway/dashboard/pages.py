@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from gateway.dashboard_chart import burn_down_svg
-from gateway.dashboard_data import (
+from gateway.dashboard.chart import burn_down_svg
+from gateway.dashboard.data import (
     DECISION_ACTIONS,
     BillingMonth,
     DenialGroup,
