@@ -42,3 +42,33 @@ def test_with_room_the_plan_keeps_the_noise_on_the_average_under_the_ratio_and_s
 def test_a_target_nothing_can_meet_is_refused_with_what_to_change():
     with pytest.raises(PlanningFailed, match="raise ε"):
         plan(users=50, epsilon=1e-4, delta=1e-3, parameters=100)
+
+
+def test_the_node_plans_on_the_datasets_public_count_and_the_plan_submits_as_estimated(
+        node_dir):
+    """POST /v1/plan: the planner on N̂ and δ, the job fields to submit and their estimate;
+    submitting those fields is admitted at the estimated ε. Nothing is charged by planning."""
+    from gateway.api.app import create_app
+    from tests.conftest import make_researcher
+    from tests.test_gateway import signed_client
+
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        public = next(d for d in client.get("/v1/datasets").json()["datasets"]
+                      if d["name"] == "demo")
+        response = client.post("/v1/plan", json={"dataset": "demo", "target_epsilon": 4.0,
+                                                 "parameters": 610, "evaluate": False})
+        assert response.status_code == 200, response.text
+        proposal = response.json()
+        estimate = client.post("/v1/estimate", json=proposal["job"]).json()
+        hidden = client.post("/v1/plan", json={"dataset": "secret", "target_epsilon": 4.0})
+        malformed = client.post("/v1/plan", json={"dataset": "demo", "target_epsilon": "4"})
+    plan_json, job = proposal["plan"], proposal["job"]
+    assert plan_json["expected_clients_per_round"] == pytest.approx(
+        plan_json["sampling_rate"] * public["public_users"])
+    assert job["clients_per_round"] == plan_json["expected_clients_per_round"]
+    assert estimate["epsilon"] == proposal["estimate"]["epsilon"] <= 4.0
+    assert proposal["estimate"]["fits"]
+    assert plan_json["explanation"]
+    assert hidden.status_code == 404  # an unknown dataset and a hidden one look the same
+    assert malformed.status_code == 422 and malformed.json()["field"] == "target_epsilon"

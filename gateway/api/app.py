@@ -39,6 +39,7 @@ from gateway.node.identity import VerifiedRequest
 from gateway.node.jobs import JobRunner, recover_interrupted_jobs
 from gateway.node.node import Node
 from gateway.node.output_policy import fetch_release
+from gateway.node.planning import plan_job
 from gateway.node.review import review_status, review_watch
 from gateway.protocol.problems import Problem
 from ledger.accounting import JobCost
@@ -187,6 +188,13 @@ async def calibrate(request: Request) -> Response:
     node: Node = request.app.state.node
     body = await _parsed(request, "calibrate", lambda body: body)
     result = await run_in_threadpool(calibrate_job, node, _principal(request), body)
+    return JSONResponse(result)
+
+
+async def plan(request: Request) -> Response:
+    node: Node = request.app.state.node
+    body = await _parsed(request, "plan", lambda body: body)
+    result = await run_in_threadpool(plan_job, node, _principal(request), body)
     return JSONResponse(result)
 
 
@@ -355,6 +363,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/models", upload_model, methods=["POST"]),
             Route("/v1/estimate", estimate, methods=["POST"]),
             Route("/v1/calibrate", calibrate, methods=["POST"]),
+            Route("/v1/plan", plan, methods=["POST"]),
             Route("/v1/jobs", submit_job, methods=["POST"]),
             Route("/v1/jobs/{job_id}", job_status),
             Route("/v1/jobs/{job_id}/result", job_result),

@@ -54,6 +54,24 @@ SCHEMAS: dict[str, Any] = {
         "properties": {**JOB_PARAMETERS, "target_epsilon": {**NUMBER, "exclusiveMinimum": 0},
                        "solve_for": {**STRING, "enum": ["noise_multiplier", "rounds"]}},
     },
+    "PlanRequest": {
+        "type": "object", "required": ["dataset", "target_epsilon"],
+        "properties": {
+            "dataset": STRING, "target_epsilon": {**NUMBER, "minimum": 1e-3, "maximum": 1e3},
+            "parameters": {**INTEGER, "minimum": 1, "description": "the model's parameter "
+                           "count (for the explanation; default 10,000)"},
+            "client_updates": {**INTEGER, "minimum": 1000, "description": "compute budget: "
+                               "rounds × expected clients per round (default 1,000,000)"},
+            "clip": {**NUMBER, "description": "the (initial) clip; default 0.1"},
+            "evaluate": {"type": "boolean"}},
+    },
+    "Plan": {
+        "type": "object", "required": ["plan", "job", "estimate"],
+        "properties": {"plan": {"type": "object", "description": "ledger.planner.Plan: "
+                                "the configuration, its ε and an explanation in words"},
+                       "job": {"type": "object", "description": "the fields to submit"},
+                       "estimate": _ref("Estimate")},
+    },
     "Estimate": {
         "type": "object", "required": ["dataset", "epsilon", "delta", "fits", "jobs_that_fit"],
         "properties": {"dataset": STRING, "epsilon": NUMBER, "delta": NUMBER,
@@ -171,6 +189,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
                                _ref("EstimateRequest"), 200, _ref("Estimate"), False),
     ("/v1/calibrate", "post"): ("Noise or rounds meeting a target ε (nothing charged)",
                                 _ref("CalibrateRequest"), 200, _ref("Estimate"), False),
+    ("/v1/plan", "post"): ("A proposed job for a target ε, explained (nothing charged)",
+                           _ref("PlanRequest"), 200, _ref("Plan"), False),
     ("/v1/jobs", "post"): ("Submit a training job", _ref("JobRequest"), 202, _ref("JobStatus"),
                            False),
     ("/v1/jobs/{job_id}", "get"): ("Job status", None, 200, _ref("JobStatus"), False),

@@ -593,7 +593,7 @@ def admit_job(
         raise _deny(node, audit, problem) from None
 
 
-def _dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRequest) -> Dataset:
+def dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRequest) -> Dataset:
     """The requested dataset, if the policy lets this principal estimate on it."""
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
@@ -610,7 +610,7 @@ def estimate_job(node: Node, principal: VerifiedRequest, request: JobRequest) ->
     """Dry run: the job's ε/δ, whether it fits now, how many such jobs fit, and — when the node
     has a price list — its projected cost (``gateway.node.billing.project_cost``: an upper bound of
     the CPU, per-job and ε items at the CPU the job would reserve). Charges nothing."""
-    dataset = _dataset_for_estimate(node, principal, request)
+    dataset = dataset_for_estimate(node, principal, request)
     projection = project_cost(node, dataset, request)
     fit = budget_fit(dataset, projection.cost_rdp)
     result: dict[str, Any] = {
@@ -678,7 +678,7 @@ def calibrate_job(node: Node, principal: VerifiedRequest, body: Any) -> dict[str
                       field="target_epsilon")
     body[solve_for] = 1
     request = JobRequest.from_json(body, needs_model=False)
-    dataset = _dataset_for_estimate(node, principal, request)
+    dataset = dataset_for_estimate(node, principal, request)
     q = sampling_rate(dataset, request.clients_per_round)
     if solve_for == "noise_multiplier":
         value: float | int = accounting.calibrate_noise_multiplier(

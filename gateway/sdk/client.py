@@ -299,6 +299,22 @@ class Client:
                 **parameters}
         return self._post("/v1/calibrate", canonical_json(body))
 
+    def plan(self, dataset: str, *, target_epsilon: float, **options: Any) -> dict[str, Any]:
+        """The node's proposed job for ``target_epsilon`` on ``dataset`` (``ledger.planner``):
+        ``plan`` (sampling rate, noise multiplier, rounds, clip strategy, its ε and an
+        ``explanation`` in words), ``job`` (the fields to pass to ``train_model``) and
+        ``estimate`` (whether it fits the remaining budget). Options: ``parameters`` (your
+        model's parameter count), ``client_updates`` (compute budget), ``clip``, ``evaluate``.
+        Charges nothing::
+
+            proposal = client.plan("demo", target_epsilon=4, parameters=610)
+            print("\n".join(proposal["plan"]["explanation"]))
+            job = {k: v for k, v in proposal["job"].items() if k != "dataset"}
+            release = client.train_model(model, "demo", **job)
+        """
+        body = {"dataset": dataset, "target_epsilon": target_epsilon, **options}
+        return self._post("/v1/plan", canonical_json(body))
+
     def rehearse(self, model_or_artifact: Any, dataset: str, *, timeout_seconds: float = 3600.0,
                  **parameters: Any) -> RehearsalReport:
         """Run the job you would submit locally on ``dataset``'s mock data; reserves nothing.
