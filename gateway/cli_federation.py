@@ -137,8 +137,8 @@ def _report(result: Any, args: argparse.Namespace) -> None:
 
 def cmd_federate(args: argparse.Namespace) -> int:
     from engine.artifact import parse_artifact
-    from gateway.federation import Aggregation, parse_nodes_toml
-    from gateway.federation_client import FederationRefused, FederationStopped, federate
+    from gateway.federation.coordinator import FederationRefused, FederationStopped, federate
+    from gateway.federation.core import Aggregation, parse_nodes_toml
 
     nodes_path = Path(args.nodes)
     nodes = parse_nodes_toml(nodes_path.read_text(encoding="utf-8"), nodes_path.parent)
@@ -178,7 +178,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_federation(args: argparse.Namespace) -> int:
-    from gateway.federation import (
+    from gateway.federation.core import (
         FederationManifestInvalid,
         parse_nodes_toml,
         verify_federation_manifest,

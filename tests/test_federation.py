@@ -20,12 +20,12 @@ import pytest
 from engine.artifact import linear_classifier_artifact
 from gateway.cli import main as fedgate
 from gateway.client import Job
-from gateway.federation import (
+from gateway.federation.coordinator import FederationRefused, federate
+from gateway.federation.core import (
     FederationManifestInvalid,
     parse_nodes_toml,
     verify_federation_manifest,
 )
-from gateway.federation_client import FederationRefused, federate
 from gateway.process import free_port, stop_gateway
 from ledger import keys
 
@@ -252,7 +252,7 @@ class _FakeClient:
         return {"epsilon": 0.1 * parameters["rounds"], "delta": 1e-5, "jobs_that_fit": 10}
 
     def upload_model(self, artifact: dict[str, Any]) -> str:
-        from gateway.federation import model_digest
+        from gateway.federation.core import model_digest
 
         self.node.model = artifact  # type: ignore[attr-defined]
         return model_digest(artifact)
@@ -295,9 +295,9 @@ class _FakeClient:
 
 
 def _fake_federation(monkeypatch: pytest.MonkeyPatch, *nodes: _FakeNode) -> list[Any]:
-    from gateway.federation import FederationNode
+    from gateway.federation.core import FederationNode
 
-    monkeypatch.setattr("gateway.federation_client.Client", _FakeClient)
+    monkeypatch.setattr("gateway.federation.coordinator.Client", _FakeClient)
     monkeypatch.setattr(_FakeClient, "nodes", {f"http://{n.name}": n for n in nodes})
     return [FederationNode(name=n.name, url=f"http://{n.name}", node_key=Path("unused.pub"),
                            dataset="demo", overrides={}) for n in nodes]
@@ -334,7 +334,7 @@ def test_a_failing_node_is_dropped_when_allowed_and_the_rest_finish(
 def test_a_failing_node_stops_the_federation_unless_dropout_is_allowed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gateway.federation_client import FederationStopped
+    from gateway.federation.coordinator import FederationStopped
 
     a, b = _FakeNode("a", 1.0), _FakeNode("b", 3.0, fail_round=2)
     nodes = _fake_federation(monkeypatch, a, b)

@@ -166,7 +166,7 @@ def test_researcher_on_a_light_install_keygen_datasets_estimate_and_train_on_a_l
 
 
 LIGHT_MODULES = ("fedgate", "gateway.sdk", "gateway.protocol.job_parameters",
-                 "gateway.cli_researcher", "gateway.federation_client", "gateway.cli")
+                 "gateway.cli_researcher", "gateway.federation.coordinator", "gateway.cli")
 
 
 def test_the_light_modules_import_on_python_3_10(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ or key. A federation of K outer rounds runs, at each node, K ordinary fedgate jo
 
 1. **Admission.** Each node is asked, with free estimates, whether the whole federation fits
    its privacy filter (K copies of the local job) and what it costs there (one job of K·T
-   rounds, the exact composition: ``gateway.federation.federation_cost_rounds``). The first
+   rounds, the exact composition: ``gateway.federation.core.federation_cost_rounds``). The first
    real submission then applies the node's policy to a ``train`` request. A node that
    refuses (unreachable, unknown key, policy, budget, model) is excluded and the reason is
    kept; the federation runs only if at least ``min_nodes`` admitted it.
@@ -15,14 +15,14 @@ or key. A federation of K outer rounds runs, at each node, K ordinary fedgate jo
    node's clipping, noise, policy and ledger; DP evaluation off. Each node releases only its
    signed DP weights; the coordinator verifies the node's signature, the weights' digest
    and that the release names the model it uploaded, then aggregates
-   (``gateway.federation.aggregate``, post-processing) into the next global model.
+   (``gateway.federation.core.aggregate``, post-processing) into the next global model.
 3. **Failures.** A node whose job fails, whose release does not verify, that becomes
    unreachable or refuses a later round is dropped if ``allow_dropout``, else the federation
    stops after the round. What a node released or read is charged by its own ledger under
    the single-node rule (charged once the job read user data, refunded before).
 4. **Manifest.** Every round's contributions (each node's signed release manifest) and the
    digests that chain the rounds are listed in a federation manifest signed by the
-   coordinator's key (``gateway.federation.verify_federation_manifest`` checks it).
+   coordinator's key (``gateway.federation.core.verify_federation_manifest`` checks it).
 
 Privacy: every value the coordinator receives from a node is that node's DP release (or a
 refusal, a rounded user count, an ε estimate); what it computes from them is post-processing.
@@ -42,7 +42,14 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.federation import (
+from engine.artifact import (
+    artifact_from_keras,
+    decode_array,
+    encode_array,
+    parse_artifact,
+    validate_artifact_structure,
+)
+from gateway.federation.core import (
     FEDERATION_FORMAT,
     Aggregation,
     FederationNode,
@@ -179,8 +186,6 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 def _artifact(model_or_artifact: Any) -> dict[str, Any]:
-    from engine.artifact import artifact_from_keras, parse_artifact, validate_artifact_structure
-
     if isinstance(model_or_artifact, bytes):
         artifact = parse_artifact(model_or_artifact)
     elif isinstance(model_or_artifact, dict):
@@ -192,8 +197,6 @@ def _artifact(model_or_artifact: Any) -> dict[str, Any]:
 
 
 def _with_weights(artifact: dict[str, Any], weights: Sequence[Any]) -> dict[str, Any]:
-    from engine.artifact import encode_array
-
     return {"format": artifact["format"], "config": artifact["config"],
             "weights": [encode_array(w) for w in weights]}
 
@@ -336,8 +339,6 @@ class Federation:
                 p.client.close()
 
     def _run(self, model_or_artifact: Any) -> FederationResult:
-        from engine.artifact import decode_array
-
         artifact = _artifact(model_or_artifact)
         initial_digest = model_digest(artifact)
         created_at = utc_timestamp()

@@ -1,7 +1,7 @@
 """Cross-silo federation across fedgate nodes: node lists, aggregation and the signed manifest.
 
 Pure values and functions; no I/O (the coordinator that talks to the nodes is
-``gateway.federation_client``). The privacy contract this module relies on, proved per node
+``gateway.federation.coordinator``). The privacy contract this module relies on, proved per node
 in docs/federation.md:
 
 * Every input to ``aggregate`` is a node's **release**: DP weights that the node's own engine
