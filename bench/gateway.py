@@ -58,10 +58,10 @@ from bench import policy as policy_bench
 from engine.artifact import linear_classifier_artifact
 from engine.datastore import generate_synthetic
 from gateway.cli import main as fedgate
+from gateway.cli.process import free_port, start_gateway, stop_gateway
 from gateway.node.admission import JobRequest, project_cost
 from gateway.node.deployment import init_deployment
 from gateway.node.node import Node
-from gateway.process import free_port, start_gateway, stop_gateway
 from gateway.sdk.request_signing import SignedRequestAuth, signature_headers
 from ledger import accounting, keys
 from ledger.audit import audit_size

@@ -97,8 +97,8 @@ def _sandbox(node: Path) -> str:
 def _run_job(node: Path, workdir: Path, sizes: Sizes) -> dict[str, Any]:
     """Submit the job with the SDK as a researcher; time it by polling its status."""
     from engine.artifact import artifact_from_keras
-    from gateway.demo import demo_model
-    from gateway.process import running_gateway
+    from gateway.cli.demo import demo_model
+    from gateway.cli.process import running_gateway
     from gateway.sdk.client import Client
 
     job = {**JOB, "rounds": sizes.rounds, "clients_per_round": sizes.clients}

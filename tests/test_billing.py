@@ -310,8 +310,8 @@ def test_the_researcher_cli_shows_the_projected_cost(
         capsys: pytest.CaptureFixture[str]) -> None:
     from cryptography.hazmat.primitives import serialization
 
+    from gateway.cli.process import running_gateway
     from gateway.client import Client
-    from gateway.process import running_gateway
     from tests.conftest import make_researcher
 
     _with_prices(sqlite_node)

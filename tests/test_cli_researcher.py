@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import serialization
 
 from engine.job import SERVER_OPTIMIZERS, JobSpec, JobSpecInvalid
 from gateway.cli import main as fedgate
+from gateway.cli.process import running_gateway
 from gateway.client import Client, InvalidRequest, progress_postfix
 from gateway.node.admission import JobRequest
 from gateway.node.jobs import engine_job_document
-from gateway.process import running_gateway
 from gateway.protocol.problems import Problem
 from ledger import accounting
 from ledger.accounting import JobCost

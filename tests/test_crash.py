@@ -13,8 +13,8 @@ import pytest
 from sqlmodel import select
 
 from gateway.cli import main as fedgate
+from gateway.cli.process import start_gateway, stop_gateway
 from gateway.client import Client
-from gateway.process import start_gateway, stop_gateway
 from ledger import accounting
 from ledger.db import make_engine, session
 from ledger.models import Dataset, Job

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from gateway.process import running_gateway
+from gateway.cli.process import running_gateway
 from tests.conftest import make_node
 from tests.ledger_activity import demo_activity, login_token
 from tests.test_audit_api import make_officer

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.process import free_port
+from gateway.cli.process import free_port
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REPO = DOCS.parent

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli.process import running_gateway
 from gateway.client import BudgetExceeded, Client
 from gateway.node.deployment import init_deployment
-from gateway.process import running_gateway
 from ledger.audit import read_entries
 from ledger.db import make_engine, session
 from tests.conftest import make_researcher

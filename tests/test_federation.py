@@ -19,6 +19,7 @@ import pytest
 
 from engine.artifact import linear_classifier_artifact
 from gateway.cli import main as fedgate
+from gateway.cli.process import free_port, stop_gateway
 from gateway.client import Job
 from gateway.federation.coordinator import FederationRefused, federate
 from gateway.federation.core import (
@@ -26,7 +27,6 @@ from gateway.federation.core import (
     parse_nodes_toml,
     verify_federation_manifest,
 )
-from gateway.process import free_port, stop_gateway
 from ledger import keys
 
 JOB = {"rounds": 4, "clients_per_round": 40, "noise_multiplier": 1.0, "clip": 1.0,
@@ -44,7 +44,7 @@ def alice(tmp_path: Path) -> tuple[Any, Path]:
 @contextlib.contextmanager
 def _gateways(roots: dict[str, Path], log_dir: Path) -> Iterator[dict[str, tuple[str, Path]]]:
     """One gateway process per node (started concurrently); stopped on exit."""
-    from gateway.demo_federation import start_gateways
+    from gateway.cli.demo_federation import start_gateways
 
     started = start_gateways(roots, log_dir)
     try:
@@ -78,7 +78,7 @@ def _ledger(root: Path) -> tuple[Any, list[Any], list[dict[str, Any]]]:
 def test_three_nodes_train_one_model_and_each_ledger_charges_only_its_own_epsilon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alice: tuple[Any, Path],
 ) -> None:
-    from gateway.demo_federation import (
+    from gateway.cli.demo_federation import (
         held_out_arrays,
         linear_accuracy,
         make_federation_node,
@@ -165,7 +165,7 @@ def test_nodes_that_refuse_up_front_are_excluded_with_their_reasons(
 ) -> None:
     """Budget too small, key not registered, node unreachable: nothing is submitted anywhere,
     and the CLI shows the table and exits 3."""
-    from gateway.demo_federation import make_federation_node, write_nodes_toml
+    from gateway.cli.demo_federation import make_federation_node, write_nodes_toml
 
     monkeypatch.delenv("FEDGATE_DATABASE_URL", raising=False)
     alice_key, alice_pub = alice

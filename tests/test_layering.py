@@ -107,7 +107,7 @@ def test_protocol_imports_only_the_standard_library_ed25519_pure_ledger_and_itse
 
 
 @pytest.mark.parametrize("sdk_module", ["fedgate", "gateway.sdk", "gateway.client",
-                                        "gateway.cli_researcher", "gateway.cli"])
+                                        "gateway.cli.researcher", "gateway.cli"])
 def test_researcher_sdk_loads_no_server_library_or_tensorflow(sdk_module: str) -> None:
     probe = (
         f"import json, sys, {sdk_module}\n"
@@ -118,8 +118,9 @@ def test_researcher_sdk_loads_no_server_library_or_tensorflow(sdk_module: str) -
     assert json.loads(run.stdout) == []
 
 
-# What the researcher's light install has: pyproject's default dependencies.
-LIGHT_LIBRARIES = frozenset({"httpx", "cryptography", "http_message_signatures", "tqdm", "numpy"})
+# What the researcher's light install has: pyproject's default dependencies (tomli: Python 3.10).
+LIGHT_LIBRARIES = frozenset({"httpx", "cryptography", "http_message_signatures", "tqdm", "numpy",
+                             "tomli"})
 # Contracts both sides read, TensorFlow-free at import: key ids, canonical JSON, parameter
 # ranges, timestamps, the model format and its allowlist.
 SHARED_CONTRACTS = frozenset({"ledger.keys", "ledger.canonical", "ledger.ranges",
@@ -130,14 +131,19 @@ SDK_ON_DEMAND = {"tensorflow": "engine.artifact's Keras conversion",
                  "gateway.node.rehearsal": "Client.rehearse runs the engine locally (node extra)"}
 
 
-def test_sdk_and_protocol_import_nothing_from_the_server_side() -> None:
-    """Everything gateway.sdk, gateway.protocol and fedgate reach, following first-party imports
-    through the shared contracts, is the standard library, a light dependency, themselves, a
+# What a researcher's light install runs: the SDK, the protocol, the federation coordinator and
+# the researcher's commands of the CLI.
+RESEARCHER_SIDE = ("fedgate", "gateway.sdk", "gateway.protocol", "gateway.federation",
+                   "gateway.cli.researcher", "gateway.cli.federation")
+
+
+def test_researcher_side_imports_nothing_from_the_server_side() -> None:
+    """Everything the researcher's side (``RESEARCHER_SIDE``) reaches, following first-party
+    imports through the shared contracts, is the standard library, a light dependency, itself, a
     shared contract or an on-demand import named above."""
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     roots = [m for m in first_party_modules()
-             if _in_package(m, "fedgate") or _in_package(m, "gateway.sdk")
-             or _in_package(m, "gateway.protocol")]
+             if any(_in_package(m, side) for side in RESEARCHER_SIDE)]
     seen, queue, wrong = set(roots), list(roots), {}
     while queue:
         module = queue.pop()
@@ -147,15 +153,72 @@ def test_sdk_and_protocol_import_nothing_from_the_server_side() -> None:
                     or top in SDK_ON_DEMAND:
                 continue
             if target in first_party_modules() and (
-                    target in SHARED_CONTRACTS or any(_in_package(target, root) for root in
-                                                      ("fedgate", "gateway.sdk",
-                                                       "gateway.protocol"))):
+                    target in SHARED_CONTRACTS
+                    or any(_in_package(target, side) for side in RESEARCHER_SIDE)):
                 if target not in seen:
                     seen.add(target)
                     queue.append(target)
                 continue
             wrong.setdefault(module, []).append(target)
     assert wrong == {}
+
+
+# The rooms of gateway/ (docs/architecture.md, "Rooms by role") and the rooms each may import.
+# Layers, top to bottom: cli -> api -> dashboard -> node -> policy -> protocol on the node's
+# side, cli -> federation -> sdk -> protocol on the researcher's side.
+ROOMS: dict[str, frozenset[str]] = {
+    "gateway.protocol": frozenset(),
+    "gateway.sdk": frozenset({"gateway.protocol"}),
+    "gateway.federation": frozenset({"gateway.sdk", "gateway.protocol"}),
+    "gateway.policy": frozenset({"gateway.protocol"}),
+    "gateway.node": frozenset({"gateway.policy", "gateway.protocol"}),
+    "gateway.dashboard": frozenset({"gateway.node", "gateway.policy", "gateway.protocol"}),
+    "gateway.api": frozenset({"gateway.dashboard", "gateway.node", "gateway.policy",
+                              "gateway.protocol"}),
+    "gateway.cli": frozenset({"gateway.api", "gateway.dashboard", "gateway.node",
+                              "gateway.policy", "gateway.federation", "gateway.sdk",
+                              "gateway.protocol"}),
+}
+# The gateway modules outside the rooms: the package and the SDK's old spelling.
+OUTSIDE_THE_ROOMS = {"gateway": frozenset(), "gateway.client": frozenset({"gateway.sdk"})}
+
+
+def _room(module: str) -> str | None:
+    return next((room for room in ROOMS if _in_package(module, room)), None)
+
+
+def test_every_gateway_module_lives_in_a_room() -> None:
+    assert [m for m in _modules_in("gateway")
+            if _room(m) is None and m not in OUTSIDE_THE_ROOMS] == []
+
+
+def test_each_room_imports_only_the_rooms_beneath_it() -> None:
+    """Imports inside functions count; the SDK's on-demand import of the node's rehearsal
+    (``SDK_ON_DEMAND``) is the one exception. So the node never imports the API, the dashboard
+    or the CLI, and the policy and the protocol import no other room."""
+    wrong = {}
+    for module in _modules_in("gateway"):
+        room = _room(module)
+        allowed = ROOMS[room] | {room} if room else OUTSIDE_THE_ROOMS[module]
+        upward = sorted(target for target in imports_of(module)
+                        if _in_package(target, "gateway") and target not in SDK_ON_DEMAND
+                        and _room(target) not in allowed)
+        if upward:
+            wrong[module] = upward
+    assert wrong == {}
+
+
+def test_the_room_check_sees_a_node_module_importing_the_api(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = imports_of
+
+    def with_an_upward_import(module: str) -> frozenset[str]:
+        extra = {"gateway.node.jobs": {"gateway.api.app"}}
+        return real(module) | extra.get(module, set())
+
+    monkeypatch.setattr(sys.modules[__name__], "imports_of", with_an_upward_import)
+    with pytest.raises(AssertionError, match=r"gateway\.api\.app"):
+        test_each_room_imports_only_the_rooms_beneath_it()
 
 
 def _import_cycles() -> list[list[str]]:

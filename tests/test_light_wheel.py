@@ -21,7 +21,7 @@ import pytest
 
 from gateway.cli import NODE_LIBRARIES
 from gateway.cli import main as fedgate
-from gateway.process import running_gateway
+from gateway.cli.process import running_gateway
 from tests.test_end_to_end import sqlite_node  # noqa: F401  (fixture)
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_researcher_on_a_light_install_keygen_datasets_estimate_and_train_on_a_l
 
 
 LIGHT_MODULES = ("fedgate", "gateway.sdk", "gateway.protocol.job_parameters",
-                 "gateway.cli_researcher", "gateway.federation.coordinator", "gateway.cli")
+                 "gateway.cli.researcher", "gateway.federation.coordinator", "gateway.cli")
 
 
 def test_the_light_modules_import_on_python_3_10(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli_policy
+from gateway.cli import policy as cli_policy
 from gateway.node.deployment import init_deployment
 from gateway.node.node import Node
 from gateway.policy.decisions import PolicyEngine

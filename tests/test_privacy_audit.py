@@ -41,7 +41,7 @@ from engine.privacy_audit import (
     run_canary_audit,
     two_gaussian_epsilon,
 )
-from gateway import cli_privacy_audit
+from gateway.cli import privacy_audit as cli_privacy_audit
 from gateway.node.admission import JobRequest
 from gateway.protocol.problems import Problem
 from ledger.mechanism import MIN_CLIP

@@ -68,7 +68,7 @@ def test_fedgate_train_rehearse_prints_the_refusal_and_exits_1(
     capsys: pytest.CaptureFixture[str]
 ) -> None:
     from gateway.cli import main as fedgate
-    from gateway.process import running_gateway
+    from gateway.cli.process import running_gateway
 
     node = mock_node(tmp_path, synthetic_table, monkeypatch)
     key = make_researcher(node, "alice")

@@ -385,8 +385,8 @@ def test_review_steps_that_do_not_apply_are_refused_and_change_nothing(
 def test_a_job_held_for_review_trains_after_the_owner_approves_it(
     tmp_path: Path, sqlite_node: Path  # noqa: F811
 ) -> None:
+    from gateway.cli.process import running_gateway
     from gateway.client import Client
-    from gateway.process import running_gateway
 
     write_policy(sqlite_node, "p2, researchers, owner, demo, train, require_review, first_job\n")
     alice = make_researcher(sqlite_node, "alice")

@@ -52,7 +52,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
 from gateway.cli import main as fedgate
-from gateway.process import start_gateway, stop_gateway
+from gateway.cli.process import start_gateway, stop_gateway
 from gateway.sdk.request_signing import SignedRequestAuth, signature_headers
 from ledger import accounting, keys
 from ledger.audit import read_entries

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main as fedgate
+from gateway.cli.terminal import escape_controls
 from gateway.node.deployment import init_deployment
 from gateway.node.node import Node
-from gateway.terminal import escape_controls
 from ledger.audit import append_entry
 
 # Clear the screen, set the window title, ring the bell; then a forged line of its own.
@@ -74,7 +74,7 @@ def test_a_progress_bar_still_redraws_its_line_but_no_other_carriage_return_pass
     that one is layout. A return inside other text could hide what precedes it: escaped."""
     import io
 
-    from gateway.terminal import ControlEscapingStream
+    from gateway.cli.terminal import ControlEscapingStream
 
     out = io.StringIO()
     stream = ControlEscapingStream(out)

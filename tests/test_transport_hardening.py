@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from gateway.cli import main as fedgate
-from gateway.process import start_gateway, stop_gateway
+from gateway.cli.process import start_gateway, stop_gateway
 from gateway.sdk.request_signing import signature_headers
 from ledger import keys
 from tests.conftest import make_node

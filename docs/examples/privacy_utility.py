@@ -128,7 +128,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from fedgate import Client
-    from gateway.process import running_gateway
+    from gateway.cli.process import running_gateway
 
     job = {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "clip": args.clip,
            "client_learning_rate": args.client_learning_rate,

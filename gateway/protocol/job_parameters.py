@@ -7,7 +7,7 @@ choice, and what it means. Generated from it, and compared with it by ``tests/
 test_job_parameters.py``:
 
 * the OpenAPI schemas of the request bodies (:func:`json_schema`, ``gateway.api.openapi``);
-* the researcher CLI's options (:func:`add_cli_options`, ``gateway.cli_researcher``) and the
+* the researcher CLI's options (:func:`add_cli_options`, ``gateway.cli.researcher``) and the
   parameters it sends (:func:`parameters_from_cli`);
 * the fields a federation passes to each node (:data:`FEDERATED`, ``gateway.federation.core``);
 * the reference page ``docs/job-parameters.md`` (:func:`markdown`; ``make openapi`` writes it);

@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlmodel import select
 
-from gateway.cli_common import open_node
+from gateway.cli.common import open_node
 from gateway.policy.decisions import PolicyEngine
 from gateway.policy.expectations import outcome, parse_expectations, parse_params, run_expectations
 from gateway.policy.ledger_inputs import registry_memberships, researcher_epsilon_spent

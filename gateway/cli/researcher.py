@@ -12,14 +12,16 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from engine.artifact import artifact_from_keras, encode_array, parse_artifact
 from gateway.protocol.job_parameters import add_cli_options, parameters_from_cli
+from gateway.sdk.client import Client, Job, JobFailed, ReleaseVerificationFailed
 
-# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
-# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
-# and each command loads only what it needs.
+# TensorFlow is imported inside `fedgate model from-keras` only: the researcher's light install
+# may not have it.
 
 RESEARCHER_EXAMPLES = """\
 examples:
@@ -45,8 +47,6 @@ optimizers (a closed choice from tff.learning.optimizers; they do not change ε)
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from gateway.sdk.client import Client
-
     url = args.url or os.environ.get("FEDGATE_URL")
     key = args.key or os.environ.get("FEDGATE_KEY")
     node_key = args.node_key or os.environ.get("FEDGATE_NODE_KEY")
@@ -64,8 +64,6 @@ def _show(data: Any, args: argparse.Namespace, human: str) -> None:
 def _verified_release(job):  # type: ignore[no-untyped-def]
     """The job's verified release, or None after saying on stderr why there is none (the job
     failed, or the release does not verify against the node key)."""
-    from gateway.sdk.client import JobFailed, ReleaseVerificationFailed
-
     try:
         return job.result()
     except (JobFailed, ReleaseVerificationFailed) as exc:
@@ -117,10 +115,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_rehearse(args: argparse.Namespace) -> int:
     """``fedgate train --rehearse``: the job runs locally on the mock data; nothing is
     uploaded, reserved or audited on the node."""
-    from dataclasses import asdict
-
-    from engine.artifact import parse_artifact
-
     artifact = parse_artifact(Path(args.model).read_bytes())
     with _client(args) as client:
         report = client.rehearse(artifact, args.dataset, **parameters_from_cli(args))
@@ -132,8 +126,6 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine.artifact import encode_array, parse_artifact
-
     if args.rehearse:
         return cmd_rehearse(args)
     artifact = parse_artifact(Path(args.model).read_bytes())
@@ -169,8 +161,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from gateway.sdk.client import Job
-
     with _client(args) as client:
         job = Job(client, {"job_id": args.job_id, "rounds": 0, "state": "unknown"})
         if args.action == "status":
@@ -205,8 +195,6 @@ def cmd_job(args: argparse.Namespace) -> int:
 def cmd_model_from_keras(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
-
-    from engine.artifact import artifact_from_keras
 
     model = tf.keras.models.load_model(args.source, compile=False)
     Path(args.output).write_text(json.dumps(artifact_from_keras(model)))

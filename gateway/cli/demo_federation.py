@@ -21,16 +21,20 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gateway.cli_common import Fedgate
+from engine.artifact import decode_array, linear_classifier_artifact
+from gateway.cli.common import Fedgate
+from gateway.cli.process import start_gateway, stop_gateway
+from ledger import keys
 
-# Imports inside functions, not at the top: TensorFlow, the engine and the node's services
-# load only when this runs; the CLI imports this module to build its parser.
+# Imports inside functions, not at the top: the node extra (pyarrow, SQLModel) loads only when
+# the demo runs; the CLI imports this module to build its parser, on a light install too.
 
 DATASET = "demo"
 FEATURES, CLASSES = 20, 5
@@ -83,8 +87,6 @@ def linear_accuracy(artifact: dict[str, Any], features: np.ndarray, labels: np.n
     """Accuracy of the demo's linear softmax classifier (``Input → Dense``) on (features,
     labels), computed by the coordinator with numpy (argmax of the logits; softmax keeps the
     order), so that evaluating needs no TensorFlow."""
-    from engine.artifact import decode_array
-
     kernel, bias = (decode_array(w) for w in artifact["weights"])
     predicted = np.argmax(features @ kernel + bias, axis=1)
     return float(np.mean(predicted == labels))
@@ -125,10 +127,6 @@ def make_federation_node(fedgate: Fedgate, root: Path, *, owner: str, table: Pat
 def start_gateways(roots: dict[str, Path], log_dir: Path
                    ) -> dict[str, tuple[str, subprocess.Popen[bytes]]]:
     """Start one ``fedgate serve`` process per node, concurrently; each on its own port."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from gateway.process import start_gateway, stop_gateway
-
     with ThreadPoolExecutor(max_workers=len(roots)) as pool:
         futures = {name: pool.submit(start_gateway, root, log_path=log_dir / f"{name}-gateway.log")
                    for name, root in roots.items()}
@@ -154,7 +152,6 @@ def write_nodes_toml(path: Path, nodes: dict[str, tuple[str, Path]]) -> Path:
 def verify_node_audit(fedgate: Fedgate, root: Path, out: Path) -> str:
     """Export a node's audit log (owner) and verify it offline with only node.pub (officer)."""
     fedgate(["-d", str(root), "audit", "export", "--out", str(out)])
-    from ledger import keys
     from ledger.audit_verify import verify_export
 
     report = verify_export(out.read_bytes(), keys.load_public_key(root / "node.pub"))
@@ -165,9 +162,6 @@ def verify_node_audit(fedgate: Fedgate, root: Path, out: Path) -> str:
 
 def run_federation_demo(fedgate: Fedgate, *, keep: bool = False) -> int:
     """Three temporary nodes, one federated model; ``fedgate`` is ``gateway.cli.main``."""
-    from engine.artifact import linear_classifier_artifact
-    from gateway.process import stop_gateway
-
     os.environ.pop("FEDGATE_DATABASE_URL", None)  # every node keeps its own SQLite ledger
     workdir = Path(tempfile.mkdtemp(prefix="fedgate-federation-"))
     gateways: list[subprocess.Popen[bytes]] = []

@@ -11,12 +11,19 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-# Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
-# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
-# and each command loads only what it needs.
+from engine.artifact import parse_artifact
+from gateway.federation.coordinator import FederationRefused, FederationStopped, federate
+from gateway.federation.core import (
+    Aggregation,
+    FederationManifestInvalid,
+    parse_nodes_toml,
+    verify_federation_manifest,
+)
+from ledger import keys
 
 FEDERATE_DESCRIPTION = """\
 Train one model across several fedgate nodes, each under its own owner's policy and budget.
@@ -104,8 +111,6 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def _summary(result: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return {"status": result.status, "federation_id": result.manifest["federation_id"],
             "final_model_digest": result.manifest["final_model_digest"],
             "admissions": [asdict(a) for a in result.admissions],
@@ -136,10 +141,6 @@ def _report(result: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
-    from engine.artifact import parse_artifact
-    from gateway.federation.coordinator import FederationRefused, FederationStopped, federate
-    from gateway.federation.core import Aggregation, parse_nodes_toml
-
     nodes_path = Path(args.nodes)
     nodes = parse_nodes_toml(nodes_path.read_text(encoding="utf-8"), nodes_path.parent)
     artifact = parse_artifact(Path(args.model).read_bytes())
@@ -156,8 +157,6 @@ def cmd_federate(args: argparse.Namespace) -> int:
                           progress=progress)
     except FederationRefused as refused:
         if args.json:
-            from dataclasses import asdict
-
             print(json.dumps({"status": "refused", "reason": str(refused),
                               "admissions": [asdict(a) for a in refused.admissions]},
                              indent=2, sort_keys=True))
@@ -178,13 +177,6 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_federation(args: argparse.Namespace) -> int:
-    from gateway.federation.core import (
-        FederationManifestInvalid,
-        parse_nodes_toml,
-        verify_federation_manifest,
-    )
-    from ledger import keys
-
     document = json.loads(Path(args.manifest).read_text(encoding="utf-8"))
     coordinator = keys.load_public_key(Path(args.coordinator_key))
     node_keys = None

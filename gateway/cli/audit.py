@@ -22,16 +22,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cli_common import open_node
-from gateway.terminal import escape_controls
+from gateway.cli.common import open_node
+from gateway.cli.terminal import escape_controls
+from ledger import keys
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
-# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
-# and each command loads only what it needs.
+# run on a light install without the node extra (SQLModel), which these commands need.
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from ledger import keys
     from ledger.audit_verify import verify_export
 
     public_key = keys.load_public_key(Path(args.node_key))

@@ -20,11 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.cli_common import Fedgate
-from gateway.process import running_gateway
+from engine.artifact import artifact_from_keras
+from gateway.cli.common import Fedgate
+from gateway.cli.process import running_gateway
+from gateway.sdk.client import BudgetExceeded, Client
+from ledger import keys
 
-# Imports inside functions, not at the top: TensorFlow, the engine and the node's services
-# load only when this runs; the CLI imports this module to build its parser.
+# TensorFlow is imported inside demo_model, when the demo runs: the CLI imports this module to
+# build its parser, on a researcher's light install too.
 
 DEMO_DATASET = "demo"
 DEMO_EPSILON_TOTAL = 8.0
@@ -53,10 +56,6 @@ def demo_model(num_features: int, num_classes: int):  # type: ignore[no-untyped-
 def run_demo(fedgate: Fedgate, *, users: int = 20_000, keep: bool = False) -> int:
     """The whole story on a temporary node; ``fedgate`` runs each command a user would type
     (``gateway.cli.main``)."""
-    from engine.artifact import artifact_from_keras
-    from gateway.sdk.client import BudgetExceeded, Client
-    from ledger import keys
-
     workdir = Path(tempfile.mkdtemp(prefix="fedgate-demo-"))
     node_dir = workdir / "node"
     stack = contextlib.ExitStack()

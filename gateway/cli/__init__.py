@@ -14,13 +14,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cli_common import deployment_dir, open_node
-from gateway.terminal import ControlEscapingStream, escape_controls
+from gateway.cli import (
+    audit,
+    billing,
+    dashboard,
+    federation,
+    privacy_audit,
+    researcher,
+    review,
+)
+from gateway.cli.common import deployment_dir, open_node
+from gateway.cli.demo import run_demo
+from gateway.cli.demo_federation import run_federation_demo
+from gateway.cli.terminal import ControlEscapingStream, escape_controls
+from gateway.sdk.client import FedgateError
+from ledger import keys
 from ledger.ranges import DEFAULT_MAX_EXAMPLES_PER_USER
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
-# run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
-# and each command loads only what it needs.
+# run on a light install without the node extra (SQLModel, Casbin, Starlette, uvicorn,
+# pyarrow, dp-accounting, TensorFlow), which the owner commands need.
 
 EXAMPLES = """\
 examples:
@@ -59,8 +72,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from ledger import keys
-
     private_key = keys.generate_private_key()
     private_path, public_path = keys.write_key_pair(private_key, Path(args.out))
     print(f"private key: {private_path} (keep it secret)")
@@ -71,7 +82,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_principal_add(args: argparse.Namespace) -> int:
     from gateway.policy.rows import declared_groups, rows_naming
-    from ledger import keys
     from ledger.registry import add_principal
 
     node = open_node(args)
@@ -95,7 +105,6 @@ def cmd_principal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_add_key(args: argparse.Namespace) -> int:
-    from ledger import keys
     from ledger.registry import add_key
 
     node = open_node(args)
@@ -109,7 +118,6 @@ def cmd_principal_add_key(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_rotate(args: argparse.Namespace) -> int:
-    from ledger import keys
     from ledger.registry import rotate_principal
 
     node = open_node(args)
@@ -312,14 +320,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
-
     return run_demo(main, users=args.users, keep=args.keep)
 
 
 def cmd_demo_federation(args: argparse.Namespace) -> int:
-    from gateway.demo_federation import run_federation_demo
-
     return run_federation_demo(main, keep=args.keep)
 
 
@@ -444,23 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_budget_show)
 
-    # Imported here, not at the top: `fedgate --help` and the researcher commands must work
-    # without the node extra, and cli_policy needs it (Casbin, Starlette) at import.
-    from gateway import (
-        cli_audit,
-        cli_billing,
-        cli_dashboard,
-        cli_federation,
-        cli_privacy_audit,
-        cli_researcher,
-        cli_review,
-    )
-
-    cli_audit.register(commands)
-    cli_billing.register(commands)
-    cli_dashboard.register(commands)
-    try:
-        from gateway import cli_policy
+    audit.register(commands)
+    billing.register(commands)
+    dashboard.register(commands)
+    try:  # Imported here: the policy commands need the node extra (Casbin, SQLModel) at import.
+        from gateway.cli import policy
     except ModuleNotFoundError as missing:
         if not needs_node_extra(missing):
             raise
@@ -469,11 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("arguments", nargs=argparse.REMAINDER)
         p.set_defaults(func=_needs_node(missing))
     else:
-        cli_policy.register(commands)
-    cli_review.register(commands)
-    cli_privacy_audit.register(commands)
-    cli_researcher.register(commands)
-    cli_federation.register(commands)
+        policy.register(commands)
+    review.register(commands)
+    privacy_audit.register(commands)
+    researcher.register(commands)
+    federation.register(commands)
 
     p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")
     p.add_argument("--host", default=None)
@@ -494,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Everything it prints passes ``gateway.terminal``: text a researcher
+    """Run one command. Everything it prints passes ``gateway.cli.terminal``: text a researcher
     chose (in audit entries, names, problem details) cannot drive the terminal."""
     with (contextlib.redirect_stdout(ControlEscapingStream(sys.stdout)),
           contextlib.redirect_stderr(ControlEscapingStream(sys.stderr))):
@@ -514,14 +506,7 @@ def _run(argv: list[str] | None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"fedgate: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from gateway.sdk.client import FedgateError
-
-        if not isinstance(exc, FedgateError):
-            raise
+    except FedgateError as exc:
         print(f"fedgate: refused ({exc.type}): {exc}", file=sys.stderr)
         return 3
 
-
-if __name__ == "__main__":
-    sys.exit(main())

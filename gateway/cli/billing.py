@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from gateway.cli_common import open_node
+from gateway.cli.common import open_node
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
