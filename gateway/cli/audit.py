@@ -31,17 +31,18 @@ from ledger import keys
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from ledger.audit_verify import verify_export
+    from ledger.audit_verify import verify_export_file
 
     public_key = keys.load_public_key(Path(args.node_key))
     known = [Path(path).read_text(encoding="utf-8") for path in args.checkpoint]
-    report = verify_export(Path(args.export).read_bytes(), public_key, known)
+    report = verify_export_file(Path(args.export), public_key, known)  # mapped, not read
     print(report.summary())
     return 0 if report.ok else 1
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from gateway.node.audit import export_node_audit
+    from ledger.audit_export import read_export
 
     node = open_node(args)
     export, warning = export_node_audit(node)
@@ -49,9 +50,9 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(export)
     tmp.replace(out)
-    document = json.loads(export)
-    print(f"wrote the audit log to {out}: entries: {len(document['entries'])}, signed "
-          f"checkpoints: {len(document['checkpoints'])}, sha256: {hashlib.sha256(export).hexdigest()}")
+    reader = read_export(export)  # counts entry lines without decoding them
+    print(f"wrote the audit log to {out}: entries: {reader.count_entries()}, signed "
+          f"checkpoints: {len(reader.checkpoints)}, sha256: {hashlib.sha256(export).hexdigest()}")
     print(f"verify offline: fedgate audit verify {out} --node-key {node.deployment.node_public_key}")
     if warning:
         print(f"warning: {warning}", file=sys.stderr)

@@ -29,6 +29,7 @@ examples:
   fedgate datasets
   fedgate estimate demo --rounds 40 --clients-per-round 100 --noise-multiplier 1.0 --clip 1.0
   fedgate calibrate demo --target-epsilon 2 --rounds 40 --clients-per-round 100 --clip 1.0
+  fedgate plan demo --target-epsilon 4 --parameters 610
   fedgate model from-keras model.keras model.json
   fedgate train demo --model model.json --rounds 40 --clients-per-round 100 \\
       --noise-multiplier 1.0 --clip 1.0 --rehearse      # locally on mock data; free
@@ -108,6 +109,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                   solve_for=solve_for, **parameters)
     human = (f"{solve_for} = {result[solve_for]:g} gives ε {result['epsilon']:.3f} at "
              f"δ {result['delta']:g}; fits now: {'yes' if result['fits'] else 'no'}")
+    _show(result, args, human)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    options = {name: getattr(args, name) for name in ("parameters", "client_updates", "clip")
+               if getattr(args, name) is not None}
+    with _client(args) as client:
+        result = client.plan(args.dataset, target_epsilon=args.target_epsilon,
+                             evaluate=not args.no_evaluation, **options)
+    job = result["job"]
+    flags = " ".join(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float)
+                     else f"--{name.replace('_', '-')} {value}"
+                     for name, value in job.items()
+                     if name not in ("dataset", "evaluate") and value is not None)
+    human = "\n".join([*result["plan"]["explanation"],
+                       f"fits now: {'yes' if result['estimate']['fits'] else 'no'} (ε "
+                       f"{result['estimate']['epsilon']:.3f} with DP evaluation)",
+                       f"train it: fedgate train {args.dataset} --model MODEL {flags}"])
     _show(result, args, human)
     return 0
 
@@ -229,6 +249,19 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--target-epsilon", type=float, required=True)
     _connection_options(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = commands.add_parser("plan", help="the node proposes clients per round, noise, rounds "
+                            "and clip strategy for a target ε, and explains why (free)",
+                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    p.add_argument("dataset")
+    p.add_argument("--target-epsilon", type=float, required=True)
+    p.add_argument("--parameters", type=int, help="your model's parameter count")
+    p.add_argument("--client-updates", type=int,
+                   help="compute budget: rounds × clients per round (default 1,000,000)")
+    p.add_argument("--clip", type=float, help="the (initial) clip (default 0.1)")
+    p.add_argument("--no-evaluation", action="store_true", help="plan without DP evaluation")
+    _connection_options(p)
+    p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("train", help="train a model under user-level DP and fetch it",
                             epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
