@@ -18,7 +18,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from engine.artifact import artifact_from_keras
 from gateway.cli.common import Fedgate
@@ -53,13 +55,37 @@ def demo_model(num_features: int, num_classes: int):  # type: ignore[no-untyped-
     ])
 
 
+@contextlib.contextmanager
+def temporary_deployment(prefix: str, *, keep: bool
+                         ) -> Iterator[tuple[Path, contextlib.ExitStack]]:
+    """A scratch directory for a demo's node and files, and a stack for what runs in it (the
+    gateway); both end with the demo, the directory unless ``keep``."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = contextlib.ExitStack()
+    try:
+        yield workdir, stack
+    finally:
+        stack.close()
+        if keep:
+            print(f"deployment kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report_release(release: Any, started: float, *, held_out: str = "held-out users") -> None:
+    """What a researcher learns from a verified release: ε charged and the DP metrics."""
+    print(f"released job {release.job_id} in {time.monotonic() - started:.1f} s "
+          "(node signature verified)")
+    print(f"  ε charged: {release.epsilon:.3f} (δ {release.delta:.2g}, RDP accountant)")
+    for name, value in sorted(release.metrics.items()):
+        print(f"  DP evaluation {name} on {held_out}: {value:.3f}")
+
+
 def run_demo(fedgate: Fedgate, *, users: int = 20_000, keep: bool = False) -> int:
     """The whole story on a temporary node; ``fedgate`` runs each command a user would type
     (``gateway.cli.main``)."""
-    workdir = Path(tempfile.mkdtemp(prefix="fedgate-demo-"))
-    node_dir = workdir / "node"
-    stack = contextlib.ExitStack()
-    try:
+    with temporary_deployment("fedgate-demo-", keep=keep) as (workdir, stack):
+        node_dir = workdir / "node"
         _say("Owner: initialise a node, import a synthetic per-user dataset, set its budget")
         fedgate(["init", str(node_dir), "--owner", "demo-owner"])
         table = workdir / "users.parquet"
@@ -91,11 +117,7 @@ def run_demo(fedgate: Fedgate, *, users: int = 20_000, keep: bool = False) -> in
         model = demo_model(dataset["num_features"], dataset["num_classes"])
         started = time.monotonic()
         release = client.train_model(model, DEMO_DATASET, **FIRST_JOB)
-        print(f"released job {release.job_id} in {time.monotonic() - started:.1f} s "
-              "(node signature verified)")
-        print(f"  ε charged: {release.epsilon:.3f} (δ {release.delta:g}, RDP accountant)")
-        for name, value in sorted(release.metrics.items()):
-            print(f"  DP evaluation {name} on held-out users: {value:.3f}")
+        report_release(release, started)
         print(f"  DP weights loaded into the Keras model: {[w.shape for w in model.get_weights()]}")
         after = client.estimate(DEMO_DATASET, **FIRST_JOB)
         print(f"remaining budget: {after['jobs_that_fit']} more job(s) like this one fit")
@@ -111,9 +133,3 @@ def run_demo(fedgate: Fedgate, *, users: int = 20_000, keep: bool = False) -> in
         print(f"\nnode public key id: {keys.key_id(keys.load_public_key(node_dir / 'node.pub'))}")
         print("demo complete")
         return 0
-    finally:
-        stack.close()
-        if keep:
-            print(f"deployment kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)

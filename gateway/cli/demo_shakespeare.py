@@ -16,14 +16,11 @@ docs/privacy-utility.md).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 from gateway.cli.common import Fedgate
+from gateway.cli.demo import report_release, temporary_deployment
 from gateway.cli.process import running_gateway
 from gateway.sdk.client import Client
 
@@ -62,10 +59,8 @@ def character_model(window: int, vocabulary: int):  # type: ignore[no-untyped-de
 def run_demo_shakespeare(fedgate: Fedgate, *, keep: bool = False) -> int:
     """The Shakespeare story on a temporary node; ``fedgate`` runs each command a user would
     type (``gateway.cli.main``)."""
-    workdir = Path(tempfile.mkdtemp(prefix="fedgate-shakespeare-"))
-    node_dir = workdir / "node"
-    stack = contextlib.ExitStack()
-    try:
+    with temporary_deployment("fedgate-shakespeare-", keep=keep) as (workdir, stack):
+        node_dir = workdir / "node"
         _say("Owner: initialise a node, fetch Shakespeare per speaker, import it")
         fedgate(["init", str(node_dir), "--owner", "demo-owner"])
         table = workdir / "shakespeare.parquet"
@@ -99,16 +94,6 @@ def run_demo_shakespeare(fedgate: Fedgate, *, keep: bool = False) -> int:
         _say("Researcher: train the character model with the plan")
         started = time.monotonic()
         release = client.train_model(model, DATASET, **job, **TRAINING)
-        print(f"released job {release.job_id} in {time.monotonic() - started:.0f} s "
-              "(node signature verified)")
-        print(f"  ε charged: {release.epsilon:.3f} (δ {release.delta:.2g}, RDP accountant)")
-        for name, value in sorted(release.metrics.items()):
-            print(f"  DP evaluation {name} on held-out speakers: {value:.3f}")
+        report_release(release, started, held_out="held-out speakers")
         print("demo complete")
         return 0
-    finally:
-        stack.close()
-        if keep:
-            print(f"deployment kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
