@@ -236,6 +236,8 @@ def prepare_sharded_training(doc: dict[str, Any], spec: JobSpec, *, cap: int,
         local_epochs=spec.local_epochs, batch_size=spec.batch_size))
     adaptive = spec.adaptive_clipping()
     if adaptive is not None:
+        if noise_stddev not in (None, 0.0):
+            raise ValueError("adaptive clipping runs the job's noise, or none (tests only)")
         process = AdaptiveClipProcess(
             stacked=stacked, initial=initial, spec=spec, adaptive=adaptive,
             shard_type=shard_type, learning_rate=learning_rate, momentum=momentum,
