@@ -175,8 +175,10 @@ def _calibrated(candidate: _Candidate, epsilon: float, delta: float) -> _Candida
 def _explained(best: _Candidate, *, users: int, epsilon: float, delta: float, parameters: int,
                noise_ratio: float, client_updates: int, quiet: bool) -> Plan:
     sigma_b = COUNT_STDDEV_FRACTION * best.m
-    adaptive = (2 * sigma_b > best.z and adaptive_update_noise_multiplier(
-        noise_multiplier=best.z, clipped_count_stddev=sigma_b) <= ADAPTIVE_NOISE_PREMIUM * best.z)
+    premium = (adaptive_update_noise_multiplier(noise_multiplier=best.z,
+                                                clipped_count_stddev=sigma_b) / best.z
+               if 2 * sigma_b > best.z else math.inf)  # z_Δ / z at the same ε
+    adaptive = premium <= ADAPTIVE_NOISE_PREMIUM
     strategy = "adaptive" if adaptive else "fixed"
     cost = JobCost.for_job(sampling_rate=best.q, noise_multiplier=best.z, rounds=best.rounds,
                            evaluation_noise_multiplier=None,
@@ -198,7 +200,7 @@ def _explained(best: _Candidate, *, users: int, epsilon: float, delta: float, pa
                      "this is the least noisy plan; expect low utility, or raise ε.")
     if adaptive:
         words.append(f"Adaptive clipping toward the median update norm (clipped-count noise "
-                     f"σ_b = {sigma_b:.3g}, {(cost_premium(best.z, sigma_b) - 1):.1%} more "
+                     f"σ_b = {sigma_b:.3g}, {premium - 1:.1%} more "
                      "update noise at the same ε): the initial clip matters little.")
     else:
         words.append("Fixed clip: with this few clients per round the clipped-count query "
@@ -209,7 +211,3 @@ def _explained(best: _Candidate, *, users: int, epsilon: float, delta: float, pa
                 clipped_count_stddev=sigma_b if adaptive else None, epsilon=spent, delta=delta,
                 noise_ratio=best.ratio, client_updates=best.updates, explanation=words)
 
-
-def cost_premium(z: float, sigma_b: float) -> float:
-    """z_Δ / z: how much more update noise adaptive clipping runs at the same ε."""
-    return adaptive_update_noise_multiplier(noise_multiplier=z, clipped_count_stddev=sigma_b) / z
