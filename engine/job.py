@@ -48,6 +48,7 @@ __all__ = [
     "EvaluationSpec",
     "JobSpec",
     "JobSpecInvalid",
+    "OptimizerChoice",
     "OptimizerInvalid",
     "format_event",
     "optimizer_hyperparameters",
@@ -74,6 +75,24 @@ OPTIMIZER_FIELDS: tuple[str, ...] = (
     "server_beta_1", "server_beta_2", "server_epsilon", "server_initial_preconditioner_value",
 )
 """Job fields that choose and tune the optimizers (the learning rates are separate fields)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerChoice:
+    """The optimizer fields a job request (``gateway.node.admission.JobRequest``) and a job
+    file (:class:`JobSpec`) share, with the defaults fedgate always trained with: client
+    "sgd" without momentum, server "sgdm" (``server_momentum`` is each class's own field: the
+    request defaults it, the job file requires it). Hyperparameters an optimizer does not take
+    are None. Keyword-only, so the subclasses keep their required fields; none of these
+    changes ε (clipping comes before the noise, the server step after it)."""
+
+    client_optimizer: str = "sgd"
+    client_momentum: float = 0.0
+    server_optimizer: str = "sgdm"
+    server_beta_1: float | None = None
+    server_beta_2: float | None = None
+    server_epsilon: float | None = None
+    server_initial_preconditioner_value: float | None = None
 
 
 class OptimizerInvalid(ValueError):
@@ -137,7 +156,7 @@ class EvaluationSpec:
 
 
 @dataclass(frozen=True)
-class JobSpec:
+class JobSpec(OptimizerChoice):
     """One DP-FedAvg job as the gateway admitted (and accounted) it.
 
     Privacy-relevant fields: each round samples every training user independently with
@@ -172,13 +191,6 @@ class JobSpec:
     local_epochs: int
     batch_size: int
     evaluation: EvaluationSpec | None
-    client_optimizer: str = "sgd"
-    client_momentum: float = 0.0
-    server_optimizer: str = "sgdm"
-    server_beta_1: float | None = None
-    server_beta_2: float | None = None
-    server_epsilon: float | None = None
-    server_initial_preconditioner_value: float | None = None
     max_examples_per_user: int | None = None
     charged_cost: dict[str, Any] | None = None
     clip_strategy: str = "fixed"

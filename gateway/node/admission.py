@@ -31,6 +31,7 @@ from engine.functional_model import vectorizable
 from engine.job import (
     ADAPTIVE_FIELDS,
     OPTIMIZER_FIELDS,
+    OptimizerChoice,
     OptimizerInvalid,
     optimizer_hyperparameters,
 )
@@ -75,13 +76,14 @@ def mechanism_problem(error: mechanism.MechanismParameterInvalid) -> Problem:
 
 
 @dataclass(frozen=True)
-class JobRequest:
+class JobRequest(OptimizerChoice):
     """A researcher's training request, validated field by field.
 
     Its fields besides ``model_digest`` and ``idempotency_key`` are the parameters of
     ``gateway.protocol.job_parameters`` with their defaults and required set
     (``tests/test_job_parameters.py`` compares them); the table also generates the OpenAPI
-    schema, the CLI options and ``docs/job-parameters.md``.
+    schema, the CLI options and ``docs/job-parameters.md``. The optimizer fields are
+    ``engine.job.OptimizerChoice``'s, shared with the job file.
 
     The optimizers are a closed choice by name (``engine.job.CLIENT_OPTIMIZERS``,
     ``SERVER_OPTIMIZERS``) with range-checked hyperparameters; the defaults (client sgd,
@@ -98,13 +100,6 @@ class JobRequest:
     client_learning_rate: float = 0.1
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
-    client_optimizer: str = "sgd"
-    client_momentum: float = 0.0
-    server_optimizer: str = "sgdm"
-    server_beta_1: float | None = None
-    server_beta_2: float | None = None
-    server_epsilon: float | None = None
-    server_initial_preconditioner_value: float | None = None
     local_epochs: int = 1
     batch_size: int = 16
     evaluate: bool = True
