@@ -28,7 +28,7 @@ from gateway.cli.demo import run_demo
 from gateway.cli.demo_federation import run_federation_demo
 from gateway.cli.demo_shakespeare import run_demo_shakespeare
 from gateway.cli.terminal import ControlEscapingStream, escape_controls
-from gateway.sdk.client import FedgateError
+from gateway.sdk.client import FedgateError, NodeUnreachable
 from ledger import keys
 from ledger.ranges import DEFAULT_MAX_EXAMPLES_PER_USER
 
@@ -549,7 +549,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"fedgate: error: `fedgate {args.command}` runs on a node and needs the node "
               f"extra ({missing.name} is not installed): {NODE_EXTRA_HINT}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, NodeUnreachable) as exc:
         print(f"fedgate: error: {exc}", file=sys.stderr)
         return 2
     except FedgateError as exc:

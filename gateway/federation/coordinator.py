@@ -67,6 +67,7 @@ from gateway.sdk.client import (
     FedgateError,
     Job,
     JobFailed,
+    NodeUnreachable,
     Release,
     ReleaseVerificationFailed,
 )
@@ -171,6 +172,8 @@ def _describe(exc: BaseException) -> tuple[str, str]:
     """(short problem type, human reason) for a node's refusal or failure."""
     if isinstance(exc, AuthenticationFailed):
         return exc.type.removeprefix(TYPE_PREFIX), f"the node does not accept your key: {exc}"
+    if isinstance(exc, NodeUnreachable):
+        return "unreachable", f"the node could not be reached: {exc}"
     if isinstance(exc, FedgateError):
         return exc.type.removeprefix(TYPE_PREFIX) or "refused", str(exc)
     if isinstance(exc, httpx.HTTPError):

@@ -16,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ __all__ = [
     "Job",
     "JobFailed",
     "ModelRejected",
+    "NodeUnreachable",
     "OutputPolicyRefused",
     "PolicyDenied",
     "Release",
@@ -90,6 +93,48 @@ class ModelRejected(FedgateError):
 
 class OutputPolicyRefused(FedgateError):
     """The owner's output policy refuses this fetch (e.g. a single release was fetched)."""
+
+
+class NodeUnreachable(FedgateError):
+    """No answer from the node: a URL without ``http://``, a name that does not resolve, a
+    refused connection, TLS against a plain-HTTP node, or no reply in time. The message is one
+    line that says what to fix; ``problem`` is a client-side document (no ``status``: the node
+    never answered), ``url`` the address tried."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__({"title": "node unreachable", "detail": detail, "url": url})
+        self.url = url
+
+
+def _unreachable(url: str, error: httpx.TransportError) -> NodeUnreachable:
+    """The one-line diagnosis of a transport failure, from the OS error behind httpx's."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, (ssl.SSLError, socket.gaierror,
+                                                       ConnectionRefusedError)):
+        cause = cause.__cause__ or cause.__context__
+    host = httpx.URL(url).host
+    if isinstance(cause, ConnectionRefusedError):
+        detail = (f"connection refused by {url}: is the gateway running (`fedgate serve`) and "
+                  "is the port right?")
+    elif isinstance(cause, socket.gaierror):
+        detail = f"cannot resolve the host {host!r} of {url}: check the URL"
+    elif isinstance(cause, ssl.SSLError):
+        plain = "http://" + url.removeprefix("https://")
+        detail = (f"TLS handshake with {url} failed ({cause.reason or cause}); if the node "
+                  f"serves plain HTTP, use {plain}")
+    elif isinstance(error, httpx.TimeoutException):
+        detail = f"no answer from {url} in time: check the URL, or that the node is not overloaded"
+    else:
+        detail = f"cannot reach {url}: {error or type(error).__name__}"
+    return NodeUnreachable(url, detail)
+
+
+def _node_url(url: str) -> str:
+    """``url`` without a trailing slash, refused at once unless it is http:// or https://."""
+    if not url.startswith(("http://", "https://")):
+        raise NodeUnreachable(url, f"the node URL {url!r} has no http:// or https:// scheme: "
+                                   f"use e.g. http://{url.split('://')[-1]}")
+    return url.rstrip("/")
 
 
 class JobFailed(Exception):
@@ -245,7 +290,7 @@ class Client:
 
     def __init__(self, url: str, key: Ed25519PrivateKey | str | Path,
                  node_public_key: Ed25519PublicKey | str | Path, *, timeout: float = 60.0) -> None:
-        self.url = url.rstrip("/")
+        self.url = _node_url(url)
         self.private_key = _load_private(key)
         self.node_public_key = _load_public(node_public_key)
         self.key_id = keys.key_id(self.private_key.public_key())
@@ -261,23 +306,28 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _get(self, path: str) -> Any:
-        response = self._http.get(path)
+    def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        """One signed request; a refusal raises its typed problem, no answer ``NodeUnreachable``."""
+        try:
+            response = self._http.request(method, path, **options)
+        except httpx.TransportError as error:
+            raise _unreachable(self.url, error) from None
         _raise_for_problem(response)
-        return response.json()
+        return response
+
+    def _get(self, path: str) -> Any:
+        return self._request("GET", path).json()
 
     def _post(self, path: str, body: bytes, content_type: str = "application/json") -> Any:
-        response = self._http.post(path, content=body, headers={"Content-Type": content_type})
-        _raise_for_problem(response)
-        return response.json()
+        return self._request("POST", path, content=body,
+                             headers={"Content-Type": content_type}).json()
 
     def datasets(self) -> list[dict[str, Any]]:
         return self._get("/v1/datasets")["datasets"]
 
     def mock_data(self, dataset: str, path: str | Path) -> Path:
         """Download the dataset's public mock data (Parquet, same schema, synthetic values)."""
-        response = self._http.get(f"/v1/datasets/{dataset}/mock")
-        _raise_for_problem(response)
+        response = self._request("GET", f"/v1/datasets/{dataset}/mock")
         Path(path).write_bytes(response.content)
         return Path(path)
 
