@@ -32,9 +32,11 @@ from gateway.dashboard.data import (
 from gateway.dashboard.pages import CONTENT_SECURITY_POLICY, STYLESHEET, billing_page
 from gateway.dashboard.routes import SESSION_COOKIE
 from gateway.node.billing import statement
+from gateway.node.identity import VerifiedRequest
 from gateway.node.node import Node
 from gateway.protocol.problems import Problem
 from gateway.sdk.request_signing import SignedRequestAuth
+from ledger import keys
 from ledger.audit import append_entry, read_entries
 from ledger.burndown import burn_down, filter_usage
 from ledger.metering import month_of
@@ -189,8 +191,6 @@ def test_researchers_get_no_token_and_their_signatures_do_not_open_the_dashboard
 def test_an_officer_the_policy_does_not_allow_to_read_audit_is_refused_and_audited(
     node_dir: Path,
 ) -> None:
-    from ledger import keys
-
     key = keys.generate_private_key()
     _, public = keys.write_key_pair(key, node_dir / "trainee")
     assert fedgate(["-d", str(node_dir), "officer", "add", "trainee", "--public-key", str(public),
@@ -312,6 +312,58 @@ def test_denials_are_grouped_by_reason_and_rule_most_frequent_first() -> None:
     groups = denials_by_reason(entries)
     assert [(g.reason, g.rule, g.count, g.latest_explanation) for g in groups] == [
         ("budget-exceeded", None, 2, "new"), ("policy-denied", "p, bob, deny", 1, "deny rule")]
+
+
+def test_deny_entries_record_the_rule_that_decided_and_the_dashboard_shows_it(
+    node_dir: Path,
+) -> None:
+    """A deny row, a violated constraint, a missing grant and the privacy filter each name
+    themselves in the ``deny`` entry; a refusal no rule decides (unknown dataset) names none."""
+    policy = node_dir / "policies" / "policy.csv"
+    policy.write_text(policy.read_text() + "p, mallory, owner, demo, train, deny\n"
+                      "p2, researchers, owner, demo, train, max_rounds, 100\n")
+    make_officer(node_dir)
+    node = Node(node_dir)
+    alice, mallory = researcher(node_dir, "alice"), researcher(node_dir, "mallory")
+    visitor_key = make_researcher(node_dir, "visitor", group="visitors")  # no row grants visitors
+    visitor = VerifiedRequest(key_id=keys.key_id(visitor_key.public_key()), principal="visitor",
+                              role="researcher", nonce="n", nonce_expires_at=0.0)
+    assert submit(node, mallory).slug == "policy-denied"  # type: ignore[union-attr]
+    assert submit(node, alice, rounds=150).slug == "policy-denied"  # type: ignore[union-attr]
+    # The visitor is told the dataset is not visible; the audit keeps the policy's reason.
+    assert submit(node, visitor).slug == "unknown-dataset"  # type: ignore[union-attr]
+    assert isinstance(submit(node, alice), Job) and isinstance(submit(node, alice), Job)
+    assert submit(node, alice, rounds=100).slug == "budget-exceeded"  # type: ignore[union-attr]
+    assert submit(node, alice, dataset="nothing").slug == "unknown-dataset"  # type: ignore[union-attr]
+    with node.session() as s:
+        denials = [e for e in read_entries(s) if e["action"] == "deny"]
+    assert [e.get("rule") for e in denials] == [
+        ["p", "mallory", "owner", "demo", "train", "deny"],
+        ["p2", "researchers", "owner", "demo", "train", "max_rounds", "100"],
+        [],
+        "privacy filter of demo: ε_total 4, δ 1e-05",
+        None]
+    groups = {g.reason + " / " + str(g.rule) for g in load_overview(node).denials}
+    assert groups == {"policy-denied / p, mallory, owner, demo, train, deny",
+                      "policy-denied / p2, researchers, owner, demo, train, max_rounds, 100",
+                      "policy-denied / no rule grants it",
+                      "budget-exceeded / privacy filter of demo: ε_total 4, δ 1e-05",
+                      "unknown-dataset / None"}
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        html = browser.get("/dashboard").text
+    denials_table = html.split("<h2>Denials by reason</h2>")[1].split("</table>")[0]
+    assert "<th>decided by</th>" in denials_table
+    assert "<td>p, mallory, owner, demo, train, deny</td>" in denials_table
+    assert "<td>privacy filter of demo: ε_total 4, δ 1e-05</td>" in denials_table
+    assert "<td>no rule grants it</td>" in denials_table
+
+
+def test_a_request_no_rule_grants_is_recorded_as_such() -> None:
+    from gateway.dashboard.data import NO_GRANT, deciding_rule
+
+    assert deciding_rule({"action": "deny", "reason": "policy-denied", "rule": []}) == NO_GRANT
+    assert deciding_rule({"action": "deny", "reason": "invalid-request"}) is None
 
 
 def test_verification_status_is_cached_and_reports_a_tampered_entry(node_dir: Path) -> None:

@@ -92,17 +92,12 @@ def recent_decisions(newest_first: Iterable[dict[str, Any]],
 
 
 def denials_by_reason(entries: Iterable[dict[str, Any]]) -> list[DenialGroup]:
-    """``deny`` entries grouped by (reason, rule), most frequent first.
-
-    ``rule`` is the deciding policy row's cells when the entry records one, else None.
-    """
+    """``deny`` entries grouped by (reason, rule), most frequent first (``deciding_rule``)."""
     groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
     for entry in entries:
         if entry.get("action") != "deny":
             continue
-        rule = entry.get("rule")
-        key = (str(entry.get("reason", "unspecified")),
-               ", ".join(map(str, rule)) if isinstance(rule, list) and rule else None)
+        key = (str(entry.get("reason", "unspecified")), deciding_rule(entry))
         groups.setdefault(key, []).append(entry)
     result = []
     for (reason, rule), members in groups.items():
@@ -112,6 +107,22 @@ def denials_by_reason(entries: Iterable[dict[str, Any]]) -> list[DenialGroup]:
             latest_explanation=str(latest.get("explanation", "")),
             request_actions=tuple(sorted({str(e.get("request_action", "?")) for e in members}))))
     return sorted(result, key=lambda g: (-g.count, g.reason, g.rule or ""))
+
+
+NO_GRANT = "no rule grants it"
+
+
+def deciding_rule(entry: dict[str, Any]) -> str | None:
+    """What decided a ``deny`` entry, in words: the policy row's cells (``p, bob, owner, demo,
+    train, deny``), ``NO_GRANT`` when the policy refused because no row granted the request,
+    a quota's or the privacy filter's description; None when the entry names nothing (a
+    refusal by validation, e.g. an unknown dataset or a malformed request)."""
+    rule = entry.get("rule")
+    if isinstance(rule, list):
+        return ", ".join(map(str, rule)) if rule else NO_GRANT
+    if isinstance(rule, str) and rule:
+        return rule
+    return None
 
 
 @dataclass(frozen=True)

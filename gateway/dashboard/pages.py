@@ -374,7 +374,7 @@ def _denials_card(groups: Sequence[DenialGroup]) -> str:
         f"<td class=\"details\">{_clipped(g.latest_explanation)}</td></tr>"
         for g in groups)
     return ('<section class="card"><h2>Denials by reason</h2><table><thead><tr>'
-            "<th>count</th><th>reason</th><th>rule</th><th>requested</th><th>last</th>"
+            "<th>count</th><th>reason</th><th>decided by</th><th>requested</th><th>last</th>"
             f"<th>latest explanation</th></tr></thead><tbody>{rows}</tbody></table></section>")
 
 

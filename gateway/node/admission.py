@@ -337,7 +337,10 @@ def _audit_fields(
 
 
 def _deny(node: Node, audit: dict[str, Any], problem: Problem, **extra: Any) -> Problem:
-    fields = {**audit, **extra, "reason": problem.slug, "explanation": problem.detail}
+    """Audit the refusal, with the rule that decided it (a policy row's cells, a quota's rule)
+    when the problem names one, and return it."""
+    decided_by = {"rule": problem.extra["rule"]} if "rule" in problem.extra else {}
+    fields = {**audit, **decided_by, **extra, "reason": problem.slug, "explanation": problem.detail}
     with node.session() as s, s.begin():
         append_entry(s, action="deny", decision="deny", **fields)
     return problem
@@ -585,7 +588,8 @@ def admit_job(
             delta=projection.delta,
             more_jobs_that_fit=exc.more_jobs_that_fit,
         )
-        raise _deny(node, audit, problem) from None
+        raise _deny(node, audit, problem, rule=f"privacy filter of {dataset.name}: ε_total "
+                    f"{dataset.epsilon_total:g}, δ {dataset.delta:g}") from None
 
 
 def dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRequest) -> Dataset:

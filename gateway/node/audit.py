@@ -143,5 +143,6 @@ def authorise_audit_reader(node: Node, *, subject: str, key_id: str) -> None:
         with node.session() as s, s.begin():
             append_entry(s, action="deny", decision="deny", reason="policy-denied",
                          explanation=decision.explanation, actor=key_id, principal=subject,
-                         request_action="read-audit", policy_version=decision.policy_version)
+                         request_action="read-audit", policy_version=decision.policy_version,
+                         rule=list(decision.rule or []))
         raise Problem("policy-denied", decision.explanation)
