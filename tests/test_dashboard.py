@@ -170,6 +170,95 @@ def test_sign_out_ends_the_session_and_clears_the_cookie(node_dir: Path) -> None
     assert replayed.status_code == 401
 
 
+# --- refusals a person can read -------------------------------------------------------
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+                     "image/webp,*/*;q=0.8"}  # what Chromium and Firefox send when navigating
+
+
+def html_page(response) -> str:  # type: ignore[no-untyped-def]
+    assert response.headers["content-type"].startswith("text/html"), response.text
+    assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    return response.text
+
+
+def test_a_browser_without_a_valid_session_is_sent_to_the_sign_in_page(node_dir: Path) -> None:
+    make_officer(node_dir)
+    with TestClient(create_app(node_dir), follow_redirects=False) as browser:
+        browser.headers.update(BROWSER)
+        missing = [browser.get(path) for path in ("/dashboard", "/dashboard/billing?month=2026-11")]
+        browser.cookies.set(SESSION_COOKIE, "made-up", path="/dashboard")
+        forged = browser.get("/dashboard")
+        followed = browser.get("/dashboard", follow_redirects=True)
+    for response in (*missing, forged):
+        assert response.status_code == 303 and response.headers["location"] == "/dashboard/login"
+    assert "set-cookie" not in missing[0].headers
+    assert f"{SESSION_COOKIE}=" in forged.headers["set-cookie"]  # the stale cookie is cleared
+    assert "Max-Age=0" in forged.headers["set-cookie"]
+    assert followed.status_code == 200 and 'name="token"' in html_page(followed)
+
+
+def test_a_used_or_expired_token_gets_an_html_page_with_the_sign_in_form(node_dir: Path) -> None:
+    make_officer(node_dir)
+    used = login_token(node_dir)
+    expired = login_token(node_dir, hours=1, now=time.time() - 3601)
+    with TestClient(create_app(node_dir)) as first:
+        signed_in(first, used.token)
+    with TestClient(create_app(node_dir), headers=BROWSER) as browser:
+        again = browser.get("/dashboard/login", params={"token": used.token})
+        stale = browser.post("/dashboard/login", data={"token": expired.token})
+        empty = browser.get("/dashboard/login", params={"token": ""})
+    for response in (again, stale, empty):
+        assert response.status_code == 401
+        page = html_page(response)
+        assert "unknown, expired or already used" in page and 'name="token"' in page
+        assert "<script" not in page.lower()
+
+
+def test_a_malformed_query_or_unknown_path_gets_an_html_page_in_a_browser(node_dir: Path) -> None:
+    make_officer(node_dir)
+    with TestClient(create_app(node_dir), headers=BROWSER) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        month = browser.get("/dashboard/billing", params={"month": "<b>x</b>"})
+        nowhere = browser.get("/dashboard/<i>nothing</i>")
+    assert month.status_code == 422
+    assert "month must be a month such as 2026-11" in html_page(month) and "<b>x" not in month.text
+    assert nowhere.status_code == 404 and "<i>nothing" not in html_page(nowhere)
+    assert "/dashboard/&lt;i&gt;nothing&lt;/i&gt;" in nowhere.text
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/problem+json",
+                                    "text/html, application/problem+json", "*/*", None])
+def test_api_clients_still_get_problem_json_from_the_dashboard(node_dir: Path,
+                                                               accept: str | None) -> None:
+    make_officer(node_dir)
+    headers = {"Accept": accept} if accept else {}
+    with TestClient(create_app(node_dir), follow_redirects=False) as client:
+        if accept is None:
+            del client.headers["accept"]
+        anonymous = client.get("/dashboard", headers=headers)
+        bad_token = client.get("/dashboard/login", params={"token": "fgt_guess"}, headers=headers)
+        signed_in(client, login_token(node_dir).token)
+        bad_month = client.get("/dashboard/billing", params={"month": "2026-13"}, headers=headers)
+        nowhere = client.get("/dashboard/nothing", headers=headers)
+    assert (anonymous.status_code, problem_type(anonymous)) == (401, "login-required")
+    assert (bad_token.status_code, problem_type(bad_token)) == (401, "login-required")
+    assert (bad_month.status_code, problem_type(bad_month)) == (422, "invalid-request")
+    assert (nowhere.status_code, problem_type(nowhere)) == (404, "not-found")
+
+
+def test_a_browser_of_an_officer_the_policy_refuses_gets_an_html_403(node_dir: Path) -> None:
+    key = keys.generate_private_key()
+    _, public = keys.write_key_pair(key, node_dir / "trainee")
+    assert fedgate(["-d", str(node_dir), "officer", "add", "trainee", "--public-key", str(public),
+                    "--group", "trainees"]) == 0
+    with TestClient(create_app(node_dir), headers=BROWSER) as browser:
+        signed_in(browser, login_token(node_dir, "trainee").token)
+        response = browser.get("/dashboard")
+    assert response.status_code == 403
+    assert "Denied by the data owner" in html_page(response) and "read-audit" in response.text
+
+
 # --- who may use it -------------------------------------------------------------------
 
 
@@ -209,7 +298,7 @@ def test_an_officer_the_policy_does_not_allow_to_read_audit_is_refused_and_audit
 def test_only_the_sign_in_and_sign_out_routes_work_without_a_session(node_dir: Path) -> None:
     app = create_app(node_dir)
     pages = [r.path for r in app.routes if isinstance(r, Route) and r.path.startswith("/dashboard")
-             and r.path not in ("/dashboard/login", "/dashboard/logout")]
+             and r.path not in ("/dashboard/login", "/dashboard/logout", "/dashboard/{path:path}")]
     assert pages == ["/dashboard", "/dashboard/billing"]
     with TestClient(app) as anonymous:
         for path in pages:

@@ -51,10 +51,12 @@ def test_officer_signs_in_with_a_token_and_sees_the_burn_down_chart(
             sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         try:
+            # Without a session a browser lands on the sign-in form, never on problem+json.
             anonymous = browser.new_context().new_page()
             refused = anonymous.goto(f"{url}/dashboard")
-            assert refused is not None and refused.status == 401
-            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused is not None and refused.status == 200
+            assert anonymous.url == f"{url}/dashboard/login"
+            assert anonymous.locator("form.login input[name=token]").is_visible()
 
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             console: list[str] = []
@@ -74,10 +76,14 @@ def test_officer_signs_in_with_a_token_and_sees_the_burn_down_chart(
             assert not [m for m in console if "Content Security Policy" in m], console
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
-            # The token was single-use: a second browser cannot sign in with it.
-            again = browser.new_context().new_page().goto(
-                f"{url}/dashboard/login?token={quote(token, safe='')}")
+            # The token was single-use: a second browser cannot sign in with it, and is told so
+            # on a page with the sign-in form.
+            second = browser.new_context().new_page()
+            again = second.goto(f"{url}/dashboard/login?token={quote(token, safe='')}")
             assert again is not None and again.status == 401
+            assert again.headers["content-type"].startswith("text/html")
+            assert "already used" in second.locator("main").inner_text()
+            assert second.locator("form.login input[name=token]").is_visible()
         finally:
             browser.close()
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -29,6 +29,7 @@ from gateway.dashboard.data import (
     ResearcherBill,
     VerificationStatus,
 )
+from gateway.protocol.problems import Problem
 from ledger.burndown import BurnDown
 from ledger.officer_login import OfficerLogin
 
@@ -256,14 +257,35 @@ def _charge_row(line: dict[str, Any]) -> str:
             f'<td class="num">#{cell("audit_seq")}</td></tr>')
 
 
+LOGIN_FORM = ('<form class="login" method="post" action="/dashboard/login">'
+              '<input type="password" name="token" autocomplete="off" aria-label="login token" '
+              'placeholder="fgt_…" required><button type="submit">Sign in</button></form>')
+
+
 def login_form_page() -> str:
     return _page("fedgate · sign in", (
         '<main><section class="card"><h1>Officer dashboard</h1>'
         '<p class="lead">Sign in with the one-time login token the data owner issued for you '
-        "(<code>fedgate officer token NAME</code>). A token works once.</p>"
-        '<form class="login" method="post" action="/dashboard/login">'
-        '<input type="password" name="token" autocomplete="off" aria-label="login token" '
-        'placeholder="fgt_…" required><button type="submit">Sign in</button></form>'
+        "(<code>fedgate officer token NAME</code>). A token works once. Sessions end at their "
+        "expiry, at sign-out, and when your officer key is revoked or rotated; then sign in "
+        f"again with a new token.</p>{LOGIN_FORM}</section></main>"))
+
+
+def problem_page(problem: Problem) -> str:
+    """A refusal for a person in a browser: the problem's title and detail, and the way on
+    (the sign-in form after a refused token, else the overview). The same facts as the
+    problem+json an API client gets, nothing more."""
+    if problem.slug == "login-required":
+        way_on = LOGIN_FORM
+    elif problem.slug == "policy-denied":  # the overview would refuse too
+        way_on = ""
+    else:
+        way_on = ('<p class="meta"><a href="/dashboard">Back to the overview</a> · '
+                  '<a href="/dashboard/billing">Billing</a></p>')
+    return _page(f"fedgate · {problem.title}", (
+        f'<main><section class="card problem"><h1>{escape(problem.title)}</h1>'
+        f'<p class="lead">{escape(problem.detail)}</p>{way_on}'
+        f'<p class="meta">HTTP {problem.status} · <code>{escape(problem.type_uri)}</code></p>'
         "</section></main>"))
 
 

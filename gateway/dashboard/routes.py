@@ -12,13 +12,19 @@
   and job (``gateway.node.billing.statement``), reconciled with the audit log's ``bill`` entries;
   a malformed month is ``422 invalid-request``.
 * Every other dashboard page is wrapped in ``officer_page``: without a live session of an
-  active officer key it answers ``401 login-required``; if the policy does not allow
+  active officer key it refuses with ``401 login-required``; if the policy does not allow
   that officer ``read-audit`` it answers ``403 policy-denied`` (audited, as for the
   signed audit API). Nothing is read before both checks pass.
 * ``POST /dashboard/logout`` ends the session and clears the cookie.
 
 Pages are read-only and carry a strict Content-Security-Policy (``gateway.dashboard.pages``).
-Refusals are problem+json like every other API refusal.
+
+Refusals are for people when a browser asks (``wants_html``: its ``Accept`` names
+``text/html`` and no JSON type): an officer page without a live session redirects (303) to
+the sign-in form, any other refusal is an HTML page with the problem's status, title and
+detail. Every other client (``Accept: application/json``, ``application/problem+json``,
+``*/*`` or none) gets the same RFC 9457 problem+json as every other API refusal. Unknown
+paths under ``/dashboard/`` are answered the same way (``not-found``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from gateway.dashboard import pages
@@ -53,6 +59,8 @@ COOKIE_PATH = "/dashboard"
 MAX_TOKEN_CHARS = 128
 
 OfficerPage = Callable[[Request, OfficerLogin], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+LOGIN_PATH = "/dashboard/login"
 
 
 class Dashboard:
@@ -64,10 +72,11 @@ class Dashboard:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/dashboard", self.officer_page(self.overview)),
-            Route("/dashboard/billing", self.officer_page(self.billing)),
-            Route("/dashboard/login", self.login, methods=["GET", "POST"]),
-            Route("/dashboard/logout", self.logout, methods=["POST"]),
+            Route("/dashboard", _for_people(self.officer_page(self.overview))),
+            Route("/dashboard/billing", _for_people(self.officer_page(self.billing))),
+            Route(LOGIN_PATH, _for_people(self.login), methods=["GET", "POST"]),
+            Route("/dashboard/logout", _for_people(self.logout), methods=["POST"]),
+            Route("/dashboard/{path:path}", _for_people(_no_page)),
         ]
 
     def officer_page(self, page: OfficerPage) -> Callable[[Request], Awaitable[Response]]:
@@ -154,6 +163,73 @@ class Dashboard:
     def _end(self, cookie: str) -> None:
         with self.node.session() as s, s.begin():
             end_session(s, cookie)
+
+
+def wants_html(request: Request) -> bool:
+    """Whether the client is a browser navigating: its ``Accept`` header names ``text/html``
+    and neither ``application/json`` nor ``application/problem+json`` (types with ``q=0``
+    count as not named). ``*/*`` alone, as curl and HTTP libraries send, is not a browser."""
+    named = {media_type for media_type, quality in _media_ranges(request.headers.get("accept", ""))
+             if quality > 0}
+    return "text/html" in named and not named & {"application/json", "application/problem+json"}
+
+
+def _media_ranges(accept: str) -> list[tuple[str, float]]:
+    """``(media type, q)`` of each range of an ``Accept`` header; a malformed ``q`` is 0."""
+    ranges = []
+    for media_range in accept.split(","):
+        media_type, *parameters = (part.strip().lower() for part in media_range.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranges.append((media_type, quality))
+    return ranges
+
+
+def _for_people(endpoint: Endpoint) -> Endpoint:
+    """``endpoint``, answering a browser's refusals with HTML (module docstring); other
+    clients' refusals propagate to the app's problem+json handlers unchanged."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except Problem as problem:
+            if not wants_html(request):
+                raise
+            return _refusal_for_browser(request, problem)
+        except Exception:
+            if not wants_html(request):
+                raise
+            log.exception("dashboard page %s failed", request.url.path)
+            return _refusal_for_browser(request, Problem(
+                "internal-error", "the node could not show this page; nothing was changed"))
+
+    return answer
+
+
+def _refusal_for_browser(request: Request, problem: Problem) -> Response:
+    """A sign-in redirect for an officer page without a session, else the problem as HTML."""
+    if problem.slug == "login-required" and request.url.path != LOGIN_PATH:
+        # A relative Location: the Host header is never reflected (tests/test_gateway_surface.py).
+        response: Response = RedirectResponse(LOGIN_PATH, status_code=303,
+                                              headers=pages.SECURITY_HEADERS)
+        if SESSION_COOKIE in request.cookies:  # stale: expired, ended or revoked
+            response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH,
+                                   secure=request.url.scheme == "https", httponly=True,
+                                   samesite="strict")
+        return response
+    return HTMLResponse(pages.problem_page(problem), status_code=problem.status,
+                        headers=pages.SECURITY_HEADERS)
+
+
+async def _no_page(request: Request) -> Response:
+    raise Problem("not-found", f"the dashboard has no page {request.url.path}; its pages are "
+                  "/dashboard (overview) and /dashboard/billing")
 
 
 def _same_origin(request: Request) -> None:
