@@ -78,9 +78,7 @@ def held_out_accuracy(model: Any, dataset_dir: Path) -> float:
 
     held_out = open_partition(dataset_dir, "evaluation")
     predictions = model.predict(np.asarray(held_out.features), batch_size=4096, verbose=0)
-    correct = (np.argmax(predictions, axis=1) == np.asarray(held_out.labels)).astype(np.float64)
-    offsets = np.asarray(held_out.offsets)
-    return float(np.mean(np.add.reduceat(correct, offsets[:-1]) / np.diff(offsets)))
+    return held_out.mean_user_accuracy(np.argmax(predictions, axis=1))
 
 
 def train_one(config: dict[str, Any]) -> dict[str, Any]:

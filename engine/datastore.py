@@ -132,6 +132,14 @@ class Partition:
         start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.features[start:stop], self.labels[start:stop]
 
+    def mean_user_accuracy(self, predicted: np.ndarray) -> float:
+        """The mean over users of each user's accuracy, given one predicted label per example
+        (in the partition's order). Exact and owner-side only (benchmarks, the docs' examples):
+        nothing computed here is noised, so it must never reach a researcher."""
+        correct = (np.asarray(predicted) == np.asarray(self.labels)).astype(np.float64)
+        offsets = np.asarray(self.offsets)
+        return float(np.mean(np.add.reduceat(correct, offsets[:-1]) / np.diff(offsets)))
+
 
 def load_schema(ds_dir: Path) -> DatasetSchema:
     return DatasetSchema.from_json(json.loads((Path(ds_dir) / "schema.json").read_text()))

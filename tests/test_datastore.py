@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.datastore import (
+    Partition,
     generate_synthetic,
     import_dataset,
     load_schema,
@@ -282,3 +283,11 @@ def test_existing_destination_and_unknown_formats_are_refused(tmp_path: Path,
         import_(synthetic, tmp_path / "ds")
     with pytest.raises(ValueError, match="unsupported file type"):
         import_(write_csv(tmp_path / "x.json", "{}"), tmp_path / "other")
+
+
+def test_mean_user_accuracy_weighs_every_user_equally() -> None:
+    # User 0 has 2 examples (1 right), user 1 has 3 (all right): per user 0.5 and 1.0, mean
+    # 0.75, where pooling the examples would give 4/5.
+    partition = Partition(features=np.zeros((5, 1), np.float32),
+                          labels=np.array([1, 2, 0, 0, 0]), offsets=np.array([0, 2, 5]))
+    assert partition.mean_user_accuracy(np.array([1, 0, 0, 0, 0])) == 0.75
