@@ -132,9 +132,9 @@ SDK_ON_DEMAND = {"tensorflow": "engine.artifact's Keras conversion",
 
 
 # What a researcher's light install runs: the SDK, the protocol, the federation coordinator and
-# the researcher's commands of the CLI.
+# the researcher's commands of the CLI (with gateway.cli.usage, their help: standard library).
 RESEARCHER_SIDE = ("fedgate", "gateway.sdk", "gateway.protocol", "gateway.federation",
-                   "gateway.cli.researcher", "gateway.cli.federation")
+                   "gateway.cli.researcher", "gateway.cli.federation", "gateway.cli.usage")
 
 
 def test_researcher_side_imports_nothing_from_the_server_side() -> None:

@@ -27,7 +27,14 @@ from gateway.cli.common import deployment_dir, open_node
 from gateway.cli.demo import run_demo
 from gateway.cli.demo_federation import run_federation_demo
 from gateway.cli.demo_shakespeare import run_demo_shakespeare
-from gateway.cli.terminal import ControlEscapingStream, escape_controls
+from gateway.cli.terminal import ControlEscapingStream, escape_controls, format_table
+from gateway.cli.usage import (
+    FedgateFormatter,
+    FedgateParser,
+    add_command,
+    examples,
+    fedgate_version,
+)
 from gateway.sdk.client import FedgateError, NodeUnreachable
 from ledger import keys
 from ledger.ranges import DEFAULT_MAX_EXAMPLES_PER_USER
@@ -54,8 +61,7 @@ def _print(data: Any, as_json: bool) -> None:
         print(json.dumps(data, indent=2, sort_keys=True))
         return
     if isinstance(data, list):
-        for row in data:
-            print("  ".join(f"{k}={escape_controls(str(v))}" for k, v in row.items()))
+        print(format_table(data) if data else "(none)")
     else:
         for key, value in data.items():
             print(f"{key}: {escape_controls(str(value))}")
@@ -65,6 +71,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     from gateway.node.deployment import init_deployment
 
     deployment = init_deployment(Path(args.directory), owner=args.owner)
+    if args.json:
+        _print({"directory": str(deployment.root), "owner": args.owner,
+                "node_public_key": str(deployment.node_public_key),
+                "policy_file": str(deployment.policy_file)}, True)
+        return 0
     print(f"initialised fedgate node in {deployment.root}")
     print(f"  node public key: {deployment.node_public_key}  (give it to researchers)")
     print(f"  policies:        {deployment.policy_file}")
@@ -75,6 +86,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     private_key = keys.generate_private_key()
     private_path, public_path = keys.write_key_pair(private_key, Path(args.out))
+    if args.json:
+        _print({"private_key": str(private_path), "public_key": str(public_path),
+                "key_id": keys.key_id(private_key.public_key())}, True)
+        return 0
     print(f"private key: {private_path} (keep it secret)")
     print(f"public key:  {public_path} (send it to the data owner)")
     print(f"key id:      {keys.key_id(private_key.public_key())}")
@@ -258,6 +273,14 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     how = ("declared public" if public.event is None
            else "DP estimate, charged once to the budget")
+    if args.json:
+        _print({"name": args.name, "training_users": training.users,
+                "evaluation_users": evaluation.users, "public_users": public.value,
+                "public_users_source": public.source,
+                "num_features": loaded.num_features, "num_classes": loaded.num_classes,
+                "max_examples_per_user": args.max_examples_per_user,
+                "epsilon_total": args.epsilon_total, "delta": args.delta}, True)
+        return 0
     print(f"imported dataset {args.name}: {training.users} training users, "
           f"{evaluation.users} evaluation users (exact, owner only); researchers see "
           f"N̂ = {public.value} ({how}); {loaded.num_features} features, "
@@ -381,80 +404,133 @@ def _needs_node(missing: ModuleNotFoundError):  # type: ignore[no-untyped-def]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FedgateParser(
         prog="fedgate",
         description="fedgate: a governance gateway for user-level differentially private "
                     "federated learning.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=FedgateFormatter,
     )
     parser.add_argument("-d", "--deployment", help="deployment directory (default: "
                         "$FEDGATE_DEPLOYMENT or .)")
+    parser.add_argument("--version", action="version", version=f"fedgate {fedgate_version()}",
+                        help="print the fedgate version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("init", help="create a node deployment directory")
-    p.add_argument("directory")
+    p = add_command(commands, "init", help="create a node deployment directory",
+                    description="Create a node deployment directory: the node's key pair, its "
+                                "configuration, an empty ledger and a starter policy.",
+                    examples=examples("fedgate init ./node --owner clinic",
+                                      "fedgate init ./node --owner clinic --json"))
+    p.add_argument("directory", help="the directory to create (must not exist or be empty)")
     p.add_argument("--owner", default="owner", help="data owner name (Casbin domain)")
+    p.add_argument("--json", action="store_true", help="print the created paths as JSON")
     p.set_defaults(func=cmd_init)
 
-    p = commands.add_parser("keygen", help="create an Ed25519 key pair (PREFIX.key, PREFIX.pub)")
+    p = add_command(commands, "keygen", help="create an Ed25519 key pair (PREFIX.key, PREFIX.pub)",
+                    description="Create an Ed25519 key pair: PREFIX.key stays with you, "
+                                "PREFIX.pub goes to the data owner.",
+                    examples=examples("fedgate keygen --out alice",
+                                      "fedgate keygen --out alice --json"))
     p.add_argument("--out", required=True, help="file prefix, e.g. alice")
+    p.add_argument("--json", action="store_true", help="print the paths and key id as JSON")
     p.set_defaults(func=cmd_keygen)
 
     for role in ("researcher", "officer"):
-        group = commands.add_parser(role, help=f"manage {role} keys (owner)")
+        group = add_command(commands, role, help=f"manage {role} keys (owner)",
+                            examples=examples(
+                                f"fedgate -d ./node {role} add alice --public-key alice.pub",
+                                f"fedgate -d ./node {role} list"))
         sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-        p = sub.add_parser("add", help=f"register a new {role} (a name no principal or group "
-                           "has) with their public key")
-        p.add_argument("name")
+        p = add_command(sub, "add", help=f"register a new {role} (a name no principal or group "
+                        "has) with their public key",
+                        examples=examples(
+                            f"fedgate -d ./node {role} add alice --public-key alice.pub",
+                            f"fedgate -d ./node {role} add alice --public-key alice.pub "
+                            "--group cardiology"))
+        p.add_argument("name", help=f"the {role}'s name, as policy rules name them")
         p.add_argument("--public-key", required=True, help="PEM file from `fedgate keygen`")
         p.add_argument("--group", default=None, help=f"policy group (default: {role}s)")
         p.set_defaults(func=cmd_principal_add, role=role)
-        p = sub.add_parser("add-key", help=f"give a registered {role} another key (the same "
-                           "person, e.g. a second machine)")
-        p.add_argument("name")
+        p = add_command(sub, "add-key", help=f"give a registered {role} another key (the same "
+                        "person, e.g. a second machine)",
+                        examples=examples(f"fedgate -d ./node {role} add-key alice "
+                                          "--public-key alice-laptop.pub"))
+        p.add_argument("name", help=f"the registered {role}'s name")
         p.add_argument("--public-key", required=True, help="PEM file from `fedgate keygen`")
         p.set_defaults(func=cmd_principal_add_key, role=role)
-        p = sub.add_parser("list", help=f"list {role} keys")
-        p.add_argument("--json", action="store_true")
+        p = add_command(sub, "list", help=f"list {role} keys",
+                        examples=examples(f"fedgate -d ./node {role} list",
+                                          f"fedgate -d ./node {role} list --json"))
+        p.add_argument("--json", action="store_true", help="print the keys as JSON")
         p.set_defaults(func=cmd_principal_list, role=role)
-        p = sub.add_parser("rotate", help=f"replace a {role}'s keys by a new public key")
-        p.add_argument("name")
+        p = add_command(sub, "rotate", help=f"replace a {role}'s keys by a new public key",
+                        examples=examples(f"fedgate -d ./node {role} rotate alice "
+                                          "--public-key alice-2026.pub"))
+        p.add_argument("name", help=f"the registered {role}'s name")
         p.add_argument("--public-key", required=True, help="the new PEM public key")
         p.set_defaults(func=cmd_principal_rotate, role=role)
-        p = sub.add_parser("revoke", help="revoke all keys of NAME (or one key id)")
-        p.add_argument("name")
+        p = add_command(sub, "revoke", help="revoke all keys of NAME (or one key id)",
+                        examples=examples(f"fedgate -d ./node {role} revoke alice",
+                                          f"fedgate -d ./node {role} revoke KEY_ID"))
+        p.add_argument("name", help=f"the {role}'s name (all their keys) or one key id")
         p.set_defaults(func=cmd_principal_revoke, role=role)
 
-    group = commands.add_parser("dataset", help="synthesize, import and list datasets (owner)")
+    group = add_command(commands, "dataset", help="synthesize, import and list datasets (owner)",
+                        examples=examples(
+                            "fedgate dataset synthesize users.parquet --users 2500",
+                            "fedgate -d ./node dataset import demo users.parquet "
+                            "--user-column user_id --label-column label --epsilon-total 8 "
+                            "--delta 1e-6",
+                            "fedgate -d ./node dataset list"))
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("synthesize", help="write a synthetic non-IID per-user dataset "
-                       "(LEAF Synthetic(α, β) style)")
+    p = add_command(sub, "synthesize", help="write a synthetic non-IID per-user dataset "
+                    "(LEAF Synthetic(α, β) style)",
+                    examples=examples("fedgate dataset synthesize users.parquet --users 2500",
+                                      "fedgate dataset synthesize users.csv --users 500 "
+                                      "--features 20 --classes 5 --seed 7"))
     p.add_argument("output", help="FILE.parquet or FILE.csv")
-    p.add_argument("--users", type=int, default=2500)
-    p.add_argument("--features", type=int, default=60)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--users", type=int, default=2500, help="number of users (default 2500)")
+    p.add_argument("--features", type=int, default=60, help="features per example (default 60)")
+    p.add_argument("--classes", type=int, default=10, help="label classes (default 10)")
     p.add_argument("--alpha", type=float, default=1.0, help="spread of users' models (α)")
     p.add_argument("--beta", type=float, default=1.0, help="spread of users' features (β)")
     p.add_argument("--shared-model-std", type=float, default=3.0,
                    help="std of a labelling model shared by all users (0 = LEAF's recipe "
                         "exactly, where held-out users are unpredictable; default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_dataset_synthesize)
-    p = sub.add_parser("fetch", help="fetch a public per-user dataset (shakespeare: one user "
-                       "per play and role, next-character prediction; see docs/shakespeare.md)")
-    p.add_argument("dataset", choices=["shakespeare"])
+    p = add_command(sub, "fetch", help="fetch a public per-user dataset (shakespeare: one user "
+                    "per play and role, next-character prediction; see docs/shakespeare.md)",
+                    examples=examples("fedgate dataset fetch shakespeare shakespeare.parquet",
+                                      "fedgate dataset fetch shakespeare shakespeare.parquet "
+                                      "--window 20 --per-user-cap 64"))
+    p.add_argument("dataset", choices=["shakespeare"], help="the dataset to fetch")
     p.add_argument("output", help="FILE.parquet to write")
     p.add_argument("--window", type=int, default=80,
                    help="characters before the one to predict (LEAF: 80; the demo uses 20)")
     p.add_argument("--per-user-cap", type=int, default=256,
                    help="at most this many windows per speaker, spread over their lines")
     p.set_defaults(func=cmd_dataset_fetch)
-    p = sub.add_parser("import", help="import a CSV/Parquet table with a user-id column")
-    p.add_argument("name")
-    p.add_argument("source")
-    p.add_argument("--user-column", required=True)
-    p.add_argument("--label-column", required=True)
+    p = add_command(sub, "import", help="import a CSV/Parquet table with a user-id column",
+                    description="Import a CSV/Parquet table with a user-id column: split users "
+                                "into training and held-out evaluation, write the public mock "
+                                "data, and set the dataset's total budget (ε_total, δ). Refuses "
+                                "δ ≥ 1/N̂ and ε_total > 100, and warns about ε_total > 10, "
+                                "columns left out of the features and declared labels no row "
+                                "uses; --force imports anyway.",
+                    examples=examples(
+                        "fedgate -d ./node dataset import demo users.parquet --user-column "
+                        "user_id --label-column label --num-classes 10 --epsilon-total 8 "
+                        "--delta 1e-6",
+                        "fedgate -d ./node dataset import notes notes.csv --user-column patient "
+                        "--label-column y --feature-columns age,bmi --public-users 12000 "
+                        "--epsilon-total 4 --delta 1e-7 --json"))
+    p.add_argument("name", help="the dataset's name, as researchers and policies name it")
+    p.add_argument("source", help="the table: FILE.csv or FILE.parquet")
+    p.add_argument("--user-column", required=True, help="the column that identifies the user "
+                   "(the privacy unit: all of a user's rows are one user)")
+    p.add_argument("--label-column", required=True, help="the integer label column (0..K-1)")
     p.add_argument("--feature-columns", help="comma-separated (default: all other columns)")
     p.add_argument("--evaluation-fraction", type=float, default=0.2,
                    help="share of users held out for DP evaluation (default 0.2)")
@@ -474,19 +550,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, metavar="K",
                    help="the label set is 0..K-1 (public; default: the largest label + 1, "
                         "which reads the data: declare it)")
+    p.add_argument("--json", action="store_true", help="print the imported dataset as JSON")
     p.set_defaults(func=cmd_dataset_import)
-    p = sub.add_parser("list", help="list datasets")
-    p.add_argument("--json", action="store_true")
+    p = add_command(sub, "list", help="list datasets with their exact and public user counts",
+                    examples=examples("fedgate -d ./node dataset list",
+                                      "fedgate -d ./node dataset list --json"))
+    p.add_argument("--json", action="store_true", help="print the datasets as JSON")
     p.set_defaults(func=cmd_dataset_list)
 
-    group = commands.add_parser("budget", help="privacy budget status (owner)")
+    group = add_command(commands, "budget", help="privacy budget status (owner)",
+                        examples=examples("fedgate -d ./node budget show",
+                                          "fedgate -d ./node budget show demo --json"))
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("show", help="spent/reserved state of each dataset's privacy filter",
-                       description="The filter is used up when, at every RDP order, spent + "
-                                   "reserved reaches the order's budget; 'used' is the smallest "
-                                   "fraction over the orders (the most room left).")
-    p.add_argument("dataset", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p = add_command(sub, "show", help="spent/reserved state of each dataset's privacy filter",
+                    description="The filter is used up when, at every RDP order, spent + "
+                                "reserved reaches the order's budget; 'used' is the smallest "
+                                "fraction over the orders (the most room left).",
+                    examples=examples("fedgate -d ./node budget show",
+                                      "fedgate -d ./node budget show demo --json"))
+    p.add_argument("dataset", nargs="?", help="one dataset (default: all)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_budget_show)
 
     audit.register(commands)
@@ -497,9 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ModuleNotFoundError as missing:
         if not needs_node_extra(missing):
             raise
-        p = commands.add_parser("policy", help="check, test, explain and reload the owner "
-                                f"policy (owner; needs the node extra: {NODE_EXTRA_HINT})")
-        p.add_argument("arguments", nargs=argparse.REMAINDER)
+        p = add_command(commands, "policy", help="check, test, explain and reload the owner "
+                        f"policy (owner; needs the node extra: {NODE_EXTRA_HINT})",
+                        examples=examples("fedgate -d ./node policy check"))
+        p.add_argument("arguments", nargs=argparse.REMAINDER, help="the policy command")
         p.set_defaults(func=_needs_node(missing))
     else:
         policy.register(commands)
@@ -508,24 +592,34 @@ def build_parser() -> argparse.ArgumentParser:
     researcher.register(commands)
     federation.register(commands)
 
-    p = commands.add_parser("serve", help="run the gateway (HTTP on loopback by default)")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--log-level", default="info")
+    p = add_command(commands, "serve", help="run the gateway (HTTP on loopback by default)",
+                    description="Run the gateway. Its log has one line per request and one "
+                                "per admission, refusal and completion of a job.",
+                    examples=examples("fedgate -d ./node serve",
+                                      "fedgate -d ./node serve --port 8620 --log-level warning"))
+    p.add_argument("--host", default=None, help="address to bind (default: the deployment's, "
+                   "127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the deployment's, 8620)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)
 
-    p = commands.add_parser("demo", help="run the end-to-end demo on a temporary node")
-    p.add_argument("--users", type=int, default=20_000)
+    p = add_command(commands, "demo", help="run the end-to-end demo on a temporary node",
+                    examples=examples("fedgate demo", "fedgate demo --users 5000 --keep"))
+    p.add_argument("--users", type=int, default=20_000,
+                   help="users in the synthetic dataset (default 20000)")
     p.add_argument("--keep", action="store_true", help="keep the temporary deployment")
     p.set_defaults(func=cmd_demo)
 
-    p = commands.add_parser("demo-federation", help="run the cross-silo federation demo on three "
-                            "temporary nodes")
+    p = add_command(commands, "demo-federation", help="run the cross-silo federation demo on "
+                    "three temporary nodes",
+                    examples=examples("fedgate demo-federation", "fedgate demo-federation --keep"))
     p.add_argument("--keep", action="store_true", help="keep the temporary deployments")
     p.set_defaults(func=cmd_demo_federation)
 
-    p = commands.add_parser("demo-shakespeare", help="fetch Shakespeare per speaker, plan a job "
-                            "at ε 4 and train a character model with adaptive clipping")
+    p = add_command(commands, "demo-shakespeare", help="fetch Shakespeare per speaker, plan a "
+                    "job at ε 4 and train a character model with adaptive clipping",
+                    examples=examples("fedgate demo-shakespeare",
+                                      "fedgate demo-shakespeare --keep"))
     p.add_argument("--keep", action="store_true", help="keep the temporary deployment")
     p.set_defaults(func=cmd_demo_shakespeare)
     return parser

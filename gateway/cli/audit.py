@@ -1,17 +1,5 @@
-"""``fedgate audit``: export, verify offline, show, prove and checkpoint the audit log.
-
-``audit verify`` needs only an export and the node's public key — run it on any machine.
-The other commands act on the deployment (``-d DIR``). Exit codes: 0 success,
-1 verification failed or the node refused to sign, 2 usage or file errors.
-
-Examples::
-
-    fedgate -d ./node audit export --out audit.json
-    fedgate audit verify audit.json --node-key node.pub
-    fedgate -d ./node audit show --from 0 --to 20
-    fedgate -d ./node audit proof --index 7
-    fedgate -d ./node audit checkpoint > checkpoint-$(date +%F).txt
-"""
+"""``fedgate audit``: export, verify offline, show, prove and checkpoint the audit log
+(``DESCRIPTION`` is what ``fedgate audit --help`` says)."""
 
 from __future__ import annotations
 
@@ -24,10 +12,18 @@ from typing import Any
 
 from gateway.cli.common import open_node
 from gateway.cli.terminal import escape_controls
+from gateway.cli.usage import add_command, examples
 from ledger import keys
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel), which these commands need.
+
+DESCRIPTION = """\
+Export, verify offline, show, prove and checkpoint the tamper-evident audit log.
+
+`audit verify` needs only an export and the node's public key: run it on any machine.
+The other commands act on the deployment (-d DIR). Exit codes: 0 success,
+1 verification failed or the node refused to sign, 2 usage or file errors."""
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -36,7 +32,20 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     public_key = keys.load_public_key(Path(args.node_key))
     known = [Path(path).read_text(encoding="utf-8") for path in args.checkpoint]
     report = verify_export_file(Path(args.export), public_key, known)  # mapped, not read
-    print(report.summary())
+    if args.json:
+        latest, problem = report.latest, report.problem
+        print(json.dumps({
+            "ok": report.ok, "entries": report.entries, "checkpoints": report.checkpoints,
+            "verified_size": report.verified_size, "root": report.root,
+            "latest_checkpoint": None if latest is None else {
+                "size": latest.size, "root": latest.root.hex(), "origin": latest.origin,
+                "timestamp": latest.timestamp},
+            "problem": None if problem is None else {
+                "reason": problem.reason, "message": problem.message,
+                "first_index": problem.first_index, "last_index": problem.last_index},
+        }, indent=2, sort_keys=True, ensure_ascii=False))
+    else:
+        print(report.summary())
     return 0 if report.ok else 1
 
 
@@ -51,8 +60,14 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     tmp.write_bytes(export)
     tmp.replace(out)
     reader = read_export(export)  # counts entry lines without decoding them
-    print(f"wrote the audit log to {out}: entries: {reader.count_entries()}, signed "
-          f"checkpoints: {len(reader.checkpoints)}, sha256: {hashlib.sha256(export).hexdigest()}")
+    written = {"out": str(out), "entries": reader.count_entries(),
+               "checkpoints": len(reader.checkpoints), "sha256": hashlib.sha256(export).hexdigest(),
+               "warning": warning}
+    if args.json:
+        print(json.dumps(written, indent=2, sort_keys=True, ensure_ascii=False))
+        return 1 if warning else 0
+    print(f"wrote the audit log to {out}: entries: {written['entries']}, signed "
+          f"checkpoints: {written['checkpoints']}, sha256: {written['sha256']}")
     print(f"verify offline: fedgate audit verify {out} --node-key {node.deployment.node_public_key}")
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -115,34 +130,60 @@ def _short(value: Any) -> str:
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``audit`` and its actions to the ``fedgate`` command parser."""
-    group = commands.add_parser("audit", help="export, verify and inspect the tamper-evident "
-                                "audit log", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = add_command(commands, "audit", help="export, verify and inspect the tamper-evident "
+                        "audit log", description=DESCRIPTION,
+                        examples=examples(
+                            "fedgate -d ./node audit export --out audit.json",
+                            "fedgate audit verify audit.json --node-key node.pub",
+                            "fedgate -d ./node audit show --from 0 --to 20",
+                            "fedgate -d ./node audit proof --index 7",
+                            "fedgate -d ./node audit checkpoint > checkpoint-$(date +%F).txt"))
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    p = sub.add_parser("verify", help="verify an export offline against the node public key")
+    p = add_command(sub, "verify", help="verify an export offline against the node public key",
+                    description="Recompute every entry hash, the Merkle tree and each signed "
+                                "checkpoint of an export; report the first problem. Exit 0 "
+                                "when it verifies, 1 when it does not.",
+                    examples=examples(
+                        "fedgate audit verify audit.json --node-key node.pub",
+                        "fedgate audit verify audit.json --node-key node.pub "
+                        "--checkpoint checkpoint-2026-05-01.txt --json"))
     p.add_argument("export", help="file written by `fedgate audit export` or GET /v1/audit/export")
     p.add_argument("--node-key", required=True, help="the node's public key (node.pub)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                    help="a checkpoint saved earlier (repeatable); detects a log cut back "
                         "to before it")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_audit_verify)
 
-    p = sub.add_parser("export", help="sign a checkpoint now and write the whole log to a file")
+    p = add_command(sub, "export", help="sign a checkpoint now and write the whole log to a file",
+                    examples=examples("fedgate -d ./node audit export --out audit.json",
+                                      "fedgate -d ./node audit export --out audit.json --json"))
     p.add_argument("--out", required=True, help="output file (JSON)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=cmd_audit_export)
 
-    p = sub.add_parser("show", help="print entries (seq FROM to TO-1)")
-    p.add_argument("--from", dest="start", type=int, default=0, metavar="N")
-    p.add_argument("--to", dest="end", type=int, default=None, metavar="M")
+    p = add_command(sub, "show", help="print entries (seq FROM to TO-1)",
+                    examples=examples("fedgate -d ./node audit show --from 0 --to 20",
+                                      "fedgate -d ./node audit show --from 100 --json"))
+    p.add_argument("--from", dest="start", type=int, default=0, metavar="N",
+                   help="first entry (default 0)")
+    p.add_argument("--to", dest="end", type=int, default=None, metavar="M",
+                   help="stop before this entry (default: the end of the log)")
     p.add_argument("--json", action="store_true", help="print the entries as JSON")
     p.set_defaults(func=cmd_audit_show)
 
-    p = sub.add_parser("proof", help="inclusion proof of entry N (JSON)")
-    p.add_argument("--index", type=int, required=True, metavar="N")
+    p = add_command(sub, "proof", help="inclusion proof of entry N (JSON)",
+                    examples=examples("fedgate -d ./node audit proof --index 7",
+                                      "fedgate -d ./node audit proof --index 7 --size 120"))
+    p.add_argument("--index", type=int, required=True, metavar="N", help="the entry to prove")
     p.add_argument("--size", type=int, default=None, metavar="M",
                    help="tree size (default: the latest checkpoint, signed now if the log grew)")
     p.set_defaults(func=cmd_audit_proof)
 
-    p = sub.add_parser("checkpoint", help="sign a checkpoint of the log now and print it")
+    p = add_command(sub, "checkpoint", help="sign a checkpoint of the log now and print it",
+                    description="Sign a checkpoint of the log now and print it (signed-note "
+                                "text): keep it, and pass it to `audit verify --checkpoint` later.",
+                    examples=examples(
+                        "fedgate -d ./node audit checkpoint > checkpoint-$(date +%F).txt"))
     p.set_defaults(func=cmd_audit_checkpoint)

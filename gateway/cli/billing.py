@@ -1,15 +1,9 @@
 """`fedgate billing`: the data owner's view of what researchers' jobs cost (docs/billing.md).
 
-Examples:
-
-    fedgate -d ./node billing statement --researcher alice --month 2026-11
-    fedgate -d ./node billing statement --researcher alice --month 2026-11 --format csv > alice.csv
-    fedgate -d ./node billing usage --month 2026-11        # every researcher, owner-local detail
-
-A statement lists one researcher's charges of one month (UTC) — each cites its ``bill`` audit
+A statement lists one researcher's charges of one month (UTC) — each cites its `bill` audit
 entry — and totals them per currency; the totals equal the sum of those audit entries exactly.
-It holds only data-independent quantities (CPU billed, rounds, *expected* client updates), so
-it can be sent to the researcher. ``usage`` is for the owner alone: the measured CPU, wall time
+It holds only data-independent quantities (CPU billed, rounds, expected client updates), so
+it can be sent to the researcher. `usage` is for the owner alone: the measured CPU, wall time
 and memory of each job and the exact client-update counts depend on the private data.
 """
 
@@ -20,6 +14,8 @@ import json
 import sys
 
 from gateway.cli.common import open_node
+from gateway.cli.terminal import format_table
+from gateway.cli.usage import add_command, examples
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
@@ -83,25 +79,38 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
-    for row in data:
-        print("  ".join(f"{key}={value}" for key, value in row.items()))
     if not data:
         print("no jobs metered in that month")
+        return 0
+    print(format_table(data, ("job_id", "researcher", "dataset", "outcome", "cpu_seconds",
+                              "wall_seconds", "peak_memory_bytes", "rounds_run",
+                              "client_updates")))
+    print("(--json has every measured field)")
     return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    billing = commands.add_parser("billing", help="compute charges: statements and usage (owner)",
-                                  description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = billing.add_subparsers(dest="billing_command", required=True)
-    p = sub.add_parser("statement", help="one researcher's charges in one month")
-    p.add_argument("--researcher", required=True)
+    billing = add_command(commands, "billing", help="compute charges: statements and usage "
+                          "(owner)", description=__doc__,
+                          examples=examples(
+                              "fedgate -d ./node billing statement --researcher alice "
+                              "--month 2026-11",
+                              "fedgate -d ./node billing usage --month 2026-11"))
+    sub = billing.add_subparsers(dest="billing_command", required=True, metavar="ACTION")
+    p = add_command(sub, "statement", help="one researcher's charges in one month",
+                    examples=examples(
+                        "fedgate -d ./node billing statement --researcher alice --month 2026-11",
+                        "fedgate -d ./node billing statement --researcher alice --month 2026-11 "
+                        "--format csv > alice.csv"))
+    p.add_argument("--researcher", required=True, help="the researcher's name")
     p.add_argument("--month", required=True, type=_month, help="YYYY-MM (UTC)")
-    p.add_argument("--format", choices=("text", "csv", "json"), default="text")
+    p.add_argument("--format", choices=("text", "csv", "json"), default="text",
+                   help="output format (default text)")
     p.set_defaults(func=cmd_statement)
-    p = sub.add_parser("usage", help="every job metered in one month, as measured (owner only: "
-                       "depends on the private data)")
+    p = add_command(sub, "usage", help="every job metered in one month, as measured (owner only: "
+                    "depends on the private data)",
+                    examples=examples("fedgate -d ./node billing usage --month 2026-11",
+                                      "fedgate -d ./node billing usage --month 2026-11 --json"))
     p.add_argument("--month", required=True, type=_month, help="YYYY-MM (UTC)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print every metered field as JSON")
     p.set_defaults(func=cmd_usage)

@@ -1,14 +1,9 @@
-"""``fedgate officer token NAME``: a one-time sign-in for the officer dashboard (owner).
+"""`fedgate officer token NAME`: a one-time sign-in for the officer dashboard (owner).
 
 Prints a login URL to hand to the officer through a channel you trust. The token signs
-in once; the session it opens lasts until the token's expiry (``--hours``, default 8),
+in once; the session it opens lasts until the token's expiry (--hours, default 8),
 sign-out, or the revocation or rotation of the officer's key. Only its SHA-256 is
-stored, and the issuance is audited (action ``token``). See docs/compliance.md.
-
-Examples::
-
-    fedgate -d ./node officer token olivia
-    fedgate -d ./node officer token olivia --hours 2 --url https://node.example:8620
+stored, and the issuance is audited (action `token`). See docs/compliance.md.
 """
 
 from __future__ import annotations
@@ -20,6 +15,7 @@ import time
 from urllib.parse import quote
 
 from gateway.cli.common import open_node
+from gateway.cli.usage import add_command, examples
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
@@ -52,8 +48,11 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     """Add ``token`` to the ``officer`` command (which ``gateway.cli`` defines first)."""
     officer = commands.choices["officer"]
     actions = next(a for a in officer._actions if isinstance(a, argparse._SubParsersAction))
-    p = actions.add_parser("token", help="issue a one-time sign-in link for the officer dashboard",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(actions, "token", help="issue a one-time sign-in link for the officer "
+                    "dashboard", description=__doc__,
+                    examples=examples("fedgate -d ./node officer token olivia",
+                                      "fedgate -d ./node officer token olivia --hours 2 "
+                                      "--url https://node.example:8620"))
     p.add_argument("name", help="the officer's name (`fedgate officer list`)")
     p.add_argument("--hours", type=float, default=8.0,
                    help="how long the token and the session it opens last (default 8, at most 168)")

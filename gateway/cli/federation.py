@@ -188,9 +188,17 @@ def cmd_verify_federation(args: argparse.Namespace) -> int:
     try:
         manifest = verify_federation_manifest(document, coordinator, node_keys)
     except FederationManifestInvalid as exc:
-        print(f"FAILED: {exc}")
+        print(json.dumps({"ok": False, "problem": str(exc)}, indent=2) if args.json
+              else f"FAILED: {exc}")
         return 1
     contributions = sum(len(r["contributions"]) for r in manifest["rounds"])
+    if args.json:
+        print(json.dumps({"ok": True, "federation_id": manifest["federation_id"],
+                          "status": manifest["status"], "rounds": len(manifest["rounds"]),
+                          "node_releases": contributions,
+                          "node_signatures_checked": node_keys is not None,
+                          "final_model_digest": manifest["final_model_digest"]}, indent=2))
+        return 0
     print(f"OK: federation {manifest['federation_id']} ({manifest['status']}), "
           f"{len(manifest['rounds'])} rounds, {contributions} node releases"
           + (" with node signatures verified" if node_keys is not None else
@@ -219,11 +227,15 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--noise-multiplier", type=float, required=True,
                    help="z: Gaussian noise std / clip, added by each node to its users' sum")
     p.add_argument("--clip", type=float, required=True, help="per-user L2 clip of updates")
-    p.add_argument("--client-learning-rate", type=float)
+    p.add_argument("--client-learning-rate", type=float,
+                   help="users' local SGD step (default: each node's job default)")
     p.add_argument("--server-learning-rate", type=float, help="each node's own server step")
-    p.add_argument("--server-momentum", type=float)
-    p.add_argument("--local-epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--server-momentum", type=float,
+                   help="each node's server momentum (default: the job default)")
+    p.add_argument("--local-epochs", type=int,
+                   help="passes over a user's capped examples per round (default: job default)")
+    p.add_argument("--batch-size", type=int,
+                   help="local batch size (default: the job default)")
     p.add_argument("--min-nodes", type=int, default=1,
                    help="fail unless this many nodes admit it and stay (default 1)")
     p.add_argument("--allow-dropout", action="store_true",
@@ -245,4 +257,5 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("manifest", help="federation manifest JSON (fedgate federate --manifest)")
     p.add_argument("--coordinator-key", required=True, help="the coordinator's public key")
     p.add_argument("--nodes", help="nodes.toml naming each node's public key")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(func=cmd_verify_federation)

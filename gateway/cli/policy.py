@@ -4,14 +4,6 @@ All commands act on a deployment (-d DIR) and read its key registry (group membe
 and datasets; --policy FILE uses a candidate file instead of the live
 policies/policy.csv. Exit codes: 0 success (explain: allowed), 1 findings, failed
 expectations, a denial or a refused reload, 2 usage or file errors. See docs/policies.md.
-
-Examples:
-
-    fedgate -d ./node policy check --policy new-policy.csv
-    fedgate -d ./node policy test expectations.csv --policy new-policy.csv
-    fedgate -d ./node policy explain --as bob --dataset notes --action train \\
-        --param rounds=500 --param noise_multiplier=0.8
-    fedgate -d ./node policy reload --from new-policy.csv
 """
 
 from __future__ import annotations
@@ -27,6 +19,7 @@ from typing import Any
 from sqlmodel import select
 
 from gateway.cli.common import open_node
+from gateway.cli.usage import add_command, examples
 from gateway.policy.decisions import PolicyEngine
 from gateway.policy.expectations import outcome, parse_expectations, parse_params, run_expectations
 from gateway.policy.ledger_inputs import registry_memberships, researcher_epsilon_spent
@@ -63,11 +56,15 @@ def _build(node, path: Path, memberships: list[tuple[str, str, str]]) -> PolicyE
 
 
 def _build_or_report(node, path: Path,  # type: ignore[no-untyped-def]
-                     memberships: list[tuple[str, str, str]]) -> PolicyEngine | PolicyInvalid:
-    """The engine for ``path``, or its validation errors after printing each of them."""
+                     memberships: list[tuple[str, str, str]], *,
+                     report: bool = True) -> PolicyEngine | PolicyInvalid:
+    """The engine for ``path``, or its validation errors after printing each of them (unless
+    not ``report``)."""
     try:
         return _build(node, path, memberships)
     except PolicyInvalid as exc:
+        if not report:
+            return exc
         for problem in exc.problems:
             print(f"error: {problem}")
         print(f"{path}: {len(exc.problems)} error(s); this policy would not load")
@@ -82,14 +79,26 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     node = open_node(args)
     memberships, principals, datasets = _registry(node)
     path = _policy_path(node, args)
-    engine = _build_or_report(node, path, memberships)
+    engine = _build_or_report(node, path, memberships, report=not args.json)
     if isinstance(engine, PolicyInvalid):
+        if args.json:
+            print(json.dumps({"policy": str(path), "valid": False,
+                              "errors": [str(problem) for problem in engine.problems]},
+                             indent=2, ensure_ascii=False))
         return 1
     findings = lint_policy(engine, owner=node.config.owner, datasets=datasets,
                            principals=principals, now=_now(args))
+    rows = engine.rows
+    if args.json:
+        print(json.dumps({"policy": str(path), "valid": True, "version": engine.version,
+                          "rules": len(rows.grants), "constraints": len(rows.constraints),
+                          "obligations": len(rows.obligations),
+                          "memberships": len(engine.memberships),
+                          "warnings": [str(finding) for finding in findings]},
+                         indent=2, ensure_ascii=False))
+        return 1 if findings and args.strict else 0
     for finding in findings:
         print(finding)
-    rows = engine.rows
     obligations = f"{len(rows.obligations)} obligations, " if rows.obligations else ""
     print(f"{path}: valid ({len(rows.grants)} rules, {len(rows.constraints)} constraints, "
           f"{obligations}{len(engine.memberships)} memberships), {len(findings)} warning(s); "
@@ -192,42 +201,64 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``fedgate policy check|test|explain|reload`` to the top-level subcommands."""
-    group = commands.add_parser(
-        "policy", help="check, test, explain and reload the owner policy (owner)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = add_command(
+        commands, "policy", help="check, test, explain and reload the owner policy (owner)",
+        description=__doc__,
+        examples=examples(
+            "fedgate -d ./node policy check --policy new-policy.csv",
+            "fedgate -d ./node policy test expectations.csv --policy new-policy.csv",
+            "fedgate -d ./node policy explain --as bob --dataset notes --action train \\",
+            "    --param rounds=500 --param noise_multiplier=0.8",
+            "fedgate -d ./node policy reload --from new-policy.csv"))
     sub = group.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
 
     def policy_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--policy", help="policy file to use instead of policies/policy.csv")
 
-    p = sub.add_parser("check", help="lint: syntax, values, unknown datasets and subjects, "
-                       "shadowed or contradictory rules")
+    p = add_command(sub, "check", help="lint: syntax, values, unknown datasets and subjects, "
+                    "shadowed or contradictory rules",
+                    examples=examples("fedgate -d ./node policy check",
+                                      "fedgate -d ./node policy check --policy new-policy.csv "
+                                      "--strict --json"))
     policy_option(p)
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.add_argument("--at", help="judge expiry at this ISO time (default: now)")
+    p.add_argument("--json", action="store_true", help="print the verdict, errors and "
+                   "warnings as JSON")
     p.set_defaults(func=cmd_policy_check)
 
-    p = sub.add_parser("test", help="run an expectation table (subject,dataset,action,params,"
-                       "expect) against the policy")
+    p = add_command(sub, "test", help="run an expectation table (subject,dataset,action,params,"
+                    "expect) against the policy",
+                    examples=examples("fedgate -d ./node policy test expectations.csv",
+                                      "fedgate -d ./node policy test expectations.csv "
+                                      "--policy new-policy.csv"))
     p.add_argument("expectations", help="CSV file; see docs/policies.md")
     policy_option(p)
     p.add_argument("--at", help="default time of the requests (ISO, default: now)")
     p.set_defaults(func=cmd_policy_test)
 
-    p = sub.add_parser("explain", help="decide one request and say why")
+    p = add_command(sub, "explain", help="decide one request and say why",
+                    examples=examples(
+                        "fedgate -d ./node policy explain --as bob --dataset notes --action train",
+                        "fedgate -d ./node policy explain --as bob --dataset notes --action train "
+                        "\\",
+                        "    --param rounds=500 --param noise_multiplier=0.8 --json"))
     p.add_argument("--as", dest="subject", required=True, help="principal name")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--action", dest="request_action", required=True, choices=ACTIONS)
+    p.add_argument("--dataset", required=True, help="the dataset the request names")
+    p.add_argument("--action", dest="request_action", required=True, choices=ACTIONS,
+                   help="the requested action")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a request parameter, e.g. rounds=500 noise_multiplier=0.8 "
                         "epsilon=1.2 model_family=keras-sequential model_bytes=3MB; repeatable")
     p.add_argument("--at", help="time of the request (ISO, default: now)")
     policy_option(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the decision as JSON")
     p.set_defaults(func=cmd_policy_explain)
 
-    p = sub.add_parser("reload", help="validate and install the policy; the gateway switches at "
-                       "its next request, a refused policy changes nothing")
+    p = add_command(sub, "reload", help="validate and install the policy; the gateway switches "
+                    "at its next request, a refused policy changes nothing",
+                    examples=examples("fedgate -d ./node policy reload",
+                                      "fedgate -d ./node policy reload --from new-policy.csv"))
     p.add_argument("--from", dest="source", help="install this file as policies/policy.csv "
                    "if it is valid (default: re-validate the live file)")
     p.set_defaults(func=cmd_policy_reload)

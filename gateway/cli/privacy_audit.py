@@ -1,6 +1,6 @@
 """`fedgate audit-privacy`: empirical canary audit of the engine's DP-FedAvg (owner, local).
 
-Runs :mod:`engine.privacy_audit` in its own process (own session, loopback-only network) and
+Runs engine.privacy_audit in its own process (own session, loopback-only network) and
 prints the analytic ε beside the empirical estimate. Exit codes: 0 every audit run is
 consistent with the analytic ε, 1 an audit failed (the interval's lower end is above the
 analytic ε), 2 usage errors.
@@ -16,17 +16,6 @@ runs (its noise is always fresh, so those runs are not reproducible).
 multiplier 0, noise multiplier halved, or no clipping) against the configured job's analytic
 ε, to show that the audit catches it; these switches exist only in this command, never in a
 job. See docs/privacy-audit.md.
-
-Examples:
-
-    fedgate audit-privacy                           # PASS: exit 0
-    fedgate audit-privacy --seeds 10                # 10 runs, one process: all PASS, exit 0
-    fedgate audit-privacy --seeds 10 --break half-noise   # must FAIL: exit 1
-    fedgate audit-privacy --clip 1e-9               # the smallest admissible clip: PASS
-    fedgate audit-privacy --path training --population 100
-    fedgate audit-privacy --path shards --population 100 --seeds 10
-    fedgate audit-privacy --fresh-noise             # the job's unseeded noise, not reproducible
-    fedgate audit-privacy --break noise --plot audit.png   # must FAIL: exit 1
 """
 
 from __future__ import annotations
@@ -46,8 +35,20 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.usage import add_command, examples
+
 if TYPE_CHECKING:  # numpy/scipy/dp-accounting: imported only when the command runs
     from engine.privacy_audit import AuditConfig
+
+EXAMPLES = examples(
+    "fedgate audit-privacy                           # PASS: exit 0",
+    "fedgate audit-privacy --seeds 10                # 10 runs, one process: all PASS, exit 0",
+    "fedgate audit-privacy --seeds 10 --break half-noise   # must FAIL: exit 1",
+    "fedgate audit-privacy --clip 1e-9               # the smallest admissible clip: PASS",
+    "fedgate audit-privacy --path training --population 100",
+    "fedgate audit-privacy --path shards --population 100 --seeds 10",
+    "fedgate audit-privacy --fresh-noise             # the job's unseeded noise, not reproducible",
+    "fedgate audit-privacy --break noise --plot audit.png   # must FAIL: exit 1")
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
@@ -237,10 +238,10 @@ def _png(width: int, height: int, raw_rgb_scanlines: bytes) -> bytes:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "audit-privacy",
+    p = add_command(
+        subparsers, "audit-privacy",
         help="empirical canary audit of DP-FedAvg: analytic vs measured ε (owner, local)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, examples=EXAMPLES,
     )
     # Defaults live in engine.privacy_audit.AuditConfig (T=30, 1000 canaries, z=1, C=1, 50 of
     # 500 clients per round, δ=1e-5, seeds 0); None here means "the default".

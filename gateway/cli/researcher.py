@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.artifact import artifact_from_keras, encode_array, parse_artifact
+from gateway.cli.usage import add_command
 from gateway.protocol.job_parameters import add_cli_options, parameters_from_cli
 from gateway.sdk.client import Client, Job, JobFailed, ReleaseVerificationFailed
 
@@ -231,30 +232,32 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the researcher commands to the top-level parser."""
-    formatter = argparse.RawDescriptionHelpFormatter
-    p = commands.add_parser("datasets", help="list datasets you may use",
-                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    p = add_command(commands, "datasets", help="list datasets you may use",
+                    examples=RESEARCHER_EXAMPLES)
     _connection_options(p)
     p.set_defaults(func=cmd_datasets)
 
-    p = commands.add_parser("estimate", help="ε of a proposed job and whether it fits (free)",
-                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    p = add_command(commands, "estimate", help="ε of a proposed job and whether it fits (free)",
+                    examples=RESEARCHER_EXAMPLES)
     add_cli_options(p)
     _connection_options(p)
     p.set_defaults(func=cmd_estimate)
 
-    p = commands.add_parser("calibrate", help="noise (or rounds) for a target ε; omit the one "
-                            "to solve for", epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    p = add_command(commands, "calibrate", help="noise (or rounds) for a target ε; omit the one "
+                    "to solve for",
+                    examples=RESEARCHER_EXAMPLES)
     add_cli_options(p, optional=("rounds", "noise_multiplier"))
-    p.add_argument("--target-epsilon", type=float, required=True)
+    p.add_argument("--target-epsilon", type=float, required=True,
+                   help="the ε (at the dataset's δ) the job should spend")
     _connection_options(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = commands.add_parser("plan", help="the node proposes clients per round, noise, rounds "
-                            "and clip strategy for a target ε, and explains why (free)",
-                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
-    p.add_argument("dataset")
-    p.add_argument("--target-epsilon", type=float, required=True)
+    p = add_command(commands, "plan", help="the node proposes clients per round, noise, rounds "
+                    "and clip strategy for a target ε, and explains why (free)",
+                    examples=RESEARCHER_EXAMPLES)
+    p.add_argument("dataset", help="the dataset to plan for (`fedgate datasets`)")
+    p.add_argument("--target-epsilon", type=float, required=True,
+                   help="the ε (at the dataset's δ) the job should spend")
     p.add_argument("--parameters", type=int, help="your model's parameter count")
     p.add_argument("--client-updates", type=int,
                    help="compute budget: rounds × clients per round (default 1,000,000)")
@@ -263,8 +266,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     _connection_options(p)
     p.set_defaults(func=cmd_plan)
 
-    p = commands.add_parser("train", help="train a model under user-level DP and fetch it",
-                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
+    p = add_command(commands, "train", help="train a model under user-level DP and fetch it",
+                    examples=RESEARCHER_EXAMPLES)
     add_cli_options(p)
     p.add_argument("--model", required=True, help="keras-json-v1 artifact (fedgate model "
                    "from-keras makes one)")
@@ -275,16 +278,18 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     _connection_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = commands.add_parser("job", help="status, result or cancel of one of your jobs",
-                            epilog=RESEARCHER_EXAMPLES, formatter_class=formatter)
-    p.add_argument("action", choices=("status", "result", "cancel"))
-    p.add_argument("job_id")
+    p = add_command(commands, "job", help="status, result or cancel of one of your jobs",
+                    examples=RESEARCHER_EXAMPLES)
+    p.add_argument("action", choices=("status", "result", "cancel"), help="what to do")
+    p.add_argument("job_id", help="the job (printed by `fedgate train`)")
     _connection_options(p)
     p.set_defaults(func=cmd_job)
 
-    group = commands.add_parser("model", help="prepare model artifacts")
+    group = add_command(commands, "model", help="prepare model artifacts",
+                        examples=RESEARCHER_EXAMPLES)
     sub = group.add_subparsers(dest="model_action", required=True, metavar="ACTION")
-    p = sub.add_parser("from-keras", help="convert a saved Keras model to keras-json-v1")
+    p = add_command(sub, "from-keras", help="convert a saved Keras model to keras-json-v1",
+                    examples=RESEARCHER_EXAMPLES)
     p.add_argument("source", help="a .keras or .h5 model file")
     p.add_argument("output", help="artifact JSON to write")
     p.set_defaults(func=cmd_model_from_keras)

@@ -1,16 +1,9 @@
 """`fedgate review`: the data owner's queue of jobs the policy holds for review.
 
-A job held by a ``require_review`` policy row waits in ``pending_review`` with its budget
+A job held by a `require_review` policy row waits in `pending_review` with its budget
 reserved. Approve it and the running gateway starts it within a second; deny it (or let it
-expire, ``[review] expiry_hours``) and its reservation is refunded. The researcher sees the
+expire, `[review] expiry_hours`) and its reservation is refunded. The researcher sees the
 state and your reason; every step is in the audit log. See docs/review-and-rehearsal.md.
-
-Examples:
-
-    fedgate -d ./node review list
-    fedgate -d ./node review show job-0123456789abcdef
-    fedgate -d ./node review approve job-0123456789abcdef --reason "small linear model, fine"
-    fedgate -d ./node review deny job-0123456789abcdef --reason "use z >= 1.2 on this dataset"
 """
 
 from __future__ import annotations
@@ -22,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.cli.common import open_node
+from gateway.cli.usage import add_command, examples
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, TensorFlow),
@@ -140,24 +134,36 @@ def _run(command: Command) -> Command:
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``fedgate review list|show|approve|deny`` to the top-level subcommands."""
-    group = commands.add_parser(
-        "review", help="approve or deny jobs the policy holds for review (owner)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = add_command(
+        commands, "review", help="approve or deny jobs the policy holds for review (owner)",
+        description=__doc__,
+        examples=examples(
+            "fedgate -d ./node review list",
+            "fedgate -d ./node review show job-0123456789abcdef",
+            'fedgate -d ./node review approve job-0123456789abcdef --reason "small linear model"',
+            'fedgate -d ./node review deny job-0123456789abcdef --reason "use z >= 1.2 here"'))
     sub = group.add_subparsers(dest="review_command", required=True, metavar="ACTION")
 
-    p = sub.add_parser("list", help="jobs waiting for review (expires overdue ones first)")
-    p.add_argument("--json", action="store_true")
+    p = add_command(sub, "list", help="jobs waiting for review (expires overdue ones first)",
+                    examples=examples("fedgate -d ./node review list",
+                                      "fedgate -d ./node review list --json"))
+    p.add_argument("--json", action="store_true", help="print the queue as JSON")
     p.set_defaults(func=_run(cmd_review_list))
 
-    p = sub.add_parser("show", help="model, parameters, projected ε and policy explanation of "
-                       "one job")
-    p.add_argument("job_id")
-    p.add_argument("--json", action="store_true")
+    p = add_command(sub, "show", help="model, parameters, projected ε and policy explanation of "
+                    "one job",
+                    examples=examples("fedgate -d ./node review show job-0123456789abcdef",
+                                      "fedgate -d ./node review show job-0123456789abcdef --json"))
+    p.add_argument("job_id", help="the held job (`fedgate review list`)")
+    p.add_argument("--json", action="store_true", help="print the details as JSON")
     p.set_defaults(func=_run(cmd_review_show))
 
-    for action, effect in (("approve", "the gateway starts it; its reservation is kept"),
-                           ("deny", "it fails and its reservation is refunded")):
-        p = sub.add_parser(action, help=f"{action} a pending job: {effect}")
-        p.add_argument("job_id")
+    for action, effect, reason in (
+            ("approve", "the gateway starts it; its reservation is kept", "small linear model"),
+            ("deny", "it fails and its reservation is refunded", "use z >= 1.2 here")):
+        p = add_command(sub, action, help=f"{action} a pending job: {effect}",
+                        examples=examples(f"fedgate -d ./node review {action} "
+                                          f'job-0123456789abcdef --reason "{reason}"'))
+        p.add_argument("job_id", help="the held job (`fedgate review list`)")
         p.add_argument("--reason", required=True, help="shown to the researcher and audited")
         p.set_defaults(func=_run(cmd_review_decide))

@@ -15,6 +15,7 @@ A field that must stay on its line is escaped with
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
@@ -55,3 +56,14 @@ class ControlEscapingStream:
 
     def __getattr__(self, name: str) -> object:  # flush, fileno, isatty, encoding, ...
         return getattr(self.stream, name)
+
+
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
+    """``rows`` as aligned columns under a header (the keys of the first row, or ``columns``);
+    None shows as "—", every cell on its line (controls escaped, newlines too)."""
+    names = list(columns if columns is not None else rows[0] if rows else [])
+    cells = [names, *[["—" if row.get(name) is None else escape_controls(str(row[name]))
+                       for name in names] for row in rows]]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(names))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in cells)
