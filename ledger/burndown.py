@@ -5,17 +5,20 @@ The Rényi filter (``ledger.accounting``) admits a job iff *some* order α still
 fraction used at the order with the most room left, min over α of spent(α) / B(α): it
 reaches 1 exactly when no order has room, and it is what limits admission.
 
-The running sum of the jobs' ε is replayed too, for reference only: the ε of separate
-jobs does not add up under RDP composition (the sum may pass ε_total while the filter
-still admits, or stay below it for a job whose curve is steep at every order), so it
-is never a measure of the remaining budget.
+The running sum of the jobs' ε is not replayed: the ε of separate jobs does not add up
+under RDP composition (the sum may pass ε_total while the filter still admits, or stay
+below it for a job whose curve is steep at every order), so it is never a measure of the
+remaining budget. ``epsilon_used`` is the ε figure consistent with the filter, and
+``more_like_last`` what is left in units of a real job.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ledger import accounting
 from ledger.budget import dataset_initial_spent
@@ -54,6 +57,22 @@ def dataset_filter_usage(dataset: Dataset) -> FilterUsage:
                         json.loads(dataset.filter_orders))
 
 
+def epsilon_used(spent: accounting.RdpVector, orders: Sequence[float], delta: float) -> float:
+    """The smallest ε_total whose filter (same δ, same orders) holds ``spent``: min over α of
+    spent(α) + log1p(−1/α) − log(δ'α)/(α−1) with δ' = δ/k, the inverse of
+    ``accounting.filter_budget``'s conversion; 0 when nothing is spent.
+
+    Such a filter would have admitted every job charged so far (each at the order that is
+    best at the end), and the figure reaches the dataset's ε_total exactly when its filter
+    is full at its best order. It is a description of the use, not a guarantee of its own.
+    """
+    if not any(spent):
+        return 0.0
+    delta_per_order = delta / len(orders)
+    return max(0.0, min(float(r) + math.log1p(-1.0 / a) - math.log(delta_per_order * a) / (a - 1.0)
+                        for r, a in zip(spent, orders, strict=True)))
+
+
 @dataclass(frozen=True)
 class BurnDownPoint:
     """The dataset's budget use right after one job's charge was reserved."""
@@ -65,7 +84,7 @@ class BurnDownPoint:
     epsilon: float  # this job's ε at the dataset's δ
     filter_used: float  # filter_usage() of every job up to this one
     best_order: float | None
-    epsilon_sum: float  # Σ ε of every job up to this one (reference only)
+    parameters: dict[str, Any]  # the job's public DP and training parameters (its spec)
 
 
 @dataclass(frozen=True)
@@ -74,19 +93,21 @@ class BurnDown:
 
     ``matches_ledger`` says the replayed vector equals the dataset's stored spent vector
     exactly (the invariant of ``ledger.models``); if False the chart is not to be trusted.
+    ``more_like_last`` is how many more copies of the last admitted job the filter would
+    admit now (``accounting.jobs_that_fit``; None before the first job).
     """
 
     dataset: str
     epsilon_total: float
     delta: float
+    public_users: int  # N̂
     start: float  # the dataset's registration (Unix seconds)
     points: tuple[BurnDownPoint, ...]
     current: FilterUsage
+    orders: int  # k, the number of RDP orders the filter tracks
+    epsilon_used: float  # ``epsilon_used`` of the ledger's spent vector
+    more_like_last: int | None
     matches_ledger: bool
-
-    @property
-    def epsilon_sum(self) -> float:
-        return self.points[-1].epsilon_sum if self.points else 0.0
 
 
 def burn_down(dataset: Dataset, jobs: Iterable[Job]) -> BurnDown:
@@ -101,18 +122,20 @@ def burn_down(dataset: Dataset, jobs: Iterable[Job]) -> BurnDown:
     charged = sorted((j for j in jobs if j.dataset == dataset.name and j.budget_state in CHARGED_STATES),
                      key=lambda j: (j.created_at, j.id))
     spent = dataset_initial_spent(dataset)  # the public-count estimate's charge, if any
-    epsilon_sum = 0.0
     points = []
     for job in charged:
         spent = accounting.add(spent, json.loads(job.cost_rdp))
-        epsilon_sum += job.epsilon
         usage = filter_usage(spent, budget, orders)
         points.append(BurnDownPoint(time=job.created_at, job_id=job.id, researcher=job.researcher,
                                     budget_state=job.budget_state, epsilon=job.epsilon,
                                     filter_used=usage.fraction, best_order=usage.best_order,
-                                    epsilon_sum=epsilon_sum))
+                                    parameters=json.loads(job.spec)))
     ledger_spent = accounting.vector_from_json(json.loads(dataset.spent_rdp))
+    more_like_last = (accounting.jobs_that_fit(spent=ledger_spent, budget=budget,
+                                               cost=json.loads(charged[-1].cost_rdp))
+                      if charged else None)
     return BurnDown(dataset=dataset.name, epsilon_total=dataset.epsilon_total, delta=dataset.delta,
-                    start=dataset.created_at, points=tuple(points),
-                    current=filter_usage(ledger_spent, budget, orders),
-                    matches_ledger=spent == ledger_spent)
+                    public_users=dataset.public_users, start=dataset.created_at,
+                    points=tuple(points), current=filter_usage(ledger_spent, budget, orders),
+                    orders=len(orders), epsilon_used=epsilon_used(ledger_spent, orders, dataset.delta),
+                    more_like_last=more_like_last, matches_ledger=spent == ledger_spent)

@@ -357,7 +357,7 @@ def test_overview_shows_the_burn_down_denials_and_recent_decisions(node_dir: Pat
         html = browser.get("/dashboard").text
     assert html.count('<svg class="chart"') == 1
     assert html.count('<circle class="marker committed"') == 3
-    assert "Privacy filter used" in html and "for reference only" in html
+    assert "Privacy filter used" in html and "Not drawn: the sum of the jobs' ε" in html
     assert f"{chart.current.fraction:.1%}" in html
 
 
@@ -375,7 +375,9 @@ def test_budget_use_is_the_filter_at_its_best_order_not_the_sum_of_epsilons(node
         dataset = s.get(Dataset, "demo")
         chart = burn_down(dataset, s.exec(select(Job)).all())
     assert [p.job_id for p in chart.points] == [job.id for job in admitted]
-    assert chart.epsilon_sum / chart.epsilon_total > 1.5 and 0.5 < chart.current.fraction < 1, chart
+    epsilon_sum = sum(p.epsilon for p in chart.points)
+    assert epsilon_sum / chart.epsilon_total > 1.5 and 0.5 < chart.current.fraction < 1, chart
+    assert chart.epsilon_used < chart.epsilon_total and chart.more_like_last == 0
     assert [p.filter_used for p in chart.points] == sorted(p.filter_used for p in chart.points)
     assert chart.points[-1].filter_used == chart.current.fraction and chart.matches_ledger
 
@@ -476,12 +478,53 @@ def test_chart_axis_reaches_past_the_largest_value_in_round_steps() -> None:
     from ledger.burndown import BurnDown, BurnDownPoint, FilterUsage
 
     point = BurnDownPoint(time=100.0, job_id="job-1", researcher="<alice>", budget_state="committed",
-                          epsilon=6.6, filter_used=0.63, best_order=5.0, epsilon_sum=6.6)
-    chart = BurnDown(dataset="demo", epsilon_total=4.0, delta=1e-5, start=0.0, points=(point,),
-                     current=FilterUsage(0.63, 5.0), matches_ledger=True)
+                          epsilon=6.6, filter_used=0.63, best_order=5.0, parameters={"rounds": 9})
+    chart = BurnDown(dataset="demo", epsilon_total=4.0, delta=1e-5, public_users=480, start=0.0,
+                     points=(point,), current=FilterUsage(0.63, 5.0), orders=13, epsilon_used=3.0,
+                     more_like_last=0, matches_ledger=True)
     svg = burn_down_svg(chart, now=200.0)
-    assert re.findall(r'class="tick"[^>]*>(\d+)%<', svg) == ["0", "50", "100", "150", "200"]
+    assert re.findall(r'class="tick"[^>]*>(\d+)%<', svg) == ["0", "25", "50", "75", "100", "125"]
     assert "by &lt;alice&gt;" in svg and "<alice>" not in svg
+
+
+def test_the_chart_draws_the_filter_only_with_labelled_axes_and_says_what_is_left(
+    node_dir: Path,
+) -> None:
+    """The sum of the jobs' ε (165 % here, while the filter is at about two-thirds) is not
+    drawn; both axes say what they measure; the card says how many more jobs like the last
+    one fit, and that number is the filter's real answer: exactly that many copies are
+    admitted, the next is refused."""
+    make_officer(node_dir)
+    demo_activity(node_dir)
+    node = Node(node_dir)
+    (chart,) = load_overview(node).datasets
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        html = browser.get("/dashboard").text
+    svg = html[html.index('<svg class="chart"'):html.index("</svg>", html.index('<svg class="chart"'))]
+    assert "series-sum" not in html and "Σ" not in svg
+    assert sum(p.epsilon for p in chart.points) / chart.epsilon_total > 1.5  # what it used to show
+    assert '<text class="axis-label y-label"' in svg and ">filter used (best order)</text>" in svg
+    assert ">time (UTC) · one dot per job</text>" in svg
+    assert chart.more_like_last is not None and chart.more_like_last >= 1
+    assert f"<b>about {chart.more_like_last}</b><span>more jobs like the last one</span>" in html
+    assert f"The best order now is <b>α = {chart.current.best_order:g}</b>" in html
+    assert "rounds 20, noise multiplier 1, expected clients per round 20" in html
+    bob = researcher(node_dir, "bob")
+    admitted = [submit(node, bob) for _ in range(chart.more_like_last)]
+    assert all(isinstance(job, Job) for job in admitted), admitted
+    refused = submit(node, bob)
+    assert isinstance(refused, Problem) and refused.slug == "budget-exceeded"
+
+
+def test_epsilon_used_inverts_the_filter_budget_and_is_zero_before_any_charge() -> None:
+    from ledger.accounting import FILTER_ORDERS, filter_budget, zero
+    from ledger.burndown import epsilon_used
+
+    for epsilon_total, delta in ((4.0, 1e-5), (0.5, 1e-7), (30.0, 1e-3)):
+        budget = filter_budget(epsilon_total=epsilon_total, delta=delta)
+        assert epsilon_used(budget, FILTER_ORDERS, delta) == pytest.approx(epsilon_total, abs=1e-9)
+    assert epsilon_used(zero(), FILTER_ORDERS, 1e-5) == 0.0
 
 
 def test_the_owner_cli_prints_a_login_url_and_bounds_the_lifetime(

@@ -1,9 +1,10 @@
 """The budget burn-down chart as inline SVG (pure; no script, no external assets).
 
-Two step series over time, both as a fraction of the dataset's budget: the privacy
-filter's use at its best order (what limits admission) and the running sum of the
-jobs' ε over ε_total (reference only; see ``ledger.burndown``). Every text is escaped;
-styling comes from the page's stylesheet through class names.
+One step series over time: the privacy filter's use at its best order, the share of the
+dataset's budget that limits admission (``ledger.burndown``), with a dot per job and the
+100 % line. Both axes are labelled. The sum of the jobs' ε is deliberately not drawn: it
+does not measure the budget under RDP composition, yet it was read as the budget.
+Every text is escaped; styling comes from the page's stylesheet through class names.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from html import escape
 from ledger.burndown import BurnDown
 
 WIDTH, HEIGHT = 760, 260
-LEFT, RIGHT, TOP, BOTTOM = 56, 20, 14, 40
+LEFT, RIGHT, TOP, BOTTOM = 72, 20, 14, 44
+Y_LABEL = "filter used (best order)"
 MAX_SHOWN = 3.0  # values above 300 % are drawn at the top edge (and named in the tooltips)
 
 Scale = Callable[[float], float]
@@ -28,8 +30,7 @@ def burn_down_svg(chart: BurnDown, *, now: float) -> str:
     start = min([chart.start, *times])
     end = max([now, start + 60.0, *times])
     filter_values = [p.filter_used for p in chart.points]
-    sum_values = [p.epsilon_sum / chart.epsilon_total for p in chart.points]
-    top = _axis_top(max([1.0, *filter_values, *sum_values]))
+    top = _axis_top(max([1.0, *filter_values]))
 
     def x(t: float) -> float:
         return LEFT + (t - start) / (end - start) * (WIDTH - LEFT - RIGHT)
@@ -44,14 +45,13 @@ def burn_down_svg(chart: BurnDown, *, now: float) -> str:
     parts += _x_axis(start, end, x)
     parts.append(f'<line class="limit" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(1.0):.1f}" '
                  f'y2="{y(1.0):.1f}"/>')
-    parts.append(_step_path("series-sum", times, sum_values, start, end, x, y))
     parts.append(_step_path("series-filter", times, filter_values, start, end, x, y))
     parts.append(f'<text class="limit-label" x="{LEFT + 6}" y="{y(1.0) - 6:.1f}">budget: '
                  f"ε_total = {chart.epsilon_total:g}, δ = {chart.delta:g}</text>")
     for point in chart.points:
         order = f"α = {point.best_order:g}" if point.best_order is not None else "no order"
         tip = (f"{point.job_id} ({point.budget_state}) by {point.researcher}: job ε {point.epsilon:.3g}; "
-               f"filter {point.filter_used:.1%} used ({order}); Σε {point.epsilon_sum:.3g}")
+               f"filter {point.filter_used:.1%} used ({order})")
         parts.append(f'<circle class="marker {escape(point.budget_state)}" cx="{x(point.time):.1f}" '
                      f'cy="{y(point.filter_used):.1f}" r="4"><title>{escape(tip)}</title></circle>')
     if not chart.points:
@@ -88,6 +88,9 @@ def _y_axis(top: float, y: Scale) -> list[str]:
                      f'y2="{y(value):.1f}"/>')
         parts.append(f'<text class="tick" x="{LEFT - 8}" y="{y(value) + 4:.1f}" '
                      f'text-anchor="end">{value:.0%}</text>')
+    middle = (TOP + HEIGHT - BOTTOM) / 2
+    parts.append(f'<text class="axis-label y-label" x="14" y="{middle:.0f}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {middle:.0f})">{Y_LABEL}</text>')
     return parts
 
 
@@ -104,8 +107,8 @@ def _x_axis(start: float, end: float, x: Scale) -> list[str]:
                      f'y2="{baseline + 5}"/>')
         parts.append(f'<text class="tick" x="{x(t):.1f}" y="{baseline + 18}" '
                      f'text-anchor="{anchor}">{label}</text>')
-    parts.append(f'<text class="tick" x="{(LEFT + WIDTH - RIGHT) / 2:.0f}" y="{HEIGHT - 4}" '
-                 f'text-anchor="middle">time (UTC)</text>')
+    parts.append(f'<text class="axis-label x-label" x="{(LEFT + WIDTH - RIGHT) / 2:.0f}" '
+                 f'y="{HEIGHT - 4}" text-anchor="middle">time (UTC) · one dot per job</text>')
     return parts
 
 

@@ -35,7 +35,7 @@ from ledger.officer_login import OfficerLogin
 
 STYLESHEET = """
 :root { --ink: #1f2933; --muted: #5f6b7a; --line: #d9dee5; --card: #fff; --bg: #f3f5f8;
-  --filter: #1d4ed8; --sum: #c2410c; --ok: #15803d; --bad: #b91c1c; }
+  --filter: #1d4ed8; --ok: #15803d; --bad: #b91c1c; }
 * { box-sizing: border-box; }
 body { margin: 0; background: var(--bg); color: var(--ink);
   font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
@@ -76,6 +76,7 @@ pre { margin: 8px 0 0; white-space: pre-wrap; word-break: break-all;
 .stat b { display: block; font-size: 18px; }
 .stat span { color: var(--muted); font-size: 12.5px; }
 .warning { color: var(--bad); font-weight: 600; }
+.reading { margin: 8px 0 0; color: #374151; font-size: 13px; max-width: 80ch; }
 svg.chart { width: 100%; height: auto; display: block; margin-top: 6px; }
 svg.chart text { font-size: 11.5px; fill: var(--muted); }
 svg.chart .grid { stroke: #e8ebf0; stroke-width: 1; }
@@ -83,8 +84,8 @@ svg.chart .axis { stroke: #9aa5b1; stroke-width: 1; }
 svg.chart .limit { stroke: var(--bad); stroke-width: 1.5; stroke-dasharray: 2 3; }
 svg.chart text.limit-label { fill: var(--bad); paint-order: stroke; stroke: #fff; stroke-width: 4px; }
 svg.chart text.empty { font-size: 13px; }
+svg.chart text.axis-label { fill: var(--ink); font-weight: 600; }
 svg.chart .series-filter { fill: none; stroke: var(--filter); stroke-width: 2.5; }
-svg.chart .series-sum { fill: none; stroke: var(--sum); stroke-width: 2; stroke-dasharray: 7 4; }
 svg.chart .marker { stroke: var(--filter); stroke-width: 2; }
 svg.chart .marker.committed { fill: var(--filter); }
 svg.chart .marker.reserved { fill: #fff; }
@@ -92,7 +93,6 @@ ul.legend { list-style: none; padding: 0; margin: 8px 0 0; color: #374151; font-
 ul.legend li { display: flex; gap: 10px; align-items: flex-start; margin: 4px 0; }
 ul.legend svg { flex: none; margin-top: 3px; }
 .swatch-filter { stroke: var(--filter); stroke-width: 3; }
-.swatch-sum { stroke: var(--sum); stroke-width: 2.5; stroke-dasharray: 5 3; }
 .swatch-marker { stroke: var(--filter); stroke-width: 2; fill: var(--filter); }
 .swatch-marker.hollow { fill: #fff; }
 table { width: 100%; border-collapse: collapse; font-size: 13px; }
@@ -347,19 +347,53 @@ def _dataset_card(chart: BurnDown, now: float) -> str:
                 '<p class="warning">The jobs\' charges do not add up to the ledger\'s running '
                 "total for this dataset: the chart cannot be trusted; export and verify the "
                 "log.</p>")
+    more = "—" if chart.more_like_last is None else f"about {chart.more_like_last}"
     stats = [
         (f"{chart.current.fraction:.1%}", f"privacy filter used {order}"),
+        (more, "more jobs like the last one"),
         (f"{chart.epsilon_total:g}", "ε_total"),
         (f"{chart.delta:g}", "δ"),
-        (f"{chart.epsilon_sum:.3g}", "Σ ε of jobs (reference)"),
         (f"{committed} / {reserved}", "jobs committed / reserved"),
     ]
-    return (f'<section class="card dataset"><div class="dataset-head"><h3>{escape(chart.dataset)}'
-            "</h3></div>"
+    return (f'<section class="card dataset" id="{_anchor(chart.dataset)}"><div class="dataset-head">'
+            f"<h3>{escape(chart.dataset)}</h3></div>"
             '<div class="stats">'
             + "".join(f'<div class="stat"><b>{escape(v)}</b><span>{escape(label)}</span></div>'
                       for v, label in stats)
-            + f"</div>{mismatch}{burn_down_svg(chart, now=now)}{_legend()}</section>")
+            + f"</div>{mismatch}{_reading(chart)}{burn_down_svg(chart, now=now)}{_legend()}"
+            "</section>")
+
+
+def _anchor(dataset: str) -> str:
+    """A fragment id for a dataset's card: its name's hex digest (names may hold any text)."""
+    return "dataset-" + hashlib.sha256(dataset.encode()).hexdigest()[:12]
+
+
+def _reading(chart: BurnDown) -> str:
+    """The chart in words: which order decides and why, and what is left in real jobs."""
+    usage = chart.current
+    if usage.best_order is None:
+        return ('<p class="reading">No RDP order of this filter has a budget: it admits '
+                "nothing.</p>")
+    best = (f"The filter keeps a separate budget at each of {chart.orders} Rényi orders α and "
+            f"admits a job while any one of them has room for it. The best order now is "
+            f"<b>α = {usage.best_order:g}</b>: it has the most room left ({usage.fraction:.1%} of "
+            "its budget used), so it decides what still fits. Which order that is depends on "
+            "the jobs charged: large-ε jobs (many rounds, little noise) use up the high orders "
+            "fastest and move the best order down; small-ε jobs leave a high order best.")
+    if not chart.points:
+        return f'<p class="reading">{best} No job has been charged yet.</p>'
+    last = chart.points[-1]
+    shape = ", ".join(f"{label} {last.parameters[key]:g}"
+                      for key, label in (("rounds", "rounds"), ("noise_multiplier", "noise multiplier"),
+                                         ("clients_per_round", "expected clients per round"))
+                      if isinstance(last.parameters.get(key), int | float))
+    count = chart.more_like_last or 0
+    left = (f"About <b>{count}</b> more job{'s' if count != 1 else ''} like it would be admitted"
+            if count else "No more job like it would be admitted (a smaller one may be)")
+    return (f'<p class="reading">{best} The last job, <code>{escape(last.job_id)}</code> '
+            f"({escape(shape)}; ε {last.epsilon:.3g}), was charged at {last.filter_used:.1%}. "
+            f"{left}: the filter's answer for copies of its exact charge, one after another.</p>")
 
 
 def _legend() -> str:
@@ -375,13 +409,12 @@ def _legend() -> str:
             f'<li>{line("swatch-filter")}<span><b>Privacy filter used</b>, at its best RDP order '
             "(the order with the most room left). <b>This is what limits admission</b>: a job is "
             "admitted only if some order still has room for it, and at 100 % none has.</span></li>"
-            f'<li>{line("swatch-sum")}<span><b>Σ ε of the jobs ÷ ε_total</b>, for reference only. '
-            "The ε of separate jobs does not add up under RDP composition, so this sum is not the "
-            "budget spent: it may pass 100 % while jobs are still admitted, or stay below it when "
-            "the filter is full.</span></li>"
             f"<li>{dot(False)}{dot(True)}<span>one job each: filled = committed (charged for "
             "good), hollow = reserved (queued, running or awaiting review; refunded if it fails "
-            "before reading data). Refunded jobs are not shown.</span></li></ul>")
+            "before reading data). Refunded jobs are not shown.</span></li></ul>"
+            '<p class="meta">Not drawn: the sum of the jobs\' ε. Under Rényi-DP composition the ε '
+            "of separate jobs does not add up, so that sum is not the budget spent (it passes "
+            "100 % while jobs are still admitted).</p>")
 
 
 def _denials_card(groups: Sequence[DenialGroup]) -> str:
