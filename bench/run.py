@@ -44,10 +44,13 @@ def main(argv: list[str]) -> int:
     benchmark keeps the others' last results."""
     names = argv or list(BENCHMARKS)
     sections = _sections(OUTPUT.read_text()) if OUTPUT.exists() and argv else {}
-    stamp = f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {machine()}."
     for name in names:
         print(f"running benchmark {name} ...", flush=True)
+        started, load_before = dt.datetime.now(dt.UTC), os.getloadavg()[0]
         section = BENCHMARKS[name]()
+        # The machine is shared: the 1-minute load average says how quiet it was.
+        stamp = (f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine()}; load average "
+                 f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after.")
         heading, body = section.split("\n", 1)
         sections[heading.removeprefix("## ")] = f"{heading}\n\n{stamp}\n{body}"
     header = ("# Performance\n\nEach section says when and on which machine it was measured; "

@@ -5,6 +5,11 @@ takes row locks (``SELECT ... FOR UPDATE`` on PostgreSQL). SQLite has no row loc
 every SQLite transaction starts with ``BEGIN IMMEDIATE``, which takes the database
 write lock up front; together these make admission atomic across threads *and*
 processes, never relying on in-process locks.
+
+Reads that change nothing use :func:`make_read_engine`: on SQLite a deferred ``BEGIN`` (a WAL
+snapshot that takes no write lock, so a read never queues behind a writer or makes one
+wait) on connections that refuse writes (``PRAGMA query_only``); on PostgreSQL the write
+engine itself (a plain read takes no row lock).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.schema import CreateIndex
 from sqlmodel import Session, SQLModel, create_engine
 
 from ledger import models
@@ -29,30 +35,53 @@ def database_url(deployment_dir: Path) -> str:
 def make_engine(url: str) -> Engine:
     """Create an engine with fedgate's transaction semantics for ``url``."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-            # Let SQLAlchemy's "begin" hook issue BEGIN IMMEDIATE itself.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=60000")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
+        return _sqlite_engine(url, begin="BEGIN IMMEDIATE")
     return create_engine(url, pool_pre_ping=True)
 
 
+def make_read_engine(url: str, write_engine: Engine) -> Engine:
+    """The engine for reads that change nothing: SQLite connections whose transactions begin
+    deferred (a snapshot of the last commit, no write lock) and refuse any write
+    (``query_only``: a write attempted through it fails instead of upgrading the lock);
+    on PostgreSQL ``write_engine`` itself."""
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, begin="BEGIN", query_only=True)
+    return write_engine
+
+
+def _sqlite_engine(url: str, *, begin: str, query_only: bool = False) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy's "begin" hook issue the BEGIN itself.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        if query_only:
+            cursor.execute("PRAGMA query_only=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql(begin)
+
+    return engine
+
+
 def create_schema(engine: Engine) -> None:
-    """Create all ledger tables and the audit head row (idempotent)."""
+    """Create all ledger tables, their indexes and the audit head row (idempotent).
+
+    An index added to the models after a database was created is created here too (create_all
+    only indexes the tables it creates): that is the migration path of an existing node."""
     SQLModel.metadata.create_all(engine)
+    with engine.begin() as connection:
+        for table in SQLModel.metadata.sorted_tables:
+            for index in table.indexes:
+                connection.execute(CreateIndex(index, if_not_exists=True))
     with session(engine) as s, s.begin():
         if s.get(models.AuditHead, 1) is None:
             s.add(models.AuditHead(id=1, size=0))

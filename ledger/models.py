@@ -14,7 +14,7 @@ Invariants kept by the code that writes these rows (``ledger.budget``, ``ledger.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -87,7 +87,11 @@ class Job(SQLModel, table=True):
     becomes ``approved`` → ``queued`` (the gateway starts it) or ``failed`` (refunded).
     """
 
-    __table_args__ = (UniqueConstraint("researcher_key_id", "idempotency_key"),)
+    # The composite index answers the policy's per-researcher ε sums
+    # (``gateway.policy.ledger_inputs``) without reading every job of the dataset.
+    __table_args__ = (UniqueConstraint("researcher_key_id", "idempotency_key"),
+                      Index("ix_job_dataset_researcher_created", "dataset", "researcher",
+                            "created_at"))
     id: str = Field(primary_key=True, max_length=64)
     dataset: str = Field(index=True, max_length=128)
     researcher_key_id: str = Field(max_length=64)

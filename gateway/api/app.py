@@ -212,11 +212,19 @@ async def submit_job(request: Request) -> Response:
     principal = _principal(request)
     request_digest = sha256_digest(request.scope.get("fedgate.body", b""))
     job_request = await _parsed(request, "train", JobRequest.from_json)
-    job = await run_in_threadpool(admit_job, node, principal, job_request, request_digest)
+    job, status = await run_in_threadpool(_admit, node, principal, job_request, request_digest)
     if job.state == "queued":
         request.app.state.runner.start(job)
-    status = _with_queue_position(request, await run_in_threadpool(_job_status, node, job))
+    status = _with_queue_position(request, status)
     return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _admit(node: Node, principal: VerifiedRequest, job_request: JobRequest,
+           request_digest: str) -> tuple[Job, dict[str, Any]]:
+    """Admission and the admitted job's status in one trip to the thread pool (starting the
+    job does not change the status it reports)."""
+    job = admit_job(node, principal, job_request, request_digest)
+    return job, _job_status(node, job)
 
 
 def _with_queue_position(request: Request, status: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +241,7 @@ def _job_status(node: Node, job: Job) -> dict[str, Any]:
     parameters alone (``ledger.accounting.epsilon_after_rounds``); at the last round it is the
     job's ``epsilon``. What is charged is always ``epsilon`` (also for a job that fails or is
     cancelled after reading data)."""
-    with node.session() as s:
+    with node.read_session() as s:
         review = s.get(JobReview, job.id)
     epsilon_so_far = JobCost.from_json(json.loads(job.cost)).epsilon_after_rounds(
         job.round, job.delta)
@@ -275,7 +283,7 @@ def researcher_failure(job: Job) -> str:
 def _own_job(request: Request) -> Job:
     node: Node = request.app.state.node
     principal = _principal(request)
-    with node.session() as s:
+    with node.read_session() as s:
         job = s.get(Job, request.path_params["job_id"])
     if job is None or job.researcher_key_id != principal.key_id:
         raise Problem("not-found", "no such job for this key")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -41,7 +43,7 @@ from gateway.node.identity import VerifiedRequest
 from gateway.node.node import Node
 from gateway.node.quotas import QuotaExceeded, enforce_quotas
 from gateway.policy.constraints import Quota
-from gateway.policy.decisions import PolicyDecision
+from gateway.policy.decisions import PolicyDecision, PolicyEngine
 from gateway.policy.ledger_inputs import (
     committed_model_digests,
     researcher_committed_jobs,
@@ -354,7 +356,7 @@ def not_visible(name: str) -> Problem:
 
 
 def _load_dataset(node: Node, name: str) -> Dataset | None:
-    with node.session() as s:
+    with node.read_session() as s:
         return s.get(Dataset, name)
 
 
@@ -447,10 +449,20 @@ def _stored_model(node: Node, digest: str) -> tuple[ModelSummary, int] | None:
         return None
 
 
+def projected_once(node: Node, dataset: Dataset, request: JobRequest) -> Callable[[], Projection]:
+    """:func:`project_cost` of ``request``, computed on first use and then remembered: a
+    request's policy fact ``epsilon`` and its reservation use the same projection."""
+    return functools.cache(lambda: project_cost(node, dataset, request))
+
+
 def decide_policy(
-    node: Node, principal: VerifiedRequest, dataset: Dataset, action: str, request: JobRequest
+    node: Node, principal: VerifiedRequest, dataset: Dataset, action: str, request: JobRequest,
+    *, policy: PolicyEngine, projected: Callable[[], Projection],
 ) -> PolicyDecision:
     """The owner policy's decision on ``request`` in the dataset owner's domain.
+
+    ``policy`` is the engine the caller took once for the whole request (``Node.policy``)
+    and ``projected`` the request's cost projection (:func:`projected_once`).
 
     The request's parameters are stated as they are; the facts that cost something (the
     projected ε, the model's family and size, the researcher's ε in a window, the jobs that
@@ -459,7 +471,6 @@ def decide_policy(
     denies a ``train`` request whose constraints need it and holds it for review if a review
     condition needs it (``gateway.policy`` contract).
     """
-    policy = node.policy()
     now = dt.datetime.now(dt.UTC)
     asked = {"subject": principal.principal, "domain": dataset.owner, "dataset": dataset.name,
              "action": action}
@@ -467,7 +478,7 @@ def decide_policy(
     facts: dict[str, Any] = {}
     if "epsilon" in needs:
         with contextlib.suppress(Problem):
-            facts["epsilon"] = project_cost(node, dataset, request).epsilon
+            facts["epsilon"] = projected().epsilon
     if needs & {"model_family", "model_bytes", "model_parameters"}:
         stored = _stored_model(node, request.model_digest)
         if stored is not None:
@@ -475,11 +486,11 @@ def decide_policy(
             facts.update(model_family=summary.family, model_bytes=size,
                          model_parameters=summary.parameter_count)
     if "researcher_committed_jobs" in needs:
-        with node.session() as s:
+        with node.read_session() as s:
             facts["researcher_committed_jobs"] = researcher_committed_jobs(
                 s, researcher=principal.principal, dataset=dataset.name)
     if "dataset_model_families" in needs:
-        with node.session() as s:
+        with node.read_session() as s:
             digests = committed_model_digests(s, dataset=dataset.name)
         # A model that can no longer be read counts as unseen: more reviews, never fewer.
         facts["dataset_model_families"] = frozenset(
@@ -487,7 +498,7 @@ def decide_policy(
             if (stored := _stored_model(node, digest)) is not None)
 
     def epsilon_spent(window: dt.timedelta) -> float:
-        with node.session() as s:
+        with node.read_session() as s:
             return researcher_epsilon_spent(s, researcher=principal.principal,
                                             dataset=dataset.name, since=now - window)
 
@@ -517,7 +528,10 @@ def admit_job(
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
         raise _deny(node, audit, not_visible(request.dataset))
-    decision = decide_policy(node, principal, dataset, "train", request)
+    policy = node.policy()  # one engine for the whole request: its decision and its quotas
+    projected = projected_once(node, dataset, request)
+    decision = decide_policy(node, principal, dataset, "train", request, policy=policy,
+                             projected=projected)
     audit["policy_version"] = decision.policy_version
     if not decision.allowed:
         refusal = Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
@@ -525,7 +539,7 @@ def admit_job(
         raise not_visible(request.dataset) if decision.rule is None else refusal
     try:
         check_model(node, dataset, request)
-        projection = project_cost(node, dataset, request)
+        projection = projected()
     except Problem as problem:
         raise _deny(node, audit, problem) from None
     audit.update(epsilon=projection.epsilon, delta=projection.delta,
@@ -534,8 +548,8 @@ def admit_job(
         audit["review"] = decision.review
     # Compute quotas are checked in the reservation transaction below (``gateway.node.quotas``);
     # every job reserves the node's per-job CPU limit, at which the engine's meter stops it.
-    quotas = node.policy().quotas(subject=principal.principal, domain=dataset.owner,
-                                  dataset=dataset.name) + node_quotas(node, principal, dataset)
+    quotas = policy.quotas(subject=principal.principal, domain=dataset.owner,
+                           dataset=dataset.name) + node_quotas(node, principal, dataset)
     cpu_reserved = float(node.config.sandbox_limits.cpu_seconds)
     now = time.time()
     job = Job(
@@ -597,7 +611,8 @@ def dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobReq
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
         raise not_visible(request.dataset)
-    decision = decide_policy(node, principal, dataset, "estimate", request)
+    decision = decide_policy(node, principal, dataset, "estimate", request,
+                             policy=node.policy(), projected=projected_once(node, dataset, request))
     if not decision.allowed:
         if decision.rule is None:
             raise not_visible(request.dataset)

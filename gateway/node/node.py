@@ -23,7 +23,7 @@ from gateway.policy.decisions import PolicyEngine
 from gateway.policy.ledger_inputs import registry_memberships
 from ledger import keys
 from ledger.audit import append_entry
-from ledger.db import create_schema, database_url, make_engine, session
+from ledger.db import create_schema, database_url, make_engine, make_read_engine, session
 from ledger.models import Principal
 
 log = logging.getLogger("fedgate.node")
@@ -33,8 +33,10 @@ class Node:
     def __init__(self, root: Path, *, db_url: str | None = None) -> None:
         self.deployment = Deployment(root.resolve())
         self.config: NodeConfig = self.deployment.load_config()
-        self.engine: Engine = make_engine(db_url or database_url(self.deployment.root))
+        url = db_url or database_url(self.deployment.root)
+        self.engine: Engine = make_engine(url)
         create_schema(self.engine)
+        self.read_engine: Engine = make_read_engine(url, self.engine)
         self._policy: PolicyEngine | None = None
         self._policy_stamp: tuple[object, ...] | None = None
 
@@ -49,8 +51,18 @@ class Node:
     def session(self) -> Session:
         return session(self.engine)
 
+    def read_session(self) -> Session:
+        """A session for reads that change nothing (``ledger.db.make_read_engine``): it sees
+        the last commit and never waits for, or holds up, a writer. Writing through it fails."""
+        return session(self.read_engine)
+
+    def dispose(self) -> None:
+        """Close the ledger's connections (both engines)."""
+        self.engine.dispose()
+        self.read_engine.dispose()
+
     def lookup_key(self, key_id: str) -> RegisteredKey | None:
-        with self.session() as s:
+        with self.read_session() as s:
             row = s.get(Principal, key_id)
         if row is None:
             return None
@@ -75,7 +87,7 @@ class Node:
         per change. With no previous engine (the first build) a failure raises.
         """
         d = self.deployment
-        with self.session() as s:
+        with self.read_session() as s:
             registry = s.exec(  # reviewed: ORM query, not exec
                 select(func.count(), func.max(Principal.created_at), func.max(Principal.revoked_at))
             ).one()
@@ -92,7 +104,7 @@ class Node:
             if previous is not None and stamp == self._policy_stamp:
                 return previous
             try:
-                with self.session() as s:
+                with self.read_session() as s:
                     memberships = registry_memberships(s, self.config.owner)
                 engine = PolicyEngine.from_files(d.policy_model, d.policy_file, memberships)
             except (ValueError, OSError) as exc:  # PolicyInvalid, undecodable or missing files
