@@ -361,6 +361,32 @@ def test_overview_shows_the_burn_down_denials_and_recent_decisions(node_dir: Pat
     assert f"{chart.current.fraction:.1%}" in html
 
 
+def test_recent_decisions_name_the_researcher_of_a_charge_and_show_registrations(
+    node_dir: Path,
+) -> None:
+    """A charge, refund or release is acted by the node (its key or ``gateway``), but the row
+    names the researcher whose job it is; dataset and key registrations are decisions too."""
+    make_officer(node_dir)
+    activity = demo_activity(node_dir)
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        html = browser.get("/dashboard").text
+    recent = html.split("<h2>Recent decisions</h2>")[1].split("</table>")[0]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", recent):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        if cells:
+            rows.setdefault(re.sub(r"<[^>]+>", "", cells[2]), []).append(cells)
+    charged = {job.id for job in activity["committed"]}
+    charges = [c for c in rows["charge"] if re.sub(r"<[^>]+>", "", c[6]) in charged]
+    assert len(charges) == 3 and {c[4] for c in charges} == {"alice"}
+    assert [c[4] for c in rows["refund"]] == ["alice"]
+    (registration,) = rows["dataset"]
+    assert (registration[3], registration[5]) == ("registered", "demo")
+    assert "ε_total 4; δ 1e-05; N̂ 480; N̂ declared" in registration[8]
+    assert {c[4] for c in rows["key"]} >= {"alice", "olivia"}
+
+
 def test_budget_use_is_the_filter_at_its_best_order_not_the_sum_of_epsilons(node_dir: Path) -> None:
     """20-round jobs (ε ≈ 2.2 each) on ε_total 4 until the filter refuses one: by then their ε
     add up to well over the budget, yet the filter (what admits) is not full. The chart must

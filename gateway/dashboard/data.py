@@ -31,7 +31,7 @@ from ledger.models import AuditEntry, BillingCharge, Dataset, Job
 log = logging.getLogger("fedgate.dashboard")
 
 DECISION_ACTIONS = frozenset({"admit", "deny", "charge", "refund", "release", "review", "policy",
-                              "key"})
+                              "key", "dataset"})
 RECENT_DECISIONS = 50
 RECENT_SCAN = 2000  # recent decisions are looked for among this many newest entries
 VERIFICATION_TTL_SECONDS = 30.0
@@ -54,6 +54,7 @@ class Overview:
     owner: str
     datasets: tuple[BurnDown, ...]
     recent: tuple[dict[str, Any], ...]  # decoded entries, newest first
+    job_researchers: dict[str, str]  # job id -> researcher, for the jobs of ``recent``
     denials: tuple[DenialGroup, ...]  # most frequent first
     log_size: int
 
@@ -70,10 +71,13 @@ def load_overview(node: Node) -> Overview:
         denials = s.exec(select(AuditEntry.entry).where(  # reviewed: ORM query, not exec
             AuditEntry.entry.contains('"action":"deny"'))).all()  # type: ignore[attr-defined]
         log_size = audit_size(s)
+    recent = tuple(recent_decisions(json.loads(e) for e in newest))
+    named = {str(e["job_id"]) for e in recent if e.get("job_id")}
     return Overview(
         owner=node.config.owner,
         datasets=tuple(burn_down(d, jobs) for d in datasets),
-        recent=tuple(recent_decisions(json.loads(e) for e in newest)),
+        recent=recent,
+        job_researchers={job.id: job.researcher for job in jobs if job.id in named},
         denials=tuple(denials_by_reason(json.loads(e) for e in denials)),
         log_size=log_size,
     )

@@ -96,6 +96,7 @@ ul.legend svg { flex: none; margin-top: 3px; }
 .swatch-marker { stroke: var(--filter); stroke-width: 2; fill: var(--filter); }
 .swatch-marker.hollow { fill: #fff; }
 table { width: 100%; border-collapse: collapse; font-size: 13px; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 th { text-align: left; color: var(--muted); font-weight: 600; border-bottom: 1px solid var(--line);
   padding: 6px 8px; white-space: nowrap; }
 td { border-bottom: 1px solid #eef0f3; padding: 6px 8px; vertical-align: top; }
@@ -109,6 +110,7 @@ code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
 .action-deny { background: #fee2e2; color: #991b1b; }
 .action-charge { background: #dbeafe; color: #1e40af; }
 .action-refund { background: #fef3c7; color: #92400e; }
+.action-dataset, .action-key { background: #ede9fe; color: #5b21b6; }
 .empty-note { color: var(--muted); margin: 0; }
 form.login { display: flex; gap: 10px; margin-top: 12px; }
 form.login input { flex: 1; padding: 8px 10px; border: 1px solid var(--line); border-radius: 6px;
@@ -150,7 +152,7 @@ def overview_page(overview: Overview, verification: VerificationStatus, login: O
         "" if overview.datasets else '<section class="card"><p class="empty-note">No dataset is '
                                      "registered.</p></section>",
         _denials_card(overview.denials),
-        _recent_card(overview.recent),
+        _recent_card(overview.recent, overview.job_researchers),
         "</main>",
     ]
     return _page("fedgate · officer dashboard", "".join(body))
@@ -433,19 +435,29 @@ def _denials_card(groups: Sequence[DenialGroup]) -> str:
             f"<th>latest explanation</th></tr></thead><tbody>{rows}</tbody></table></section>")
 
 
-def _recent_card(entries: Sequence[dict[str, Any]]) -> str:
+def _recent_card(entries: Sequence[dict[str, Any]], job_researchers: dict[str, str]) -> str:
     if not entries:
         return ('<section class="card"><h2>Recent decisions</h2>'
                 '<p class="empty-note">No decision yet.</p></section>')
-    rows = "".join(_decision_row(e) for e in entries)
+    rows = "".join(_decision_row(e, job_researchers) for e in entries)
     return (f'<section class="card"><h2>Recent decisions</h2><p class="meta">The latest '
-            f"{len(entries)} admit, deny, charge, refund, release, review, policy and key entries, "
-            "newest first.</p><table><thead><tr><th>seq</th><th>time (UTC)</th><th>action</th>"
+            f"{len(entries)} admit, deny, charge, refund, release, review, policy, key and dataset "
+            "entries (registrations included), newest first. For a job's charge, refund or "
+            "release the principal is the job's researcher; the node key that acted is in "
+            "the entry.</p><div class=\"table-wrap\"><table><thead><tr><th>seq</th>"
+            "<th>time (UTC)</th><th>action</th>"
             "<th>decision</th><th>principal</th><th>dataset</th><th>job</th><th>ε</th>"
-            f"<th>reason / details</th></tr></thead><tbody>{rows}</tbody></table></section>")
+            f"<th>reason / details</th></tr></thead><tbody>{rows}</tbody></table></div></section>")
 
 
-def _decision_row(entry: dict[str, Any]) -> str:
+def _principal(entry: dict[str, Any], job_researchers: dict[str, str]) -> str:
+    """Who the entry is about: its principal, else the researcher of its job (a charge,
+    refund or release is acted by the node key on a researcher's job), else its actor."""
+    return str(entry.get("principal") or job_researchers.get(str(entry.get("job_id")))
+               or entry.get("actor") or "")
+
+
+def _decision_row(entry: dict[str, Any], job_researchers: dict[str, str]) -> str:
     action = str(entry.get("action", ""))
     css = f"action action-{action}" if action in DECISION_ACTIONS else "action"
     epsilon = entry.get("epsilon")
@@ -455,7 +467,7 @@ def _decision_row(entry: dict[str, Any]) -> str:
         f'<td class="nowrap">{escape(_short_time(str(entry.get("timestamp", ""))))}</td>',
         f'<td><span class="{css}">{escape(action)}</span></td>',
         f'<td>{escape(str(entry.get("decision", "")))}</td>',
-        f'<td class="nowrap">{escape(str(entry.get("principal") or entry.get("actor") or ""))}</td>',
+        f'<td class="nowrap">{escape(_principal(entry, job_researchers))}</td>',
         f'<td>{escape(str(entry.get("dataset", "")))}</td>',
         f'<td class="nowrap"><code>{escape(str(entry.get("job_id", "")))}</code></td>',
         f'<td class="num">{epsilon_text}</td>',
@@ -473,6 +485,12 @@ def _details(entry: dict[str, Any]) -> str:
              if entry.get(k)]
     if entry.get("action") == "policy" and entry.get("policy_version"):
         parts.append(f"version {str(entry['policy_version'])[:19]}…")
+    if entry.get("action") == "dataset":
+        parts += [f"{label} {entry[key]:g}" for key, label in (
+            ("epsilon_total", "ε_total"), ("delta", "δ"), ("public_users", "N̂"))
+            if isinstance(entry.get(key), int | float)]
+        if entry.get("public_users_source"):
+            parts.append(f"N̂ {entry['public_users_source']}")
     return "; ".join(parts)
 
 
