@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -143,3 +144,25 @@ def test_init_keygen_policy_check_and_audit_answer_json(
     tampered = _json(capsys, ["audit", "verify", str(export), "--node-key",
                               created["node_public_key"], "--json"], status=1)
     assert tampered["ok"] is False and tampered["problem"]["reason"]
+
+
+def test_model_from_keras_prints_no_tensorflow_startup_lines_and_answers_json(
+    tmp_path: Path,
+) -> None:
+    """TensorFlow's C++ start-up errors (cuDNN/cuFFT/cuBLAS factories on a machine without a
+    GPU, absl) are not the researcher's business: from-keras sets the level before TF loads."""
+    source, out = tmp_path / "model.keras", tmp_path / "model.json"
+    make = ("import tensorflow as tf\n"
+            "tf.keras.Sequential([tf.keras.layers.InputLayer(input_shape=(4,)),\n"
+            f"                     tf.keras.layers.Dense(3)]).save({str(source)!r})\n")
+    subprocess.run([sys.executable, "-c", make], check=True, capture_output=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "model", "from-keras",
+                             str(source), str(out), "--json"], capture_output=True, text=True,
+                            timeout=300, check=False, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"output": str(out), "format": "keras-json-v1",
+                                         "parameters": 15}
+    assert not re.search(r"cuDNN|cuFFT|cuBLAS|^E\d{4}|absl|^\S+ \S+: [EW] ", result.stderr,
+                         re.MULTILINE), result.stderr
+    assert json.loads(out.read_text())["format"] == "keras-json-v1"

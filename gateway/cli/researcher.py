@@ -213,13 +213,23 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_tensorflow() -> None:
+    """Before TensorFlow's first import in this process: level 3 keeps its C++ start-up errors
+    (``E ... Unable to register cuDNN/cuFFT/cuBLAS factory`` on a machine without a GPU) out of
+    the researcher's output. A TF_CPP_MIN_LOG_LEVEL already set wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 def cmd_model_from_keras(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _quiet_tensorflow()
     import tensorflow as tf
 
     model = tf.keras.models.load_model(args.source, compile=False)
-    Path(args.output).write_text(json.dumps(artifact_from_keras(model)))
-    print(f"wrote keras-json-v1 artifact {args.output}")
+    artifact = artifact_from_keras(model)
+    Path(args.output).write_text(json.dumps(artifact))
+    _show({"output": args.output, "format": artifact["format"],
+           "parameters": model.count_params()},
+          args, f"wrote keras-json-v1 artifact {args.output} ({model.count_params()} parameters)")
     return 0
 
 
@@ -292,4 +302,5 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
                     examples=RESEARCHER_EXAMPLES)
     p.add_argument("source", help="a .keras or .h5 model file")
     p.add_argument("output", help="artifact JSON to write")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=cmd_model_from_keras)
