@@ -60,8 +60,10 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
 
 @pytest.mark.tff
 def test_researcher_cli_lists_estimates_calibrates_trains_and_fetches(
-    researcher_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    researcher_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # `job result` saves the model here (JOB_ID.model.json)
     datasets = _json(capsys, ["datasets", "--json"])
     assert [d["name"] for d in datasets] == ["demo"]
     estimate = _json(capsys, ["estimate", "demo", *JOB_ARGS, "--json"])
@@ -80,6 +82,8 @@ def test_researcher_cli_lists_estimates_calibrates_trains_and_fetches(
     assert status["progress"] == {"round": 2, "rounds": 2, "epsilon_so_far": status["epsilon"]}
     result = _json(capsys, ["job", "result", trained["job_id"], "--json"])
     assert result["manifest"]["job_id"] == trained["job_id"]
+    assert result["out"] == f"{trained['job_id']}.model.json"
+    assert json.loads((tmp_path / result["out"]).read_text()) == released
 
 
 @pytest.mark.tff

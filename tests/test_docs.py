@@ -177,6 +177,9 @@ def test_researcher_quickstart_trains_a_model_as_written(tmp_path: Path) -> None
     assert released["format"] == "keras-json-v1" and len(released["weights"]) == 2
     job = json.loads((work / "job.json").read_text())
     assert 0 < job["epsilon"] < 8 and set(job["metrics"]) == {"accuracy", "loss"}
+    # saved on fetch and converted: `job result` (default path), `model to-keras`, Release.save
+    assert json.loads((work / f"{job['job_id']}.model.json").read_text()) == released
+    assert (work / "dp-model-cli.keras").exists() and (work / "dp-release.json").exists()
     assert "DP accuracy on held-out users" in run.stdout
     assert "exit status 3" in run.stdout  # the CLI's budget refusal
     assert "urn:fedgate:problem:budget-exceeded" in run.stdout  # the SDK's BudgetExceeded
@@ -187,3 +190,6 @@ def test_researcher_quickstart_trains_a_model_as_written(tmp_path: Path) -> None
 def test_review_and_rehearsal_guide_runs_as_written(tmp_path: Path) -> None:
     run = run_doc("review-and-rehearsal.md", tmp_path, timeout=600)
     assert run.stdout
+    # the one fetch the policy allows saved the model; a second fetch is refused
+    assert len(list(run.workdir.glob("job-*.model.json"))) == 1
+    assert "DP weights of the release" in run.stdout

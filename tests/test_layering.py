@@ -19,8 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("fedgate", "gateway", "engine", "ledger")
 
-# The ledger modules gateway.protocol may use: pure functions and data over plain values.
-PURE_LEDGER_FOR_PROTOCOL = frozenset({"ledger.canonical", "ledger.ranges"})
+# The ledger modules gateway.protocol may use: pure functions and data over plain values
+# (ledger.keys: Ed25519 key ids, for the signed node document).
+PURE_LEDGER_FOR_PROTOCOL = frozenset({"ledger.canonical", "ledger.keys", "ledger.ranges"})
 # The one library it may use: Ed25519 for the release signature (the light install has it).
 PROTOCOL_LIBRARIES = frozenset({"cryptography"})
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import col, select
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -41,6 +41,8 @@ from gateway.node.node import Node
 from gateway.node.output_policy import fetch_release
 from gateway.node.planning import plan_job
 from gateway.node.review import review_status, review_watch
+from gateway.protocol.job_states import RESEARCHER_CANCELLED
+from gateway.protocol.node_document import NodeDocument, sign_node_document
 from gateway.protocol.problems import Problem
 from ledger.accounting import JobCost
 from ledger.audit import append_entry
@@ -83,6 +85,15 @@ async def healthz(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
+
+
+async def node_document(request: Request) -> Response:
+    """The node's key id, public key and owner, signed by the node key
+    (``gateway.protocol.node_document``): a client checks it against the node key it was
+    given before it submits anything. Public: it names only public facts."""
+    node: Node = request.app.state.node
+    document = NodeDocument.for_key(node.node_key.public_key(), node.config.owner)
+    return JSONResponse(sign_node_document(document, node.node_key))
 
 
 def _budget_used(dataset: Dataset) -> float:
@@ -266,7 +277,6 @@ def _job_status(node: Node, job: Job) -> dict[str, Any]:
 GENERIC_FAILURE = ("the job stopped after reading user data; why is not released (it could "
                    "depend on the data); its budget is charged")
 """The one failure text a researcher sees for any failure after data access."""
-RESEARCHER_CANCELLED = "cancelled by the researcher"
 
 
 def researcher_failure(job: Job) -> str:
@@ -288,6 +298,32 @@ def _own_job(request: Request) -> Job:
     if job is None or job.researcher_key_id != principal.key_id:
         raise Problem("not-found", "no such job for this key")
     return job
+
+
+async def list_jobs(request: Request) -> Response:
+    """The jobs this key submitted, newest first, each as its status (``GET /v1/jobs/{id}``);
+    never another researcher's, so the listing reveals nothing a status request would not."""
+    node: Node = request.app.state.node
+    key_id = _principal(request).key_id
+
+    def own() -> list[dict[str, Any]]:
+        with node.session() as s:
+            jobs = s.exec(select(Job).where(Job.researcher_key_id == key_id)  # reviewed: ORM query, not exec
+                          .order_by(col(Job.created_at).desc(), col(Job.id))).all()
+        return [_with_queue_position(request, _job_status(node, job)) for job in jobs]
+
+    return JSONResponse({"jobs": await run_in_threadpool(own)})
+
+
+async def job_model(request: Request) -> Response:
+    """The model artifact the job trained, exactly as uploaded: the researcher's own model, so
+    a saved release is a whole model (architecture + DP weights). The client checks its digest
+    against the release manifest's signed ``model_digest``."""
+    node: Node = request.app.state.node
+    job = await run_in_threadpool(_own_job, request)
+    path = node.deployment.models_dir / (job.model_digest.removeprefix("sha256:") + ".json")
+    body = await run_in_threadpool(path.read_bytes)
+    return Response(body, media_type="application/json")
 
 
 async def job_status(request: Request) -> Response:
@@ -366,6 +402,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
         routes=[
             Route("/healthz", healthz),
             Route("/openapi.json", openapi),
+            Route("/v1/node", node_document),
             Route("/v1/datasets", list_datasets),
             Route("/v1/datasets/{name}/mock", dataset_mock),
             Route("/v1/models", upload_model, methods=["POST"]),
@@ -373,7 +410,9 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/calibrate", calibrate, methods=["POST"]),
             Route("/v1/plan", plan, methods=["POST"]),
             Route("/v1/jobs", submit_job, methods=["POST"]),
+            Route("/v1/jobs", list_jobs, methods=["GET"]),
             Route("/v1/jobs/{job_id}", job_status),
+            Route("/v1/jobs/{job_id}/model", job_model),
             Route("/v1/jobs/{job_id}/result", job_result),
             Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
             *audit.routes(),

@@ -41,7 +41,7 @@ from gateway.node.origin import arrival_origin
 from gateway.protocol.problems import Problem
 from ledger.registry import prune_nonces, remember_nonce
 
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/node"})
 COOKIE_AUTH_PREFIXES = ("/dashboard",)
 UPLOAD_PATHS = frozenset({"/v1/models"})
 NONCE_PRUNE_INTERVAL_SECONDS = 60.0

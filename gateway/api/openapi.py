@@ -132,6 +132,12 @@ SCHEMAS: dict[str, Any] = {
                                           "for a free slot (node setting max_concurrent_jobs): "
                                           "1 = starts next; researchers are served round robin"}},
     },
+    "JobList": {
+        "type": "object", "required": ["jobs"],
+        "properties": {"jobs": {"type": "array", "items": _ref("JobStatus"),
+                                "description": "the jobs the signing key submitted, newest "
+                                               "first"}},
+    },
     "Review": {
         "type": "object", "required": ["state", "reason", "required_because", "expires_at"],
         "description": "The data owner's review of a job the policy held; the budget stays "
@@ -148,6 +154,21 @@ SCHEMAS: dict[str, Any] = {
         "required": ["manifest", "signature", "weights"],
         "properties": {"manifest": {"type": "object"}, "signature": STRING,
                        "weights": {"type": "array", "items": {"type": "object"}}},
+    },
+    "NodeDocument": {
+        "type": "object", "additionalProperties": False, "required": ["node", "signature"],
+        "description": "gateway.protocol.node_document: the key the node signs releases with, "
+                       "signed by that key; clients check it against their node.pub before "
+                       "submitting",
+        "properties": {
+            "node": {"type": "object", "additionalProperties": False,
+                     "required": ["node_key_id", "public_key", "owner"],
+                     "properties": {"node_key_id": STRING,
+                                    "public_key": {**STRING, "description": "raw Ed25519 "
+                                                   "public key, base64"},
+                                    "owner": STRING}},
+            "signature": {**STRING, "description": "Ed25519 by the node key over the canonical "
+                          "JSON of node, base64"}},
     },
     "ModelArtifact": {
         "type": "object", "required": ["format", "config", "weights"],
@@ -179,6 +200,8 @@ LOGIN_FORM: dict[str, Any] = {"content": {"application/x-www-form-urlencoded": {
 OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
     ("/healthz", "get"): ("Liveness", None, 200, {"type": "object"}, True),
     ("/openapi.json", "get"): ("This document", None, 200, {"type": "object"}, True),
+    ("/v1/node", "get"): ("The node's signing key and owner, signed by that key", None, 200,
+                          _ref("NodeDocument"), True),
     ("/v1/datasets", "get"): ("Datasets this key may estimate on", None, 200,
                               {"type": "object"}, False),
     ("/v1/datasets/{name}/mock", "get"): ("Public mock data of a dataset (Parquet)", None, 200,
@@ -193,7 +216,12 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Any, int, Any, bool]] = {
                            _ref("PlanRequest"), 200, _ref("Plan"), False),
     ("/v1/jobs", "post"): ("Submit a training job", _ref("JobRequest"), 202, _ref("JobStatus"),
                            False),
+    ("/v1/jobs", "get"): ("Your jobs (this key's), newest first", None, 200,
+                          _ref("JobList"), False),
     ("/v1/jobs/{job_id}", "get"): ("Job status", None, 200, _ref("JobStatus"), False),
+    ("/v1/jobs/{job_id}/model", "get"): ("The job's model artifact as uploaded (its digest is "
+                                         "the manifest's model_digest)", None, 200,
+                                         _ref("ModelArtifact"), False),
     ("/v1/jobs/{job_id}/result", "get"): ("Signed release of a succeeded job", None, 200,
                                           _ref("Release"), False),
     ("/v1/jobs/{job_id}/cancel", "post"): ("Cancel a job", None, 200, _ref("JobStatus"), False),

@@ -16,10 +16,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.artifact import artifact_from_keras, encode_array, parse_artifact
+from engine.artifact import artifact_from_keras, parse_artifact
 from gateway.cli.usage import add_command
 from gateway.protocol.job_parameters import add_cli_options, parameters_from_cli
-from gateway.sdk.client import Client, Job, JobFailed, ReleaseVerificationFailed
+from gateway.protocol.job_states import shown_state
+from gateway.sdk.client import (
+    Client,
+    Job,
+    JobFailed,
+    NodeDocumentInvalid,
+    Release,
+    ReleaseVerificationFailed,
+)
+from gateway.sdk.release import MODEL_SUFFIXES, write_model
 
 # TensorFlow is imported inside `fedgate model from-keras` only: the researcher's light install
 # may not have it.
@@ -38,7 +47,11 @@ examples:
       --noise-multiplier 1.0 --clip 1.0 --out weights.json
   fedgate train demo --model model.json --rounds 40 --clients-per-round 100 \\
       --noise-multiplier 1.0 --clip 1.0 --server-optimizer adam --server-learning-rate 0.01
+  fedgate job list                                      # your jobs, newest first
   fedgate job status JOB_ID                             # round i/T and the ε spent so far
+  fedgate job wait JOB_ID                               # reattach (e.g. after Ctrl-C)
+  fedgate job result JOB_ID --out model.keras           # saved by default: JOB_ID.model.json
+  fedgate model to-keras dp-model.json dp-model.keras
 
 optimizers (a closed choice from tff.learning.optimizers; they do not change ε):
   client: sgd (default), sgdm (--client-momentum)
@@ -63,7 +76,7 @@ def _show(data: Any, args: argparse.Namespace, human: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else human)
 
 
-def _verified_release(job):  # type: ignore[no-untyped-def]
+def _verified_release(job: Job) -> Release | None:
     """The job's verified release, or None after saying on stderr why there is none (the job
     failed, or the release does not verify against the node key)."""
     try:
@@ -71,6 +84,59 @@ def _verified_release(job):  # type: ignore[no-untyped-def]
     except (JobFailed, ReleaseVerificationFailed) as exc:
         print(f"fedgate: {exc}", file=sys.stderr)
         return None
+
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C while waiting (128 + SIGINT); the job keeps running on the node."""
+
+
+def _model_path(args: argparse.Namespace, job_id: str) -> tuple[Path, bool]:
+    """Where to save a released model: ``--out``, or ``./JOB_ID.model.json`` by default; and
+    whether the path was chosen explicitly."""
+    return (Path(args.out), True) if args.out else (Path(f"{job_id}.model.json"), False)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that could not be written before anything is spent on it."""
+    if args.out is None:
+        return
+    out = Path(args.out)
+    if out.suffix not in MODEL_SUFFIXES:
+        raise ValueError(f"--out {out}: save a model as .json (keras-json-v1) or .keras")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"--out {out} exists; nothing was fetched. Choose another path "
+                              "or add --force to overwrite it")
+
+
+def _save_release(release: Release, args: argparse.Namespace) -> str | None:
+    """Save the released model (``--out``, or by default ``JOB_ID.model.json``) and say where;
+    an existing default file is kept (None: not written)."""
+    path, explicit = _model_path(args, release.job_id)
+    if path.exists() and not (explicit or args.force):
+        print(f"fedgate: {path} exists and was kept (it is this job's model from an earlier "
+              "fetch); --out PATH saves elsewhere, --force overwrites", file=sys.stderr)
+        return None
+    release.save(path, overwrite=True)  # an explicit existing --out was refused before
+    return str(path)
+
+
+def _released_summary(release: Release, saved: str | None) -> tuple[dict[str, Any], str]:
+    summary = {"job_id": release.job_id, "epsilon": release.epsilon, "delta": release.delta,
+               "metrics": release.metrics, "manifest": release.manifest, "out": saved}
+    human = (f"job {release.job_id}: ε {release.epsilon:.3f} charged (δ {release.delta:g}); "
+             + ", ".join(f"DP {k} {v:.3f}" for k, v in sorted(release.metrics.items()))
+             + " (node signature verified)"
+             + (f"; DP model saved to {saved}" if saved else ""))
+    return summary, human
+
+
+def _ended(status: dict[str, Any], args: argparse.Namespace) -> int:
+    """Report a job that ended without success (failed or cancelled); exit status 1."""
+    state = shown_state(status)
+    human = (f"job {status['job_id']} was cancelled (budget {status['budget']})"
+             if state == "cancelled" else f"job {status['job_id']} failed: {status.get('failure')}")
+    _show(status, args, human)
+    return 1
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -149,8 +215,14 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.rehearse:
         return cmd_rehearse(args)
+    _check_out(args)
     artifact = parse_artifact(Path(args.model).read_bytes())
     with _client(args) as client:
+        try:
+            client.node()  # a wrong node key must cost no ε: found before anything is sent
+        except NodeDocumentInvalid as exc:
+            print(f"fedgate: error: {exc}", file=sys.stderr)
+            return 2
         digest = client.upload_model(artifact)
         job = client.submit(args.dataset, digest, **parameters_from_cli(args))
         print(f"submitted {job.id} (ε {job.last_status['epsilon']:.3f})"
@@ -161,32 +233,58 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.no_wait:
             _show(job.last_status, args, f"job {job.id} is {job.last_status['state']}")
             return 0
-        status = job.wait(progress=not args.json)
+        try:
+            status = job.wait(progress=not args.json)
+        except KeyboardInterrupt:  # Job.wait said how to reattach or cancel
+            return INTERRUPTED
         if status["state"] != "succeeded":
-            _show(status, args, f"job {job.id} failed: {status.get('failure')}")
-            return 1
+            return _ended(status, args)
         release = _verified_release(job)
         if release is None:
             return 1
-    released = {"format": "keras-json-v1", "config": artifact["config"],
-                "weights": [encode_array(w) for w in release.weights]}
-    if args.out:
-        Path(args.out).write_text(json.dumps(released))
-    summary = {"job_id": release.job_id, "epsilon": release.epsilon, "delta": release.delta,
-               "metrics": release.metrics, "out": args.out}
-    human = (f"job {release.job_id}: ε {release.epsilon:.3f} charged (δ {release.delta:g}); "
-             + ", ".join(f"DP {k} {v:.3f}" for k, v in sorted(release.metrics.items()))
-             + (f"; DP model written to {args.out}" if args.out else ""))
+    summary, human = _released_summary(release, _save_release(release, args))
     _show(summary, args, human)
     return 0
 
 
+def _job_table(jobs: list[Job]) -> str:
+    if not jobs:
+        return "no jobs submitted with this key"
+    rows = [(j.id, j.last_status["dataset"], shown_state(j.last_status),
+             f"{j.last_status['round']}/{j.last_status['rounds']}",
+             f"{j.last_status['epsilon']:.3f}", j.last_status["budget"]) for j in jobs]
+    header = ("job", "dataset", "state", "round", "ε", "budget")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in [header, *rows])
+
+
 def cmd_job(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        with _client(args) as client:
+            jobs = client.jobs()
+        _show([j.last_status for j in jobs], args, _job_table(jobs))
+        return 0
+    if args.job_id is None:
+        raise ValueError(f"fedgate job {args.action} needs a JOB_ID (fedgate job list shows "
+                         "yours)")
+    if args.action == "result":
+        _check_out(args)
     with _client(args) as client:
         job = Job(client, {"job_id": args.job_id, "rounds": 0, "state": "unknown"})
-        if args.action == "status":
+        if args.action == "wait":
+            job = client.job(args.job_id)
+            try:
+                status = job.wait(progress=not args.json)
+            except KeyboardInterrupt:  # Job.wait said how to reattach or cancel
+                return INTERRUPTED
+            if status["state"] != "succeeded":
+                return _ended(status, args)
+            _show(status, args, f"job {job.id} succeeded (ε {status['epsilon']:.3f}); fetch "
+                                f"and save the model: fedgate job result {job.id}")
+        elif args.action == "status":
             status = job.status()
-            human = (f"{status['job_id']}: {status['state']}, round {status['round']}"
+            human = (f"{status['job_id']}: {shown_state(status)}, round {status['round']}"
                      f"/{status['rounds']}, ε so far "
                      f"{status['progress']['epsilon_so_far']:.3f} of {status['epsilon']:.3f}")
             if "review" in status:
@@ -200,16 +298,25 @@ def cmd_job(args: argparse.Namespace) -> int:
             _show(status, args, human)
         elif args.action == "cancel":
             status = job.cancel()
-            _show(status, args, f"{status['job_id']}: {status['state']} "
+            _show(status, args, f"{status['job_id']}: {shown_state(status)} "
                                 f"(budget {status['budget']})")
         else:
             job.status()
             release = _verified_release(job)
             if release is None:
                 return 1
-            data = {"manifest": release.manifest}
-            _show(data, args, f"{release.job_id}: ε {release.epsilon:.3f}, metrics "
-                              f"{release.metrics} (node signature verified)")
+            summary, human = _released_summary(release, _save_release(release, args))
+            _show(summary, args, human)
+    return 0
+
+
+def cmd_model_to_keras(args: argparse.Namespace) -> int:
+    """A keras-json-v1 artifact (e.g. a released model) as a Keras ``.keras`` file."""
+    out = Path(args.output)
+    if out.suffix != ".keras":
+        raise ValueError(f"{out}: the output of to-keras is a .keras file")
+    write_model(parse_artifact(Path(args.source).read_bytes()), out, overwrite=args.force)
+    print(f"wrote Keras model {out}")
     return 0
 
 
@@ -281,17 +388,23 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     add_cli_options(p)
     p.add_argument("--model", required=True, help="keras-json-v1 artifact (fedgate model "
                    "from-keras makes one)")
-    p.add_argument("--out", help="write the released DP model (keras-json-v1) here")
+    p.add_argument("--out", help="save the released DP model here: .json (keras-json-v1) or "
+                   ".keras (needs TensorFlow); default ./JOB_ID.model.json")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--no-wait", action="store_true", help="submit and return the job id")
     p.add_argument("--rehearse", action="store_true", help="run the job locally on the "
                    "dataset's mock data instead (needs TFF; reserves nothing on the node)")
     _connection_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = add_command(commands, "job", help="status, result or cancel of one of your jobs",
+    p = add_command(commands, "job", help="list your jobs; status, wait for, result (saved) or "
+                    "cancel one",
                     examples=RESEARCHER_EXAMPLES)
-    p.add_argument("action", choices=("status", "result", "cancel"), help="what to do")
-    p.add_argument("job_id", help="the job (printed by `fedgate train`)")
+    p.add_argument("action", choices=("list", "status", "wait", "result", "cancel"), help="what to do")
+    p.add_argument("job_id", nargs="?", help="the job (all but list)")
+    p.add_argument("--out", help="result: save the DP model here, .json or .keras (default "
+                   "./JOB_ID.model.json, never overwritten)")
+    p.add_argument("--force", action="store_true", help="result: overwrite an existing file")
     _connection_options(p)
     p.set_defaults(func=cmd_job)
 
@@ -304,3 +417,10 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("output", help="artifact JSON to write")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=cmd_model_from_keras)
+    p = add_command(sub, "to-keras", help="convert a keras-json-v1 artifact (e.g. a released "
+                    "model) to a .keras file (needs TensorFlow)",
+                    examples=RESEARCHER_EXAMPLES)
+    p.add_argument("source", help="keras-json-v1 artifact JSON")
+    p.add_argument("output", help="the .keras file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.set_defaults(func=cmd_model_to_keras)

@@ -42,6 +42,7 @@ from gateway.node.release import (
     read_engine_output,
 )
 from gateway.node.scheduler import FairQueue
+from gateway.protocol.job_states import RESEARCHER_CANCELLED
 from gateway.protocol.release import manifest_digest
 from ledger.accounting import JobCost, clipped_count_stddev_of, training_event
 from ledger.audit import append_entry
@@ -198,7 +199,7 @@ class JobRunner:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         marker = self.node.deployment.jobs_dir / job_id / "data_access"
-        await run_in_threadpool(self._settle_failure, job_id, "cancelled by the researcher",
+        await run_in_threadpool(self._settle_failure, job_id, RESEARCHER_CANCELLED,
                                 marker.exists())
 
     async def shutdown(self) -> None:

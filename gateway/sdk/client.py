@@ -18,17 +18,26 @@ from __future__ import annotations
 
 import socket
 import ssl
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from engine.artifact import artifact_from_keras, decode_array, parse_artifact
+from engine.artifact import artifact_from_keras, parse_artifact
+from gateway.protocol.job_states import ENDED_STATES, shown_state
+from gateway.protocol.node_document import (
+    NodeDocument,
+    NodeDocumentInvalid,
+    NodeKeyMismatch,
+    verify_node_document,
+)
 from gateway.protocol.problems import TYPE_PREFIX
-from gateway.protocol.release import ReleaseVerificationFailed, verify_release_document
+from gateway.protocol.release import ReleaseVerificationFailed
+from gateway.sdk.progress import progress_display, progress_postfix
+from gateway.sdk.release import Release, verify_release
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys
 from ledger.canonical import canonical_json
@@ -49,6 +58,8 @@ __all__ = [
     "Job",
     "JobFailed",
     "ModelRejected",
+    "NodeDocumentInvalid",
+    "NodeKeyMismatch",
     "NodeUnreachable",
     "OutputPolicyRefused",
     "PolicyDenied",
@@ -165,32 +176,6 @@ def _raise_for_problem(response: httpx.Response) -> None:
     raise _ERRORS.get(slug, FedgateError)(problem)
 
 
-@dataclass(frozen=True)
-class Release:
-    """A verified release: DP weights, DP metrics and what was charged for them."""
-
-    job_id: str
-    weights: list[Any]  # numpy arrays, in the model's get_weights() order
-    metrics: dict[str, float]
-    epsilon: float
-    delta: float
-    manifest: dict[str, Any]
-
-
-def verify_release(document: dict[str, Any], node_public_key: Ed25519PublicKey) -> Release:
-    """Check the node's signature, the manifest's shape and the weights digest
-    (``gateway.protocol.release``); decode the weights."""
-    manifest = verify_release_document(document, node_public_key)
-    return Release(
-        job_id=manifest.job_id,
-        weights=[decode_array(w) for w in document["weights"]],
-        metrics=dict(manifest.metrics),
-        epsilon=float(manifest.epsilon),
-        delta=float(manifest.delta),
-        manifest=manifest.to_json(),
-    )
-
-
 def _load_private(key: Ed25519PrivateKey | str | Path) -> Ed25519PrivateKey:
     return key if isinstance(key, Ed25519PrivateKey) else keys.load_private_key(Path(key))
 
@@ -209,12 +194,25 @@ def _artifact(model_or_artifact: Any) -> dict[str, Any]:
 
 
 class Job:
-    """Handle of a submitted job."""
+    """Handle of a submitted job (``Client.submit``, ``Client.job(job_id)``, ``Client.jobs()``)."""
 
     def __init__(self, client: Client, status: dict[str, Any]) -> None:
         self.client = client
         self.id: str = status["job_id"]
         self.last_status = status
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}: {shown_state(self.last_status)}>"
+
+    def reattach_hint(self) -> str:
+        """What to say when the researcher stops waiting: the job goes on, and how to come back
+        to it or stop it."""
+        return (f"{self.id} keeps running on the node: only the waiting stopped, and its "
+                f"budget stays reserved.\n"
+                f"  reattach: fedgate job wait {self.id}    "
+                f"(Python: client.job({self.id!r}).wait())\n"
+                f"  cancel:   fedgate job cancel {self.id}  "
+                f"(Python: client.job({self.id!r}).cancel())")
 
     def status(self) -> dict[str, Any]:
         self.last_status = self.client._get(f"/v1/jobs/{self.id}")
@@ -227,8 +225,14 @@ class Job:
 
     def wait(self, *, progress: bool = True, poll_seconds: float = 0.5,
              timeout_seconds: float = 3600.0, review_poll_seconds: float = 5.0) -> dict[str, Any]:
-        """Poll until the job ends; show a progress bar when ``progress`` (tqdm: a text bar in
-        a terminal, a widget in Jupyter) with rounds i/T, the ε spent so far and the state.
+        """Poll until the job ends; show its progress when ``progress`` (``gateway.sdk.progress``:
+        a tqdm bar in a terminal or Jupyter, one plain line per change in a pipe or log) with
+        rounds i/T, the ε spent so far and the phase (``engine starting`` before round 1;
+        ``cancelled`` for a job you cancelled).
+
+        Ctrl-C (``KeyboardInterrupt``) stops only the waiting: the job keeps running on the
+        node; ``wait`` says how to reattach (``fedgate job wait JOB``, ``client.job(JOB)``) or
+        cancel, and re-raises.
 
         The ε so far is the node's ``progress.epsilon_so_far``: the ε of i rounds from the
         job's public parameters (never from data or realised client counts); at the last round
@@ -240,49 +244,52 @@ class Job:
         ends the job, refunded). The bar shows the state; ``status()['review']`` has the
         owner's reason.
         """
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.last_status["rounds"], desc=self.id, unit="round")
+        display = progress_display(self.id, self.last_status["rounds"]) if progress else None
         deadline = time.monotonic() + timeout_seconds
         try:
             while True:
                 status = self.status()
                 held = status["state"] in HELD_STATES
-                if bar is not None:  # postfix first: update() redraws the bar
-                    bar.set_postfix_str(progress_postfix(status), refresh=False)
-                    bar.update(status["round"] - bar.n)
-                    bar.refresh()
-                if status["state"] in ("succeeded", "failed"):
+                if display is not None:
+                    display.update(status)
+                if status["state"] in ENDED_STATES:
                     return status
                 if held:
                     deadline = time.monotonic() + timeout_seconds
                 elif time.monotonic() > deadline:
                     raise TimeoutError(f"job {self.id} still {status['state']}")
                 time.sleep(review_poll_seconds if held else poll_seconds)
+        except KeyboardInterrupt:
+            if display is not None:
+                display.close()
+                display = None
+            print(f"\n{self.reattach_hint()}", file=sys.stderr, flush=True)
+            raise
         finally:
-            if bar is not None:
-                bar.close()
+            if display is not None:
+                display.close()
 
     def result(self) -> Release:
-        """Fetch and verify the release; raises if the job failed."""
-        return self.signed_result()[0]
+        """Fetch and verify the release with the model it trained (``Release.save`` writes
+        it); raises if the job failed or was cancelled."""
+        return self.signed_result(with_model=True)[0]
 
-    def signed_result(self) -> tuple[Release, str]:
+    def signed_result(self, *, with_model: bool = False) -> tuple[Release, str]:
         """The verified release and the node's signature over its manifest (for a record that
-        cites it, e.g. a federation manifest); one fetch, raises if the job failed."""
+        cites it, e.g. a federation manifest); one counted fetch, raises if the job failed.
+
+        ``with_model``: also the job's model artifact (``GET /v1/jobs/{id}/model``, free),
+        checked against the manifest's ``model_digest``; fetched first, so a fetch the output
+        policy counts is never spent on a release that could not be saved whole."""
         if self.last_status["state"] == "failed":
-            raise JobFailed(f"job {self.id} failed: {self.last_status.get('failure')}")
+            ended = shown_state(self.last_status)
+            raise JobFailed(f"job {self.id} was cancelled" if ended == "cancelled" else
+                            f"job {self.id} failed: {self.last_status.get('failure')}")
+        model = (self.client._request("GET", f"/v1/jobs/{self.id}/model").content
+                 if with_model else None)
         document = self.client._get(f"/v1/jobs/{self.id}/result")
-        return verify_release(document, self.client.node_public_key), document["signature"]
-
-
-def progress_postfix(status: dict[str, Any]) -> str:
-    """The text after the progress bar: ε spent so far of the job's ε, and its state."""
-    spent = status.get("progress", {}).get("epsilon_so_far")
-    so_far = "" if spent is None else f"ε {spent:.3g}/{status['epsilon']:.3g}, "
-    return f"{so_far}{status['state']}"
+        release = verify_release(document, self.client.node_public_key, model=model)
+        return release, document["signature"]
 
 
 class Client:
@@ -296,6 +303,7 @@ class Client:
         self.key_id = keys.key_id(self.private_key.public_key())
         self._http = httpx.Client(base_url=self.url, auth=SignedRequestAuth(self.private_key),
                                   timeout=timeout)
+        self._node: NodeDocument | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -321,6 +329,32 @@ class Client:
     def _post(self, path: str, body: bytes, content_type: str = "application/json") -> Any:
         return self._request("POST", path, content=body,
                              headers={"Content-Type": content_type}).json()
+
+    def node(self) -> NodeDocument:
+        """The node's signed description (``GET /v1/node``), verified against the node public
+        key this client was given; fetched once per client.
+
+        Raises :class:`NodeKeyMismatch` (naming the node's key id and yours) when the node signs
+        with another key, i.e. every release it makes would be refused, and
+        :class:`NodeDocumentInvalid` when its answer does not verify. ``submit`` and
+        ``train_model`` call it first, so a wrong ``node.pub`` costs no ε.
+        """
+        if self._node is None:
+            try:
+                signed = self._get("/v1/node")
+            except ValueError:
+                raise NodeDocumentInvalid("the node's /v1/node answer is not JSON") from None
+            self._node = verify_node_document(signed, self.node_public_key)
+        return self._node
+
+    def job(self, job_id: str) -> Job:
+        """A handle on one of your jobs, e.g. to reattach after Ctrl-C:
+        ``client.job("job-…").wait()``; its ``last_status`` is fetched now."""
+        return Job(self, self._get(f"/v1/jobs/{job_id}"))
+
+    def jobs(self) -> list[Job]:
+        """Your jobs (this key's), newest first, each with its status in ``last_status``."""
+        return [Job(self, status) for status in self._get("/v1/jobs")["jobs"]]
 
     def datasets(self) -> list[dict[str, Any]]:
         return self._get("/v1/datasets")["datasets"]
@@ -381,7 +415,9 @@ class Client:
 
     def submit(self, dataset: str, model_digest: str, **parameters: Any) -> Job:
         """Submit a job for an uploaded model; returns its handle at once (see ``train_model``
-        for the parameters)."""
+        for the parameters). Refuses before sending anything if the node signs with another
+        key than this client's node public key (:meth:`node`)."""
+        self.node()
         body = {"dataset": dataset, "model_digest": model_digest, **parameters}
         return Job(self, self._post("/v1/jobs", canonical_json(body)))
 
@@ -404,6 +440,7 @@ class Client:
         out-of-range value is refused with ``invalid-request`` naming the field (and the
         allowed names).
         """
+        self.node()  # a wrong node key is found before the upload
         digest = self.upload_model(artifact_from_keras(model))
         job = self.submit(dataset, digest, **parameters)
         job.wait(progress=progress)
