@@ -212,6 +212,40 @@ def cmd_dataset_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+EPSILON_TOTAL_WARNING = 10.0
+EPSILON_TOTAL_LIMIT = 100.0
+"""ε_total above the first is a weak guarantee (warned); above the second it is no meaningful
+guarantee at all (refused unless --force): e^ε bounds how much more likely any outcome gets."""
+
+
+def _import_findings(source: Path, dest: Path, used_columns: set[str],
+                     num_classes: int) -> list[str]:
+    """Owner-side warnings about what an import left out: source columns that are neither the
+    user, the label nor a feature, and declared labels no row has (exact: the owner's own view,
+    never shown to a researcher)."""
+    import numpy as np
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    from engine.datastore import open_partition
+
+    names = (pyarrow.csv.open_csv(source).schema.names if source.suffix == ".csv"
+             else pyarrow.parquet.read_schema(source).names)
+    findings = []
+    dropped = [name for name in names if name not in used_columns]
+    if dropped:
+        findings.append(f"columns left out of the features: {', '.join(dropped)} (list them in "
+                        "--feature-columns to train on them)")
+    present = set()
+    for partition in ("training", "evaluation"):
+        present |= {int(label) for label in np.unique(open_partition(dest, partition).labels)}
+    unused = sorted(set(range(num_classes)) - present)
+    if unused:
+        findings.append(f"declared labels no row uses: {', '.join(map(str, unused))} (of "
+                        f"0..{num_classes - 1}); check --num-classes and the label column")
+    return findings
+
+
 def cmd_dataset_import(args: argparse.Namespace) -> int:
     from engine.datastore import import_dataset, load_schema
     from engine.mock import MOCK_FILE, parse_ranges, write_mock
@@ -224,6 +258,11 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
         dp_count_estimate,
     )
 
+    if args.epsilon_total > EPSILON_TOTAL_LIMIT and not args.force:
+        print(f"fedgate: error: ε_total {args.epsilon_total:g} is above "
+              f"{EPSILON_TOTAL_LIMIT:g}, which protects no one (e^ε bounds how much more likely "
+              "any outcome gets); lower --epsilon-total, or pass --force", file=sys.stderr)
+        return 2
     node = open_node(args)
     with node.session() as s:  # before any work: the name, then all public inputs
         check_new_dataset_name(s, args.name)
@@ -271,6 +310,13 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
         return 2
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    if args.epsilon_total > EPSILON_TOTAL_WARNING:
+        print(f"warning: ε_total {args.epsilon_total:g} is above {EPSILON_TOTAL_WARNING:g}: a "
+              "weak guarantee for each user; a smaller budget is recommended", file=sys.stderr)
+    for finding in _import_findings(Path(args.source), dest, {args.user_column,
+                                    args.label_column, *loaded.feature_columns},
+                                    loaded.num_classes):
+        print(f"warning: {finding}", file=sys.stderr)
     how = ("declared public" if public.event is None
            else "DP estimate, charged once to the budget")
     if args.json:
@@ -518,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "data, and set the dataset's total budget (ε_total, δ). Refuses "
                                 "δ ≥ 1/N̂ and ε_total > 100, and warns about ε_total > 10, "
                                 "columns left out of the features and declared labels no row "
-                                "uses; --force imports anyway.",
+                                "uses; --force imports ε_total > 100 anyway.",
                     examples=examples(
                         "fedgate -d ./node dataset import demo users.parquet --user-column "
                         "user_id --label-column label --num-classes 10 --epsilon-total 8 "
@@ -550,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, metavar="K",
                    help="the label set is 0..K-1 (public; default: the largest label + 1, "
                         "which reads the data: declare it)")
+    p.add_argument("--force", action="store_true", help=f"import even with ε_total above "
+                   f"{EPSILON_TOTAL_LIMIT:g}")
     p.add_argument("--json", action="store_true", help="print the imported dataset as JSON")
     p.set_defaults(func=cmd_dataset_import)
     p = add_command(sub, "list", help="list datasets with their exact and public user counts",
