@@ -9,7 +9,7 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 VENV_PY := $(CURDIR)/.venv/bin/python
 PYTEST := $(VENV_PY) -m pytest
 
-.PHONY: help env test test-fast soak demo demo-federation demo-shakespeare bench lint openapi clean
+.PHONY: help env test-env test test-fast soak demo demo-federation demo-shakespeare bench lint openapi clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -18,7 +18,14 @@ $(CURDIR)/.tools/bin/uv:
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
+# Two layers of one .venv. What the node and the demos run: the SDK and the node extra, never
+# the dev group (inexact: a demo never uninstalls the test tools from a developer's .venv).
 .venv/.synced: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --locked --extra node --no-dev --inexact
+	touch $@
+
+# What the tests need on top: the dev group (pytest, Playwright, nbclient, ...), exactly as locked.
+.venv/.synced-dev: .venv/.synced
 	$(UV) sync --locked --extra node
 	touch $@
 
@@ -35,15 +42,17 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-env: .venv/.synced tests/interop/node_modules/.installed $(CHROMIUM) ## install uv if missing, sync .venv from uv.lock, test deps (incl. chromium)
+env: .venv/.synced ## install uv if missing, sync .venv from uv.lock: the SDK and the node (no test tools)
 
-test: env ## run the full test suite (TFF and PostgreSQL included)
+test-env: env .venv/.synced-dev tests/interop/node_modules/.installed $(CHROMIUM) ## env + the dev group, npm interop packages, Debian's chromium
+
+test: test-env ## run the full test suite (TFF and PostgreSQL included)
 	$(PYTEST) -q --durations=25
 
-test-fast: env ## run the tests that do not train with TFF
+test-fast: test-env ## run the tests that do not train with TFF
 	$(PYTEST) -q -m "not tff"
 
-soak: env ## long concurrency soak: gateways on SQLite and PostgreSQL, ~10 min
+soak: test-env ## long concurrency soak: gateways on SQLite and PostgreSQL, ~10 min
 	FEDGATE_SOAK=long $(PYTEST) -q -rxs tests/test_soak.py
 
 demo: env ## run the end-to-end demo on a temporary node
@@ -61,7 +70,7 @@ bench: env ## run the benchmarks and update docs/performance.md
 openapi: env ## regenerate docs/openapi.json from the routes
 	$(VENV_PY) -m gateway.api.openapi
 
-lint: env ## ruff
+lint: test-env ## ruff
 	$(VENV_PY) -m ruff check gateway engine ledger tests bench
 
 clean: ## remove the environment and caches

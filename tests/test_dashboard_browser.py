@@ -2,7 +2,7 @@
 against a real gateway process on a demo deployment with admitted, charged, refunded and
 denied jobs. Saves a screenshot to test-artifacts/dashboard.png.
 
-Chromium comes from the system package manager (``make env`` installs it); Playwright's
+Chromium comes from the system package manager (``make test-env`` installs it); Playwright's
 own browser downloads are never used. Without Chromium the test is skipped, except in
 CI, where that is a failure.
 """
@@ -30,8 +30,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 def chromium() -> Path:
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is required in CI (make env installs Debian's chromium)")
-        pytest.skip(f"{CHROMIUM} not installed (make env installs it)")
+            pytest.fail(f"{CHROMIUM} is required in CI (make test-env installs Debian's chromium)")
+        pytest.skip(f"{CHROMIUM} not installed (make test-env installs it)")
     return CHROMIUM
 
 

@@ -23,7 +23,7 @@ JOB = {"dataset": "demo", "rounds": 10, "clients_per_round": 20, "noise_multipli
 def _sign_with_node(key_path: Path, key_id: str, method: str, url: str, body_path: Path) -> dict:
     node = shutil.which("node")
     if node is None or not (INTEROP / "node_modules").exists():
-        pytest.fail("node and tests/interop/node_modules are required (make env installs them)")
+        pytest.fail("node and tests/interop/node_modules are required (make test-env installs them)")
     out = subprocess.run(
         [node, str(INTEROP / "sign_request.mjs"), str(key_path), key_id, method, url,
          str(body_path)],
