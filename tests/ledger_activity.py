@@ -98,6 +98,18 @@ def demo_activity(node_dir: Path, *, spread_days: float = 0.0) -> dict[str, Any]
     return {"committed": committed, "refunded": refunded}
 
 
+def more_datasets(node_dir: Path, table: Path) -> None:
+    """Two more datasets beside ``demo``: ``wide-budget`` (ε_total 12, very large) and
+    ``loose-delta`` (δ 1.5e-3, above 1/N̂^1.1 for N̂ = 480 though below 1/N̂)."""
+    from gateway.cli import main as fedgate
+
+    for name, epsilon_total, delta in (("wide-budget", "12", "1e-5"), ("loose-delta", "4", "1.5e-3")):
+        assert fedgate(["-d", str(node_dir), "dataset", "import", name, str(table),
+                        "--user-column", "user_id", "--label-column", "label",
+                        "--epsilon-total", epsilon_total, "--delta", delta,
+                        "--public-users", "480", "--num-classes", "5"]) == 0
+
+
 def login_token(node_dir: Path, officer: str = "olivia", *, hours: float = 8.0,
                 now: float | None = None) -> IssuedToken:
     node = Node(node_dir)

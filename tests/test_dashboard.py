@@ -24,6 +24,7 @@ from gateway.dashboard.data import (
     BillingMonth,
     LogVerification,
     ResearcherBill,
+    budget_warnings,
     denials_by_reason,
     load_billing,
     load_overview,
@@ -43,7 +44,7 @@ from ledger.metering import month_of
 from ledger.models import AuditEntry, DashboardSession, DashboardToken, Dataset, Job, JobMeter
 from ledger.officer_login import LoginRefused, OfficerLogin, exchange_login_token, secret_digest
 from tests.conftest import make_researcher
-from tests.ledger_activity import demo_activity, login_token, researcher, submit
+from tests.ledger_activity import demo_activity, login_token, more_datasets, researcher, submit
 from tests.test_audit_api import make_officer
 
 
@@ -385,6 +386,54 @@ def test_recent_decisions_name_the_researcher_of_a_charge_and_show_registrations
     assert (registration[3], registration[5]) == ("registered", "demo")
     assert "ε_total 4; δ 1e-05; N̂ 480; N̂ declared" in registration[8]
     assert {c[4] for c in rows["key"]} >= {"alice", "olivia"}
+
+
+def test_many_datasets_get_a_summary_table_with_warnings_above_their_charts(
+    node_dir: Path, synthetic_table: Path
+) -> None:
+    make_officer(node_dir)
+    demo_activity(node_dir)
+    more_datasets(node_dir, synthetic_table)
+    with TestClient(create_app(node_dir)) as browser:
+        signed_in(browser, login_token(node_dir).token)
+        html = browser.get("/dashboard").text
+    (chart,) = [c for c in load_overview(Node(node_dir)).datasets if c.dataset == "demo"]
+    summary = html[html.index('<section class="card summary">'):]
+    summary = summary[:summary.index("</section>")]
+    assert html.index('<section class="card summary">') < html.index('<section class="card dataset"')
+    rows = {re.sub(r"<[^>]+>", "", cells[0]): cells for cells in
+            (re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", summary))
+            if cells}
+    assert list(rows) == ["demo", "loose-delta", "wide-budget"]  # by name, as the charts
+    assert rows["demo"][1:7] == [f"{chart.epsilon_used:.3g} / 4", "1e-05", "480",
+                                 f"{chart.current.fraction:.1%}", "3 / 0", str(chart.more_like_last)]
+    assert 0 < chart.epsilon_used < 4 and rows["demo"][7] == "—"
+    assert rows["wide-budget"][1] == "0 / 12" and rows["wide-budget"][6] == "—"
+    assert "ε_total 12 is very large" in rows["wide-budget"][7]
+    assert "δ 0.0015 is above 1/N̂^1.1" in rows["loose-delta"][7]
+    assert html.count('<section class="card dataset"') == 3
+    for name in rows:  # each row links to its dataset's card
+        anchor = re.search(rf'<a href="#(dataset-[0-9a-f]+)">{name}</a>', summary).group(1)
+        assert f'<section class="card dataset" id="{anchor}">' in html
+
+
+def test_budget_warnings_flag_delta_against_public_count_and_a_full_filter() -> None:
+    from ledger.burndown import BurnDown, FilterUsage
+
+    def chart(**changes: object) -> BurnDown:
+        fields = dict(dataset="d", epsilon_total=4.0, delta=1e-5, public_users=480, start=0.0,
+                      points=(), current=FilterUsage(0.2, 8.0), orders=13, epsilon_used=1.0,
+                      more_like_last=None, matches_ledger=True) | changes
+        return BurnDown(**fields)  # type: ignore[arg-type]
+
+    assert budget_warnings(chart()) == ()
+    (delta,) = budget_warnings(chart(delta=1 / 400))
+    assert delta.startswith("δ 0.0025 ≥ 1/N̂ = 0.00208")
+    assert budget_warnings(chart(current=FilterUsage(0.93, 8.0), more_like_last=2)) == (
+        "the filter is 93% used",)
+    assert budget_warnings(chart(more_like_last=0)) == ("the filter admits no more job like the last one",)
+    assert budget_warnings(chart(matches_ledger=False)) == (
+        "the jobs' charges do not add up to the ledger's total",)
 
 
 def test_budget_use_is_the_filter_at_its_best_order_not_the_sum_of_epsilons(node_dir: Path) -> None:

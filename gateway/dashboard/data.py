@@ -27,6 +27,7 @@ from ledger.audit_verify import verify_export
 from ledger.burndown import BurnDown, burn_down
 from ledger.metering import month_bounds, month_of
 from ledger.models import AuditEntry, BillingCharge, Dataset, Job
+from ledger.public_count import DeltaTooLarge, check_delta
 
 log = logging.getLogger("fedgate.dashboard")
 
@@ -35,6 +36,36 @@ DECISION_ACTIONS = frozenset({"admit", "deny", "charge", "refund", "release", "r
 RECENT_DECISIONS = 50
 RECENT_SCAN = 2000  # recent decisions are looked for among this many newest entries
 VERIFICATION_TTL_SECONDS = 30.0
+
+
+LARGE_EPSILON_TOTAL = 10.0
+"""A dataset budget above this ε_total is flagged: at ε = 10 an observer's odds about any one
+user may shift by a factor e¹⁰ ≈ 22,000, a bound too weak to mean much (docs/privacy.md)."""
+NEARLY_FULL = 0.9
+
+
+def budget_warnings(chart: BurnDown) -> tuple[str, ...]:
+    """What an officer should look at in a dataset's budget: δ not small against N̂ (refused
+    at import from δ ≥ 1/N̂ on, so such a dataset predates that check or was altered), a very
+    large ε_total, a filter nearly or entirely full, a chart that does not match the ledger."""
+    warnings = []
+    try:
+        note = check_delta(chart.delta, chart.public_users)
+    except DeltaTooLarge:
+        note = (f"δ {chart.delta:g} ≥ 1/N̂ = {1.0 / chart.public_users:.3g}: a release may reveal "
+                "one user outright")
+    if note is not None:
+        warnings.append(note)
+    if chart.epsilon_total > LARGE_EPSILON_TOTAL:
+        warnings.append(f"ε_total {chart.epsilon_total:g} is very large (above "
+                        f"{LARGE_EPSILON_TOTAL:g}): the guarantee means little")
+    if chart.more_like_last == 0 or chart.current.fraction >= 1.0:
+        warnings.append("the filter admits no more job like the last one")
+    elif chart.current.fraction >= NEARLY_FULL:
+        warnings.append(f"the filter is {chart.current.fraction:.0%} used")
+    if not chart.matches_ledger:
+        warnings.append("the jobs' charges do not add up to the ledger's total")
+    return tuple(warnings)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from gateway.dashboard.data import (
     Overview,
     ResearcherBill,
     VerificationStatus,
+    budget_warnings,
 )
 from gateway.protocol.problems import Problem
 from ledger.burndown import BurnDown
@@ -117,6 +118,27 @@ form.login input { flex: 1; padding: 8px 10px; border: 1px solid var(--line); bo
   font: inherit; }
 form.login button { padding: 8px 16px; border: 0; border-radius: 6px; background: var(--filter);
   color: #fff; font: inherit; cursor: pointer; }
+ul.warnings { margin: 0; padding: 0 0 0 16px; }
+ul.warnings li { font-weight: 600; }
+.summary td.num { white-space: nowrap; }
+header.top { flex-wrap: wrap; }
+.month-nav { flex-wrap: wrap; }
+.reading, .lead, td.details { overflow-wrap: anywhere; }
+@media (max-width: 640px) {
+  header.top { padding: 10px 14px; gap: 8px 14px; }
+  header.top .who { flex-wrap: wrap; gap: 8px; }
+  main { padding: 14px 10px 28px; }
+  .card { padding: 12px 12px; }
+  .stats { gap: 12px 18px; }
+  form.login { flex-direction: column; }
+  table.stack thead { display: none; }
+  table.stack tr { display: block; border-bottom: 1px solid var(--line); padding: 6px 0; }
+  table.stack td { display: flex; justify-content: space-between; gap: 12px; border: 0;
+    padding: 3px 4px; text-align: right; white-space: normal; }
+  svg.chart text { font-size: 19px; }
+  table.stack td::before { content: attr(data-label); color: var(--muted); font-weight: 600;
+    text-align: left; }
+}
 """
 
 CONTENT_SECURITY_POLICY = (
@@ -148,6 +170,7 @@ def overview_page(overview: Overview, verification: VerificationStatus, login: O
         f"· shown at {_time(now)} UTC. Read-only: nothing here changes the node.</p>",
         _verification_card(verification),
         "<h2>Privacy budget</h2>",
+        _summary_card(overview.datasets),
         *(_dataset_card(chart, now) for chart in overview.datasets),
         "" if overview.datasets else '<section class="card"><p class="empty-note">No dataset is '
                                      "registered.</p></section>",
@@ -221,9 +244,9 @@ def _researchers_card(billing: BillingMonth) -> str:
         f'<td class="num">{bill.cpu_hours:.4f}</td>'
         f'<td class="num">{_money(bill.statement["totals"])}</td></tr>'
         for index, bill in enumerate(billing.researchers))
-    return ('<section class="card"><h2>By researcher</h2><table><thead><tr><th>researcher</th>'
-            "<th>jobs</th><th>CPU-hours</th><th>spend</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table></section>")
+    return ('<section class="card"><h2>By researcher</h2><div class="table-wrap"><table><thead>'
+            "<tr><th>researcher</th><th>jobs</th><th>CPU-hours</th><th>spend</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></div></section>")
 
 
 def _statement_card(index: int, bill: ResearcherBill) -> str:
@@ -235,9 +258,10 @@ def _statement_card(index: int, bill: ResearcherBill) -> str:
             f'<p class="meta">{_jobs(len(bill.statement["lines"]))} · {bill.cpu_hours:.4f} CPU-hours. '
             "Client updates are the expected number, never the exact count, as on the "
             "researcher's statement.</p>"
-            "<table><thead><tr><th>job</th><th>dataset</th><th>charged (UTC)</th><th>rounds</th>"
-            "<th>expected client updates</th><th>CPU s billed</th>"
-            f"<th>total</th><th>audit</th></tr></thead><tbody>{rows}{totals}</tbody></table></section>")
+            '<div class="table-wrap"><table><thead><tr><th>job</th><th>dataset</th>'
+            "<th>charged (UTC)</th><th>rounds</th><th>expected client updates</th>"
+            "<th>CPU s billed</th><th>total</th><th>audit</th></tr></thead>"
+            f"<tbody>{rows}{totals}</tbody></table></div></section>")
 
 
 def _jobs(count: int) -> str:
@@ -341,6 +365,44 @@ def _verification_card(status: VerificationStatus) -> str:
             "cannot vouch for itself.</p></section>")
 
 
+SUMMARY_COLUMNS = ("dataset", "ε used / ε_total", "δ", "N̂", "filter used",
+                   "jobs committed / reserved", "more like the last", "warnings")
+SUMMARY_NUMERIC = frozenset(SUMMARY_COLUMNS[1:-1])
+
+
+def _summary_card(charts: Sequence[BurnDown]) -> str:
+    """One row per dataset, above the per-dataset charts: the budget at a glance, warnings."""
+    if not charts:
+        return ""
+    rows = []
+    for chart in charts:
+        committed = sum(p.budget_state == "committed" for p in chart.points)
+        warnings = budget_warnings(chart)
+        flagged = ('<ul class="warnings">' + "".join(f'<li class="warning">{escape(w)}</li>'
+                                                   for w in warnings) + "</ul>") if warnings else "—"
+        cells = [
+            f'<a href="#{_anchor(chart.dataset)}">{escape(chart.dataset)}</a>',
+            f"{chart.epsilon_used:.3g} / {chart.epsilon_total:g}",
+            f"{chart.delta:g}",
+            str(chart.public_users),
+            f"{chart.current.fraction:.1%}",
+            f"{committed} / {len(chart.points) - committed}",
+            "—" if chart.more_like_last is None else str(chart.more_like_last),
+            flagged,
+        ]
+        numeric = ' class="num"'
+        rows.append("<tr>" + "".join(
+            f'<td data-label="{label}"{numeric if label in SUMMARY_NUMERIC else ""}>{cell}</td>'
+            for label, cell in zip(SUMMARY_COLUMNS, cells, strict=True)) + "</tr>")
+    head = "".join(f"<th>{label}</th>" for label in SUMMARY_COLUMNS)
+    return ('<section class="card summary"><h3>All datasets</h3><div class="table-wrap">'
+            f'<table class="stack"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+            "</table></div>"
+            '<p class="meta">ε used is the smallest ε_total whose filter (same δ, same orders) '
+            "would hold every job charged so far; it reaches ε_total exactly when the filter is "
+            "full. It is not the sum of the jobs' ε.</p></section>")
+
+
 def _dataset_card(chart: BurnDown, now: float) -> str:
     committed = sum(p.budget_state == "committed" for p in chart.points)
     reserved = len(chart.points) - committed
@@ -377,13 +439,17 @@ def _reading(chart: BurnDown) -> str:
     if usage.best_order is None:
         return ('<p class="reading">No RDP order of this filter has a budget: it admits '
                 "nothing.</p>")
+    if not chart.points and usage.fraction == 0:
+        return (f'<p class="reading">The filter keeps a separate budget at each of {chart.orders} '
+                "Rényi orders α and admits a job while any one of them has room for it. No job "
+                "has been charged yet: every order has its whole budget.</p>")
     best = (f"The filter keeps a separate budget at each of {chart.orders} Rényi orders α and "
             f"admits a job while any one of them has room for it. The best order now is "
             f"<b>α = {usage.best_order:g}</b>: it has the most room left ({usage.fraction:.1%} of "
             "its budget used), so it decides what still fits. Which order that is depends on "
             "the jobs charged: large-ε jobs (many rounds, little noise) use up the high orders "
             "fastest and move the best order down; small-ε jobs leave a high order best.")
-    if not chart.points:
+    if not chart.points:  # only the public-count estimate is charged
         return f'<p class="reading">{best} No job has been charged yet.</p>'
     last = chart.points[-1]
     shape = ", ".join(f"{label} {last.parameters[key]:g}"
@@ -430,9 +496,10 @@ def _denials_card(groups: Sequence[DenialGroup]) -> str:
         f'<td class="nowrap">{escape(_short_time(g.last_seen))}</td>'
         f"<td class=\"details\">{_clipped(g.latest_explanation)}</td></tr>"
         for g in groups)
-    return ('<section class="card"><h2>Denials by reason</h2><table><thead><tr>'
-            "<th>count</th><th>reason</th><th>decided by</th><th>requested</th><th>last</th>"
-            f"<th>latest explanation</th></tr></thead><tbody>{rows}</tbody></table></section>")
+    return ('<section class="card"><h2>Denials by reason</h2><div class="table-wrap"><table>'
+            "<thead><tr><th>count</th><th>reason</th><th>decided by</th><th>requested</th>"
+            "<th>last</th><th>latest explanation</th></tr></thead><tbody>"
+            f"{rows}</tbody></table></div></section>")
 
 
 def _recent_card(entries: Sequence[dict[str, Any]], job_researchers: dict[str, str]) -> str:
