@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import Session, SQLModel, create_engine
@@ -78,10 +78,15 @@ def create_schema(engine: Engine) -> None:
     An index added to the models after a database was created is created here too (create_all
     only indexes the tables it creates): that is the migration path of an existing node."""
     SQLModel.metadata.create_all(engine)
-    with engine.begin() as connection:
-        for table in SQLModel.metadata.sorted_tables:
-            for index in table.indexes:
-                connection.execute(CreateIndex(index, if_not_exists=True))
+    # Only the missing ones: CREATE INDEX locks its table even when the index exists (on
+    # PostgreSQL a ShareLock, which deadlocked with running admissions in the soak).
+    present = inspect(engine)
+    for table in SQLModel.metadata.sorted_tables:
+        names = {index["name"] for index in present.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in names:
+                with engine.begin() as connection:
+                    connection.execute(CreateIndex(index, if_not_exists=True))
     with session(engine) as s, s.begin():
         if s.get(models.AuditHead, 1) is None:
             s.add(models.AuditHead(id=1, size=0))
