@@ -222,10 +222,12 @@ def test_a_malformed_query_or_unknown_path_gets_an_html_page_in_a_browser(node_d
         signed_in(browser, login_token(node_dir).token)
         month = browser.get("/dashboard/billing", params={"month": "<b>x</b>"})
         nowhere = browser.get("/dashboard/<i>nothing</i>")
+        wrong_method = browser.post("/dashboard/billing")
     assert month.status_code == 422
     assert "month must be a month such as 2026-11" in html_page(month) and "<b>x" not in month.text
     assert nowhere.status_code == 404 and "<i>nothing" not in html_page(nowhere)
     assert "/dashboard/&lt;i&gt;nothing&lt;/i&gt;" in nowhere.text
+    assert wrong_method.status_code == 405 and "POST is not allowed" in html_page(wrong_method)
 
 
 @pytest.mark.parametrize("accept", ["application/json", "application/problem+json",

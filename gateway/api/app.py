@@ -33,7 +33,7 @@ from gateway.api.json_body import RequestJsonInvalid, parse_request_json
 from gateway.api.middleware import request_middleware
 from gateway.api.openapi import openapi_document
 from gateway.api.problems import problem_response
-from gateway.dashboard.routes import Dashboard
+from gateway.dashboard.routes import Dashboard, page_refusal
 from gateway.node.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
 from gateway.node.identity import VerifiedRequest
 from gateway.node.jobs import JobRunner, recover_interrupted_jobs
@@ -369,6 +369,9 @@ async def _problem_handler(request: Request, exc: Exception) -> Response:
 
 async def _http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    for_browser = page_refusal(request, exc.status_code)
+    if for_browser is not None:
+        return for_browser
     if exc.status_code == 405:
         return problem_response(
             Problem("method-not-allowed", f"{request.method} is not allowed on {request.url.path}"),

@@ -76,7 +76,6 @@ class Dashboard:
             Route("/dashboard/billing", _for_people(self.officer_page(self.billing))),
             Route(LOGIN_PATH, _for_people(self.login), methods=["GET", "POST"]),
             Route("/dashboard/logout", _for_people(self.logout), methods=["POST"]),
-            Route("/dashboard/{path:path}", _for_people(_no_page)),
         ]
 
     def officer_page(self, page: OfficerPage) -> Callable[[Request], Awaitable[Response]]:
@@ -227,9 +226,20 @@ def _refusal_for_browser(request: Request, problem: Problem) -> Response:
                         headers=pages.SECURITY_HEADERS)
 
 
-async def _no_page(request: Request) -> Response:
-    raise Problem("not-found", f"the dashboard has no page {request.url.path}; its pages are "
-                  "/dashboard (overview) and /dashboard/billing")
+def page_refusal(request: Request, status: int) -> Response | None:
+    """The HTML answer to a browser that asked the dashboard for a page it does not have (404)
+    or with a method the page does not take (405); None for any other request, which the app
+    answers with problem+json. The app's HTTP error handler calls it, so the dashboard needs
+    no catch-all route (the OpenAPI document lists exactly the mounted routes)."""
+    path = request.url.path
+    if not (path == "/dashboard" or path.startswith("/dashboard/")) or not wants_html(request):
+        return None
+    if status == 405:
+        problem = Problem("method-not-allowed", f"{request.method} is not allowed on {path}")
+    else:
+        problem = Problem("not-found", f"the dashboard has no page {path}; its pages are "
+                          "/dashboard (overview) and /dashboard/billing")
+    return _refusal_for_browser(request, problem)
 
 
 def _same_origin(request: Request) -> None:
