@@ -14,6 +14,8 @@ __all__ = [
     "CLIENT_OPTIMIZERS",
     "CLIP_STRATEGIES",
     "DEFAULT_MAX_EXAMPLES_PER_USER",
+    "EPSILON_TOTAL_LIMIT",
+    "EPSILON_TOTAL_WARNING",
     "HYPERPARAMETER_RANGES",
     "MAX_CLIP",
     "MAX_NOISE_MULTIPLIER",
@@ -36,6 +38,13 @@ MAX_USERS = 1_000_000_000
 
 DEFAULT_MAX_EXAMPLES_PER_USER = 256
 """The per-user example cap of a dataset whose owner sets none (``fedgate dataset import``)."""
+
+EPSILON_TOTAL_WARNING = 10.0
+EPSILON_TOTAL_LIMIT = 100.0
+"""A dataset budget ε_total above the first is a weak guarantee (the import warns, the
+dashboard flags it: at ε = 10 an observer's odds about any one user may shift by a factor
+e¹⁰ ≈ 22,000); above the second it is no meaningful guarantee at all (the import refuses it
+unless forced)."""
 
 MIN_CLIP = 1e-9
 MAX_CLIP = 1e6

@@ -28,6 +28,7 @@ from ledger.burndown import BurnDown, burn_down
 from ledger.metering import month_bounds, month_of
 from ledger.models import AuditEntry, BillingCharge, Dataset, Job
 from ledger.public_count import DeltaTooLarge, check_delta
+from ledger.ranges import EPSILON_TOTAL_WARNING
 
 log = logging.getLogger("fedgate.dashboard")
 
@@ -38,9 +39,6 @@ RECENT_SCAN = 2000  # recent decisions are looked for among this many newest ent
 VERIFICATION_TTL_SECONDS = 30.0
 
 
-LARGE_EPSILON_TOTAL = 10.0
-"""A dataset budget above this ε_total is flagged: at ε = 10 an observer's odds about any one
-user may shift by a factor e¹⁰ ≈ 22,000, a bound too weak to mean much (docs/privacy.md)."""
 NEARLY_FULL = 0.9
 
 
@@ -56,9 +54,9 @@ def budget_warnings(chart: BurnDown) -> tuple[str, ...]:
                 "one user outright")
     if note is not None:
         warnings.append(note)
-    if chart.epsilon_total > LARGE_EPSILON_TOTAL:
+    if chart.epsilon_total > EPSILON_TOTAL_WARNING:
         warnings.append(f"ε_total {chart.epsilon_total:g} is very large (above "
-                        f"{LARGE_EPSILON_TOTAL:g}): the guarantee means little")
+                        f"{EPSILON_TOTAL_WARNING:g}): the guarantee means little")
     if chart.more_like_last == 0 or chart.current.fraction >= 1.0:
         warnings.append("the filter admits no more job like the last one")
     elif chart.current.fraction >= NEARLY_FULL:
