@@ -60,6 +60,7 @@ def test_every_option_has_help_and_no_help_text_has_rst_markup(
     texts = [parser.description or "", parser.epilog or "",
              *(str(action.help or "") for action in parser._actions)]
     assert [text for text in texts if RST.search(text)] == []
+    assert parser.format_help()  # renders every text: a bare % in one would raise here
 
 
 def test_version_prints_the_installed_version() -> None:

@@ -19,14 +19,12 @@ from gateway.cli import (
     billing,
     dashboard,
     federation,
+    policy,
     privacy_audit,
     researcher,
     review,
 )
 from gateway.cli.common import deployment_dir, open_node
-from gateway.cli.demo import run_demo
-from gateway.cli.demo_federation import run_federation_demo
-from gateway.cli.demo_shakespeare import run_demo_shakespeare
 from gateway.cli.terminal import ControlEscapingStream, escape_controls, format_table
 from gateway.cli.usage import (
     FedgateFormatter,
@@ -35,13 +33,14 @@ from gateway.cli.usage import (
     examples,
     fedgate_version,
 )
-from gateway.sdk.client import FedgateError, NodeUnreachable
-from ledger import keys
 from ledger.ranges import DEFAULT_MAX_EXAMPLES_PER_USER
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, uvicorn,
-# pyarrow, dp-accounting, TensorFlow), which the owner commands need.
+# pyarrow, dp-accounting, TensorFlow), which the owner commands need; and what only some
+# commands use (httpx, numpy, cryptography) would cost every `fedgate --help` its import time.
+# The command modules above hold parsers and handlers; they follow the same rule
+# (tests/test_cli_imports.py).
 
 EXAMPLES = """\
 examples:
@@ -84,6 +83,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    from ledger import keys
+
     private_key = keys.generate_private_key()
     private_path, public_path = keys.write_key_pair(private_key, Path(args.out))
     if args.json:
@@ -98,6 +99,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_principal_add(args: argparse.Namespace) -> int:
     from gateway.policy.rows import declared_groups, rows_naming
+    from ledger import keys
     from ledger.registry import add_principal
 
     node = open_node(args)
@@ -121,6 +123,7 @@ def cmd_principal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_add_key(args: argparse.Namespace) -> int:
+    from ledger import keys
     from ledger.registry import add_key
 
     node = open_node(args)
@@ -134,6 +137,7 @@ def cmd_principal_add_key(args: argparse.Namespace) -> int:
 
 
 def cmd_principal_rotate(args: argparse.Namespace) -> int:
+    from ledger import keys
     from ledger.registry import rotate_principal
 
     node = open_node(args)
@@ -417,14 +421,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.cli.demo import run_demo
+
     return run_demo(main, users=args.users, keep=args.keep)
 
 
 def cmd_demo_federation(args: argparse.Namespace) -> int:
+    from gateway.cli.demo_federation import run_federation_demo
+
     return run_federation_demo(main, keep=args.keep)
 
 
 def cmd_demo_shakespeare(args: argparse.Namespace) -> int:
+    from gateway.cli.demo_shakespeare import run_demo_shakespeare
+
     return run_demo_shakespeare(main, keep=args.keep)
 
 
@@ -440,13 +450,6 @@ does not have them."""
 def needs_node_extra(missing: ModuleNotFoundError) -> bool:
     """Whether ``missing`` is a library of the node extra (not a broken installation)."""
     return (missing.name or "").split(".")[0] in NODE_LIBRARIES
-
-
-def _needs_node(missing: ModuleNotFoundError):  # type: ignore[no-untyped-def]
-    def refuse(args: argparse.Namespace) -> int:
-        raise missing
-
-    return refuse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -623,18 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.register(commands)
     billing.register(commands)
     dashboard.register(commands)
-    try:  # Imported here: the policy commands need the node extra (Casbin, SQLModel) at import.
-        from gateway.cli import policy
-    except ModuleNotFoundError as missing:
-        if not needs_node_extra(missing):
-            raise
-        p = add_command(commands, "policy", help="check, test, explain and reload the owner "
-                        f"policy (owner; needs the node extra: {NODE_EXTRA_HINT})",
-                        examples=examples("fedgate -d ./node policy check"))
-        p.add_argument("arguments", nargs=argparse.REMAINDER, help="the policy command")
-        p.set_defaults(func=_needs_node(missing))
-    else:
-        policy.register(commands)
+    policy.register(commands)
     review.register(commands)
     privacy_audit.register(commands)
     researcher.register(commands)
@@ -683,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from gateway.sdk.client import FedgateError, NodeUnreachable  # after --help (httpx)
+
     try:
         return int(args.func(args))
     except ModuleNotFoundError as missing:

@@ -13,7 +13,6 @@ from typing import Any
 from gateway.cli.common import open_node
 from gateway.cli.terminal import escape_controls
 from gateway.cli.usage import add_command, examples
-from ledger import keys
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel), which these commands need.
@@ -27,6 +26,7 @@ The other commands act on the deployment (-d DIR). Exit codes: 0 success,
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from ledger import keys  # here, not at the top: `fedgate --help` skips cryptography
     from ledger.audit_verify import verify_export_file
 
     public_key = keys.load_public_key(Path(args.node_key))

@@ -15,15 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.artifact import parse_artifact
-from gateway.federation.coordinator import FederationRefused, FederationStopped, federate
-from gateway.federation.core import (
-    Aggregation,
-    FederationManifestInvalid,
-    parse_nodes_toml,
-    verify_federation_manifest,
-)
-from ledger import keys
+# The coordinator, numpy and httpx are imported inside the two commands: `fedgate --help` builds
+# this parser and should not pay for them.
 
 FEDERATE_DESCRIPTION = """\
 Train one model across several fedgate nodes, each under its own owner's policy and budget.
@@ -141,6 +134,10 @@ def _report(result: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
+    from engine.artifact import parse_artifact
+    from gateway.federation.coordinator import FederationRefused, FederationStopped, federate
+    from gateway.federation.core import Aggregation, parse_nodes_toml
+
     nodes_path = Path(args.nodes)
     nodes = parse_nodes_toml(nodes_path.read_text(encoding="utf-8"), nodes_path.parent)
     artifact = parse_artifact(Path(args.model).read_bytes())
@@ -177,6 +174,13 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_federation(args: argparse.Namespace) -> int:
+    from gateway.federation.core import (
+        FederationManifestInvalid,
+        parse_nodes_toml,
+        verify_federation_manifest,
+    )
+    from ledger import keys
+
     document = json.loads(Path(args.manifest).read_text(encoding="utf-8"))
     coordinator = keys.load_public_key(Path(args.coordinator_key))
     node_keys = None

@@ -14,20 +14,19 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-from sqlmodel import select
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli.common import open_node
 from gateway.cli.usage import add_command, examples
-from gateway.policy.decisions import PolicyEngine
-from gateway.policy.expectations import outcome, parse_expectations, parse_params, run_expectations
-from gateway.policy.ledger_inputs import registry_memberships, researcher_epsilon_spent
-from gateway.policy.lint import lint_policy
-from gateway.policy.rows import ACTIONS, PolicyInvalid
+from gateway.policy.request import ACTIONS
 from gateway.policy.values import parse_instant
-from ledger.audit import append_entry
-from ledger.models import Dataset, Principal
+
+if TYPE_CHECKING:
+    from gateway.policy.decisions import PolicyEngine
+    from gateway.policy.rows import PolicyInvalid
+
+# Casbin and SQLModel are imported inside the commands, not here: `fedgate --help` builds this
+# parser, and loading them would cost it seconds (and a researcher's light install lacks them).
 
 # ---------------------------------------------------------------------------------------------
 # Commands (the shell: deployment, ledger, files, output)
@@ -35,6 +34,11 @@ from ledger.models import Dataset, Principal
 
 def _registry(node) -> tuple[list[tuple[str, str, str]], set[str], dict[str, int]]:  # type: ignore[no-untyped-def]
     """The node's memberships, principal names and datasets (name → training users)."""
+    from sqlmodel import select
+
+    from gateway.policy.ledger_inputs import registry_memberships
+    from ledger.models import Dataset, Principal
+
     with node.session() as s:
         memberships = registry_memberships(s, node.config.owner)
         people = s.exec(select(Principal)).all()  # reviewed: ORM query, not exec
@@ -50,6 +54,8 @@ def _policy_path(node, args: argparse.Namespace) -> Path:  # type: ignore[no-unt
 
 
 def _build(node, path: Path, memberships: list[tuple[str, str, str]]) -> PolicyEngine:  # type: ignore[no-untyped-def]
+    from gateway.policy.decisions import PolicyEngine
+
     return PolicyEngine(node.deployment.policy_model.read_text(encoding="utf-8"),
                         path.read_text(encoding="utf-8"), memberships, source=path.name,
                         model_source=node.deployment.policy_model.name)
@@ -60,6 +66,8 @@ def _build_or_report(node, path: Path,  # type: ignore[no-untyped-def]
                      report: bool = True) -> PolicyEngine | PolicyInvalid:
     """The engine for ``path``, or its validation errors after printing each of them (unless
     not ``report``)."""
+    from gateway.policy.rows import PolicyInvalid
+
     try:
         return _build(node, path, memberships)
     except PolicyInvalid as exc:
@@ -76,6 +84,9 @@ def _now(args: argparse.Namespace) -> dt.datetime:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy.lint import lint_policy
+    from gateway.policy.rows import PolicyInvalid
+
     node = open_node(args)
     memberships, principals, datasets = _registry(node)
     path = _policy_path(node, args)
@@ -107,6 +118,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
+    from gateway.policy.expectations import outcome, parse_expectations, run_expectations
+
     node = open_node(args)
     memberships, _, _ = _registry(node)
     path = _policy_path(node, args)
@@ -131,6 +144,10 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from gateway.policy.expectations import outcome, parse_params
+    from gateway.policy.ledger_inputs import researcher_epsilon_spent
+    from ledger.models import Dataset
+
     node = open_node(args)
     memberships, _, _ = _registry(node)
     engine = _build(node, _policy_path(node, args), memberships)
@@ -172,6 +189,10 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
     """Validate the policy; if valid, install it (``--from``) atomically and nudge the
     gateway, which switches at its next request. Either outcome is audited; a refused
     policy changes nothing, so the running gateway keeps its current policy."""
+    from gateway.policy.lint import lint_policy
+    from gateway.policy.rows import PolicyInvalid
+    from ledger.audit import append_entry
+
     node = open_node(args)
     memberships, principals, datasets = _registry(node)
     live = node.deployment.policy_file

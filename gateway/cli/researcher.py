@@ -14,24 +14,18 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.artifact import artifact_from_keras, parse_artifact
 from gateway.cli.usage import add_command
 from gateway.protocol.job_parameters import add_cli_options, parameters_from_cli
 from gateway.protocol.job_states import shown_state
-from gateway.sdk.client import (
-    Client,
-    Job,
-    JobFailed,
-    NodeDocumentInvalid,
-    Release,
-    ReleaseVerificationFailed,
-)
-from gateway.sdk.release import MODEL_SUFFIXES, write_model
 
-# TensorFlow is imported inside `fedgate model from-keras` only: the researcher's light install
-# may not have it.
+if TYPE_CHECKING:
+    from gateway.sdk.client import Client, Job, Release
+
+# The SDK (httpx, numpy, cryptography) and the artifact format are imported inside the
+# commands: `fedgate --help` builds this parser and should not pay for them. TensorFlow is
+# imported inside `fedgate model from-keras` only: the researcher's light install may not have it.
 
 RESEARCHER_EXAMPLES = """\
 examples:
@@ -61,7 +55,9 @@ optimizers (a closed choice from tff.learning.optimizers; they do not change ε)
 """
 
 
-def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _client(args: argparse.Namespace) -> Client:
+    from gateway.sdk.client import Client
+
     url = args.url or os.environ.get("FEDGATE_URL")
     key = args.key or os.environ.get("FEDGATE_KEY")
     node_key = args.node_key or os.environ.get("FEDGATE_NODE_KEY")
@@ -79,6 +75,8 @@ def _show(data: Any, args: argparse.Namespace, human: str) -> None:
 def _verified_release(job: Job) -> Release | None:
     """The job's verified release, or None after saying on stderr why there is none (the job
     failed, or the release does not verify against the node key)."""
+    from gateway.sdk.client import JobFailed, ReleaseVerificationFailed
+
     try:
         return job.result()
     except (JobFailed, ReleaseVerificationFailed) as exc:
@@ -98,6 +96,8 @@ def _model_path(args: argparse.Namespace, job_id: str) -> tuple[Path, bool]:
 
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse an ``--out`` that could not be written before anything is spent on it."""
+    from gateway.sdk.release import MODEL_SUFFIXES
+
     if args.out is None:
         return
     out = Path(args.out)
@@ -202,6 +202,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_rehearse(args: argparse.Namespace) -> int:
     """``fedgate train --rehearse``: the job runs locally on the mock data; nothing is
     uploaded, reserved or audited on the node."""
+    from engine.artifact import parse_artifact
+
     artifact = parse_artifact(Path(args.model).read_bytes())
     with _client(args) as client:
         report = client.rehearse(artifact, args.dataset, **parameters_from_cli(args))
@@ -215,6 +217,9 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.rehearse:
         return cmd_rehearse(args)
+    from engine.artifact import parse_artifact
+    from gateway.sdk.client import NodeDocumentInvalid
+
     _check_out(args)
     artifact = parse_artifact(Path(args.model).read_bytes())
     with _client(args) as client:
@@ -260,6 +265,8 @@ def _job_table(jobs: list[Job]) -> str:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
+    from gateway.sdk.client import Job
+
     if args.action == "list":
         with _client(args) as client:
             jobs = client.jobs()
@@ -312,6 +319,9 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def cmd_model_to_keras(args: argparse.Namespace) -> int:
     """A keras-json-v1 artifact (e.g. a released model) as a Keras ``.keras`` file."""
+    from engine.artifact import parse_artifact
+    from gateway.sdk.release import write_model
+
     out = Path(args.output)
     if out.suffix != ".keras":
         raise ValueError(f"{out}: the output of to-keras is a .keras file")
@@ -330,6 +340,8 @@ def _quiet_tensorflow() -> None:
 def cmd_model_from_keras(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     import tensorflow as tf
+
+    from engine.artifact import artifact_from_keras
 
     model = tf.keras.models.load_model(args.source, compile=False)
     artifact = artifact_from_keras(model)

@@ -19,6 +19,10 @@ from gateway.policy.values import (
     parse_whole,
 )
 
+# What a request asks to do: the actions policy rows name (a light import: the CLI's help lists
+# them without loading Casbin).
+ACTIONS = ("estimate", "train", "evaluate", "read-audit", "admin")
+
 
 @dataclass(frozen=True)
 class RequestContext:

@@ -12,12 +12,12 @@ from typing import Any
 from casbin.model import Model
 
 from gateway.policy.constraints import CONSTRAINTS, OBLIGATIONS, ConstraintKind, ObligationKind
+from gateway.policy.request import ACTIONS
 from ledger.names import GRAMMAR, is_name, is_name_pattern
 
 # The shipped Casbin model and default policy (``fedgate init`` copies them into a deployment).
 POLICY_TEMPLATES = Path(__file__).resolve().parents[2] / "policies"
 
-ACTIONS = ("estimate", "train", "evaluate", "read-audit", "admin")
 JOB_ACTIONS = ("estimate", "train", "evaluate")
 EFFECTS = ("allow", "deny")
 # The object ``read-audit`` rules name: the node's audit log.

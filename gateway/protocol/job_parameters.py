@@ -175,16 +175,17 @@ def add_cli_options(parser: argparse.ArgumentParser, *,
     with default true as ``--no-NAME``); ``optional`` required parameters may be left out
     (calibrate solves for one of them)."""
     for p in PARAMETERS:
+        description = p.description.replace("%", "%%")  # argparse %-formats help ("5 %")
         if p.name == "dataset":
-            parser.add_argument("dataset", help=p.description)
+            parser.add_argument("dataset", help=description)
         elif p.kind is bool:
             parser.add_argument(p.flag, dest=p.name, action="store_false", default=None,
-                                help=f"skip the {p.description}")
+                                help=f"skip the {description}")
         else:
             default = "" if p.default is None else f"; default {p.default}"
             parser.add_argument(p.flag, type=p.kind, choices=p.choices or None,
                                 required=p.required and p.name not in optional,
-                                help=f"{p.description} ({p.admissible()}{default})")
+                                help=f"{description} ({p.admissible()}{default})")
 
 
 def parameters_from_cli(args: argparse.Namespace) -> dict[str, Any]:
