@@ -36,6 +36,7 @@ from gateway.protocol.node_document import (
 )
 from gateway.protocol.problems import TYPE_PREFIX
 from gateway.protocol.release import ReleaseVerificationFailed
+from gateway.sdk.datasets import Datasets
 from gateway.sdk.progress import progress_display, progress_postfix
 from gateway.sdk.release import Release, verify_release
 from gateway.sdk.request_signing import SignedRequestAuth
@@ -53,6 +54,7 @@ __all__ = [
     "AuthenticationFailed",
     "BudgetExceeded",
     "Client",
+    "Datasets",
     "FedgateError",
     "InvalidRequest",
     "Job",
@@ -356,8 +358,10 @@ class Client:
         """Your jobs (this key's), newest first, each with its status in ``last_status``."""
         return [Job(self, status) for status in self._get("/v1/jobs")["jobs"]]
 
-    def datasets(self) -> list[dict[str, Any]]:
-        return self._get("/v1/datasets")["datasets"]
+    def datasets(self) -> Datasets:
+        """The datasets this key may use: a list of the node's dicts (name, columns, N̂,
+        features, classes, ε_total, δ, budget used), shown as a table in Jupyter."""
+        return Datasets(self._get("/v1/datasets")["datasets"])
 
     def mock_data(self, dataset: str, path: str | Path) -> Path:
         """Download the dataset's public mock data (Parquet, same schema, synthetic values)."""
