@@ -70,7 +70,7 @@ bench: env ## run the benchmarks and update docs/performance.md
 openapi: env ## regenerate docs/openapi.json from the routes
 	$(VENV_PY) -m gateway.api.openapi
 
-lint: test-env ## ruff
+lint: env .venv/.synced-dev ## ruff (installs the dev group, not the browser)
 	$(VENV_PY) -m ruff check gateway engine ledger tests bench
 
 clean: ## remove the environment and caches

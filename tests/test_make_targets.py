@@ -49,6 +49,12 @@ def test_the_tests_install_the_dev_group_the_interop_packages_and_chromium(targe
     assert any("--extra node" in s and "--no-dev" not in s for s in uv_syncs(lines))
 
 
+def test_lint_installs_the_dev_group_but_no_browser() -> None:
+    lines = commands("lint")
+    assert not [line for line in lines if TEST_ONLY.search(line)]
+    assert any("--no-dev" not in s for s in uv_syncs(lines))
+
+
 def test_ci_runs_the_target_that_installs_everything() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M)
