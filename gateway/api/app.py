@@ -35,6 +35,7 @@ from gateway.api.openapi import openapi_document
 from gateway.api.problems import problem_response
 from gateway.dashboard.routes import Dashboard, page_refusal
 from gateway.node.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
+from gateway.node.decision_log import log_admitted, log_refused
 from gateway.node.identity import VerifiedRequest
 from gateway.node.jobs import JobRunner, recover_interrupted_jobs
 from gateway.node.node import Node
@@ -222,8 +223,15 @@ async def submit_job(request: Request) -> Response:
     node: Node = request.app.state.node
     principal = _principal(request)
     request_digest = sha256_digest(request.scope.get("fedgate.body", b""))
-    job_request = await _parsed(request, "train", JobRequest.from_json)
-    job, status = await run_in_threadpool(_admit, node, principal, job_request, request_digest)
+    job_request: JobRequest | None = None
+    try:  # the refusal's deny entry is already in the audit log when the Problem arrives
+        job_request = await _parsed(request, "train", JobRequest.from_json)
+        job, status = await run_in_threadpool(_admit, node, principal, job_request,
+                                              request_digest)
+    except Problem as refusal:
+        log_refused(principal, job_request.dataset if job_request else None, refusal)
+        raise
+    log_admitted(job)
     if job.state == "queued":
         request.app.state.runner.start(job)
     status = _with_queue_position(request, status)

@@ -13,9 +13,11 @@ timeouts for slow bodies and slow readers (docs/security.md).
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import uvicorn
+import uvicorn.config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.node.deployment import NodeConfig
@@ -62,6 +64,21 @@ def uvicorn_settings(config: NodeConfig) -> dict[str, Any]:
     }
 
 
+def logging_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's logging, plus the gateway's own loggers (``fedgate.*``: the job lines of
+    ``gateway.node.decision_log``, warnings and errors) on the same stream and format, at
+    ``log_level``; without this they would reach no handler and their info lines would be lost."""
+    settings = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    settings["formatters"]["fedgate"] = {"()": "uvicorn.logging.DefaultFormatter",
+                                         "fmt": "%(levelprefix)s %(name)s: %(message)s"}
+    settings["handlers"]["fedgate"] = {"formatter": "fedgate", "class": "logging.StreamHandler",
+                                       "stream": "ext://sys.stderr"}
+    settings["loggers"]["fedgate"] = {"handlers": ["fedgate"], "level": log_level.upper(),
+                                      "propagate": False}
+    return settings
+
+
 def serve(app: Any, config: NodeConfig, *, host: str, port: int, log_level: str) -> None:
     """Serve ``app`` until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_settings(config))
+    uvicorn.run(app, host=host, port=port, log_level=log_level,
+                log_config=logging_config(log_level), **uvicorn_settings(config))

@@ -5,7 +5,8 @@
 ``admission`` (validate, policy, privacy filter, audit), ``quotas`` and ``billing``; the job
 runner: ``jobs``, ``scheduler``, ``background``, ``release`` (the release gate and the signed
 manifest) and ``output_policy``; ``review`` (owner review); ``audit`` (the node's audit-log
-operations); ``rehearsal`` (a job run locally on a dataset's mock data, for the SDK).
+operations); ``rehearsal`` (a job run locally on a dataset's mock data, for the SDK);
+``decision_log`` (the gateway log's line per admission, refusal and completion of a job).
 
 Nothing here imports the API (``gateway.api``), the dashboard or the CLI.
 """

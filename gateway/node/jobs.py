@@ -34,6 +34,7 @@ from engine.launcher import JobOutcome, run_job
 from engine.meter import read_counts
 from engine.sandbox import SandboxSettings
 from gateway.node.billing import settle_usage
+from gateway.node.decision_log import log_settled
 from gateway.node.node import Node
 from gateway.node.release import (
     ReleaseRefused,
@@ -320,6 +321,7 @@ class JobRunner:
             s.add(row)
             self._settle_usage(s, row, outcome, bytes_released=len(release_text.encode()),
                                succeeded=True)
+        log_settled(row)  # after the commit: the audit log holds the release
 
     def _settle_failure(self, job_id: str, failure: str, data_accessed: bool | None,
                         outcome: JobOutcome | None = None) -> None:
@@ -343,6 +345,7 @@ class JobRunner:
                 refund_budget(s, job_id, reason=f"failed before data access: {failure}",
                               actor=self.node.node_key_id)
             self._settle_usage(s, job, outcome, bytes_released=0, succeeded=False)
+        log_settled(job)  # after the commit: the audit log holds the charge or refund
 
 
 def _with_cpu_limit(settings: SandboxSettings, cpu_seconds: float) -> SandboxSettings:
