@@ -121,3 +121,24 @@ def test_rehearsal_of_a_good_model_reports_time_per_round_and_epsilon(
     assert set(report.metrics) == {"accuracy", "loss"}
     assert "s per round" in report.summary()
     assert ledger_state(db_url) == before
+
+
+def test_a_failed_rehearsals_engine_log_leaves_out_tensorflows_startup_noise_only() -> None:
+    """The researcher sees why the engine failed, not TensorFlow's ``E … Unable to register
+    cuDNN/cuFFT/cuBLAS factory`` start-up lines (real ones: TensorFlow is started here)."""
+    import os
+    import subprocess
+    import sys
+
+    from gateway.node.rehearsal import engine_log_tail
+
+    start = ("from engine.netns import isolate_network; isolate_network()\n"
+             "import sys, tensorflow\n"
+             "print('engine: model output has 7 units but the dataset has 5 classes',"
+             " file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    log = subprocess.run([sys.executable, "-c", start], capture_output=True, text=True,
+                         env=env, timeout=300, check=True).stderr
+    assert "Unable to register cuDNN factory" in log  # TensorFlow did print its start-up lines
+    shown = engine_log_tail(log)
+    assert shown == "engine: model output has 7 units but the dataset has 5 classes"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import secrets
 import tempfile
 import time
@@ -61,6 +62,15 @@ class Client(Protocol):
 MOCK_EVALUATION_NOISE_MULTIPLIER = 10.0
 MOCK_EVALUATION_LOSS_CLIP = 5.0
 ENGINE_LOG_TAIL_LINES = 40
+# What TensorFlow prints at every start-up on a machine without a GPU or TensorRT (the
+# ``E … Unable to register cuDNN/cuFFT/cuBLAS factory`` lines among them): it says nothing about
+# the job, so the researcher's view of a failed rehearsal's engine log leaves it out and keeps
+# every other line, TensorFlow's real errors included.
+TENSORFLOW_STARTUP_NOISE = re.compile(
+    r"Unable to register cu(?:DNN|FFT|BLAS) factory|Could not find cuda drivers"
+    r"|TF-TRT Warning: Could not find TensorRT|oneDNN custom operations are on"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|^To enable the following instructions: .*rebuild TensorFlow")
 # The mock is public, so its training/evaluation split needs no secret key; a fixed one makes
 # every rehearsal of a dataset use the same split.
 MOCK_SPLIT_KEY = b"fedgate-rehearsal-split"
@@ -155,6 +165,13 @@ def rehearse(client: Client, artifact: dict[str, Any], dataset: str, parameters:
         return _run_on_mock(client, Path(tmp), report, listing, body, spec, timeout_s)
 
 
+def engine_log_tail(log: str) -> str:
+    """The last ``ENGINE_LOG_TAIL_LINES`` lines of a rehearsal's engine log that are not
+    TensorFlow's start-up noise (``TENSORFLOW_STARTUP_NOISE``)."""
+    lines = [line for line in log.splitlines() if not TENSORFLOW_STARTUP_NOISE.search(line)]
+    return "\n".join(lines[-ENGINE_LOG_TAIL_LINES:])
+
+
 def _run_on_mock(client: Client, root: Path, report: RehearsalReport, listing: dict[str, Any],
                  body: bytes, spec: dict[str, Any], timeout_s: float) -> RehearsalReport:
     mock = client.mock_data(report.dataset, root / "mock.parquet")
@@ -196,7 +213,7 @@ def _run_on_mock(client: Client, root: Path, report: RehearsalReport, listing: d
     if not outcome.succeeded or outcome.release_path is None:
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         return replace(report, failure=outcome.failure or "engine failed",
-                       engine_log="\n".join(log.splitlines()[-ENGINE_LOG_TAIL_LINES:]))
+                       engine_log=engine_log_tail(log))
     try:
         _, metrics = gate_engine_output(read_engine_output(outcome.release_path),
                                         parse_artifact(body)["weights"])
