@@ -31,6 +31,7 @@ from ledger.models import Dataset, Job
 from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 from ledger.renyi_filter import RenyiFilter
+from ledger.states import BudgetState
 
 
 class LedgerError(Exception):
@@ -216,7 +217,7 @@ def reserve_budget(
     if not current.admits(cost_rdp):
         raise BudgetExceeded(dataset.name, job.epsilon, current.jobs_that_fit(cost_rdp))
     dataset.spent_rdp = current.charge(cost_rdp).spent_json()
-    job.budget_state = "reserved"
+    job.budget_state = BudgetState.RESERVED
     job.cost_rdp = json.dumps(list(cost_rdp))
     append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
     session.add(dataset)
@@ -236,9 +237,9 @@ def _locked_job(session: Session, job_id: str) -> Job:
 def commit_budget(session: Session, job_id: str, *, reason: str, actor: str) -> Job:
     """Make a job's reservation a permanent charge (idempotent)."""
     job = _locked_job(session, job_id)
-    if job.budget_state == "committed":
+    if job.budget_state == BudgetState.COMMITTED:
         return job
-    if job.budget_state != "reserved":
+    if job.budget_state != BudgetState.RESERVED:
         raise LedgerError(f"job {job_id} budget is {job.budget_state}, cannot commit")
     append_entry(
         session,
@@ -250,7 +251,7 @@ def commit_budget(session: Session, job_id: str, *, reason: str, actor: str) -> 
         delta=job.delta,
         reason=reason,
     )
-    job.budget_state = "committed"
+    job.budget_state = BudgetState.COMMITTED
     job.updated_at = time.time()
     session.add(job)
     session.flush()
@@ -262,9 +263,9 @@ def refund_budget(session: Session, job_id: str, *, reason: str, actor: str) -> 
     job = _locked_job(session, job_id)
     if job.data_accessed:
         raise LedgerError(f"job {job_id} read user data; its charge cannot be refunded")
-    if job.budget_state == "refunded":
+    if job.budget_state == BudgetState.REFUNDED:
         return job
-    if job.budget_state != "reserved":
+    if job.budget_state != BudgetState.RESERVED:
         raise LedgerError(f"job {job_id} budget is {job.budget_state}, cannot refund")
     dataset = lock_dataset(session, job.dataset)
     append_entry(
@@ -278,7 +279,7 @@ def refund_budget(session: Session, job_id: str, *, reason: str, actor: str) -> 
         reason=reason,
     )
     dataset.spent_rdp = renyi_filter(dataset).refund(tuple(json.loads(job.cost_rdp))).spent_json()
-    job.budget_state = "refunded"
+    job.budget_state = BudgetState.REFUNDED
     job.updated_at = time.time()
     session.add(dataset)
     session.add(job)

@@ -23,8 +23,8 @@ from typing import Any
 from ledger import accounting
 from ledger.budget import dataset_initial_spent
 from ledger.models import Dataset, Job
+from ledger.states import CHARGED_BUDGET_STATES
 
-CHARGED_STATES = ("reserved", "committed")
 """Budget states that count against the filter (a refunded job was subtracted exactly)."""
 
 
@@ -119,7 +119,8 @@ def burn_down(dataset: Dataset, jobs: Iterable[Job]) -> BurnDown:
     """
     orders = tuple(float(a) for a in json.loads(dataset.filter_orders))
     budget = accounting.vector_from_json(json.loads(dataset.filter_budget))
-    charged = sorted((j for j in jobs if j.dataset == dataset.name and j.budget_state in CHARGED_STATES),
+    charged = sorted((j for j in jobs
+                      if j.dataset == dataset.name and j.budget_state in CHARGED_BUDGET_STATES),
                      key=lambda j: (j.created_at, j.id))
     spent = dataset_initial_spent(dataset)  # the public-count estimate's charge, if any
     points = []

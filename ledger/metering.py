@@ -34,6 +34,7 @@ from sqlmodel import Session, select
 from engine.meter import ResourceUsage
 from ledger.models import AuditHead, Job, JobMeter
 from ledger.pricing import decimal_text
+from ledger.states import ACTIVE_JOB_STATES
 
 __all__ = [
     "ACTIVE_JOB_STATES",
@@ -51,7 +52,6 @@ __all__ = [
     "reserve_compute",
 ]
 
-ACTIVE_JOB_STATES = ("pending_review", "approved", "queued", "running")
 """Admitted and not yet settled: such a job counts fully against concurrency and CPU quotas."""
 
 

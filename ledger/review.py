@@ -34,9 +34,9 @@ from ledger.audit import append_entry
 from ledger.budget import LedgerError, lock_dataset, refund_budget
 from ledger.metering import record_usage
 from ledger.models import Job, JobReview
+from ledger.states import HELD_JOB_STATES, RESEARCHER_CANCELLED, BudgetState, JobState
 
 REVIEW_STATES = ("pending", "approved", "denied", "expired", "withdrawn")
-HELD_JOB_STATES = ("pending_review", "approved")  # reserved, no engine process, refundable
 MAX_REASON_CHARS = 2000
 
 
@@ -74,7 +74,7 @@ def _audit(session: Session, job: Job, decision: str, *, actor: str, **fields: o
 def open_review(session: Session, job: Job, *, required_because: str, policy_explanation: str,
                 expires_at: float, actor: str) -> JobReview:
     """Hold the just-admitted ``job`` (budget reserved, state ``pending_review``) for review."""
-    if job.state != "pending_review" or job.budget_state != "reserved":
+    if job.state != JobState.PENDING_REVIEW or job.budget_state != BudgetState.RESERVED:
         raise ReviewError(f"job {job.id} is {job.state} with budget {job.budget_state}; only a "
                           "pending_review job with a reservation can be held")
     review = JobReview(job_id=job.id, state="pending", required_because=required_because,
@@ -102,7 +102,7 @@ def _close(session: Session, job: Job, review: JobReview, state: Literal["denied
         review.decided_by = actor
         review.reason = reason
     _audit(session, job, state, actor=actor, reason=reason)
-    job.state = "failed"
+    job.state = JobState.FAILED
     job.failure = failure
     job.updated_at = now
     session.add_all([review, job])
@@ -117,7 +117,7 @@ def _close(session: Session, job: Job, review: JobReview, state: Literal["denied
 def _pending(session: Session, job_id: str, *, now: float) -> tuple[Job, JobReview, bool]:
     """The locked job and its pending review, and whether the review is overdue."""
     job, review = _locked(session, job_id)
-    if review.state != "pending" or job.state != "pending_review":
+    if review.state != "pending" or job.state != JobState.PENDING_REVIEW:
         raise ReviewError(f"job {job_id} is {job.state} and its review is {review.state}; only "
                           "pending reviews can be decided")
     return job, review, now >= review.expires_at
@@ -149,7 +149,7 @@ def approve_review(session: Session, job_id: str, *, reason: str, actor: str,
     if overdue:
         return expire_review(session, job_id, actor=actor, now=now)
     review.state, review.decided_at, review.decided_by, review.reason = "approved", now, actor, reason
-    job.state = "approved"
+    job.state = JobState.APPROVED
     job.updated_at = now
     _audit(session, job, "approved", actor=actor, reason=reason)
     session.add_all([review, job])
@@ -179,7 +179,7 @@ def withdraw_review(session: Session, job_id: str, *, actor: str) -> JobReview |
     if job.state not in HELD_JOB_STATES:
         return None
     return _close(session, job, review, "withdrawn", actor=actor,
-                  reason="cancelled by the researcher", failure="cancelled by the researcher")
+                  reason=RESEARCHER_CANCELLED, failure=RESEARCHER_CANCELLED)
 
 
 def overdue_reviews(session: Session, *, now: float) -> list[str]:
@@ -195,11 +195,11 @@ def claim_approved_jobs(session: Session) -> list[Job]:
     Under the row locks only one gateway process claims a job; a job withdrawn meanwhile is
     no longer ``approved`` and is not claimed.
     """
-    statement = select(Job).where(Job.state == "approved").with_for_update()
+    statement = select(Job).where(Job.state == JobState.APPROVED).with_for_update()
     jobs = list(session.exec(statement).all())  # reviewed: ORM query, not exec
     now = time.time()
     for job in jobs:
-        job.state = "queued"
+        job.state = JobState.QUEUED
         job.updated_at = now
         session.add(job)
     session.flush()

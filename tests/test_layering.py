@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("fedgate", "gateway", "engine", "ledger")
 
 # The ledger modules gateway.protocol may use: pure functions and data over plain values
-# (ledger.keys: Ed25519 key ids, for the signed node document).
-PURE_LEDGER_FOR_PROTOCOL = frozenset({"ledger.canonical", "ledger.keys", "ledger.ranges"})
+# (ledger.keys: Ed25519 key ids, for the signed node document; ledger.states: job states).
+PURE_LEDGER_FOR_PROTOCOL = frozenset({"ledger.canonical", "ledger.keys", "ledger.ranges",
+                                      "ledger.states"})
 # The one library it may use: Ed25519 for the release signature (the light install has it).
 PROTOCOL_LIBRARIES = frozenset({"cryptography"})
 
@@ -125,7 +126,8 @@ LIGHT_LIBRARIES = frozenset({"httpx", "cryptography", "http_message_signatures",
 # Contracts both sides read, TensorFlow-free at import: key ids, canonical JSON, parameter
 # ranges, timestamps, the model format and its allowlist.
 SHARED_CONTRACTS = frozenset({"ledger.keys", "ledger.canonical", "ledger.ranges",
-                              "ledger.timestamps", "engine.artifact", "engine.keras_config"})
+                              "ledger.states", "ledger.timestamps", "engine.artifact",
+                              "engine.keras_config"})
 # Imported by the SDK only inside the function that needs them (the probe above checks that
 # importing the SDK loads neither): converting a Keras model, rehearsing on mock data.
 SDK_ON_DEMAND = {"tensorflow": "engine.artifact's Keras conversion",

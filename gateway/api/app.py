@@ -50,7 +50,8 @@ from ledger.audit import append_entry
 from ledger.burndown import dataset_filter_usage
 from ledger.canonical import sha256_digest
 from ledger.models import Dataset, Job, JobReview, ModelArtifact
-from ledger.review import HELD_JOB_STATES, withdraw_review
+from ledger.review import withdraw_review
+from ledger.states import HELD_JOB_STATES, JobState
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -232,7 +233,7 @@ async def submit_job(request: Request) -> Response:
         log_refused(principal, job_request.dataset if job_request else None, refusal)
         raise
     log_admitted(job)
-    if job.state == "queued":
+    if job.state == JobState.QUEUED:
         request.app.state.runner.start(job)
     status = _with_queue_position(request, status)
     return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -353,7 +354,7 @@ async def cancel_job(request: Request) -> Response:
     if job.state in HELD_JOB_STATES:
         await run_in_threadpool(_withdraw, node, job.id, _principal(request).key_id)
         job = await run_in_threadpool(_own_job, request)  # the gateway may have claimed it
-    if job.state in ("queued", "running"):
+    if job.state in (JobState.QUEUED, JobState.RUNNING):
         await request.app.state.runner.cancel(job.id)
         job = await run_in_threadpool(_own_job, request)
     return JSONResponse(await run_in_threadpool(_job_status, node, job))
@@ -362,7 +363,7 @@ async def cancel_job(request: Request) -> Response:
 async def job_result(request: Request) -> Response:
     """The signed release, if the job succeeded and its output policy allows one more fetch."""
     job = await run_in_threadpool(_own_job, request)
-    if job.state != "succeeded" or job.release is None:
+    if job.state != JobState.SUCCEEDED or job.release is None:
         raise Problem("not-ready", f"job {job.id} is {job.state}; results exist only for "
                                    "succeeded jobs", state=job.state)
     release = await run_in_threadpool(fetch_release, request.app.state.node, _principal(request),

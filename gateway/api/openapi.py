@@ -12,6 +12,7 @@ from typing import Any
 from gateway.api.middleware import cookie_authenticated
 from gateway.protocol.job_parameters import json_schema, markdown
 from gateway.protocol.problems import PROBLEM_TYPES, TYPE_PREFIX
+from ledger.states import BudgetState, JobState
 
 NUMBER = {"type": "number"}
 INTEGER = {"type": "integer"}
@@ -115,8 +116,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["job_id", "dataset", "state", "round", "rounds", "progress", "epsilon",
                      "delta", "budget"],
         "properties": {"job_id": STRING, "dataset": STRING,
-                       "state": {**STRING, "enum": ["pending_review", "approved", "queued",
-                                                    "running", "succeeded", "failed"]},
+                       "state": {**STRING, "enum": [s.value for s in JobState]},
                        "round": INTEGER, "rounds": INTEGER,
                        "progress": {
                            "type": "object", "required": ["round", "rounds", "epsilon_so_far"],
@@ -126,7 +126,7 @@ SCHEMAS: dict[str, Any] = {
                            "properties": {"round": INTEGER, "rounds": INTEGER,
                                           "epsilon_so_far": NUMBER}},
                        "epsilon": NUMBER, "delta": NUMBER,
-                       "budget": {**STRING, "enum": ["reserved", "committed", "refunded"]},
+                       "budget": {**STRING, "enum": [s.value for s in BudgetState]},
                        "failure": STRING, "review": _ref("Review"),
                        "queue_position": {**INTEGER, "description": "while a queued job waits "
                                           "for a free slot (node setting max_concurrent_jobs): "

@@ -50,6 +50,7 @@ from ledger.metering import (
 )
 from ledger.models import BillingCharge, Job, JobMeter
 from ledger.pricing import BilledQuantities, PriceList, decimal_text, price_job
+from ledger.states import BudgetState
 
 __all__ = ["STATEMENT_COLUMNS", "CostProjection", "charge_job", "project_cost", "settle_usage",
            "spend_used", "statement", "statement_csv"]
@@ -78,7 +79,7 @@ def charge_job(session: Session, *, job: Job, meter: JobMeter, prices: PriceList
     existing = session.get(BillingCharge, job.id)
     if existing is not None:
         return existing
-    epsilon = decimal_text(job.epsilon) if job.budget_state == "committed" else "0"
+    epsilon = decimal_text(job.epsilon) if job.budget_state == BudgetState.COMMITTED else "0"
     cpu = billed_cpu(meter, read_user_data=job.data_accessed)
     quantities = BilledQuantities(cpu_seconds=cpu.seconds, epsilon=epsilon)
     charge = price_job(prices, quantities)

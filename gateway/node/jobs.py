@@ -51,6 +51,7 @@ from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import canonical_json
 from ledger.models import Dataset, Job, JobMeter
 from ledger.review import claim_approved_jobs
+from ledger.states import ENDED_JOB_STATES, JobState
 
 log = logging.getLogger("fedgate.jobs")
 
@@ -233,7 +234,7 @@ class JobRunner:
                 await run_in_threadpool(self._settle_failure, job_id, "refused before data "
                                         "access: parameters differ from the charged event", False)
                 return
-            await run_in_threadpool(self._update, job_id, state="running")
+            await run_in_threadpool(self._update, job_id, state=JobState.RUNNING)
 
             async def on_event(event: dict[str, Any]) -> None:
                 if event["event"] == "data_access":
@@ -313,7 +314,7 @@ class JobRunner:
             )
             row = s.get(Job, job_id, with_for_update=True)
             assert row is not None
-            row.state = "succeeded"
+            row.state = JobState.SUCCEEDED
             row.data_accessed = True
             row.round = row.rounds
             row.release = release_text
@@ -329,11 +330,11 @@ class JobRunner:
         record what it used (``outcome``'s metering; None: not measured)."""
         with self.node.session() as s, s.begin():
             job = s.get(Job, job_id, with_for_update=True)
-            if job is None or job.state in ("succeeded", "failed"):
+            if job is None or job.state in ENDED_JOB_STATES:
                 return
             accessed = bool(data_accessed) or job.data_accessed
             job.data_accessed = accessed
-            job.state = "failed"
+            job.state = JobState.FAILED
             job.failure = failure
             job.updated_at = time.time()
             s.add(job)
@@ -365,7 +366,7 @@ def recover_interrupted_jobs(node: Node) -> list[str]:
     from sqlmodel import select
 
     with node.session() as s:
-        stale = s.exec(select(Job).where(Job.state.in_(("queued", "running")))).all()  # type: ignore[attr-defined]  # reviewed: ORM query, not exec
+        stale = s.exec(select(Job).where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))).all()  # type: ignore[attr-defined]  # reviewed: ORM query, not exec
     runner = JobRunner(node)
     for job in stale:
         marker = node.deployment.jobs_dir / job.id / "data_access"

@@ -8,6 +8,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from ledger.models import Job, Principal
+from ledger.states import CHARGED_BUDGET_STATES, BudgetState
 
 
 def registry_memberships(session: Session, domain: str) -> list[tuple[str, str, str]]:
@@ -24,7 +25,7 @@ def researcher_epsilon_spent(session: Session, *, researcher: str, dataset: str,
     total = session.exec(  # reviewed: ORM query, not exec
         select(func.coalesce(func.sum(Job.epsilon), 0.0)).where(
             Job.researcher == researcher, Job.dataset == dataset,
-            Job.budget_state.in_(("reserved", "committed")),  # type: ignore[attr-defined]
+            Job.budget_state.in_(CHARGED_BUDGET_STATES),  # type: ignore[attr-defined]
             Job.created_at >= since.timestamp(),
         )
     ).one()
@@ -36,13 +37,13 @@ def researcher_committed_jobs(session: Session, *, researcher: str, dataset: str
     """How many of ``researcher``'s jobs on ``dataset`` ran (budget committed)."""
     return int(session.exec(  # reviewed: ORM query, not exec
         select(func.count()).select_from(Job).where(
-            Job.researcher == researcher, Job.dataset == dataset, Job.budget_state == "committed")
+            Job.researcher == researcher, Job.dataset == dataset, Job.budget_state == BudgetState.COMMITTED)
     ).one())
 
 
 def committed_model_digests(session: Session, *, dataset: str) -> frozenset[str]:
     """Digests of the models of every job that ran on ``dataset`` (budget committed)."""
     return frozenset(session.exec(  # reviewed: ORM query, not exec
-        select(Job.model_digest).where(Job.dataset == dataset, Job.budget_state == "committed")
+        select(Job.model_digest).where(Job.dataset == dataset, Job.budget_state == BudgetState.COMMITTED)
         .distinct()
     ).all())
