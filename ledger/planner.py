@@ -41,9 +41,10 @@ from ledger.accounting import (
 )
 from ledger.ranges import ADAPTIVE_DEFAULTS, RANGES
 
-__all__ = ["Plan", "PlanningFailed", "plan"]
+__all__ = ["Plan", "PlanningFailed", "minimum_users", "plan"]
 
 DEFAULT_NOISE_RATIO = 0.01
+DEFAULT_MIN_ROUNDS = 100
 DEFAULT_CLIENT_UPDATES = 1_000_000
 """About 15 minutes of the demo model on a 2-core node (docs/performance.md)."""
 ADAPTIVE_NOISE_PREMIUM = 1.05
@@ -110,7 +111,7 @@ class _Candidate:
 
 def plan(*, users: int, epsilon: float, delta: float, parameters: int,
          client_updates: int = DEFAULT_CLIENT_UPDATES, noise_ratio: float = DEFAULT_NOISE_RATIO,
-         min_clients: float = 10.0, min_rounds: int = 100,
+         min_clients: float = 10.0, min_rounds: int = DEFAULT_MIN_ROUNDS,
          max_rounds: int | None = None) -> Plan:
     """The configuration the heuristic in the module docstring proposes for a dataset with the
     public training-user estimate ``users`` (N̂). Raises :class:`PlanningFailed` when even the
@@ -163,6 +164,22 @@ def plan(*, users: int, epsilon: float, delta: float, parameters: int,
     return _explained(best, users=users, epsilon=epsilon, delta=delta, parameters=parameters,
                       noise_ratio=noise_ratio, client_updates=client_updates,
                       quiet=best.ratio <= noise_ratio * (1 + 1e-9))
+
+
+def minimum_users(*, epsilon: float, delta: float, noise_ratio: float = DEFAULT_NOISE_RATIO,
+                  min_rounds: int = DEFAULT_MIN_ROUNDS) -> int:
+    """The fewest training users with which the heuristic above can meet its noise target at
+    (``epsilon``, ``delta``): ``min_rounds`` rounds whose noise on the averaged update is at
+    most ``noise_ratio`` clips, spending the whole ε on one job.
+
+    The most favourable case is every user in every round (q = 1, no sampling to amplify
+    privacy but the largest sum to divide the noise by): with z the least noise multiplier that
+    fits ``min_rounds`` such rounds into ε, the ratio z/N is within target iff N ≥ z/ρ. With
+    fewer users every plan is noisier than the target (``fedgate dataset import`` warns).
+    Public inputs only; a bisection of the accountant (about 0.1 s)."""
+    z = calibrate_noise_multiplier(target_epsilon=epsilon, sampling_rate=1.0, rounds=min_rounds,
+                                   delta=delta)
+    return math.ceil(z / noise_ratio)
 
 
 def _calibrated(candidate: _Candidate, epsilon: float, delta: float) -> _Candidate:

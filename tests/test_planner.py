@@ -79,3 +79,23 @@ def test_when_no_rate_keeps_the_noise_ratio_the_plan_still_stays_within_the_comp
     assert proposal.client_updates <= 5_000
     assert proposal.noise_ratio > 0.01  # the explanation says it is above the target
     assert any("above the target" in line for line in proposal.explanation)
+
+
+@pytest.mark.parametrize(("epsilon", "delta"), [(1.0, 1e-5), (4.0, 1e-4), (8.0, 1e-6)])
+def test_minimum_users_is_where_full_participation_first_meets_the_noise_target(
+        epsilon: float, delta: float) -> None:
+    """``minimum_users`` (what `fedgate dataset import` compares the dataset with): with that
+    many users, 100 rounds of every user at noise 1 % of the clip on the average fit ε; with 1 %
+    fewer they do not, and no sampling rate does better than every user."""
+    from ledger.accounting import calibrate_rounds
+    from ledger.planner import minimum_users
+
+    needed = minimum_users(epsilon=epsilon, delta=delta)
+
+    def rounds(users: float, q: float = 1.0) -> int:
+        return calibrate_rounds(target_epsilon=epsilon, sampling_rate=q,
+                                noise_multiplier=0.01 * q * users, delta=delta)
+
+    assert rounds(needed) >= 100
+    assert rounds(0.99 * needed) < 100
+    assert all(rounds(0.99 * needed, q) < 100 for q in (0.8, 0.5, 0.2))

@@ -33,7 +33,11 @@ from gateway.cli.usage import (
     examples,
     fedgate_version,
 )
-from ledger.ranges import DEFAULT_MAX_EXAMPLES_PER_USER
+from ledger.ranges import (
+    DEFAULT_MAX_EXAMPLES_PER_USER,
+    EPSILON_TOTAL_LIMIT,
+    EPSILON_TOTAL_WARNING,
+)
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, uvicorn,
@@ -216,12 +220,6 @@ def cmd_dataset_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-EPSILON_TOTAL_WARNING = 10.0
-EPSILON_TOTAL_LIMIT = 100.0
-"""ε_total above the first is a weak guarantee (warned); above the second it is no meaningful
-guarantee at all (refused unless --force): e^ε bounds how much more likely any outcome gets."""
-
-
 def _import_findings(source: Path, dest: Path, used_columns: set[str],
                      num_classes: int) -> list[str]:
     """Owner-side warnings about what an import left out: source columns that are neither the
@@ -248,6 +246,24 @@ def _import_findings(source: Path, dest: Path, used_columns: set[str],
         findings.append(f"declared labels no row uses: {', '.join(map(str, unused))} (of "
                         f"0..{num_classes - 1}); check --num-classes and the label column")
     return findings
+
+
+def _too_few_users(training_users: int, evaluation_users: int, epsilon_total: float,
+                   delta: float) -> tuple[int, str | None]:
+    """How many training users the planner needs at (ε_total, δ) (``ledger.planner.
+    minimum_users``), and the owner's warning when the dataset has fewer (exact counts: the
+    owner's own view, never shown to a researcher)."""
+    from ledger.planner import DEFAULT_MIN_ROUNDS, DEFAULT_NOISE_RATIO, minimum_users
+
+    needed = minimum_users(epsilon=epsilon_total, delta=delta)
+    if training_users >= needed:
+        return needed, None
+    return needed, (
+        f"too few users: {training_users} training users (plus {evaluation_users} held out), "
+        f"and at ε_total {epsilon_total:g}, δ {delta:g} the planner needs {needed} to train "
+        f"{DEFAULT_MIN_ROUNDS} rounds with the noise on the averaged update at most "
+        f"{DEFAULT_NOISE_RATIO:.0%} of the clip; every job here will be noisier. Import more "
+        "users or raise --epsilon-total")
 
 
 def cmd_dataset_import(args: argparse.Namespace) -> int:
@@ -317,6 +333,10 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
     if args.epsilon_total > EPSILON_TOTAL_WARNING:
         print(f"warning: ε_total {args.epsilon_total:g} is above {EPSILON_TOTAL_WARNING:g}: a "
               "weak guarantee for each user; a smaller budget is recommended", file=sys.stderr)
+    needed, too_few = _too_few_users(training.users, evaluation.users, args.epsilon_total,
+                                     args.delta)
+    if too_few:
+        print(f"warning: {too_few}", file=sys.stderr)
     for finding in _import_findings(Path(args.source), dest, {args.user_column,
                                     args.label_column, *loaded.feature_columns},
                                     loaded.num_classes):
@@ -326,7 +346,7 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
     if args.json:
         _print({"name": args.name, "training_users": training.users,
                 "evaluation_users": evaluation.users, "public_users": public.value,
-                "public_users_source": public.source,
+                "public_users_source": public.source, "minimum_training_users": needed,
                 "num_features": loaded.num_features, "num_classes": loaded.num_classes,
                 "max_examples_per_user": args.max_examples_per_user,
                 "epsilon_total": args.epsilon_total, "delta": args.delta}, True)
@@ -566,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "into training and held-out evaluation, write the public mock "
                                 "data, and set the dataset's total budget (ε_total, δ). Refuses "
                                 "δ ≥ 1/N̂ and ε_total > 100, and warns about ε_total > 10, "
+                                "fewer training users than the job planner needs at this "
+                                "budget (100 rounds, noise at most 1 % of the clip), "
                                 "columns left out of the features and declared labels no row "
                                 "uses; --force imports ε_total > 100 anyway.",
                     examples=examples(
