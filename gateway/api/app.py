@@ -47,11 +47,12 @@ from gateway.protocol.node_document import NodeDocument, sign_node_document
 from gateway.protocol.problems import Problem
 from ledger.accounting import JobCost
 from ledger.audit import append_entry
+from ledger.budget import budget_fit
 from ledger.burndown import dataset_filter_usage
 from ledger.canonical import sha256_digest
 from ledger.models import Dataset, Job, JobReview, ModelArtifact
 from ledger.review import withdraw_review
-from ledger.states import HELD_JOB_STATES, JobState
+from ledger.states import CHARGED_BUDGET_STATES, HELD_JOB_STATES, JobState
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -111,6 +112,10 @@ async def list_datasets(request: Request) -> Response:
         policy = node.policy()
         with node.session() as s:
             rows = s.exec(select(Dataset).order_by(Dataset.name)).all()  # reviewed: ORM query, not exec
+            last = {job.dataset: job for job in s.exec(  # reviewed: ORM query, not exec
+                select(Job).where(Job.researcher == principal.principal,
+                                  col(Job.budget_state).in_(CHARGED_BUDGET_STATES))
+                .order_by(col(Job.created_at))).all()}
         return [
             {
                 "name": d.name,
@@ -123,6 +128,7 @@ async def list_datasets(request: Request) -> Response:
                 "epsilon_total": d.epsilon_total,
                 "delta": d.delta,
                 "budget_used": _budget_used(d),
+                "more_like_your_last_job": _more_like(d, last.get(d.name)),
             }
             for d in rows
             if policy.decide(subject=principal.principal, domain=node.config.owner,
@@ -130,6 +136,16 @@ async def list_datasets(request: Request) -> Response:
         ]
 
     return JSONResponse({"datasets": await run_in_threadpool(visible)})
+
+
+def _more_like(dataset: Dataset, job: Job | None) -> dict[str, Any] | None:
+    """How many more copies of the researcher's own last admitted job on ``dataset`` its filter
+    would admit now (what ``POST /v1/estimate`` answers as ``jobs_that_fit`` for that job: a
+    function of public charges only); None before their first job there."""
+    if job is None:
+        return None
+    return {"job_id": job.id,
+            "jobs_that_fit": budget_fit(dataset, tuple(json.loads(job.cost_rdp))).jobs_that_fit}
 
 
 def _columns(dataset: Dataset) -> dict[str, Any]:

@@ -139,16 +139,24 @@ def _ended(status: dict[str, Any], args: argparse.Namespace) -> int:
     return 1
 
 
+def dataset_line(d: dict[str, Any]) -> str:
+    """One dataset of ``fedgate datasets``: its public facts and, once you ran a job on it,
+    about how many more jobs like your last one its budget admits."""
+    line = (f"{d['name']}: N̂ = {d['public_users']} training users ({d['public_users_source']}), "
+            f"≤ {d['max_examples_per_user']} examples per user and round, "
+            f"{d['num_features']} features, "
+            f"{d['num_classes']} classes; budget ε={d['epsilon_total']:g}, δ={d['delta']:g}")
+    like = d.get("more_like_your_last_job")
+    if like is not None:
+        line += (f"; remaining: about {like['jobs_that_fit']} more jobs like your last "
+                 f"({like['job_id']})")
+    return line
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     with _client(args) as client:
         datasets = client.datasets()
-    human = "\n".join(
-        f"{d['name']}: N̂ = {d['public_users']} training users ({d['public_users_source']}), "
-        f"≤ {d['max_examples_per_user']} examples per user and round, "
-        f"{d['num_features']} features, "
-        f"{d['num_classes']} classes; budget ε={d['epsilon_total']:g}, δ={d['delta']:g}"
-        for d in datasets
-    ) or "no datasets visible to this key"
+    human = "\n".join(map(dataset_line, datasets)) or "no datasets visible to this key"
     _show(datasets, args, human)
     return 0
 
