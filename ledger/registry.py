@@ -166,13 +166,14 @@ def list_principals(session: Session) -> list[Principal]:
 
 
 def remember_nonce(session: OrmSession, *, key_id: str, nonce: str, expires_at: float) -> bool:
-    """Record a nonce; False if this key already used it (a replay).
+    """Record a nonce in the caller's transaction; False if this key already used it (a replay).
 
-    Runs in its own transaction; the UNIQUE(key_id, nonce) constraint makes this atomic
-    across gateway processes.
+    The UNIQUE(key_id, nonce) constraint makes this atomic across gateway processes; a savepoint
+    keeps a refused insert from spoiling the rest of the caller's transaction. The caller
+    answers only after its transaction commits (the gateway: ``ledger.group_commit``).
     """
     try:
-        with session.begin():
+        with session.begin_nested():
             session.add(SeenNonce(key_id=key_id, nonce=nonce, expires_at=expires_at))
     except IntegrityError:
         return False
@@ -180,7 +181,7 @@ def remember_nonce(session: OrmSession, *, key_id: str, nonce: str, expires_at: 
 
 
 def prune_nonces(session: OrmSession, now: float) -> int:
-    """Delete nonces whose signatures can no longer verify; returns how many."""
-    with session.begin():
-        result = session.execute(delete(SeenNonce).where(SeenNonce.expires_at < now))
+    """Delete, in the caller's transaction, nonces whose signatures can no longer verify;
+    returns how many."""
+    result = session.execute(delete(SeenNonce).where(SeenNonce.expires_at < now))
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -121,7 +121,7 @@ def test_expired_nonces_are_pruned_and_live_ones_kept(db_url: str) -> None:
     engine = make_engine(db_url)
     create_schema(engine)
     now = time.time()
-    with session(engine) as s:
+    with session(engine) as s, s.begin():
         assert remember_nonce(s, key_id="k-1", nonce="old", expires_at=now - 1)
         assert remember_nonce(s, key_id="k-1", nonce="live", expires_at=now + 300)
         assert not remember_nonce(s, key_id="k-1", nonce="live", expires_at=now + 300)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -172,13 +173,16 @@ class SignatureAuthMiddleware:
             window_seconds=config.signature_window_seconds,
             skew_seconds=config.clock_skew_seconds,
         )
-        with self.node.session() as s:
+
+        def record(s: Session) -> bool:
             if now - self._last_prune > NONCE_PRUNE_INTERVAL_SECONDS:
                 prune_nonces(s, now)
                 self._last_prune = now
-            fresh = remember_nonce(s, key_id=verified.key_id, nonce=verified.nonce,
-                                   expires_at=verified.nonce_expires_at)
-        if not fresh:
+            return remember_nonce(s, key_id=verified.key_id, nonce=verified.nonce,
+                                  expires_at=verified.nonce_expires_at)
+
+        # Grouped with concurrent writes (``ledger.group_commit``): durable before it returns.
+        if not self.node.writer.run(record):
             raise Problem("replayed-nonce", "this request was already accepted once; sign a new "
                                             "request (the client does this on every call)")
         return verified

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from sqlmodel import Session
+
 from engine import compute, memory
 from engine.artifact import (
     ModelRejected,
@@ -572,24 +574,29 @@ def admit_job(
         created_at=now,
         updated_at=now,
     )
+
+    def reserve(s: Session) -> Job:
+        existing = find_idempotent_job(s, principal.key_id, request.idempotency_key)
+        if existing is not None:
+            if existing.request_digest != request_digest:
+                raise Problem("invalid-request", "idempotency_key was already used for a "
+                              "different request; use a new key", field="idempotency_key")
+            return existing
+        reserved = reserve_budget(s, job, projection.cost_rdp, audit)
+        reserve_compute(s, reserved, cpu_reserved)
+        if decision.review is not None:
+            open_review(s, reserved, required_because=decision.review,
+                        policy_explanation=decision.explanation,
+                        expires_at=now + node.config.review_expiry_hours * 3600.0,
+                        actor=principal.key_id)
+        enforce_quotas(s, quotas, job=reserved, cpu_reserved_seconds=cpu_reserved,
+                       prices=node.config.billing, default_reservation=cpu_reserved)
+        return reserved
+
     try:
-        with node.session() as s, s.begin():
-            existing = find_idempotent_job(s, principal.key_id, request.idempotency_key)
-            if existing is not None:
-                if existing.request_digest != request_digest:
-                    raise Problem("invalid-request", "idempotency_key was already used for a "
-                                  "different request; use a new key", field="idempotency_key")
-                return existing
-            job = reserve_budget(s, job, projection.cost_rdp, audit)
-            reserve_compute(s, job, cpu_reserved)
-            if decision.review is not None:
-                open_review(s, job, required_because=decision.review,
-                            policy_explanation=decision.explanation,
-                            expires_at=now + node.config.review_expiry_hours * 3600.0,
-                            actor=principal.key_id)
-            enforce_quotas(s, quotas, job=job, cpu_reserved_seconds=cpu_reserved,
-                           prices=node.config.billing, default_reservation=cpu_reserved)
-            return job
+        # Decided in turn with concurrent admissions, in one transaction sharing one commit
+        # (``ledger.group_commit``); returns only once the reservation is on disk.
+        return node.writer.run(reserve, datasets=(dataset.name,))
     except QuotaExceeded as exc:
         raise _deny(node, audit, exc.problem) from None
     except BudgetExceeded as exc:

@@ -24,6 +24,7 @@ from gateway.policy.ledger_inputs import registry_memberships
 from ledger import keys
 from ledger.audit import append_entry
 from ledger.db import create_schema, database_url, make_engine, make_read_engine, session
+from ledger.group_commit import GroupCommitter
 from ledger.models import Principal
 
 log = logging.getLogger("fedgate.node")
@@ -37,6 +38,7 @@ class Node:
         self.engine: Engine = make_engine(url)
         create_schema(self.engine)
         self.read_engine: Engine = make_read_engine(url, self.engine)
+        self.writer = GroupCommitter(self.engine)
         self._policy: PolicyEngine | None = None
         self._policy_stamp: tuple[object, ...] | None = None
 
@@ -57,7 +59,8 @@ class Node:
         return session(self.read_engine)
 
     def dispose(self) -> None:
-        """Close the ledger's connections (both engines)."""
+        """Stop the group-commit writer and close the ledger's connections (both engines)."""
+        self.writer.close()
         self.engine.dispose()
         self.read_engine.dispose()
 
