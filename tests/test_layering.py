@@ -135,9 +135,11 @@ SDK_ON_DEMAND = {"tensorflow": "engine.artifact's Keras conversion",
 
 
 # What a researcher's light install runs: the SDK, the protocol, the federation coordinator and
-# the researcher's commands of the CLI (with gateway.cli.usage, their help: standard library).
+# the researcher's commands of the CLI (with gateway.cli.usage, their help, and
+# gateway.cli.terminal, their escaped tables: standard library).
 RESEARCHER_SIDE = ("fedgate", "gateway.sdk", "gateway.protocol", "gateway.federation",
-                   "gateway.cli.researcher", "gateway.cli.federation", "gateway.cli.usage")
+                   "gateway.cli.researcher", "gateway.cli.federation", "gateway.cli.usage",
+                   "gateway.cli.terminal")
 
 
 def test_researcher_side_imports_nothing_from_the_server_side() -> None:

@@ -16,9 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.terminal import format_table
 from gateway.cli.usage import add_command
 from gateway.protocol.job_parameters import add_cli_options, parameters_from_cli
 from gateway.protocol.job_states import shown_state
+from ledger.states import JobState
 
 if TYPE_CHECKING:
     from gateway.sdk.client import Client, Job, Release
@@ -128,6 +130,17 @@ def _released_summary(release: Release, saved: str | None) -> tuple[dict[str, An
              + " (node signature verified)"
              + (f"; DP model saved to {saved}" if saved else ""))
     return summary, human
+
+
+def _waited(job: Job, args: argparse.Namespace) -> dict[str, Any] | int:
+    """Wait for ``job`` with the progress display; its final status if it succeeded, else the
+    exit status: 130 on Ctrl-C (``Job.wait`` said how to reattach or cancel; the job keeps
+    running), 1 if it failed or was cancelled (reported by :func:`_ended`)."""
+    try:
+        status = job.wait(progress=not args.json)
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    return status if status["state"] == JobState.SUCCEEDED else _ended(status, args)
 
 
 def _ended(status: dict[str, Any], args: argparse.Namespace) -> int:
@@ -246,12 +259,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.no_wait:
             _show(job.last_status, args, f"job {job.id} is {job.last_status['state']}")
             return 0
-        try:
-            status = job.wait(progress=not args.json)
-        except KeyboardInterrupt:  # Job.wait said how to reattach or cancel
-            return INTERRUPTED
-        if status["state"] != "succeeded":
-            return _ended(status, args)
+        status = _waited(job, args)
+        if isinstance(status, int):
+            return status
         release = _verified_release(job)
         if release is None:
             return 1
@@ -263,13 +273,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _job_table(jobs: list[Job]) -> str:
     if not jobs:
         return "no jobs submitted with this key"
-    rows = [(j.id, j.last_status["dataset"], shown_state(j.last_status),
-             f"{j.last_status['round']}/{j.last_status['rounds']}",
-             f"{j.last_status['epsilon']:.3f}", j.last_status["budget"]) for j in jobs]
-    header = ("job", "dataset", "state", "round", "ε", "budget")
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in [header, *rows])
+    return format_table([{"job": j.id, "dataset": j.last_status["dataset"],
+                          "state": shown_state(j.last_status),
+                          "round": f"{j.last_status['round']}/{j.last_status['rounds']}",
+                          "ε": f"{j.last_status['epsilon']:.3f}", "budget": j.last_status["budget"]}
+                         for j in jobs])
 
 
 def cmd_job(args: argparse.Namespace) -> int:
@@ -289,12 +297,9 @@ def cmd_job(args: argparse.Namespace) -> int:
         job = Job(client, {"job_id": args.job_id, "rounds": 0, "state": "unknown"})
         if args.action == "wait":
             job = client.job(args.job_id)
-            try:
-                status = job.wait(progress=not args.json)
-            except KeyboardInterrupt:  # Job.wait said how to reattach or cancel
-                return INTERRUPTED
-            if status["state"] != "succeeded":
-                return _ended(status, args)
+            status = _waited(job, args)
+            if isinstance(status, int):
+                return status
             _show(status, args, f"job {job.id} succeeded (ε {status['epsilon']:.3f}); fetch "
                                 f"and save the model: fedgate job result {job.id}")
         elif args.action == "status":
