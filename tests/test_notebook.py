@@ -42,6 +42,9 @@ def test_dataset_listing_escapes_what_it_shows() -> None:
                          "num_features": 1, "num_classes": 2, "max_examples_per_user": 3,
                          "epsilon_total": 1.0, "delta": 1e-5, "budget_used": 0.5}])
     assert "&lt;b&gt;x&lt;/b&gt;" in listing._repr_html_() and "<b>" not in listing._repr_html_()
+    assert listing._repr_html_().endswith("<td>—</td></tr></tbody></table>")  # no job run yet
+    listing[0]["more_like_your_last_job"] = {"job_id": "job-1", "jobs_that_fit": 4}
+    assert "<td>about 4 more jobs like your last (job-1)</td>" in listing._repr_html_()
     assert "no datasets" in Datasets()._repr_html_()
 
 
