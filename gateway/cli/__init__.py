@@ -38,6 +38,7 @@ from ledger.ranges import (
     EPSILON_TOTAL_LIMIT,
     EPSILON_TOTAL_WARNING,
 )
+from ledger.states import CHARGED_BUDGET_STATES, BudgetState
 
 # Imports inside the commands, not at the top: `fedgate --help` and the researcher commands
 # run on a light install without the node extra (SQLModel, Casbin, Starlette, uvicorn,
@@ -397,7 +398,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
             used, order = usage.fraction, usage.best_order
             by_researcher: dict[str, dict[str, float]] = {}
             for job in jobs:
-                if job.budget_state in ("reserved", "committed"):
+                if job.budget_state in CHARGED_BUDGET_STATES:
                     row = by_researcher.setdefault(job.researcher, {"jobs": 0, "reserved": 0,
                                                                     "committed": 0})
                     row["jobs"] += 1
@@ -408,9 +409,9 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
                 "delta": d.delta,
                 "filter_used": round(used, 4),
                 "filter_best_order": order,
-                "jobs_reserved": sum(j.budget_state == "reserved" for j in jobs),
-                "jobs_committed": sum(j.budget_state == "committed" for j in jobs),
-                "jobs_refunded": sum(j.budget_state == "refunded" for j in jobs),
+                "jobs_reserved": sum(j.budget_state == BudgetState.RESERVED for j in jobs),
+                "jobs_committed": sum(j.budget_state == BudgetState.COMMITTED for j in jobs),
+                "jobs_refunded": sum(j.budget_state == BudgetState.REFUNDED for j in jobs),
                 "by_researcher": by_researcher,
             })
     if args.json:

@@ -33,6 +33,7 @@ from gateway.dashboard.data import (
 from gateway.protocol.problems import Problem
 from ledger.burndown import BurnDown
 from ledger.officer_login import OfficerLogin
+from ledger.states import BudgetState
 
 STYLESHEET = """
 :root { --ink: #1f2933; --muted: #5f6b7a; --line: #d9dee5; --card: #fff; --bg: #f3f5f8;
@@ -376,7 +377,7 @@ def _summary_card(charts: Sequence[BurnDown]) -> str:
         return ""
     rows = []
     for chart in charts:
-        committed = sum(p.budget_state == "committed" for p in chart.points)
+        committed = sum(p.budget_state == BudgetState.COMMITTED for p in chart.points)
         warnings = budget_warnings(chart)
         flagged = ('<ul class="warnings">' + "".join(f'<li class="warning">{escape(w)}</li>'
                                                    for w in warnings) + "</ul>") if warnings else "—"
@@ -404,7 +405,7 @@ def _summary_card(charts: Sequence[BurnDown]) -> str:
 
 
 def _dataset_card(chart: BurnDown, now: float) -> str:
-    committed = sum(p.budget_state == "committed" for p in chart.points)
+    committed = sum(p.budget_state == BudgetState.COMMITTED for p in chart.points)
     reserved = len(chart.points) - committed
     order = f"at α = {chart.current.best_order:g}" if chart.current.best_order is not None else ""
     mismatch = ("" if chart.matches_ledger else

@@ -72,6 +72,7 @@ from gateway.sdk.client import (
     ReleaseVerificationFailed,
 )
 from ledger import keys
+from ledger.states import BudgetState, JobState
 from ledger.timestamps import utc_timestamp
 
 Progress = Callable[[str], None]
@@ -310,7 +311,7 @@ class Federation:
         except TimeoutError:
             _cancel(p)  # charged by the node if it had read data, refunded otherwise
             raise
-        if status["state"] != "succeeded":
+        if status["state"] != JobState.SUCCEEDED:
             raise JobFailed(f"job {p.job.id} failed: {status.get('failure')}")
         # Fetched once (an output policy may allow one fetch), keeping the node's signature for
         # the federation manifest.
@@ -454,7 +455,7 @@ class Federation:
                     budget = job.status()["budget"]
                 except (FedgateError, httpx.HTTPError):
                     budget = "unknown"
-                charged += budget != "refunded"  # unknown counts as charged: fail closed
+                charged += budget != BudgetState.REFUNDED  # unknown counts as charged: fail closed
             p.outcome.charged_jobs = charged
             p.outcome.delta = p.admission.delta
             p.outcome.epsilon_charged = (p.admission.epsilon_federation

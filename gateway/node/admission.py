@@ -68,6 +68,7 @@ from ledger.metering import reserve_compute
 from ledger.models import Dataset, Job
 from ledger.ranges import ADAPTIVE_DEFAULTS, CLIP_STRATEGIES
 from ledger.review import open_review
+from ledger.states import BudgetState, JobState
 
 MAX_ROUNDS = int(mechanism.RANGES["rounds"].high)
 NO_MODEL = "sha256:" + "0" * 64  # estimates do not need an uploaded model
@@ -567,8 +568,8 @@ def admit_job(
         cost_rdp="[]",
         epsilon=projection.epsilon,
         delta=projection.delta,
-        state="queued" if decision.review is None else "pending_review",
-        budget_state="reserved",
+        state=JobState.QUEUED if decision.review is None else JobState.PENDING_REVIEW,
+        budget_state=BudgetState.RESERVED,
         rounds=request.rounds,
         policy_version=decision.policy_version,
         created_at=now,

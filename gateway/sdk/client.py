@@ -42,6 +42,7 @@ from gateway.sdk.release import Release, verify_release
 from gateway.sdk.request_signing import SignedRequestAuth
 from ledger import keys
 from ledger.canonical import canonical_json
+from ledger.states import HELD_JOB_STATES, JobState
 
 if TYPE_CHECKING:
     from gateway.node.rehearsal import RehearsalReport
@@ -162,7 +163,7 @@ _ERRORS: dict[str, type[FedgateError]] = {
     "output-policy": OutputPolicyRefused,
 }
 # States of a job held for the data owner's review (its budget is reserved meanwhile).
-HELD_STATES = ("pending_review", "approved")
+HELD_STATES = HELD_JOB_STATES
 
 
 def _raise_for_problem(response: httpx.Response) -> None:
@@ -283,7 +284,7 @@ class Job:
         ``with_model``: also the job's model artifact (``GET /v1/jobs/{id}/model``, free),
         checked against the manifest's ``model_digest``; fetched first, so a fetch the output
         policy counts is never spent on a release that could not be saved whole."""
-        if self.last_status["state"] == "failed":
+        if self.last_status["state"] == JobState.FAILED:
             ended = shown_state(self.last_status)
             raise JobFailed(f"job {self.id} was cancelled" if ended == "cancelled" else
                             f"job {self.id} failed: {self.last_status.get('failure')}")

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from gateway.protocol.job_states import shown_state
+from ledger.states import JobState
 
 __all__ = ["EPSILON_SO_FAR", "ProgressBar", "ProgressLines", "describe_progress",
            "progress_display", "progress_phase", "progress_postfix"]
@@ -27,16 +28,17 @@ EPSILON_SO_FAR = ("ε so far: the privacy loss of the rounds done, computed by t
                   "stopped after it began reading data is charged its whole ε")
 """The one-line explanation printed before a job's progress."""
 
-_PHASES = {"pending_review": "waiting for review", "approved": "approved, waiting to start"}
+_PHASES = {JobState.PENDING_REVIEW: "waiting for review",
+           JobState.APPROVED: "approved, waiting to start"}
 
 
 def progress_phase(status: Mapping[str, Any]) -> str:
     """What the job is doing, in words: ``engine starting`` while a running job has done no
     round yet, ``cancelled`` for the researcher's own cancel, the queue position if any."""
     state = shown_state(status)
-    if state == "running" and not status.get("round"):
+    if state == JobState.RUNNING and not status.get("round"):
         return "engine starting"
-    if state == "queued" and "queue_position" in status:
+    if state == JobState.QUEUED and "queue_position" in status:
         return f"queued (position {status['queue_position']})"
     return _PHASES.get(state, state)
 
