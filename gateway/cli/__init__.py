@@ -667,9 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = add_command(commands, "demo", help="run the end-to-end demo on a temporary node",
-                    examples=examples("fedgate demo", "fedgate demo --users 5000 --keep"))
+                    examples=examples("fedgate demo", "fedgate demo --users 40000 --keep"))
     p.add_argument("--users", type=int, default=20_000,
-                   help="users in the synthetic dataset (default 20000)")
+                   help="users in the synthetic dataset (default 20000; the demo's job is "
+                        "sized for it: with far fewer users it does not fit the budget)")
     p.add_argument("--keep", action="store_true", help="keep the temporary deployment")
     p.set_defaults(func=cmd_demo)
 
