@@ -743,3 +743,14 @@ def test_the_billing_page_escapes_researcher_and_ledger_values() -> None:
         assert raw not in html
     assert "&lt;img src=x&gt;" in html and "&lt;i&gt;job&lt;/i&gt;" in html
     assert "MB" not in html and 'href="#researcher-0"' in html  # no metered memory
+
+
+def test_a_browser_posting_an_oversized_sign_in_form_gets_an_html_413(node_dir: Path) -> None:
+    # The body limit refuses before any dashboard code runs; a browser still gets a page.
+    with TestClient(create_app(node_dir), headers=BROWSER) as browser:
+        response = browser.post("/dashboard/login", data={"token": "x" * 2_000_000})
+    assert response.status_code == 413
+    assert "body limit" in html_page(response)
+    with TestClient(create_app(node_dir)) as api_client:
+        assert problem_type(api_client.post("/dashboard/login", data={"token": "x" * 2_000_000})
+                            ) == "payload-too-large"

@@ -32,10 +32,13 @@ from dataclasses import dataclass
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.problems import problem_response
 from gateway.api.signatures import verify_body_digest, verify_signature
+from gateway.dashboard.routes import browser_refusal
 from gateway.node.identity import VerifiedRequest
 from gateway.node.node import Node
 from gateway.node.origin import arrival_origin
@@ -65,6 +68,11 @@ def declared_body(scope: Scope) -> tuple[bool, int | None]:
     return bool(size) or b"transfer-encoding" in headers, size
 
 
+def _refusal(scope: Scope, problem: Problem) -> Response:
+    """problem+json, or the dashboard's HTML page when a browser asked for a dashboard page."""
+    return browser_refusal(Request(scope), problem) or problem_response(problem)
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, *, limit_for_path: Callable[[str], BodyLimit],
                  max_concurrent_uploads: int) -> None:
@@ -81,7 +89,7 @@ class BodyLimitMiddleware:
                                                  f"{limit.max_bytes} bytes")
         _, declared = declared_body(scope)
         if declared is not None and declared > limit.max_bytes:
-            await problem_response(too_large)(scope, receive, send)
+            await _refusal(scope, too_large)(scope, receive, send)
             return
         slot = self._upload_slots if limit.upload else contextlib.nullcontext()
         async with slot:
@@ -96,7 +104,7 @@ class BodyLimitMiddleware:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit.max_bytes:
-                    await problem_response(too_large)(scope, receive, send)
+                    await _refusal(scope, too_large)(scope, receive, send)
                     return
                 digest.update(chunk)
                 chunks.append(chunk)

@@ -232,13 +232,21 @@ def page_refusal(request: Request, status: int) -> Response | None:
     answers with problem+json. The app's HTTP error handler calls it, so the dashboard needs
     no catch-all route (the OpenAPI document lists exactly the mounted routes)."""
     path = request.url.path
-    if not (path == "/dashboard" or path.startswith("/dashboard/")) or not wants_html(request):
-        return None
     if status == 405:
         problem = Problem("method-not-allowed", f"{request.method} is not allowed on {path}")
     else:
         problem = Problem("not-found", f"the dashboard has no page {path}; its pages are "
                           "/dashboard (overview) and /dashboard/billing")
+    return browser_refusal(request, problem)
+
+
+def browser_refusal(request: Request, problem: Problem) -> Response | None:
+    """``problem`` as the HTML page (or sign-in redirect) a browser gets from the dashboard,
+    for a browser's request to a dashboard path refused before any page ran (the app's error
+    handlers, the body-size limit); None for any other request, which gets problem+json."""
+    path = request.url.path
+    if not (path == "/dashboard" or path.startswith("/dashboard/")) or not wants_html(request):
+        return None
     return _refusal_for_browser(request, problem)
 
 
