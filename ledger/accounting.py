@@ -386,6 +386,13 @@ def _field_to_json(value: object) -> object:
     return value
 
 
+@functools.cache
+def _named_tuple_type(class_name: str) -> type:
+    """The named-tuple class ``DpEvent.from_named_tuple`` reads for ``class_name``, made once
+    (making one per parse was a tenth of an admission's accounting time)."""
+    return namedtuple(f"_{class_name}", ["module_name", "class_name", *_EVENT_FIELDS[class_name]])
+
+
 def _event_from_json(data: object) -> dp_accounting.DpEvent:
     if not isinstance(data, dict):
         raise ValueError(f"a DP event must be a JSON object, got {data!r}")
@@ -396,9 +403,8 @@ def _event_from_json(data: object) -> dp_accounting.DpEvent:
     if set(data) != {"module_name", "class_name", *fields}:
         raise ValueError(f"{class_name} must have exactly the fields {sorted(fields)}")
     values = {name: validate(data[name]) for name, validate in fields.items()}
-    named = namedtuple(f"_{class_name}", ["module_name", "class_name", *fields])
     event = dp_accounting.DpEvent.from_named_tuple(
-        named(module_name=_EVENT_MODULE, class_name=class_name, **values)
+        _named_tuple_type(class_name)(module_name=_EVENT_MODULE, class_name=class_name, **values)
     )
     if isinstance(event, dp_accounting.ComposedDpEvent):  # as training_event builds it
         event = dp_accounting.ComposedDpEvent(tuple(event.events))
