@@ -9,7 +9,8 @@ Contract:
   ``SHA-256(0x00 || entry)``; ``merkle_root`` computes the RFC 6962 tree head
   (interior nodes ``SHA-256(0x01 || left || right)``).
 * Entries hold ids, digests, parameters and decisions only — never data values.
-* ``publish_checkpoint`` signs the tree head of the current log with the node key. It
+* ``publish_checkpoint`` signs the tree head of the current log with the node key (the gateway
+  signs over a read snapshot, ``sign_current_tree``, and only stores under the write lock). It
   never signs a tree that is inconsistent with the latest stored checkpoint, or whose
   entries do not hash to their stored leaf hashes: tampering with the stored log is
   refused (``AuditLogCorrupted``), not laundered into a new signature.
@@ -53,6 +54,8 @@ __all__ = [
     "publish_checkpoint",
     "read_entries",
     "read_entry_rows",
+    "sign_current_tree",
+    "store_checkpoint",
 ]
 
 AUDIT_ACTIONS = frozenset(
@@ -156,15 +159,26 @@ def latest_checkpoint_text(session: Session) -> str | None:
 def publish_checkpoint(session: Session, node_key: Ed25519PrivateKey, key_id: str) -> Checkpoint:
     """Sign and store a checkpoint of the log at its current size; idempotent per size.
 
-    Runs in the caller's transaction. Before signing it recomputes every leaf hash from
-    the entry text and checks the tree against the latest earlier checkpoint; on any
-    mismatch it raises ``AuditLogCorrupted`` and signs nothing.
+    Runs in the caller's transaction: :func:`sign_current_tree`, then :func:`store_checkpoint`.
+    On any mismatch it raises ``AuditLogCorrupted`` and signs nothing.
+    """
+    return store_checkpoint(session, sign_current_tree(session, node_key, key_id),
+                            node_key.public_key())
+
+
+def sign_current_tree(session: Session, node_key: Ed25519PrivateKey, key_id: str) -> str:
+    """The signed checkpoint text of the log as ``session`` sees it (the stored one if that
+    size is signed already); stores nothing, so it may run in a read-only snapshot and keep
+    its O(log size) work out of the write lock.
+
+    Before signing it recomputes every leaf hash from the entry text and checks the tree
+    against the latest earlier checkpoint; on any mismatch it raises ``AuditLogCorrupted``.
     """
     public_key = node_key.public_key()
     size = audit_size(session)
     existing = session.get(AuditCheckpoint, size)
     if existing is not None:
-        return _stored_checkpoint(existing.text, public_key)
+        return _stored_checkpoint(existing.text, public_key).text
     newest = session.exec(select(func.max(AuditCheckpoint.size))).one()  # reviewed: ORM query, not exec
     if newest is not None and newest > size:
         raise AuditLogCorrupted(f"the log holds {size} entries but the node signed a checkpoint "
@@ -172,18 +186,25 @@ def publish_checkpoint(session: Session, node_key: Ed25519PrivateKey, key_id: st
     previous_text = latest_checkpoint_text(session)
     previous = _stored_checkpoint(previous_text, public_key) if previous_text else None
     tree = _recomputed_tree(session, size, new_from=previous.size if previous else 0)
-    if previous is not None:
-        checkpoint = previous
-        if tree.root(checkpoint.size) != checkpoint.root:
-            raise AuditLogCorrupted(
-                f"entries 0..{checkpoint.size - 1} no longer match the checkpoint signed at "
-                f"{checkpoint.timestamp}; refusing to sign over a modified log")
-    text = sign_checkpoint(node_key, key_id, size, tree.root(), utc_timestamp())
+    if previous is not None and tree.root(previous.size) != previous.root:
+        raise AuditLogCorrupted(
+            f"entries 0..{previous.size - 1} no longer match the checkpoint signed at "
+            f"{previous.timestamp}; refusing to sign over a modified log")
+    return sign_checkpoint(node_key, key_id, size, tree.root(), utc_timestamp())
+
+
+def store_checkpoint(session: Session, text: str, public_key: Ed25519PublicKey) -> Checkpoint:
+    """Store a checkpoint text from :func:`sign_current_tree` in the caller's transaction and
+    return the stored checkpoint of its size (a concurrent publisher's, if it stored one first).
+
+    Entries never change, so a checkpoint signed over a snapshot of the first n entries stays
+    true however many entries or checkpoints were added since."""
+    checkpoint = parse_and_verify_checkpoint(text, public_key)
     try:
         with session.begin_nested():
-            session.add(AuditCheckpoint(size=size, text=text))
-    except IntegrityError:  # a concurrent publisher stored this size first
-        statement = select(AuditCheckpoint.text).where(AuditCheckpoint.size == size)
+            session.add(AuditCheckpoint(size=checkpoint.size, text=text))
+    except IntegrityError:  # this size is stored already
+        statement = select(AuditCheckpoint.text).where(AuditCheckpoint.size == checkpoint.size)
         text = session.exec(statement).one()  # reviewed: ORM query, not exec
     return parse_and_verify_checkpoint(text, public_key)
 

@@ -50,3 +50,35 @@ def test_entries_are_numbered_densely_and_hashed_canonically(db_url: str) -> Non
                                ensure_ascii=False).encode()
         assert row.entry.encode() == canonical
         assert row.leaf_hash == leaf_hash(canonical).hex()
+
+
+def test_a_checkpoint_is_signed_over_a_snapshot_while_a_writer_holds_the_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The gateway's periodic checkpoint rehashes the log in a read snapshot, so admissions
+    never wait behind it: it signs the committed prefix while a write transaction is open,
+    and storing it later is still true after the log has grown."""
+    from ledger import keys
+    from ledger.audit import audit_tree, sign_current_tree, store_checkpoint
+    from ledger.db import make_read_engine
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    reads = make_read_engine(url, engine)
+    node_key = keys.generate_private_key()
+    key_id = keys.key_id(node_key.public_key())
+    with session(engine) as s, s.begin():
+        for i in range(3):
+            append_entry(s, action="key", actor=f"k-{i}")
+    with session(engine) as writer, writer.begin():
+        append_entry(writer, action="key", actor="in-flight")  # holds SQLite's write lock
+        with reads.connect() as connection:
+            connection.exec_driver_sql("PRAGMA busy_timeout=0")  # waiting would fail
+            with session(connection) as snapshot:  # type: ignore[arg-type]
+                text = sign_current_tree(snapshot, node_key, key_id)
+    with session(engine) as s, s.begin():
+        checkpoint = store_checkpoint(s, text, node_key.public_key())
+    with session(engine) as s:
+        assert checkpoint.size == 3
+        assert checkpoint.root == audit_tree(s, 4).root(3)
+    reads.dispose()
+    engine.dispose()

@@ -23,6 +23,8 @@ from ledger.audit import (
     audit_tree,
     publish_checkpoint,
     read_entry_rows,
+    sign_current_tree,
+    store_checkpoint,
 )
 from ledger.audit_export import export_audit
 from ledger.checkpoints import Checkpoint
@@ -42,8 +44,10 @@ def publish_node_checkpoint(node: Node) -> Checkpoint:
 
     Raises ``AuditLogCorrupted`` if the stored log contradicts an earlier checkpoint.
     """
+    with node.read_session() as s:  # the O(log size) rehash holds no write lock
+        text = sign_current_tree(s, node.node_key, node.node_key_id)
     with node.session() as s, s.begin():
-        return publish_checkpoint(s, node.node_key, node.node_key_id)
+        return store_checkpoint(s, text, node.node_key.public_key())
 
 
 def export_node_audit(node: Node) -> tuple[bytes, str | None]:
