@@ -14,6 +14,8 @@ column is the ledger's charge for the job's event (``ledger.accounting.JobCost``
 
     .venv/bin/python -m bench.frontier            # both datasets (about 30 min on 2 cores)
     .venv/bin/python -m bench.frontier --datasets synthetic
+    .venv/bin/python -m bench.frontier --datasets shakespeare \
+        --plot docs/privacy-utility-frontier-shakespeare.svg
 
 It prints a markdown table and writes docs/privacy-utility-frontier.svg.
 """
@@ -54,7 +56,7 @@ class Setting:
 
 SETTINGS = {
     "synthetic": Setting("synthetic", "softmax", 200_000, 0.5, 0.1, 256, (50, 200, 800)),
-    "shakespeare": Setting("shakespeare", "lstm", 20_000, 1.0, 0.5, 64, (25, 100, 400)),
+    "shakespeare": Setting("shakespeare", "lstm", 5_000, 1.0, 0.5, 64, (25, 100, 400)),
 }
 SHAKESPEARE_WINDOW = 20
 
@@ -67,7 +69,7 @@ def build_model(name: str, features: int, classes: int) -> Any:
     if name == "softmax":
         layers = [tf.keras.layers.Dense(classes, activation="softmax")]
     else:  # next character: embed the window's ids, one LSTM, softmax over the vocabulary
-        layers = [tf.keras.layers.Embedding(classes, 8), tf.keras.layers.LSTM(64),
+        layers = [tf.keras.layers.Embedding(classes, 8), tf.keras.layers.LSTM(32),
                   tf.keras.layers.Dense(classes, activation="softmax")]
     return tf.keras.Sequential([tf.keras.layers.InputLayer(input_shape=(features,)), *layers])
 
@@ -300,14 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=list(SETTINGS),
                         default=list(SETTINGS))
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--plot", type=Path, default=PLOT,
+                        help=f"where to write the SVG (default {PLOT.relative_to(REPOSITORY)})")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedgate-frontier-") as tmp:
         results = [frontier(SETTINGS[name], Path(tmp)) for name in args.datasets]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    plot(results, PLOT)
+    plot(results, args.plot)
     print("\n" + table(results))
-    print(f"\nplot: {PLOT.relative_to(REPOSITORY)}")
+    print(f"\nplot: {args.plot}")
     return 0
 
 
