@@ -75,7 +75,7 @@ class GroupCommitter:
         return self._queue.qsize()
 
     def close(self) -> None:
-        """Stop the writer after the requests already queued."""
+        """Stop the writer after the requests already queued (it starts again if used)."""
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
@@ -110,11 +110,9 @@ class GroupCommitter:
                             outcomes.append((True, request.work(s)))
                     except Exception as error:  # re-raised to its own caller only
                         outcomes.append((False, error))
-        except BaseException as error:  # the commit failed: nothing of the batch happened
+        except BaseException as error:  # nothing of the batch happened; the writer goes on
             for request in batch:
                 request.done.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
             return
         self.batches += 1
         for request, (ok, value) in zip(batch, outcomes, strict=True):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlmodel import Session, select
 
 from gateway.cli import main as fedgate
@@ -179,3 +180,22 @@ def test_kill_during_group_commit_loses_no_acknowledged_admission(
     assert fedgate(["-d", str(node_dir), "audit", "checkpoint"]) == 0
     assert fedgate(["-d", str(node_dir), "audit", "export", "--out", str(export)]) == 0
     assert fedgate(["audit", "verify", str(export), "--node-key", str(node_dir / "node.pub")]) == 0
+
+
+def test_the_writer_outlives_a_base_exception_and_reopens_after_close(tmp_path: Path) -> None:
+    """A write that raises even a non-Exception fails for its caller alone and the writer keeps
+    serving (a dead writer would leave every later request waiting forever)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    create_schema(engine)
+    committer = GroupCommitter(engine)
+
+    def interrupt(s: Session) -> None:
+        raise KeyboardInterrupt  # not an Exception
+
+    with pytest.raises(KeyboardInterrupt):
+        committer.run(interrupt)
+    assert committer.run(lambda s: append_entry(s, action="key", actor="after")) == 0
+    committer.close()
+    assert committer.run(lambda s: append_entry(s, action="key", actor="reopened")) == 1
+    committer.close()
+    engine.dispose()

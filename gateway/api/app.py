@@ -425,6 +425,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
         async with audit.periodic_checkpoints(node), review_watch(node, runner):
             yield
         await runner.shutdown()
+        await run_in_threadpool(node.writer.close)  # the writes already queued commit first
 
     app = Starlette(
         routes=[
