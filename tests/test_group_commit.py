@@ -183,8 +183,8 @@ def test_kill_during_group_commit_loses_no_acknowledged_admission(
 
 
 def test_the_writer_outlives_a_base_exception_and_reopens_after_close(tmp_path: Path) -> None:
-    """A write that raises even a non-Exception fails for its caller alone and the writer keeps
-    serving (a dead writer would leave every later request waiting forever)."""
+    """A write that raises even a non-Exception fails its batch (here itself alone) and the
+    writer keeps serving (a dead writer would leave every later request waiting forever)."""
     engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     create_schema(engine)
     committer = GroupCommitter(engine)

@@ -229,11 +229,10 @@ async def plan(request: Request) -> Response:
 
 def _audit_invalid_request(node: Node, principal: VerifiedRequest, problem: Problem,
                            request_digest: str, action: str = "train") -> None:
-    with node.session() as s, s.begin():
-        append_entry(s, action="deny", decision="deny", reason=problem.slug,
-                     explanation=problem.detail, actor=principal.key_id,
-                     principal=principal.principal, request_action=action,
-                     request_digest=request_digest)
+    node.writer.run(lambda s: append_entry(
+        s, action="deny", decision="deny", reason=problem.slug, explanation=problem.detail,
+        actor=principal.key_id, principal=principal.principal, request_action=action,
+        request_digest=request_digest))
 
 
 async def submit_job(request: Request) -> Response:

@@ -346,8 +346,8 @@ def _deny(node: Node, audit: dict[str, Any], problem: Problem, **extra: Any) -> 
     when the problem names one, and return it."""
     decided_by = {"rule": problem.extra["rule"]} if "rule" in problem.extra else {}
     fields = {**audit, **decided_by, **extra, "reason": problem.slug, "explanation": problem.detail}
-    with node.session() as s, s.begin():
-        append_entry(s, action="deny", decision="deny", **fields)
+    # Group-committed with concurrent admissions; the refusal is answered after its commit.
+    node.writer.run(lambda s: append_entry(s, action="deny", decision="deny", **fields))
     return problem
 
 
