@@ -38,6 +38,10 @@ from ledger.models import AuditHead, Dataset
 T = TypeVar("T")
 
 MAX_BATCH = 64
+IDLE_SECONDS = 1.0
+"""The writer thread leaves after this long without work (the next ``run`` starts another):
+an idle node holds no thread, and a committer nobody closed lets its engine, with that
+engine's pooled connections, be collected."""
 
 
 @dataclass
@@ -48,7 +52,8 @@ class _Request:
 
 
 class GroupCommitter:
-    """One writer thread for ``engine``; started on first use, stopped by :meth:`close`."""
+    """One writer thread for ``engine``; started on first use, gone after
+    :data:`IDLE_SECONDS` without work or on :meth:`close`."""
 
     def __init__(self, engine: Engine, *, max_batch: int = MAX_BATCH) -> None:
         self.engine = engine
@@ -62,12 +67,12 @@ class GroupCommitter:
         """``work(session)`` inside the next group transaction; returns its result once the
         transaction is committed, or raises what ``work`` (or the commit) raised."""
         request = _Request(work, tuple(datasets))
-        with self._lock:
-            if self._thread is None:
+        with self._lock:  # the put too: an idle writer cannot leave between the check and it
+            if self._thread is None:  # first use, or the last writer left idle or was closed
                 self._thread = threading.Thread(target=self._write, name="fedgate-group-commit",
                                                 daemon=True)
                 self._thread.start()
-        self._queue.put(request)
+            self._queue.put(request)
         return request.done.result()  # type: ignore[no-any-return]
 
     def waiting(self) -> int:
@@ -84,7 +89,14 @@ class GroupCommitter:
 
     def _write(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:  # leave only if nothing came meanwhile (run puts under it)
+                    if self._queue.empty() and self._thread is threading.current_thread():
+                        self._thread = None
+                        return
+                continue
             if first is None:
                 return
             batch = [first]
