@@ -68,7 +68,7 @@ from ledger import accounting, keys
 from ledger.audit import audit_size
 from ledger.budget import filter_orders
 from ledger.canonical import canonical_json
-from ledger.db import DATABASE_URL_ENV
+from ledger.db import DATABASE_URL_ENV, database_reachable
 from ledger.models import Dataset, Job
 from ledger.registry import add_principal
 
@@ -280,14 +280,7 @@ def ledger_database(ledger: str):  # type: ignore[no-untyped-def]
 
 
 def postgres_available() -> bool:
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as connection:
-            connection.execute(text("select 1"))
-        engine.dispose()
-        return True
-    except Exception:
-        return False
+    return database_reachable(POSTGRES_URL)
 
 
 def measure_ledger(ledger: str, bare_url: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import Session, SQLModel, create_engine
@@ -95,3 +95,18 @@ def create_schema(engine: Engine) -> None:
 def session(engine: Engine) -> Session:
     """A session whose objects stay readable after commit."""
     return Session(engine, expire_on_commit=False)
+
+
+def database_reachable(url: str, *, timeout_seconds: int = 3) -> bool:
+    """Whether the PostgreSQL server at ``url`` answers a query within ``timeout_seconds``
+    (the tests and the benchmarks use it to decide whether to run their PostgreSQL rows)."""
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": timeout_seconds})
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("select 1"))
+        finally:
+            engine.dispose()
+        return True
+    except Exception:
+        return False

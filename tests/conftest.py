@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 
 from gateway.node.deployment import init_deployment
 from ledger import keys
+from ledger.db import database_reachable
 
 POSTGRES_URL = os.environ.get(
     "FEDGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -25,14 +26,7 @@ POSTGRES_URL = os.environ.get(
 
 
 def _postgres_available() -> bool:
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as connection:
-            connection.execute(text("select 1"))
-        engine.dispose()
-        return True
-    except Exception:
-        return False
+    return database_reachable(POSTGRES_URL)
 
 
 @pytest.fixture
