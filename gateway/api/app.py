@@ -324,6 +324,13 @@ def _own_job(request: Request) -> Job:
     return job
 
 
+async def jobs(request: Request) -> Response:
+    """``/v1/jobs``: GET lists this key's jobs, POST submits one. One route, so that a method
+    it does not take is answered 405 with ``Allow: GET, POST`` (two routes on one path made
+    the first one's ``Allow`` the answer)."""
+    return await (list_jobs(request) if request.method == "GET" else submit_job(request))
+
+
 async def list_jobs(request: Request) -> Response:
     """The jobs this key submitted, newest first, each as its status (``GET /v1/jobs/{id}``);
     never another researcher's, so the listing reveals nothing a status request would not."""
@@ -437,8 +444,7 @@ def create_app(root: Path, *, db_url: str | None = None) -> Starlette:
             Route("/v1/estimate", estimate, methods=["POST"]),
             Route("/v1/calibrate", calibrate, methods=["POST"]),
             Route("/v1/plan", plan, methods=["POST"]),
-            Route("/v1/jobs", submit_job, methods=["POST"]),
-            Route("/v1/jobs", list_jobs, methods=["GET"]),
+            Route("/v1/jobs", jobs, methods=["GET", "POST"]),
             Route("/v1/jobs/{job_id}", job_status),
             Route("/v1/jobs/{job_id}/model", job_model),
             Route("/v1/jobs/{job_id}/result", job_result),
