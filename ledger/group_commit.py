@@ -139,7 +139,8 @@ def _lock_datasets(s: Session, names: list[str]) -> None:
     ``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` already holds the whole database)."""
     if s.get_bind().dialect.name == "sqlite" or not names:
         return
-    s.exec(select(Dataset.name).where(Dataset.name.in_(names))  # type: ignore[attr-defined]
-           .order_by(Dataset.name).with_for_update()).all()  # reviewed: ORM query, not exec
+    # reviewed: ORM query with bound parameters (dataset names), not exec of text
+    s.exec(select(Dataset.name).where(Dataset.name.in_(names))  # type: ignore[attr-defined]  # reviewed: ORM query, not exec
+           .order_by(Dataset.name).with_for_update()).all()
     s.exec(select(AuditHead.id).where(AuditHead.id == 1)  # reviewed: ORM query, not exec
            .with_for_update()).all()
