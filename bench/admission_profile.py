@@ -1,0 +1,125 @@
+"""Where one signed admission's CPU goes: ``python -m bench.admission_profile [N]``.
+
+Builds the gateway benchmark's node (``bench.gateway.build_node``: 10,000 policy rows, 1,000
+principals, 10,000 prior jobs, every job held for review) on SQLite, then sends ``N`` (300)
+signed ``POST /v1/jobs`` one after another to the Starlette app in this process (httpx's
+ASGI transport, no sockets) under cProfile. So that one profiler sees all the work, the
+thread-pool hops run inline and the ledger writer commits each request in the calling thread
+(``GroupCommitter._commit`` of a batch of one: the same savepoint, transaction and commit).
+Prints ms per request, the stages of admission (cumulative ms per request; stages nest, so
+they do not add up), then the functions by cumulative time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from bench.gateway import JOB, build_node, signed_requests
+from engine.artifact import linear_classifier_artifact
+from gateway.api import app as app_module
+from gateway.api import middleware
+from gateway.api.app import create_app
+from ledger.canonical import canonical_json, sha256_digest
+from ledger.group_commit import GroupCommitter, _Request
+
+T = TypeVar("T")
+ORIGIN = "http://127.0.0.1:8000"
+STAGES = {  # (module path suffix, function name): what it is
+    ("gateway/api/middleware.py", "_authenticate"): "authenticate (signature, key, nonce)",
+    ("gateway/api/signatures.py", "verify_signature"): "  verify the signature",
+    ("gateway/node/node.py", "lookup_key"): "    key lookup",
+    ("gateway/api/middleware.py", "record"): "  record the nonce (writer work)",
+    ("gateway/api/app.py", "submit_job"): "submit_job (route)",
+    ("gateway/node/admission.py", "admit_job"): "  admit_job",
+    ("gateway/node/node.py", "policy"): "    Node.policy (version check)",
+    ("gateway/node/admission.py", "decide_policy"): "    decide_policy",
+    ("gateway/node/admission.py", "epsilon_spent"): "      researcher ε sum",
+    ("gateway/node/admission.py", "check_model"): "    check_model",
+    ("gateway/node/admission.py", "project_cost"): "    project_cost",
+    ("gateway/node/admission.py", "reserve"): "    reserve (writer work)",
+    ("ledger/budget.py", "reserve_budget"): "      reserve_budget",
+    ("ledger/audit.py", "append_entry"): "      append_entry (every call)",
+    ("ledger/review.py", "open_review"): "      open_review",
+    ("gateway/api/app.py", "_job_status"): "  _job_status (the 202 body)",
+    ("ledger/group_commit.py", "_commit"): "writer transactions (all)",
+    ("~", "<method 'commit' of 'sqlite3.Connection' objects>"): "  sqlite3 commit (fsync)",
+}
+
+
+async def _inline(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return function(*args, **kwargs)
+
+
+def _inline_writer(writer: GroupCommitter) -> None:
+    def run(work: Callable[..., T], *, datasets: Any = ()) -> T:
+        request = _Request(work, tuple(datasets))
+        writer._commit([request])
+        return request.done.result()  # type: ignore[no-any-return]
+    writer.run = run  # type: ignore[method-assign]
+
+
+async def _send(app: Any, requests: list[dict[str, Any]]) -> list[int]:
+    transport = httpx.ASGITransport(app=app)
+    statuses = []
+    async with httpx.AsyncClient(transport=transport, base_url=ORIGIN) as client:
+        for request in requests:
+            response = await client.post("/v1/jobs", content=request["body"],
+                                         headers=request["headers"])
+            statuses.append(response.status_code)
+    return statuses
+
+
+def profile(count: int) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        root = scratch / "node"
+        researcher_keys, _ = build_node(root, scratch)
+        artifact = canonical_json(linear_classifier_artifact(num_features=20, num_classes=5))
+        digest = sha256_digest(artifact)
+        models = root / "models"
+        models.mkdir(exist_ok=True)
+        (models / (digest.removeprefix("sha256:") + ".json")).write_bytes(artifact)
+        middleware.run_in_threadpool = _inline  # type: ignore[assignment]
+        app_module.run_in_threadpool = _inline  # type: ignore[assignment]
+        app = create_app(root)
+        node = app.state.node
+        _inline_writer(node.writer)
+        job = {**JOB, "model_digest": digest}
+        warmup = signed_requests(ORIGIN, researcher_keys, job, 10)["requests"]
+        measured = signed_requests(ORIGIN, researcher_keys[10:] + researcher_keys[:10], job,
+                                   count)["requests"]
+        assert set(asyncio.run(_send(app, warmup))) == {202}
+        profiler = cProfile.Profile()
+        started = time.perf_counter()
+        profiler.enable()
+        statuses = asyncio.run(_send(app, measured))
+        profiler.disable()
+        elapsed = time.perf_counter() - started
+        node.dispose()
+    assert set(statuses) == {202}, statuses
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    cumulative = {(path, name): 0.0 for path, name in STAGES}
+    for (path, _, name), (_, _, _, total, _) in stats.stats.items():  # type: ignore[attr-defined]
+        for suffix, stage in STAGES:
+            if name == stage and path.endswith(suffix):
+                cumulative[suffix, stage] += total
+    for key, label in STAGES.items():
+        print(f"{label:<45} {cumulative[key] / count * 1e3:6.2f} ms", file=out)
+    stats.sort_stats("cumulative").print_stats(60)
+    return f"{count} admissions: {elapsed / count * 1e3:.1f} ms per request\n" + out.getvalue()
+
+
+if __name__ == "__main__":
+    print(profile(int(sys.argv[1]) if len(sys.argv) > 1 else 300))
