@@ -113,6 +113,89 @@ def test_replayed_request_is_refused_even_after_restart(node_dir: Path) -> None:
     assert response.json()["type"] == "urn:fedgate:problem:replayed-nonce"
 
 
+HELD_FOR_REVIEW = ("p, researchers, owner, *, train, allow\n"
+                   "p2, researchers, owner, demo, train, require_review, always\n")
+
+
+def _submit_twice(client: TestClient, private_key, body: bytes):  # type: ignore[no-untyped-def]
+    headers = signature_headers(private_key=private_key, method="POST",
+                                url="http://testserver/v1/jobs", body=body,
+                                content_type="application/json")
+    return [client.post("/v1/jobs", content=body, headers=headers) for _ in range(2)]
+
+
+def test_replayed_admission_is_refused_and_reserves_nothing_more(
+    node_dir: Path, db_url: str, model_bytes: bytes
+) -> None:
+    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        digest = client.post("/v1/models", content=model_bytes,
+                             headers={"Content-Type": "application/json"}).json()["digest"]
+        client.auth = None  # the requests below carry their own signatures
+        first, replay = _submit_twice(client, alice,
+                                      json.dumps({**JOB, "model_digest": digest}).encode())
+    assert first.status_code == 202 and first.json()["state"] == "pending_review"
+    assert replay.status_code == 401
+    assert replay.json()["type"] == "urn:fedgate:problem:replayed-nonce"
+    entries = audit_entries(db_url)
+    assert [e["action"] for e in entries].count("admit") == 1
+    assert not [e for e in entries if e["action"] == "deny"]
+
+
+def test_an_admission_is_one_trip_to_the_ledger_writer(
+    node_dir: Path, model_bytes: bytes
+) -> None:
+    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
+    alice = make_researcher(node_dir, "alice")
+    app = create_app(node_dir)
+    with signed_client(app, alice) as client:
+        digest = client.post("/v1/models", content=model_bytes,
+                             headers={"Content-Type": "application/json"}).json()["digest"]
+        batches = app.state.node.writer.batches
+        response = client.post("/v1/jobs", json={**JOB, "model_digest": digest})
+        # The nonce, the reservation, the review and their audit entries: one commit.
+        assert app.state.node.writer.batches - batches == 1
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize("body", [
+    {**JOB, "dataset": "nowhere", "model_digest": "sha256:" + "0" * 64},  # denied (unknown)
+    {**JOB, "model_digest": "sha256:" + "0" * 64},  # denied after the policy (no such model)
+])
+def test_replayed_refusal_is_refused_as_a_replay_and_audited_once(
+    node_dir: Path, db_url: str, body: dict
+) -> None:
+    alice = make_researcher(node_dir, "alice")
+    with TestClient(create_app(node_dir)) as client:
+        first, replay = _submit_twice(client, alice, json.dumps(body).encode())
+    assert first.status_code in (403, 404, 422)
+    assert replay.json()["type"] == "urn:fedgate:problem:replayed-nonce"
+    assert len([e for e in audit_entries(db_url) if e["action"] == "deny"]) == 1
+
+
+def test_replayed_unparsable_job_and_digest_mismatch_are_refused_as_replays(
+    node_dir: Path, db_url: str
+) -> None:
+    alice = make_researcher(node_dir, "alice")
+    with TestClient(create_app(node_dir)) as client:
+        first, replay = _submit_twice(client, alice, b'{"rounds": ')
+        assert first.json()["type"] == "urn:fedgate:problem:invalid-request"
+        assert replay.json()["type"] == "urn:fedgate:problem:replayed-nonce"
+        body = json.dumps(JOB).encode()
+        headers = signature_headers(private_key=alice, method="POST",
+                                    url="http://testserver/v1/jobs", body=body,
+                                    content_type="application/json")
+        tampered = [client.post("/v1/jobs", content=body.replace(b"10", b"11"), headers=headers)
+                    for _ in range(2)]
+        # The body is checked after the nonce is taken, as on every other path.
+        assert tampered[0].json()["type"] == "urn:fedgate:problem:digest-mismatch"
+        assert tampered[1].json()["type"] == "urn:fedgate:problem:replayed-nonce"
+        genuine = client.post("/v1/jobs", content=body, headers=headers)
+    assert genuine.json()["type"] == "urn:fedgate:problem:replayed-nonce"
+    assert len([e for e in audit_entries(db_url) if e["action"] == "deny"]) == 1
+
+
 def test_revoked_key_is_refused_on_the_next_request(node_dir: Path) -> None:
     from gateway.cli import main as fedgate
 

@@ -39,6 +39,7 @@ from gateway.node.decision_log import log_admitted, log_refused
 from gateway.node.identity import VerifiedRequest
 from gateway.node.jobs import JobRunner, recover_interrupted_jobs
 from gateway.node.node import Node
+from gateway.node.nonces import PendingNonce, run_recording
 from gateway.node.output_policy import fetch_release
 from gateway.node.planning import plan_job
 from gateway.node.review import review_status, review_watch
@@ -78,7 +79,8 @@ async def _parsed(request: Request, action: str, parse: Callable[[Any], Any]) ->
     except Problem as problem:
         await run_in_threadpool(_audit_invalid_request, request.app.state.node,
                                 _principal(request), problem,
-                                sha256_digest(request.scope.get("fedgate.body", b"")), action)
+                                sha256_digest(request.scope.get("fedgate.body", b"")), action,
+                                request.scope.get("fedgate.nonce"))
         raise
 
 
@@ -228,8 +230,11 @@ async def plan(request: Request) -> Response:
 
 
 def _audit_invalid_request(node: Node, principal: VerifiedRequest, problem: Problem,
-                           request_digest: str, action: str = "train") -> None:
-    node.writer.run(lambda s: append_entry(
+                           request_digest: str, action: str = "train",
+                           nonce: PendingNonce | None = None) -> None:
+    """The ``deny`` entry of a request that did not parse, written with the request's pending
+    nonce (``gateway.node.nonces``): a replay raises ``replayed-nonce`` and audits nothing."""
+    run_recording(nonce, node.writer, lambda s: append_entry(
         s, action="deny", decision="deny", reason=problem.slug, explanation=problem.detail,
         actor=principal.key_id, principal=principal.principal, request_action=action,
         request_digest=request_digest))
@@ -243,9 +248,10 @@ async def submit_job(request: Request) -> Response:
     try:  # the refusal's deny entry is already in the audit log when the Problem arrives
         job_request = await _parsed(request, "train", JobRequest.from_json)
         job, status = await run_in_threadpool(_admit, node, principal, job_request,
-                                              request_digest)
+                                              request_digest, request.scope.get("fedgate.nonce"))
     except Problem as refusal:
-        log_refused(principal, job_request.dataset if job_request else None, refusal)
+        if refusal.slug != "replayed-nonce":  # a replay decides no job
+            log_refused(principal, job_request.dataset if job_request else None, refusal)
         raise
     log_admitted(job)
     if job.state == JobState.QUEUED:
@@ -255,10 +261,10 @@ async def submit_job(request: Request) -> Response:
 
 
 def _admit(node: Node, principal: VerifiedRequest, job_request: JobRequest,
-           request_digest: str) -> tuple[Job, dict[str, Any]]:
+           request_digest: str, nonce: PendingNonce | None) -> tuple[Job, dict[str, Any]]:
     """Admission and the admitted job's status in one trip to the thread pool (starting the
     job does not change the status it reports)."""
-    job = admit_job(node, principal, job_request, request_digest)
+    job = admit_job(node, principal, job_request, request_digest, nonce=nonce)
     return job, _job_status(node, job)
 
 

@@ -4,7 +4,9 @@
 from its headers alone, before a byte of its body is read: the request must be addressed to
 this node (``gateway.node.origin``) and its RFC 9421 signature must verify (``gateway.api.signatures``:
 key, validity window, nonce length, covered components, the Content-Digest it binds the body
-to); then its nonce is recorded (a replay, even after a restart, is refused). It sets
+to); then its nonce is recorded (a replay, even after a restart, is refused) — by the route,
+with its decision, for ``NONCE_WITH_DECISION``, and the answer is held until it is
+(``gateway.node.nonces``). It sets
 ``scope["fedgate.principal"]`` to the ``VerifiedRequest``. An outsider's request is refused
 with its body unread, so what unauthenticated clients send costs the gateway no memory.
 The one other exemption is the officer dashboard (``/dashboard`` and paths under
@@ -41,14 +43,17 @@ from gateway.api.signatures import verify_body_digest, verify_signature
 from gateway.dashboard.routes import browser_refusal
 from gateway.node.identity import VerifiedRequest
 from gateway.node.node import Node
+from gateway.node.nonces import PendingNonce, record_nonce
 from gateway.node.origin import arrival_origin
 from gateway.protocol.problems import Problem
-from ledger.registry import prune_nonces, remember_nonce
+from ledger.registry import prune_nonces
 
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/node"})
 COOKIE_AUTH_PREFIXES = ("/dashboard",)
 UPLOAD_PATHS = frozenset({"/v1/models"})
 NONCE_PRUNE_INTERVAL_SECONDS = 60.0
+NONCE_WITH_DECISION = frozenset({("POST", "/v1/jobs")})
+"""Requests whose route records the nonce in its decision's write (``gateway.node.nonces``)."""
 
 
 @dataclass(frozen=True)
@@ -147,13 +152,37 @@ class SignatureAuthMiddleware:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or cookie_authenticated(scope["path"]):
             await self.app(scope, receive, send)
             return
+        deferred = (scope["method"], scope["path"]) in NONCE_WITH_DECISION
         try:
-            principal = await run_in_threadpool(self._authenticate, scope)
+            principal = await run_in_threadpool(self._authenticate, scope, deferred)
         except Problem as problem:
             await problem_response(problem)(scope, receive, send)
             return
         scope["fedgate.principal"] = principal
-        await self.app(scope, receive, send)
+        if not deferred:
+            await self.app(scope, receive, send)
+            return
+        pending = scope["fedgate.nonce"] = PendingNonce(principal)
+        replayed = False
+
+        async def send_after_nonce(message: Message) -> None:
+            # The answer leaves only once the nonce is on disk (``gateway.node.nonces``).
+            nonlocal replayed
+            if message["type"] == "http.response.start" and not pending.recorded:
+                try:
+                    await run_in_threadpool(pending.ensure_recorded, self.node.writer)
+                except Problem as problem:
+                    replayed = True
+                    await problem_response(problem)(scope, receive, send)
+            if not replayed:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_after_nonce)
+        finally:  # an error answered further out (500) is not sent through send_after_nonce
+            if not pending.recorded and not replayed:
+                with contextlib.suppress(Problem):
+                    await run_in_threadpool(pending.ensure_recorded, self.node.writer)
 
     def _target_uri(self, scope: Scope) -> str:
         """The URI a signature for this node covers; refuses a request addressed elsewhere."""
@@ -168,7 +197,9 @@ class SignatureAuthMiddleware:
                           origin=str(origin))
         return origin.target_uri(scope)
 
-    def _authenticate(self, scope: Scope) -> VerifiedRequest:
+    def _authenticate(self, scope: Scope, deferred: bool) -> VerifiedRequest:
+        """The verified request; its nonce recorded unless ``deferred`` (the route records
+        it with its decision, ``gateway.node.nonces``)."""
         now = time.time()
         config = self.node.config
         verified = verify_signature(
@@ -181,18 +212,20 @@ class SignatureAuthMiddleware:
             window_seconds=config.signature_window_seconds,
             skew_seconds=config.clock_skew_seconds,
         )
+        prune = now - self._last_prune > NONCE_PRUNE_INTERVAL_SECONDS
+        if prune:
+            self._last_prune = now
+        if deferred and not prune:
+            return verified
 
-        def record(s: Session) -> bool:
-            if now - self._last_prune > NONCE_PRUNE_INTERVAL_SECONDS:
+        def record(s: Session) -> None:
+            if prune:
                 prune_nonces(s, now)
-                self._last_prune = now
-            return remember_nonce(s, key_id=verified.key_id, nonce=verified.nonce,
-                                  expires_at=verified.nonce_expires_at)
+            if not deferred:
+                record_nonce(s, verified)
 
         # Grouped with concurrent writes (``ledger.group_commit``): durable before it returns.
-        if not self.node.writer.run(record):
-            raise Problem("replayed-nonce", "this request was already accepted once; sign a new "
-                                            "request (the client does this on every call)")
+        self.node.writer.run(record)
         return verified
 
 

@@ -43,6 +43,7 @@ from engine.memory import MemoryEstimate
 from gateway.node import billing
 from gateway.node.identity import VerifiedRequest
 from gateway.node.node import Node
+from gateway.node.nonces import PendingNonce, run_recording
 from gateway.node.quotas import QuotaExceeded, enforce_quotas
 from gateway.policy.constraints import Quota
 from gateway.policy.decisions import PolicyDecision, PolicyEngine
@@ -341,13 +342,16 @@ def _audit_fields(
     }
 
 
-def _deny(node: Node, audit: dict[str, Any], problem: Problem, **extra: Any) -> Problem:
+def _deny(node: Node, audit: dict[str, Any], problem: Problem, *, nonce: PendingNonce | None,
+          **extra: Any) -> Problem:
     """Audit the refusal, with the rule that decided it (a policy row's cells, a quota's rule)
-    when the problem names one, and return it."""
+    when the problem names one, and return it. A pending ``nonce`` is recorded in the same
+    write: a replayed request is refused as ``replayed-nonce`` (raised) and audits nothing."""
     decided_by = {"rule": problem.extra["rule"]} if "rule" in problem.extra else {}
     fields = {**audit, **decided_by, **extra, "reason": problem.slug, "explanation": problem.detail}
     # Group-committed with concurrent admissions; the refusal is answered after its commit.
-    node.writer.run(lambda s: append_entry(s, action="deny", decision="deny", **fields))
+    run_recording(nonce, node.writer,
+                  lambda s: append_entry(s, action="deny", decision="deny", **fields))
     return problem
 
 
@@ -514,7 +518,8 @@ def decide_policy(
 
 
 def admit_job(
-    node: Node, principal: VerifiedRequest, request: JobRequest, request_digest: str
+    node: Node, principal: VerifiedRequest, request: JobRequest, request_digest: str, *,
+    nonce: PendingNonce | None = None,
 ) -> Job:
     """Admit ``request`` and reserve its budget, or raise the ``Problem`` that refused it.
 
@@ -524,13 +529,18 @@ def admit_job(
     privacy filter for every later admission (``ledger.review``). The same transaction
     reserves the job's CPU and checks the owner's compute quotas (``gateway.node.quotas``): a job
     over a quota is refused with ``quota-exceeded`` and nothing stays reserved.
+
+    A pending ``nonce`` (``gateway.node.nonces``) is recorded in the write of the decision,
+    the reservation's savepoint or the refusal's: a replay of an admitted request is refused
+    as ``replayed-nonce`` and reserves nothing.
     """
     audit = _audit_fields(principal, request, request_digest, node)
     if principal.role != "researcher":
-        raise _deny(node, audit, Problem("policy-denied", "only researchers may submit jobs"))
+        raise _deny(node, audit, Problem("policy-denied", "only researchers may submit jobs"),
+                    nonce=nonce)
     dataset = _load_dataset(node, request.dataset)
     if dataset is None:
-        raise _deny(node, audit, not_visible(request.dataset))
+        raise _deny(node, audit, not_visible(request.dataset), nonce=nonce)
     policy = node.policy()  # one engine for the whole request: its decision and its quotas
     projected = projected_once(node, dataset, request)
     decision = decide_policy(node, principal, dataset, "train", request, policy=policy,
@@ -538,13 +548,13 @@ def admit_job(
     audit["policy_version"] = decision.policy_version
     if not decision.allowed:
         refusal = Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
-        _deny(node, audit, refusal)  # the audit keeps the policy's reason
+        _deny(node, audit, refusal, nonce=nonce)  # the audit keeps the policy's reason
         raise not_visible(request.dataset) if decision.rule is None else refusal
     try:
         check_model(node, dataset, request)
         projection = projected()
     except Problem as problem:
-        raise _deny(node, audit, problem) from None
+        raise _deny(node, audit, problem, nonce=nonce) from None
     audit.update(epsilon=projection.epsilon, delta=projection.delta,
                  policy_explanation=decision.explanation)
     if decision.review is not None:
@@ -597,9 +607,9 @@ def admit_job(
     try:
         # Decided in turn with concurrent admissions, in one transaction sharing one commit
         # (``ledger.group_commit``); returns only once the reservation is on disk.
-        return node.writer.run(reserve, datasets=(dataset.name,))
+        return run_recording(nonce, node.writer, reserve, datasets=(dataset.name,))
     except QuotaExceeded as exc:
-        raise _deny(node, audit, exc.problem) from None
+        raise _deny(node, audit, exc.problem, nonce=nonce) from None
     except BudgetExceeded as exc:
         problem = Problem(
             "budget-exceeded",
@@ -610,7 +620,7 @@ def admit_job(
             delta=projection.delta,
             more_jobs_that_fit=exc.more_jobs_that_fit,
         )
-        raise _deny(node, audit, problem, rule=f"privacy filter of {dataset.name}: ε_total "
+        raise _deny(node, audit, problem, nonce=nonce, rule=f"privacy filter of {dataset.name}: ε_total "
                     f"{dataset.epsilon_total:g}, δ {dataset.delta:g}") from None
 
 

@@ -1,0 +1,80 @@
+"""A signed request's nonce, recorded once in the ledger: a replay is refused, even after a
+restart (``ledger.registry.remember_nonce``, UNIQUE per key).
+
+Contract:
+
+* A request's answer leaves only after its nonce is committed; a nonce found already
+  recorded turns the answer into ``replayed-nonce``, whatever the route decided.
+* The signature middleware records the nonce before the route runs, in a ledger write of its
+  own, except for a route that writes its decision anyway (``POST /v1/jobs``). There the
+  nonce is a :class:`PendingNonce`, and the route records it in its decision's write
+  (:meth:`PendingNonce.run`): in the same savepoint as the reservation and its audit entries,
+  or as the refusal's ``deny`` entry, so a replay and the decision it would repeat are decided
+  atomically in one trip to the ledger writer. A replayed request therefore reaches the
+  route, but the route's effects and its answer are rolled back and replaced by the refusal.
+* Whatever the route did not record (it raised before its write, its write failed), the
+  middleware records alone before the answer leaves (:meth:`PendingNonce.ensure_recorded`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from sqlmodel import Session
+
+from gateway.node.identity import VerifiedRequest
+from gateway.protocol.problems import Problem
+from ledger.group_commit import GroupCommitter
+from ledger.registry import remember_nonce
+
+T = TypeVar("T")
+
+
+def replayed_nonce() -> Problem:
+    return Problem("replayed-nonce", "this request was already accepted once; sign a new "
+                                     "request (the client does this on every call)")
+
+
+def record_nonce(session: Session, verified: VerifiedRequest) -> None:
+    """Record ``verified``'s nonce in the caller's write transaction; raises the
+    ``replayed-nonce`` problem if this key used it before."""
+    if not remember_nonce(session, key_id=verified.key_id, nonce=verified.nonce,
+                          expires_at=verified.nonce_expires_at):
+        raise replayed_nonce()
+
+
+class PendingNonce:
+    """The nonce of a verified request that its route records with its decision."""
+
+    def __init__(self, verified: VerifiedRequest) -> None:
+        self.verified = verified
+        self.recorded = False  # True once a write that recorded it has committed
+
+    def run(self, writer: GroupCommitter, work: Callable[[Session], T], *,
+            datasets: Iterable[str] = ()) -> T:
+        """``writer.run(work)``, recording the nonce first in the same savepoint unless it is
+        recorded already. If ``work`` raises, its savepoint, and the nonce with it, is rolled
+        back: the nonce stays pending."""
+        def recorded_then(session: Session) -> T:
+            if not self.recorded:
+                record_nonce(session, self.verified)
+            return work(session)
+
+        result = writer.run(recorded_then, datasets=datasets)
+        self.recorded = True
+        return result
+
+    def ensure_recorded(self, writer: GroupCommitter) -> None:
+        """Record the nonce alone if no decision recorded it; raises ``replayed-nonce``."""
+        if not self.recorded:
+            self.run(writer, lambda session: None)
+
+
+def run_recording(nonce: PendingNonce | None, writer: GroupCommitter,
+                  work: Callable[[Session], T], *, datasets: Iterable[str] = ()) -> T:
+    """:meth:`PendingNonce.run`, or plain ``writer.run`` when there is no pending nonce (the
+    middleware recorded it, or the caller is not an HTTP request)."""
+    if nonce is None:
+        return writer.run(work, datasets=datasets)
+    return nonce.run(writer, work, datasets=datasets)
