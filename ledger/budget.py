@@ -5,7 +5,9 @@ Lifecycle of a job's charge (see docs/privacy.md):
 * ``reserve_budget`` at admission: under the dataset row lock, admit iff the filter rule
   (``ledger.accounting.admits``) holds, then add the job's RDP vector to the dataset's
   running vector and append the ``admit`` audit entry — all in one transaction, so no
-  interleaving of gateway threads or processes can overspend.
+  interleaving of gateway threads or processes can overspend. The same transaction adds the
+  job's ε to its researcher's running total on the dataset (``count_researcher_epsilon``),
+  which a refund subtracts again.
 * ``commit_budget`` at release, or on failure after data access began: the vector stays
   spent forever.
 * ``refund_budget`` only when the job failed before reading any user data: the vector is
@@ -19,19 +21,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import dp_accounting
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlmodel import Session, select
 
 from ledger import accounting, mechanism
 from ledger.audit import append_entry
-from ledger.models import Dataset, Job
+from ledger.models import Dataset, Job, ResearcherEpsilon
 from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 from ledger.renyi_filter import RenyiFilter
-from ledger.states import BudgetState
+from ledger.states import CHARGED_BUDGET_STATES, BudgetState
 
 
 class LedgerError(Exception):
@@ -220,10 +223,41 @@ def reserve_budget(
     job.budget_state = BudgetState.RESERVED
     job.cost_rdp = json.dumps(list(cost_rdp))
     append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
+    count_researcher_epsilon(session, job, +1)
     session.add(dataset)
     session.add(job)
     session.flush()
     return job
+
+
+def count_researcher_epsilon(session: Session, job: Job, sign: int) -> None:
+    """Add (``sign`` +1, at reservation) or subtract (-1, at refund) ``job``'s ε to its
+    researcher's running total on its dataset (``ResearcherEpsilon``), in the caller's
+    transaction, under the dataset row lock; ``job`` is not yet in the jobs it sums.
+
+    Without a row, a reservation first creates it from the researcher's charged jobs there
+    (a ledger written before the row existed); a refund leaves it absent (the reservation
+    that creates it will sum the jobs as they are then)."""
+    table = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
+    key = (table.c.dataset == job.dataset) & (table.c.researcher == job.researcher)
+    connection = session.connection()
+    row = connection.execute(select(table.c.epsilon, table.c.since).where(key)).first()
+    if row is not None:
+        total = Fraction(row.epsilon) + sign * Fraction(job.epsilon)
+        connection.execute(update(table).where(key).values(
+            epsilon=str(total), since=min(row.since, job.created_at)))
+        return
+    if sign < 0:
+        return
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    charged = connection.execute(select(jobs.c.epsilon, jobs.c.created_at).where(
+        jobs.c.dataset == job.dataset, jobs.c.researcher == job.researcher,
+        jobs.c.budget_state.in_(CHARGED_BUDGET_STATES), jobs.c.id != job.id)).all()
+    total = sum((Fraction(epsilon) for epsilon, _ in charged), Fraction(job.epsilon))
+    since = min((created for _, created in charged), default=job.created_at)
+    connection.execute(table.insert().values(dataset=job.dataset, researcher=job.researcher,
+                                             epsilon=str(total),
+                                             since=min(since, job.created_at)))
 
 
 def _locked_job(session: Session, job_id: str) -> Job:
@@ -279,6 +313,7 @@ def refund_budget(session: Session, job_id: str, *, reason: str, actor: str) -> 
         reason=reason,
     )
     dataset.spent_rdp = renyi_filter(dataset).refund(tuple(json.loads(job.cost_rdp))).spent_json()
+    count_researcher_epsilon(session, job, -1)
     job.budget_state = BudgetState.REFUNDED
     job.updated_at = time.time()
     session.add(dataset)

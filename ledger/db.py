@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import Session, SQLModel, create_engine
 
-from ledger import models
+from ledger import models, versions
 
 DATABASE_URL_ENV = "FEDGATE_DATABASE_URL"
 
@@ -73,7 +73,8 @@ def _sqlite_engine(url: str, *, begin: str, query_only: bool = False) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create all ledger tables, their indexes and the audit head row (idempotent).
+    """Create all ledger tables, their indexes, the audit head row and the version counters
+    (``ledger.versions``) (idempotent).
 
     An index added to the models after a database was created is created here too (create_all
     only indexes the tables it creates): that is the migration path of an existing node."""
@@ -90,6 +91,9 @@ def create_schema(engine: Engine) -> None:
     with session(engine) as s, s.begin():
         if s.get(models.AuditHead, 1) is None:
             s.add(models.AuditHead(id=1, size=0))
+        for name in versions.COUNTERS:
+            if s.get(models.LedgerVersion, name) is None:
+                s.add(models.LedgerVersion(name=name, version=0))
 
 
 def session(engine: Engine) -> Session:

@@ -8,6 +8,9 @@ Invariants kept by the code that writes these rows (``ledger.budget``, ``ledger.
   that holds the dataset row lock and appends the audit entry for the change.
 * ``AuditEntry.seq`` is dense (0, 1, 2, ...) and entries are never updated or deleted;
   ``AuditCheckpoint`` rows are signed tree heads of prefixes of that log.
+* ``ResearcherEpsilon`` holds, per (dataset, researcher) that has one, the exact Σ ε of that
+  researcher's reserved and committed jobs there; ``LedgerVersion`` counters change with the
+  data they name (``ledger.versions``).
 * A ``SeenNonce`` row exists for every accepted signed request until it expires, so a
   replay is refused even after the gateway restarts.
 """
@@ -29,6 +32,15 @@ class Principal(SQLModel, table=True):
     status: str = Field(default="active", max_length=16)  # "active" | "revoked"
     created_at: float
     revoked_at: float | None = None
+
+
+class LedgerVersion(SQLModel, table=True):
+    """A counter of changes to the data it names (``ledger.versions``): bumped in every
+    transaction that changes that data, so a process that caches the data can tell, from one
+    row read in its snapshot, whether any process changed it since."""
+
+    name: str = Field(primary_key=True, max_length=64)
+    version: int = Field(default=0, sa_type=BigInteger)
 
 
 class SeenNonce(SQLModel, table=True):
@@ -115,6 +127,21 @@ class Job(SQLModel, table=True):
     release: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: float
     updated_at: float
+
+
+class ResearcherEpsilon(SQLModel, table=True):
+    """The running Σ ε of one researcher's charged jobs (budget ``reserved`` or ``committed``)
+    on one dataset, kept by ``ledger.budget`` in the transaction that reserves or refunds, so
+    the policy's ``max_epsilon_per_researcher`` reads one row instead of summing the jobs.
+
+    ``epsilon`` is the exact sum of the jobs' ε (a fraction ``n/d`` of their float values).
+    ``since`` is at most the creation time of every charged job it counts: it never grows, so a
+    window that starts at or before it covers them all; a shorter window sums the jobs."""
+
+    dataset: str = Field(primary_key=True, max_length=128)
+    researcher: str = Field(primary_key=True, max_length=128)
+    epsilon: str = Field(sa_column=Column(Text, nullable=False))
+    since: float
 
 
 class JobReview(SQLModel, table=True):

@@ -1,7 +1,8 @@
 """Key registry (researchers, officers) and the replay-nonce store, in the ledger DB.
 
-Every change to the registry is audited in the same transaction. Revocation takes
-effect on the next request because the gateway looks keys up per request.
+Every change to the registry is audited in the same transaction, and counted there by the
+``REGISTRY`` version (``ledger.versions``). Revocation takes effect on the next request:
+the gateway reads that version per request and caches keys only while it is unchanged.
 
 A principal is a name with one or more keys of one role. Names are unique (up to case) across
 roles and never name a group, and groups never name a principal (``add_principal``): the
@@ -22,6 +23,7 @@ from sqlmodel import Session, select
 from ledger.audit import append_entry
 from ledger.models import Principal, SeenNonce
 from ledger.names import NameInvalid, check_name, check_principal_name, name_key
+from ledger.versions import REGISTRY, bump_version
 
 ROLES = ("researcher", "officer")
 
@@ -115,6 +117,7 @@ def _insert_key(session: Session, *, name: str, role: str, key_id: str, public_k
     )
     session.add(principal)
     session.flush()
+    bump_version(session, REGISTRY)
     return principal
 
 
@@ -137,6 +140,7 @@ def revoke_principal(session: Session, *, name_or_key_id: str, actor: str) -> li
         row.revoked_at = time.time()
         session.add(row)
     session.flush()
+    bump_version(session, REGISTRY)
     return list(rows)
 
 

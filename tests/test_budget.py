@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import time
 import uuid
+from fractions import Fraction
 
 from ledger import accounting
 from ledger.budget import (
@@ -118,4 +119,42 @@ def test_a_job_that_read_data_cannot_be_refunded(db_url: str) -> None:
         s.add(job)
     with pytest.raises(LedgerError), session(engine) as s, s.begin():
         refund_budget(s, job.id, reason="x", actor="node")
+    engine.dispose()
+
+
+def test_the_running_epsilon_total_is_the_sum_over_the_researchers_charged_jobs(
+    db_url: str,
+) -> None:
+    import datetime as dt
+
+    from sqlalchemy import delete
+
+    from gateway.policy.ledger_inputs import researcher_epsilon_spent
+    from ledger.models import ResearcherEpsilon
+
+    _setup(db_url, epsilon_total=1e6)
+    engine = make_engine(db_url)
+    cost_rdp = COST.rdp(accounting.FILTER_ORDERS)
+    with session(engine) as s, s.begin():
+        legacy = reserve_budget(s, _job(0.1), cost_rdp, {"actor": "k-1"})
+        s.execute(delete(ResearcherEpsilon))  # a ledger from before the running totals
+    jobs = []
+    for epsilon in (0.2, 0.3, 0.7):
+        with session(engine) as s, s.begin():
+            jobs.append(reserve_budget(s, _job(epsilon), cost_rdp, {"actor": "k-1"}))
+    with session(engine) as s, s.begin():
+        refund_budget(s, jobs[1].id, reason="failed before data access", actor="node")
+        commit_budget(s, jobs[2].id, reason="released", actor="node")
+        refund_budget(s, legacy.id, reason="failed before data access", actor="node")
+
+    def spent(window: dt.timedelta) -> float:
+        with engine.connect() as c:
+            return researcher_epsilon_spent(c, researcher="alice", dataset="ds",
+                                            since=dt.datetime.now(dt.UTC) - window)
+
+    with session(engine) as s:
+        running = s.get(ResearcherEpsilon, ("ds", "alice"))
+    assert running is not None and running.epsilon == str(Fraction(0.2) + Fraction(0.7))
+    assert spent(dt.timedelta(days=1)) == float(Fraction(0.2) + Fraction(0.7))  # the running total
+    assert spent(dt.timedelta(0)) == 0.0  # a window after every job: summed over the jobs
     engine.dispose()

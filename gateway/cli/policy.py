@@ -160,8 +160,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         now = context.now
 
         def spent(window: dt.timedelta) -> float:  # from the ledger unless --param gives it
-            with node.session() as s:
-                return researcher_epsilon_spent(s, researcher=args.subject, dataset=args.dataset,
+            with node.read_engine.connect() as c:
+                return researcher_epsilon_spent(c, researcher=args.subject, dataset=args.dataset,
                                                 since=now - window)
 
         context = replace(context, researcher_epsilon_spent=spent)

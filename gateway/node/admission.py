@@ -505,8 +505,8 @@ def decide_policy(
             if (stored := _stored_model(node, digest)) is not None)
 
     def epsilon_spent(window: dt.timedelta) -> float:
-        with node.read_session() as s:
-            return researcher_epsilon_spent(s, researcher=principal.principal,
+        with node.read_engine.connect() as c:
+            return researcher_epsilon_spent(c, researcher=principal.principal,
                                             dataset=dataset.name, since=now - window)
 
     context = RequestContext(

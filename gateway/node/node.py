@@ -2,7 +2,8 @@
 
 ``Node`` is the one object the gateway's handlers and the CLI share; it owns no
 request state. The policy engine is rebuilt when the policy files or the key registry
-change (a rebuild that fails validation keeps the previous engine; both are audited).
+change (a rebuild that fails validation keeps the previous engine; both are audited); keys
+are cached while the registry's version is unchanged (``ledger.versions``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import func
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from gateway.node.deployment import Deployment, NodeConfig
 from gateway.node.identity import RegisteredKey
@@ -26,6 +27,7 @@ from ledger.audit import append_entry
 from ledger.db import create_schema, database_url, make_engine, make_read_engine, session
 from ledger.group_commit import GroupCommitter
 from ledger.models import Principal
+from ledger.versions import REGISTRY, VersionedCache, read_version
 
 log = logging.getLogger("fedgate.node")
 
@@ -41,6 +43,7 @@ class Node:
         self.writer = GroupCommitter(self.engine)
         self._policy: PolicyEngine | None = None
         self._policy_stamp: tuple[object, ...] | None = None
+        self._keys: VersionedCache[str, RegisteredKey] = VersionedCache()
 
     @cached_property
     def node_key(self) -> Ed25519PrivateKey:
@@ -65,17 +68,25 @@ class Node:
         self.read_engine.dispose()
 
     def lookup_key(self, key_id: str) -> RegisteredKey | None:
-        with self.read_session() as s:
-            row = s.get(Principal, key_id)
+        """The registered key ``key_id`` as the last commit has it, from the key cache while
+        the registry's version (``ledger.versions``, read first in the same snapshot) is the
+        one it was cached at; from the registry otherwise. Unknown ids are not cached."""
+        principals = Principal.__table__  # type: ignore[attr-defined]
+        with self.read_engine.connect() as c:
+            version = read_version(c, REGISTRY)
+            cached = self._keys.get(version, key_id)
+            if cached is not None:
+                return cached
+            row = c.execute(select(principals.c.name, principals.c.role, principals.c.public_key,
+                                   principals.c.status)
+                            .where(principals.c.key_id == key_id)).first()
         if row is None:
             return None
-        return RegisteredKey(
-            key_id=row.key_id,
-            principal=row.name,
-            role=row.role,
-            public_key=keys.public_key_from_b64(row.public_key),
-            revoked=row.status != "active",
-        )
+        key = RegisteredKey(key_id=key_id, principal=row.name, role=row.role,
+                            public_key=keys.public_key_from_b64(row.public_key),
+                            revoked=row.status != "active")
+        self._keys.put(version, key_id, key)
+        return key
 
     # Serialises rebuilds, so one change is built and audited once.
     _policy_lock = threading.Lock()
@@ -83,28 +94,27 @@ class Node:
     def policy(self) -> PolicyEngine:
         """The current policy engine, rebuilt when its inputs change.
 
-        Inputs: the model and policy files (mtime, size, inode) and the key registry (count
-        and latest change). A rebuild to a new version swaps the engine atomically and
+        Inputs: the model and policy files (mtime, size, inode) and the key registry's
+        version (``ledger.versions``: every registry change counts; a database without the
+        counter rebuilds every time). A rebuild to a new version swaps the engine atomically and
         appends a ``policy`` audit entry (``reloaded``); a rebuild that fails validation
         keeps the previous engine, logs why and appends ``rejected`` with the reason, once
         per change. With no previous engine (the first build) a failure raises.
         """
         d = self.deployment
-        with self.read_session() as s:
-            registry = s.exec(  # reviewed: ORM query, not exec
-                select(func.count(), func.max(Principal.created_at), func.max(Principal.revoked_at))
-            ).one()
+        with self.read_engine.connect() as c:
+            registry = read_version(c, REGISTRY)
         try:
             files = tuple((st.st_mtime_ns, st.st_size, st.st_ino)
                           for st in (d.policy_model.stat(), d.policy_file.stat()))
         except OSError:
             files = ()  # a missing file fails the rebuild below, which keeps the old engine
-        stamp = (*files, *registry)
-        if self._policy is not None and stamp == self._policy_stamp:
+        stamp = (*files, registry)
+        if self._policy is not None and registry is not None and stamp == self._policy_stamp:
             return self._policy
         with self._policy_lock:
             previous = self._policy
-            if previous is not None and stamp == self._policy_stamp:
+            if previous is not None and registry is not None and stamp == self._policy_stamp:
                 return previous
             try:
                 with self.read_session() as s:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from fractions import Fraction
 
 from sqlalchemy import func
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
-from ledger.models import Job, Principal
+from ledger.models import Job, Principal, ResearcherEpsilon
 from ledger.states import CHARGED_BUDGET_STATES, BudgetState
 
 
@@ -18,19 +20,25 @@ def registry_memberships(session: Session, domain: str) -> list[tuple[str, str, 
     return sorted({(name, group, domain) for name, group in rows})
 
 
-def researcher_epsilon_spent(session: Session, *, researcher: str, dataset: str,
+def researcher_epsilon_spent(connection: Connection, *, researcher: str, dataset: str,
                              since: dt.datetime) -> float:
     """Σ ε of ``researcher``'s jobs on ``dataset`` with budget reserved or committed,
-    created at or after ``since`` (basic composition; an upper bound on the true ε)."""
-    total = session.exec(  # reviewed: ORM query, not exec
-        select(func.coalesce(func.sum(Job.epsilon), 0.0)).where(
-            Job.researcher == researcher, Job.dataset == dataset,
-            Job.budget_state.in_(CHARGED_BUDGET_STATES),  # type: ignore[attr-defined]
-            Job.created_at >= since.timestamp(),
-        )
-    ).one()
-    return float(total)
+    created at or after ``since`` (basic composition; an upper bound on the true ε).
 
+    The running total the reservations keep (``ledger.budget.count_researcher_epsilon``) when
+    every job it counts lies in the window (its ``since`` is not before the window's start);
+    otherwise, or without a total, the sum over the jobs themselves."""
+    totals = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
+    running = connection.execute(select(totals.c.epsilon, totals.c.since).where(
+        totals.c.dataset == dataset, totals.c.researcher == researcher)).first()
+    if running is not None and running.since >= since.timestamp():
+        return float(Fraction(running.epsilon))
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    total = connection.execute(select(func.coalesce(func.sum(jobs.c.epsilon), 0.0)).where(
+        jobs.c.researcher == researcher, jobs.c.dataset == dataset,
+        jobs.c.budget_state.in_(CHARGED_BUDGET_STATES),
+        jobs.c.created_at >= since.timestamp())).scalar_one()
+    return float(total)
 
 
 def researcher_committed_jobs(session: Session, *, researcher: str, dataset: str) -> int:
