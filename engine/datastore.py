@@ -22,14 +22,14 @@ No TensorFlow here; arrays are read with ``np.load(mmap_mode="r", allow_pickle=F
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 import os
 import secrets
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from hashlib import sha256
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.hmac import HMAC
 
 __all__ = [
     "PARTITIONS",
@@ -212,20 +214,20 @@ def import_dataset(
     features = _feature_matrix(table, features_used)
     del table
 
-    in_evaluation = np.fromiter(
-        (_evaluation_side(split_key, uid, evaluation_fraction) for uid in user_ids),
-        dtype=bool, count=len(user_ids),
-    )
-    order = np.argsort(user_of_row, kind="stable")
+    in_evaluation = _evaluation_users(split_key, user_ids, evaluation_fraction)
+    order = _stable_order(user_of_row, len(user_ids))
     counts = np.bincount(user_of_row, minlength=len(user_ids))
+    row_in_evaluation = in_evaluation[user_of_row[order]]
 
     tmp = dest.parent / f".{dest.name}.partial-{secrets.token_hex(8)}"
     tmp.mkdir(parents=True)
     try:
         sizes = {}
-        for part, chosen in (("training", ~in_evaluation), ("evaluation", in_evaluation)):
-            sizes[part] = _write_partition(tmp / part, features, labels, order,
-                                           row_chosen=chosen[user_of_row[order]],
+        for part, chosen, rows in (
+            ("training", ~in_evaluation, order[~row_in_evaluation]),
+            ("evaluation", in_evaluation, order[row_in_evaluation]),
+        ):
+            sizes[part] = _write_partition(tmp / part, features, labels, rows,
                                            counts=counts[chosen])
         if sizes["training"].users == 0:
             raise ValueError("no users were assigned to the training partition")
@@ -332,22 +334,42 @@ def _no_nulls(column: pa.ChunkedArray, name: str) -> None:
                          f"{_first_row(nulls)})")
 
 
-def _user_index(table: pa.Table, column: str) -> tuple[list[str], np.ndarray]:
-    """Distinct user ids in sorted order, and each row's index into them."""
+def _user_index(table: pa.Table, column: str) -> tuple[pa.StringArray, np.ndarray]:
+    """Distinct user ids in sorted order, and each row's index into them (int32).
+
+    Strings compare by code point in Python and by byte in Arrow; for UTF-8 the two orders are
+    the same. Integer ids are their decimal text."""
     ids = table.column(column)
     _no_nulls(ids, column)
     if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
             or pa.types.is_integer(ids.type)):
         raise ValueError(f"user id column {column!r} must hold strings or integers "
                          f"(found {ids.type})")
-    ids = pc.cast(ids, pa.string())
-    empty = np.asarray(pc.equal(ids, "").to_numpy(zero_copy_only=False))
-    if empty.any():
+    encoded = ids.dictionary_encode().combine_chunks()  # one hash pass; distinct ids in order seen
+    distinct = pc.cast(encoded.dictionary, pa.string())
+    index_of_row = np.asarray(encoded.indices.to_numpy(), dtype=np.int32)
+    empty = pc.index(distinct, "").as_py()
+    if empty >= 0:
         raise ValueError(f"column {column!r} has an empty user id at data row "
-                         f"{_first_row(empty)}")
-    distinct = sorted(pc.unique(ids).to_pylist())
-    index = pc.index_in(ids, value_set=pa.array(distinct, pa.string()))
-    return distinct, np.asarray(index.to_numpy(zero_copy_only=False), dtype=np.int64)
+                         f"{_first_row(index_of_row == empty)}")
+    sort = pc.sort_indices(distinct)
+    ranked = distinct.take(sort)
+    try:
+        ranked.validate(full=True)  # Arrow's Parquet reader does not check strings are UTF-8
+    except pa.ArrowInvalid:
+        distinct.to_pylist()  # the UnicodeDecodeError naming the first bad id's bytes
+        raise
+    rank = np.empty(len(distinct), dtype=np.int32)
+    rank[np.asarray(sort)] = np.arange(len(distinct), dtype=np.int32)
+    return ranked, rank[index_of_row]
+
+
+def _utf8_values(strings: pa.StringArray) -> Iterator[bytes]:
+    """Each string's UTF-8 bytes, sliced from the array's data buffer (no decoding)."""
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int32)
+    bounds = offsets[strings.offset:strings.offset + len(strings) + 1].tolist()
+    text = strings.buffers()[2].to_pybytes()
+    return (text[start:stop] for start, stop in pairwise(bounds))
 
 
 def _labels(table: pa.Table, column: str, num_classes: int | None) -> tuple[np.ndarray, int]:
@@ -366,77 +388,123 @@ def _labels(table: pa.Table, column: str, num_classes: int | None) -> tuple[np.n
     if bad.any():
         raise ValueError(f"label column {column!r} has value {raw[bad][0]!r} outside "
                          f"[0, {limit}) at data row {_first_row(bad)}")
+    labels = raw.astype(np.int32)
     if num_classes is None:
-        _check_inferred_label_set(raw, column)
-    classes = num_classes if num_classes is not None else int(raw.max()) + 1
+        _check_inferred_label_set(labels, column)
+    classes = num_classes if num_classes is not None else int(labels.max()) + 1
     if classes < 2:
         raise ValueError(f"label column {column!r} must have at least 2 classes")
-    return raw.astype(np.int32), classes
+    return labels, classes
 
 
-def _check_inferred_label_set(raw: np.ndarray, column: str) -> None:
+def _check_inferred_label_set(labels: np.ndarray, column: str) -> None:
     """Without a declared label set, the labels read must be 0..K-1 with every one present:
     one stray large label would otherwise make the label set (and the model's output layer)
-    as large as its value."""
-    distinct = np.unique(raw)
+    as large as its value. ``labels`` are integers in [0, 2**31 - 1)."""
+    largest = int(labels.max())
+    # Labels 0..largest can all occur only if there are more rows than largest; then counting
+    # them is one pass (sorting for the distinct labels is ten times slower).
+    if largest < len(labels) and np.bincount(labels).all():
+        return
+    distinct = np.unique(labels)
     gaps = np.flatnonzero(distinct != np.arange(len(distinct)))
-    if len(gaps):
-        largest = int(distinct[-1])
-        raise ValueError(
-            f"label column {column!r} would give {largest + 1} classes (its largest label "
-            f"{largest} is at data row {_first_row(raw == largest)}) but label "
-            f"{int(gaps[0])} never occurs: declare the label set 0..K-1 (num_classes, "
-            "--num-classes K) or fix the label")
+    raise ValueError(
+        f"label column {column!r} would give {largest + 1} classes (its largest label "
+        f"{largest} is at data row {_first_row(labels == largest)}) but label "
+        f"{int(gaps[0])} never occurs: declare the label set 0..K-1 (num_classes, "
+        "--num-classes K) or fix the label")
 
 
 def _feature_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """The features as float32 [rows, columns], rows in file order. Refuses the first column
+    (in the order given) with a missing value or a value not finite as float32, naming its
+    first such row."""
     features = np.empty((table.num_rows, len(columns)), dtype=np.float32)
-    for j, column in enumerate(columns):
-        values = table.column(column)
-        _no_nulls(values, column)
-        with np.errstate(over="ignore", invalid="ignore"):
-            features[:, j] = values.to_numpy()
-        bad = ~np.isfinite(features[:, j])
-        if bad.any():
-            raise ValueError(f"feature column {column!r} has a non-finite value (as float32) "
-                             f"at data row {_first_row(bad)}")
+    start = 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        # Batch by batch, so the rows being filled stay in cache while each column is copied in.
+        for batch in table.select(columns).to_batches():
+            block = features[start:start + batch.num_rows]
+            for j, values in enumerate(batch.columns):
+                block[:, j] = values.to_numpy(zero_copy_only=False)
+            start += batch.num_rows
+    # min and max propagate NaN, so both are finite iff every value is: two passes, no mask.
+    if (any(table.column(column).null_count for column in columns)
+            or not np.isfinite(features.min()) or not np.isfinite(features.max())):
+        for j, column in enumerate(columns):  # something is wrong: name the first, in order
+            _no_nulls(table.column(column), column)
+            bad = ~np.isfinite(features[:, j])
+            if bad.any():
+                raise ValueError(f"feature column {column!r} has a non-finite value (as "
+                                 f"float32) at data row {_first_row(bad)}")
     return features
 
 
-def _evaluation_side(key: bytes, user_id: str, fraction: float) -> bool:
-    digest = hmac.new(key, user_id.encode("utf-8"), sha256).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+def _evaluation_users(key: bytes, user_ids: pa.StringArray, fraction: float) -> np.ndarray:
+    """Which users go to evaluation: ``int.from_bytes(HMAC-SHA256(key, user_id)[:8], "big")
+    / 2**64 < fraction``, for each user id (its UTF-8 bytes)."""
+    keyed = HMAC(key, SHA256())  # keyed once: each user's MAC starts from a copy of it
+    macs = bytearray()
+    for user_id in _utf8_values(user_ids):
+        mac = keyed.copy()
+        mac.update(user_id)
+        macs += mac.finalize()
+    prefixes = np.frombuffer(macs, dtype=">u8").reshape(-1, SHA256.digest_size // 8)[:, 0]
+    return prefixes < np.uint64(_evaluation_threshold(fraction))
 
 
-def _write_partition(path: Path, features: np.ndarray, labels: np.ndarray, order: np.ndarray,
-                     *, row_chosen: np.ndarray, counts: np.ndarray) -> PartitionSize:
-    """Write the chosen rows (``order`` filtered by ``row_chosen``) grouped by user."""
+def _evaluation_threshold(fraction: float) -> int:
+    """The least 64-bit ``x`` with ``x / 2**64 >= fraction`` as Python rounds the division:
+    since rounding is monotone, ``x / 2**64 < fraction`` iff ``x`` is below it, which NumPy
+    can compare for every user at once. For ``fraction < 1`` it is below 2**64, as
+    ``(2**64 - 1) / 2**64`` rounds to 1.0."""
+    low, high = 0, 2**64 - 1
+    while low < high:
+        middle = (low + high) // 2
+        if middle / 2**64 < fraction:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for int32 keys in [0, bound): a radix sort by the
+    low, then the high 16 bits. NumPy radix-sorts 16-bit integers but timsorts wider ones,
+    four times slower on a million shuffled rows."""
+    order = np.argsort(keys.astype(np.uint16), kind="stable")  # astype keeps the low 16 bits
+    if bound > 1 << 16:
+        order = order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
+    return order
+
+
+def _write_partition(path: Path, features: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                     *, counts: np.ndarray) -> PartitionSize:
+    """Write ``rows`` (grouped by user, ``counts[i]`` rows for the partition's user i)."""
     path.mkdir()
-    rows = order[row_chosen]
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    out_features = _new_array(path / "features.npy", np.float32, (len(rows), features.shape[1]))
-    out_labels = _new_array(path / "labels.npy", np.int32, (len(rows),))
-    for start in range(0, len(rows), _COPY_ROWS):
-        chunk = rows[start:start + _COPY_ROWS]
-        out_features[start:start + len(chunk)] = features[chunk]
-        out_labels[start:start + len(chunk)] = labels[chunk]
-    for array in (out_features, out_labels):
-        if isinstance(array, np.memmap):
-            array.flush()
-    del out_features, out_labels
-    np.save(path / "offsets.npy", offsets, allow_pickle=False)
-    for file in path.iterdir():
-        _fsync(file)
+    _write_npy(path / "features.npy", np.dtype(np.float32), (len(rows), features.shape[1]),
+               (np.take(features, rows[start:start + _COPY_ROWS], axis=0)
+                for start in range(0, len(rows), _COPY_ROWS)))
+    _write_npy(path / "labels.npy", np.dtype(np.int32), (len(rows),), [np.take(labels, rows)])
+    _write_npy(path / "offsets.npy", offsets.dtype, offsets.shape, [offsets])
     _fsync(path)
     return PartitionSize(users=len(counts), examples=len(rows))
 
 
-def _new_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
-    if math.prod(shape) == 0:  # an empty file cannot be memory-mapped
-        np.save(path, np.zeros(shape, dtype), allow_pickle=False)
-        return np.zeros(shape, dtype)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...],
+               blocks: Iterable[np.ndarray]) -> None:
+    """An ``.npy`` file, byte for byte as ``np.save`` writes it, from C-ordered blocks of rows
+    (so the whole array need not be in memory at once), fsynced."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": shape})
+        for block in blocks:
+            f.write(np.ascontiguousarray(block, dtype=dtype).data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -20,6 +20,7 @@ from engine.datastore import (
     load_schema,
     open_partition,
 )
+from engine.datastore import _evaluation_threshold as evaluation_threshold
 
 KEY = b"owner split key"
 
@@ -174,6 +175,38 @@ def test_each_user_rows_are_grouped_in_file_order(tmp_path: Path) -> None:
         part.user_examples(3)
 
 
+def test_users_are_in_code_point_order_of_their_ids(tmp_path: Path) -> None:
+    """The order Python's ``sorted`` gives the ids as text, whatever their script."""
+    ids = ["z", "é", "Ä", "a", "\U0001F600", "ab", "ä", "B"]
+    source = write_csv(tmp_path / "ids.csv", "user_id,label,x\n" + "".join(
+        f"{uid},{row % 2},{row}\n" for row, uid in enumerate(ids)))
+    import_(source, tmp_path / "ds", evaluation_fraction=0.0)
+    part = open_partition(tmp_path / "ds", "training")
+    assert part.features[:, 0].tolist() == [ids.index(uid) for uid in sorted(ids)]
+
+
+def test_rows_are_grouped_stably_with_more_users_than_16_bits_count(tmp_path: Path) -> None:
+    owners = np.random.default_rng(0).permutation(np.repeat(np.arange(70_000), 3))
+    rows = np.arange(len(owners))
+    pq.write_table(pa.table({"user_id": owners, "label": rows % 2, "row": rows.astype(float)}),
+                   tmp_path / "many.parquet")
+    import_(tmp_path / "many.parquet", tmp_path / "ds", evaluation_fraction=0.0)
+    part = open_partition(tmp_path / "ds", "training")
+    ids_as_text = owners.astype(str)  # integer ids are grouped by their decimal text
+    assert np.array_equal(part.features[:, 0], np.argsort(ids_as_text, kind="stable"))
+    assert np.array_equal(np.diff(part.offsets), np.full(70_000, 3))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 5e-324, 2**-64, 3 * 2**-65, 1e-9, 0.2, 0.5,
+                                      1 - 2**-53])
+def test_the_split_threshold_is_the_division_rule_exactly(fraction: float) -> None:
+    """A user is held out iff ``prefix / 2**64 < fraction`` (Python's rounded division);
+    the import compares the prefix with a threshold: the least prefix that is not."""
+    threshold = evaluation_threshold(fraction)
+    assert not threshold / 2**64 < fraction
+    assert threshold == 0 or (threshold - 1) / 2**64 < fraction
+
+
 def test_csv_and_parquet_imports_agree(tmp_path: Path, synthetic: Path) -> None:
     csv = generate_synthetic(tmp_path / "users.csv", users=300, seed=3, format="csv")
     import_(csv, tmp_path / "from_csv")
@@ -257,6 +290,18 @@ def test_a_stray_large_label_does_not_make_a_million_classes(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"value 1000000 outside \[0, 2\) at data row 2"):
         import_(source, tmp_path / "ds", num_classes=2)  # the owner declares the label set
     assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("user_id,label,f0,f1\nu1,0,1,\nu2,1,inf,4\n", "'f0' has a non-finite value .* row 1"),
+    ("user_id,label,f0,f1\nu1,0,1,1e300\nu2,1,,4\n", "'f0' has missing values .* row 1"),
+    ("user_id,label,f0,f1\nu1,0,1,1e300\nu2,1,2,\n", "'f1' has missing values .* row 1"),
+    ("user_id,label,f0,f1\nu1,0,1,1e300\nu2,1,2,4\n", "'f1' has a non-finite value .* row 0"),
+])
+def test_the_first_bad_feature_column_is_named_whatever_is_wrong(tmp_path: Path, text: str,
+                                                                  message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        import_(write_csv(tmp_path / "bad.csv", text), tmp_path / "ds")
 
 
 def test_duplicate_column_names_are_refused_naming_the_columns(tmp_path: Path) -> None:
