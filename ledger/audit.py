@@ -24,7 +24,7 @@ import json
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -38,6 +38,9 @@ from ledger.checkpoints import (
 from ledger.merkle import MerkleTree, leaf_hash, merkle_root, node_hash
 from ledger.models import AuditCheckpoint, AuditEntry, AuditHead
 from ledger.timestamps import utc_timestamp
+
+_HEAD = AuditHead.__table__  # type: ignore[attr-defined]
+_ENTRY = AuditEntry.__table__  # type: ignore[attr-defined]
 
 __all__ = [
     "AUDIT_ACTIONS",
@@ -79,26 +82,26 @@ AUDIT_ACTIONS = frozenset(
 def append_entry(session: Session, *, action: str, **fields: Any) -> int:
     """Append one audit entry in the caller's transaction; return its sequence number.
 
-    Locks the audit head row so concurrent appenders get dense, gap-free numbers.
+    Locks the audit head row so concurrent appenders get dense, gap-free numbers. Written
+    with SQLAlchemy Core statements (bound parameters), never as ORM objects: the head is
+    read and written only here, so no session holds a copy of it that could go stale.
     """
     if action not in AUDIT_ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     if "seq" in fields or "timestamp" in fields:
         raise ValueError("seq and timestamp of an audit entry are set by append_entry")
-    statement = select(AuditHead).where(AuditHead.id == 1).with_for_update()
-    head = session.exec(statement).first()  # reviewed: ORM query, not exec
-    if head is None:
-        head = AuditHead(id=1, size=0)
-        session.add(head)
-        session.flush()
-    seq = head.size
+    connection = session.connection()
+    heads, entries = _HEAD.c, _ENTRY
+    seq = connection.execute(select(heads.size).where(heads.id == 1).with_for_update()).scalar()
+    if seq is None:
+        seq = 0
+        connection.execute(_HEAD.insert().values(id=1, size=0))
     body = {"seq": seq, "timestamp": utc_timestamp(), "action": action, **fields}
     encoded = canonical_json(body)
-    session.add(AuditEntry(seq=seq, entry=encoded.decode("utf-8"), leaf_hash=leaf_hash(encoded).hex()))
-    head.size = seq + 1
-    session.add(head)
-    session.flush()
-    return seq
+    connection.execute(entries.insert().values(seq=seq, entry=encoded.decode("utf-8"),
+                                               leaf_hash=leaf_hash(encoded).hex()))
+    connection.execute(update(_HEAD).where(heads.id == 1).values(size=seq + 1))
+    return int(seq)
 
 
 def read_entries(session: Session, start: int = 0, end: int | None = None) -> list[dict[str, Any]]:

@@ -25,7 +25,8 @@ from fractions import Fraction
 from typing import Any
 
 import dp_accounting
-from sqlalchemy import func, update
+from sqlalchemy import func, insert, update
+from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, select
 
 from ledger import accounting, mechanism
@@ -35,6 +36,8 @@ from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 from ledger.renyi_filter import RenyiFilter
 from ledger.states import CHARGED_BUDGET_STATES, BudgetState
+
+_DATASET = Dataset.__table__  # type: ignore[attr-defined]
 
 
 class LedgerError(Exception):
@@ -174,7 +177,10 @@ def lock_dataset(session: Session, name: str) -> Dataset:
 
     Lock order, which every writer follows so PostgreSQL never deadlocks: job row, then dataset
     row, then the audit log head (taken by :func:`ledger.audit.append_entry`)."""
-    statement = select(Dataset).where(Dataset.name == name).with_for_update()
+    # populate_existing: a Dataset this session loaded before is refreshed from the row, which
+    # reserve_budget changes with Core statements that leave the session's copy as it was.
+    statement = (select(Dataset).where(Dataset.name == name).with_for_update()
+                 .execution_options(populate_existing=True))
     dataset = session.exec(statement).first()  # reviewed: ORM query, not exec
     if dataset is None:
         raise UnknownDataset(name)
@@ -214,19 +220,31 @@ def reserve_budget(
     ``audit`` holds the fields recorded with the decision (actor, policy version, ...).
     The ``admit`` entry is appended in this transaction. On ``BudgetExceeded`` the caller
     must roll back and record the ``deny`` in a transaction of its own.
+
+    The rows are written with SQLAlchemy Core statements (bound parameters; the admission hot
+    path): the dataset row locked, read and updated, the job inserted. ``job`` must not be in
+    ``session`` yet; it is returned attached to it as the row it inserted.
     """
-    dataset = lock_dataset(session, job.dataset)
-    current = renyi_filter(dataset)
+    connection = session.connection()
+    datasets = _DATASET.c
+    row = connection.execute(
+        select(datasets.filter_orders, datasets.filter_budget, datasets.spent_rdp)
+        .where(datasets.name == job.dataset).with_for_update()).first()
+    if row is None:
+        raise UnknownDataset(job.dataset)
+    current = RenyiFilter.from_json(orders=row.filter_orders, budget=row.filter_budget,
+                                    spent=row.spent_rdp)
     if not current.admits(cost_rdp):
-        raise BudgetExceeded(dataset.name, job.epsilon, current.jobs_that_fit(cost_rdp))
-    dataset.spent_rdp = current.charge(cost_rdp).spent_json()
+        raise BudgetExceeded(job.dataset, job.epsilon, current.jobs_that_fit(cost_rdp))
     job.budget_state = BudgetState.RESERVED
     job.cost_rdp = json.dumps(list(cost_rdp))
     append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
     count_researcher_epsilon(session, job, +1)
-    session.add(dataset)
+    connection.execute(update(_DATASET).where(datasets.name == job.dataset)
+                       .values(spent_rdp=current.charge(cost_rdp).spent_json()))
+    connection.execute(insert(Job), [job.model_dump()])
+    make_transient_to_detached(job)  # the row just inserted, without a flush of the ORM
     session.add(job)
-    session.flush()
     return job
 
 

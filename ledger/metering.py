@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import insert
 from sqlmodel import Session, select
 
 from engine.meter import ResourceUsage
@@ -74,11 +75,11 @@ def month_bounds(month: str) -> tuple[float, float]:
 
 
 def reserve_compute(session: Session, job: Job, cpu_reserved_seconds: float) -> JobMeter:
-    """Store ``job``'s CPU reservation (in the caller's admission transaction)."""
+    """Store ``job``'s CPU reservation (in the caller's admission transaction); the row is
+    written as a Core insert, so the meter returned is not attached to ``session``."""
     meter = JobMeter(job_id=job.id, researcher=job.researcher, dataset=job.dataset,
                      cpu_reserved_seconds=float(cpu_reserved_seconds), reserved_at=job.created_at)
-    session.add(meter)
-    session.flush()
+    session.connection().execute(insert(JobMeter), [meter.model_dump()])  # Core: one row
     return meter
 
 
@@ -216,5 +217,5 @@ def lock_usage(session: Session) -> None:
     appends an ``admit`` entry under this lock, so usage read after it includes every admission
     that committed before, and none can commit until this transaction ends. Call it after
     ``reserve_budget`` (dataset row, then audit head: the order every writer takes them)."""
-    statement = select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    statement = select(AuditHead.id).where(AuditHead.id == 1).with_for_update()
     session.exec(statement).first()  # reviewed: ORM query, not exec

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
-from sqlalchemy import delete, func
+from sqlalchemy import delete, func, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
@@ -178,7 +178,8 @@ def remember_nonce(session: OrmSession, *, key_id: str, nonce: str, expires_at: 
     """
     try:
         with session.begin_nested():
-            session.add(SeenNonce(key_id=key_id, nonce=nonce, expires_at=expires_at))
+            session.connection().execute(insert(SeenNonce).values(
+                key_id=key_id, nonce=nonce, expires_at=expires_at))
     except IntegrityError:
         return False
     return True

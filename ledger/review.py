@@ -28,6 +28,7 @@ import datetime as dt
 import time
 from typing import Literal
 
+from sqlalchemy import insert
 from sqlmodel import Session, select
 
 from ledger.audit import append_entry
@@ -73,7 +74,8 @@ def _audit(session: Session, job: Job, decision: str, *, actor: str, **fields: o
 
 def open_review(session: Session, job: Job, *, required_because: str, policy_explanation: str,
                 expires_at: float, actor: str) -> JobReview:
-    """Hold the just-admitted ``job`` (budget reserved, state ``pending_review``) for review."""
+    """Hold the just-admitted ``job`` (budget reserved, state ``pending_review``) for review.
+    The row is written as a Core insert: the review returned is not attached to ``session``."""
     if job.state != JobState.PENDING_REVIEW or job.budget_state != BudgetState.RESERVED:
         raise ReviewError(f"job {job.id} is {job.state} with budget {job.budget_state}; only a "
                           "pending_review job with a reservation can be held")
@@ -82,8 +84,7 @@ def open_review(session: Session, job: Job, *, required_because: str, policy_exp
                        expires_at=expires_at)
     _audit(session, job, "requested", actor=actor, required_because=required_because,
            epsilon=job.epsilon, delta=job.delta, expires_at=_iso(expires_at))
-    session.add(review)
-    session.flush()
+    session.connection().execute(insert(JobReview), [review.model_dump()])  # Core: one row
     return review
 
 
