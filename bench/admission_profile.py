@@ -44,7 +44,7 @@ STAGES = {  # (module path suffix, function name): what it is
     ("gateway/node/node.py", "lookup_key"): "    key lookup",
     ("gateway/api/middleware.py", "record"): "  record the nonce (writer work)",
     ("gateway/api/app.py", "submit_job"): "submit_job (route)",
-    ("gateway/node/admission.py", "admit_job"): "  admit_job",
+    ("gateway/node/admission.py", "admit"): "  admit",
     ("gateway/node/node.py", "policy"): "    Node.policy (version check)",
     ("gateway/node/admission.py", "decide_policy"): "    decide_policy",
     ("gateway/node/admission.py", "epsilon_spent"): "      researcher ε sum",
@@ -54,7 +54,7 @@ STAGES = {  # (module path suffix, function name): what it is
     ("ledger/budget.py", "reserve_budget"): "      reserve_budget",
     ("ledger/audit.py", "append_entry"): "      append_entry (every call)",
     ("ledger/review.py", "open_review"): "      open_review",
-    ("gateway/api/app.py", "_job_status"): "  _job_status (the 202 body)",
+    ("gateway/api/app.py", "_status_document"): "  _status_document (the 202 body)",
     ("ledger/group_commit.py", "_commit"): "writer transactions (all)",
     ("~", "<method 'commit' of 'sqlite3.Connection' objects>"): "  sqlite3 commit (fsync)",
 }

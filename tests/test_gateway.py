@@ -159,6 +159,23 @@ def test_an_admission_is_one_trip_to_the_ledger_writer(
     assert response.status_code == 202
 
 
+def test_the_202_of_an_admission_is_the_status_the_ledger_then_reports(
+    node_dir: Path, model_bytes: bytes
+) -> None:
+    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
+    alice = make_researcher(node_dir, "alice")
+    with signed_client(create_app(node_dir), alice) as client:
+        digest = client.post("/v1/models", content=model_bytes,
+                             headers={"Content-Type": "application/json"}).json()["digest"]
+        body = {**JOB, "model_digest": digest, "idempotency_key": "first"}
+        admitted = client.post("/v1/jobs", json=body)
+        again = client.post("/v1/jobs", json=body)  # the same job, read from the ledger
+        status = client.get(admitted.headers["Location"])
+    assert admitted.status_code == again.status_code == 202
+    assert admitted.json()["review"]["state"] == "pending"
+    assert admitted.json() == again.json() == status.json()
+
+
 @pytest.mark.parametrize("body", [
     {**JOB, "dataset": "nowhere", "model_digest": "sha256:" + "0" * 64},  # denied (unknown)
     {**JOB, "model_digest": "sha256:" + "0" * 64},  # denied after the policy (no such model)

@@ -34,7 +34,7 @@ from gateway.api.middleware import request_middleware
 from gateway.api.openapi import openapi_document
 from gateway.api.problems import problem_response
 from gateway.dashboard.routes import Dashboard, page_refusal
-from gateway.node.admission import JobRequest, admit_job, calibrate_job, estimate_job, not_visible
+from gateway.node.admission import JobRequest, admit, calibrate_job, estimate_job, not_visible
 from gateway.node.decision_log import log_admitted, log_refused
 from gateway.node.identity import VerifiedRequest
 from gateway.node.jobs import JobRunner, recover_interrupted_jobs
@@ -263,9 +263,12 @@ async def submit_job(request: Request) -> Response:
 def _admit(node: Node, principal: VerifiedRequest, job_request: JobRequest,
            request_digest: str, nonce: PendingNonce | None) -> tuple[Job, dict[str, Any]]:
     """Admission and the admitted job's status in one trip to the thread pool (starting the
-    job does not change the status it reports)."""
-    job = admit_job(node, principal, job_request, request_digest, nonce=nonce)
-    return job, _job_status(node, job)
+    job does not change the status it reports). A new job's status is built from what its
+    admission wrote; a job an earlier request admitted (same idempotency key) is read."""
+    admitted = admit(node, principal, job_request, request_digest, nonce=nonce)
+    if not admitted.new:
+        return admitted.job, _job_status(node, admitted.job)
+    return admitted.job, _status_document(admitted.job, admitted.review)
 
 
 def _with_queue_position(request: Request, status: dict[str, Any]) -> dict[str, Any]:
@@ -276,16 +279,22 @@ def _with_queue_position(request: Request, status: dict[str, Any]) -> dict[str, 
 
 
 def _job_status(node: Node, job: Job) -> dict[str, Any]:
+    """:func:`_status_document` of ``job`` with its review as the ledger has it."""
+    with node.read_session() as s:
+        review = s.get(JobReview, job.id)
+    return _status_document(job, review)
+
+
+def _status_document(job: Job, review: JobReview | None) -> dict[str, Any]:
     """The researcher's view of a job; ``review`` when the policy held it for review.
 
     ``progress.epsilon_so_far`` is the ε of the rounds run so far, from the job's public
-    parameters alone (``ledger.accounting.epsilon_after_rounds``); at the last round it is the
-    job's ``epsilon``. What is charged is always ``epsilon`` (also for a job that fails or is
-    cancelled after reading data)."""
-    with node.read_session() as s:
-        review = s.get(JobReview, job.id)
-    epsilon_so_far = JobCost.from_json(json.loads(job.cost)).epsilon_after_rounds(
-        job.round, job.delta)
+    parameters alone (``ledger.accounting.epsilon_after_rounds``; 0 before the first round,
+    without reading the stored cost); at the last round it is the job's ``epsilon``. What is
+    charged is always ``epsilon`` (also for a job that fails or is cancelled after reading
+    data)."""
+    epsilon_so_far = 0.0 if job.round == 0 else JobCost.from_json(
+        json.loads(job.cost)).epsilon_after_rounds(job.round, job.delta)
     status: dict[str, Any] = {
         "job_id": job.id,
         "dataset": job.dataset,

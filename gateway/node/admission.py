@@ -66,7 +66,7 @@ from ledger.budget import (
 )
 from ledger.canonical import canonical_json
 from ledger.metering import reserve_compute
-from ledger.models import Dataset, Job
+from ledger.models import Dataset, Job, JobReview
 from ledger.ranges import ADAPTIVE_DEFAULTS, CLIP_STRATEGIES
 from ledger.review import open_review
 from ledger.states import BudgetState, JobState
@@ -517,10 +517,28 @@ def decide_policy(
     return policy.decide(**asked, context=context)
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """An admitted job, with what its admission wrote: ``new`` is False when an earlier request
+    with the same idempotency key admitted it (``review`` is then not known here)."""
+
+    job: Job
+    review: JobReview | None
+    new: bool
+
+
 def admit_job(
     node: Node, principal: VerifiedRequest, request: JobRequest, request_digest: str, *,
     nonce: PendingNonce | None = None,
 ) -> Job:
+    """:func:`admit`'s job."""
+    return admit(node, principal, request, request_digest, nonce=nonce).job
+
+
+def admit(
+    node: Node, principal: VerifiedRequest, request: JobRequest, request_digest: str, *,
+    nonce: PendingNonce | None = None,
+) -> Admitted:
     """Admit ``request`` and reserve its budget, or raise the ``Problem`` that refused it.
 
     The admitted job is ``queued``, or ``pending_review`` when the policy holds it for the
@@ -586,23 +604,24 @@ def admit_job(
         updated_at=now,
     )
 
-    def reserve(s: Session) -> Job:
+    def reserve(s: Session) -> Admitted:
         existing = find_idempotent_job(s, principal.key_id, request.idempotency_key)
         if existing is not None:
             if existing.request_digest != request_digest:
                 raise Problem("invalid-request", "idempotency_key was already used for a "
                               "different request; use a new key", field="idempotency_key")
-            return existing
+            return Admitted(existing, None, new=False)
         reserved = reserve_budget(s, job, projection.cost_rdp, audit)
         reserve_compute(s, reserved, cpu_reserved)
+        review = None
         if decision.review is not None:
-            open_review(s, reserved, required_because=decision.review,
-                        policy_explanation=decision.explanation,
-                        expires_at=now + node.config.review_expiry_hours * 3600.0,
-                        actor=principal.key_id)
+            review = open_review(s, reserved, required_because=decision.review,
+                                 policy_explanation=decision.explanation,
+                                 expires_at=now + node.config.review_expiry_hours * 3600.0,
+                                 actor=principal.key_id)
         enforce_quotas(s, quotas, job=reserved, cpu_reserved_seconds=cpu_reserved,
                        prices=node.config.billing, default_reservation=cpu_reserved)
-        return reserved
+        return Admitted(reserved, review, new=True)
 
     try:
         # Decided in turn with concurrent admissions, in one transaction sharing one commit
