@@ -107,42 +107,90 @@ def charged(job: dict) -> dict:  # type: ignore[type-arg]
 ISOLATED_ENV = "FEDGATE_TEST_IN_OWN_PROCESS"
 
 
+_SELECTED: list[str] = []
+"""The node ids of this session's selected tests (``pytest_collection_modifyitems``)."""
+_CHILD_OUTCOMES: dict[str, tuple[str, str]] = {}
+"""Outcomes from a child process that ran cases of one test: node id → ("passed" | "skipped"
+| "failed", what the child reported)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _SELECTED[:] = [item.nodeid for item in items]
+
+
 def in_own_process(test):  # type: ignore[no-untyped-def]
     """Run a test that executes TFF computations in a child pytest process of its own.
 
     TFF's runtime starts gRPC in the process; a process that later forks (every engine launch
     and sandbox probe does) can then abort in the child (gRPC's fork handlers, seen as bwrap
     exiting with SIGABRT). The child runs the same test id; its process group is killed when
-    it ends, TFF's ``worker_binary`` included, and its output is shown if it fails.
+    it ends, TFF's ``worker_binary`` included, and its output is shown if it fails. The
+    selected cases of a parametrized test share one child (TensorFlow is imported once): the
+    first case runs them all and each case then reports its own outcome.
     """
     import functools
-    import signal
-    import subprocess
-    import sys
-    import tempfile
 
     @functools.wraps(test)
     def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
         if os.environ.get(ISOLATED_ENV):
             return test(*args, **kwargs)
         node_id = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
-        with tempfile.TemporaryFile() as output:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node_id],
-                env={**os.environ, ISOLATED_ENV: "1"}, stdout=output, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-                cwd=Path(__file__).resolve().parent.parent)
-            try:
-                child.wait(timeout=900)
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-            output.seek(0)
-            text = output.read().decode(errors="replace")
-        assert child.returncode == 0, text[-6000:]
+        if node_id not in _CHILD_OUTCOMES:
+            function = node_id.split("[", 1)[0]
+            cases = [n for n in _SELECTED if n.split("[", 1)[0] == function
+                     and n not in _CHILD_OUTCOMES] or [node_id]
+            if node_id not in cases:
+                cases = [node_id]
+            _CHILD_OUTCOMES.update(_run_in_child(cases))
+        outcome, report = _CHILD_OUTCOMES.pop(node_id)
+        if outcome == "skipped":
+            pytest.skip(report)
+        assert outcome == "passed", report
 
     return wrapper
+
+
+def _run_in_child(node_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Run ``node_ids`` in one child pytest (its process group killed at the end); each id's
+    outcome as the child's JUnit report has it, with the tail of the child's output if it
+    failed (or left no report: a crash fails every case)."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import xml.etree.ElementTree as ElementTree
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile() as output:
+        report = Path(tmp) / "report.xml"
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             f"--junitxml={report}", "-o", "junit_family=xunit1", *node_ids],
+            env={**os.environ, ISOLATED_ENV: "1"}, stdout=output, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=root)
+        try:
+            child.wait(timeout=900 * len(node_ids))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+        outcomes: dict[str, tuple[str, str]] = {}
+        if report.exists() and child.returncode in (0, 1):  # 1: some case failed
+            for case in ElementTree.parse(report).getroot().iter("testcase"):
+                problems = {p.tag: p for p in case if p.tag in ("failure", "error", "skipped")}
+                kind = ("failed" if "failure" in problems or "error" in problems else
+                        "skipped" if problems else "passed")
+                detail = "\n".join(f"{p.get('message') or ''}\n{p.text or ''}"
+                                   for p in problems.values())
+                outcomes[f"{case.get('file')}::{case.get('name')}"] = (kind, detail)
+    tail = f"\n--- child output (exit {child.returncode}) ---\n{text[-6000:]}"
+    results = {}
+    for node in node_ids:
+        kind, detail = outcomes.get(node, ("failed", "no result for this case"))
+        results[node] = (kind, detail if kind != "failed" else detail + tail)
+    return results
 
 
 _SESSION_ENV = "FEDGATE_TEST_SESSION"
