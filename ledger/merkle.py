@@ -18,11 +18,14 @@ Contract:
   (building it costs n - 1 hashes).
 * Building hashes whole levels at a time (``hash_leaf_inputs``, ``MerkleTree(...)``): the
   loops run inside ``map``, not in Python bytecode, so a hash costs what hashlib costs.
+* ``ChunkedTree`` gives the same tree heads from chunks of ``2**k`` leaves hashed apart (in
+  other processes, say) and joined; its docstring says why that is the same tree.
 """
 
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 
@@ -74,10 +77,22 @@ class MerkleTree:
     """
 
     def __init__(self, leaf_hashes: Iterable[bytes] = ()) -> None:
-        self._levels: list[list[bytes]] = [list(leaf_hashes)]
-        if any(map(HASH_SIZE.__ne__, map(len, self._levels[0]))):
+        leaves = list(leaf_hashes)
+        if any(map(HASH_SIZE.__ne__, map(len, leaves))):
             raise ValueError("leaf hashes must be 32 bytes")
-        level = self._levels[0]
+        self._build(leaves)
+
+    @classmethod
+    def of_leaf_inputs(cls, leaf_inputs: Iterable[bytes]) -> MerkleTree:
+        """The tree over ``hash_leaf_inputs(leaf_inputs)`` (digests, so their length is not
+        checked again)."""
+        tree = cls.__new__(cls)
+        tree._build(hash_leaf_inputs(leaf_inputs))
+        return tree
+
+    def _build(self, leaves: list[bytes]) -> None:
+        self._levels: list[list[bytes]] = [leaves]
+        level = leaves
         while len(level) >= 2:
             level = _parent_level(level)
             self._levels.append(level)
@@ -159,6 +174,105 @@ class MerkleTree:
     def _check_size(self, size: int) -> None:
         if not 0 <= size <= self.size:
             raise ValueError(f"tree size {size} is outside 0..{self.size}")
+
+
+class ChunkedTree:
+    """Tree heads of a run of leaves hashed a chunk of ``width = 2**k`` leaves at a time, so
+    that runs hashed apart can be joined.
+
+    Why it is the same tree: ``MTH(D[0:n])`` equals the tree head of the list of its chunks'
+    heads ``MTH(D[0:w]), MTH(D[w:2w]), ..., MTH(D[jw:n])``, the last chunk possibly shorter.
+    RFC 9162 splits ``n`` leaves at the largest power of two ``p < n``; for ``n > w`` that
+    ``p`` is ``w`` times the largest power of two below the number of chunks, a chunk
+    boundary, so both trees split alike until a range lies within one chunk. Hence a run
+    starting at a chunk boundary is hashed without the leaves before it, and joining runs
+    costs one hash per chunk.
+
+    The head at a size inside an already hashed chunk needs the head of that chunk's leaves
+    before it, so such sizes are named when the run starts (``sizes``); sizes on a chunk
+    boundary, and any size in the chunk still being filled, need not be.
+    """
+
+    def __init__(self, width: int, first: int = 0, sizes: Iterable[int] = ()) -> None:
+        if width < 1 or width & (width - 1) or first % width:
+            raise ValueError("chunks are a power of two leaves wide, and a run starts at a "
+                             "chunk boundary")
+        self._width, self._first = width, first
+        self._sizes = sorted(set(sizes))
+        self._heads: list[bytes] = []  # one per full chunk from leaf `first` on
+        self._heads_before: dict[int, bytes] = {}  # size -> head of its chunk's leaves before it
+        self._filling: list[bytes] = []  # leaf inputs of the chunk not yet full
+        self._cache: tuple[MerkleTree, MerkleTree] | None = None
+
+    @property
+    def first(self) -> int:
+        """Index of the run's first leaf."""
+        return self._first
+
+    @property
+    def size(self) -> int:
+        """Index one past the run's last leaf."""
+        return self._first + len(self._heads) * self._width + len(self._filling)
+
+    def extend(self, leaf_inputs: Iterable[bytes]) -> None:
+        """Append leaves, each given as ``LEAF_PREFIX || entry``; each chunk they fill is
+        hashed and only its head kept."""
+        self._cache = None
+        self._filling += leaf_inputs
+        while len(self._filling) >= self._width:
+            start = self.size - len(self._filling)
+            chunk = MerkleTree.of_leaf_inputs(self._filling[:self._width])
+            del self._filling[:self._width]
+            for size in self._sizes_within(start, start + self._width):
+                self._heads_before[size] = chunk.root(size - start)
+            self._heads.append(chunk.root())
+
+    def join(self, following: ChunkedTree) -> None:
+        """Append the run ``following``, which starts where this one ends."""
+        if following.size == following.first:
+            return
+        if following.first != self.size or following._width != self._width:
+            raise ValueError(f"a run from leaf {following.first} cannot follow one ending at "
+                             f"{self.size}, or one in chunks of another width")
+        self._cache = None
+        self._heads += following._heads
+        self._heads_before.update(following._heads_before)
+        self._filling = list(following._filling)
+        self._sizes = sorted({*self._sizes, *following._sizes})
+
+    def root(self, size: int | None = None) -> bytes:
+        """Tree head of leaves ``0 .. size - 1`` (default: all); the run must start at leaf 0.
+
+        O(log n) hashes once the chunks' heads are in a tree (n / width hashes, once).
+        """
+        size = self.size if size is None else size
+        if self._first != 0 or not 0 <= size <= self.size:
+            raise ValueError(f"tree size {size} is outside {self._first}..{self.size}, or the "
+                             "run does not start at leaf 0")
+        heads, filling = self._trees()
+        full, rest = divmod(size, self._width)
+        if rest == 0:
+            return heads.root(full)
+        if full == heads.size:
+            last = filling.root(rest)
+        elif size in self._heads_before:
+            last = self._heads_before[size]
+        else:
+            raise ValueError(f"tree size {size} ends inside a chunk hashed without it")
+        # MTH(heads[:full] + [last]): the perfect subtrees of `full`, folded from the right.
+        while full:
+            width = full & -full
+            full -= width
+            last = node_hash(heads._subtree(full, full + width), last)
+        return last
+
+    def _sizes_within(self, start: int, stop: int) -> list[int]:
+        return self._sizes[bisect_right(self._sizes, start):bisect_left(self._sizes, stop)]
+
+    def _trees(self) -> tuple[MerkleTree, MerkleTree]:
+        if self._cache is None:
+            self._cache = (MerkleTree(self._heads), MerkleTree.of_leaf_inputs(self._filling))
+        return self._cache
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:

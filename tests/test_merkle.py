@@ -14,6 +14,7 @@ from ledger import audit
 from ledger.merkle import (
     EMPTY_ROOT,
     LEAF_PREFIX,
+    ChunkedTree,
     MerkleTree,
     consistency_proof,
     hash_leaf_inputs,
@@ -92,6 +93,13 @@ def test_roots_match_the_reference_tree_heads_for_every_prefix() -> None:
     for size, expected in enumerate(ROOTS):
         assert tree.root(size) == expected == merkle_root(LEAVES[:size])
     assert merkle_root([]) == EMPTY_ROOT
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 16])
+def test_a_tree_hashed_in_chunks_has_the_reference_tree_heads(width: int) -> None:
+    tree = ChunkedTree(width, sizes=range(len(CT_LEAVES) + 1))
+    tree.extend(LEAF_PREFIX + bytes.fromhex(x) for x in CT_LEAVES)
+    assert [tree.root(size) for size in range(len(ROOTS))] == ROOTS
 
 
 @pytest.mark.parametrize(("index", "size", "expected"), INCLUSION_VECTORS)
@@ -236,3 +244,50 @@ def test_roots_and_proofs_of_a_built_tree_cost_logarithmic_hashes(monkeypatch) -
     monkeypatch.undo()
     assert verify_inclusion(tree.leaf(12_345), 12_345, 99_999, inclusion, root)
     assert verify_consistency(65_537, 99_999, tree.root(65_537), root, consistency)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(min_value=0, max_value=70), st.integers(min_value=0, max_value=4), st.data())
+def test_runs_of_whole_chunks_hashed_apart_and_joined_give_every_tree_head(
+    size: int, log2_width: int, data: st.DataObject
+) -> None:
+    width = 1 << log2_width
+    inputs = [LEAF_PREFIX + i.to_bytes(2, "big") for i in range(size)]
+    boundaries = range(width, size, width)  # where a run may start
+    starts = sorted(data.draw(st.sets(st.sampled_from(boundaries)) if boundaries else st.just(set()),
+                              label="starts") | {0})
+    sizes = data.draw(st.lists(st.integers(min_value=0, max_value=size)), label="sizes")
+    runs = []
+    for first, stop in zip(starts, [*starts[1:], size], strict=True):
+        run = ChunkedTree(width, first, sizes)
+        for batch in (inputs[first:stop][:3], inputs[first:stop][3:]):  # extended in pieces
+            run.extend(batch)
+        runs.append(run)
+    tree = runs[0]
+    for run in runs[1:]:
+        tree.join(run)
+    reference = MerkleTree.of_leaf_inputs(inputs)
+    assert tree.size == size and tree.root() == reference.root()
+    for named in sizes:
+        assert tree.root(named) == reference.root(named)
+    for unnamed in set(range(size + 1)) - set(sizes):
+        if unnamed % width == 0 or unnamed > size - size % width:
+            assert tree.root(unnamed) == reference.root(unnamed)
+        else:  # inside a chunk hashed without it
+            with pytest.raises(ValueError, match="ends inside a chunk"):
+                tree.root(unnamed)
+
+
+def test_a_run_starts_at_a_chunk_boundary_and_joins_only_where_the_previous_one_ends() -> None:
+    with pytest.raises(ValueError, match="chunk boundary"):
+        ChunkedTree(4, first=2)
+    with pytest.raises(ValueError, match="chunk boundary"):
+        ChunkedTree(3)
+    for following in (ChunkedTree(4, first=4), ChunkedTree(2, first=8)):
+        head = ChunkedTree(4)
+        head.extend([LEAF_PREFIX + bytes([i]) for i in range(8)])
+        following.extend([LEAF_PREFIX])
+        with pytest.raises(ValueError, match="cannot follow"):
+            head.join(following)
+    with pytest.raises(ValueError, match="does not start at leaf 0"):
+        ChunkedTree(4, first=4).root()
