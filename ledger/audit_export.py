@@ -141,13 +141,14 @@ class ExportReader:
     checkpoints: list[str]
     _entries: _EntryLines | _LegacyEntries
 
-    def leaf_input_batches(self) -> Iterator[list[bytes]]:
-        """``LEAF_PREFIX || entry`` for every entry in order, in batches.
+    def leaf_input_batches(self, first: int = 0, stop: int | None = None) -> Iterator[list[bytes]]:
+        """``LEAF_PREFIX || entry`` for entries ``first .. stop - 1`` (default: all) in order,
+        in batches. The lines before ``first`` are counted, not split.
 
         Raises ``ExportMalformed`` when the bytes cannot be read this way; ``entry_texts``
         then tells which entry is at fault.
         """
-        return self._entries.leaf_input_batches()
+        return self._entries.leaf_input_batches(first, stop)
 
     def entry_texts(self) -> Iterator[bytes]:
         """Each entry's text in order; for a line out of the layout, the whole line (which
@@ -248,8 +249,14 @@ class _EntryLines:
             yield self._data[position:cut], cut == self._end
             position = cut
 
-    def leaf_input_batches(self) -> Iterator[list[bytes]]:
+    def leaf_input_batches(self, first: int, stop: int | None) -> Iterator[list[bytes]]:
+        index = 0  # of the block's first line
         for block, last in self._blocks():
+            if stop is not None and index >= stop:
+                return
+            if index < first and index + (skipped := block.count(b"\n")) <= first:
+                index += skipped
+                continue
             # A NUL in the file would pass for a replaced TAB: the file would hash like a
             # valid export without being JSON.
             if LEAF_PREFIX in block:
@@ -258,7 +265,8 @@ class _EntryLines:
             batch = list(map(bytes.removesuffix, lines, repeat(b",\n")))
             if last:
                 batch[-1] = lines[-1].removesuffix(b"\n")  # the last entry has no comma
-            yield batch
+            yield batch[max(first - index, 0):None if stop is None else stop - index]
+            index += len(lines)
 
     def texts(self) -> Iterator[bytes]:
         for block, last in self._blocks():
@@ -282,9 +290,10 @@ class _LegacyEntries:
         # entry is reported as not canonical instead of stopping the verifier.
         self._texts = [text.encode("utf-8", "surrogatepass") for text in entries]
 
-    def leaf_input_batches(self) -> Iterator[list[bytes]]:
-        for first in range(0, len(self._texts), _LEGACY_BATCH):
-            yield [LEAF_PREFIX + text for text in self._texts[first:first + _LEGACY_BATCH]]
+    def leaf_input_batches(self, first: int, stop: int | None) -> Iterator[list[bytes]]:
+        texts = self._texts[first:stop]
+        for start in range(0, len(texts), _LEGACY_BATCH):
+            yield [LEAF_PREFIX + text for text in texts[start:start + _LEGACY_BATCH]]
 
     def texts(self) -> Iterator[bytes]:
         return iter(self._texts)

@@ -10,6 +10,7 @@ layout, roots other than the latest, what JSON readers would see)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select, update
 
 from gateway.cli import main as fedgate
-from ledger import audit_export, keys
+from ledger import audit_export, audit_verify, keys
 from ledger.audit import (
     AuditLogCorrupted,
     append_entry,
@@ -34,7 +35,7 @@ from ledger.audit_verify import verify_export, verify_export_file
 from ledger.canonical import canonical_json
 from ledger.checkpoints import sign_checkpoint, sign_note
 from ledger.db import create_schema, make_engine, session
-from ledger.merkle import LEAF_PREFIX, hash_leaf_inputs, leaf_hash
+from ledger.merkle import LEAF_PREFIX, MerkleTree, hash_leaf_inputs, leaf_hash
 from ledger.models import AuditCheckpoint, AuditEntry, AuditHead
 
 LOG_SIZE = 12
@@ -486,6 +487,80 @@ def test_findings_do_not_depend_on_where_the_reader_cuts_its_blocks(
     assert log.verify() == expected
 
 
+def test_any_run_of_entries_reads_as_that_slice_of_the_leaf_inputs(
+    log: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export = log.export()
+    every = [leaf_input for batch in audit_export.read_export(export).leaf_input_batches()
+             for leaf_input in batch]
+    for block_bytes in (1, 600, 1 << 20):
+        monkeypatch.setattr(audit_export, "_BLOCK_BYTES", block_bytes)
+        for reader in (audit_export.read_export(export), audit_export.read_export(legacy_export(log))):
+            for first in range(LOG_SIZE + 1):
+                for stop in [*range(first, LOG_SIZE + 2), None]:
+                    run = [leaf_input for batch in reader.leaf_input_batches(first, stop)
+                           for leaf_input in batch]
+                    assert run == every[first:stop], (block_bytes, first, stop)
+
+
+# --- hashing runs of the export in several processes --------------------------------------
+
+@pytest.fixture
+def small_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 2 entries, and processes for an export of any size: the 12 signed entries
+    split at 6 for 2 processes, at 4 and 8 for 3."""
+    monkeypatch.setattr(audit_verify, "_CHUNK_LEAVES", 2)
+    monkeypatch.setattr(audit_verify, "PARALLEL_MIN_ENTRIES", 0)
+    assert audit_verify._run_starts(LOG_SIZE, 2) == [0, 6]
+    assert audit_verify._run_starts(LOG_SIZE, 3) == [0, 4, 8]
+
+
+def _unsigned_then(tamper: Callable[[Log], None]) -> Callable[[Log], None]:
+    return lambda log: (append_unsigned(log), tamper(log))[-1]
+
+
+PROCESS_CASES = {**{name: case[0] for name, case in TAMPERINGS.items()},
+                 **{f"unsigned {name}": _unsigned_then(case[0])
+                    for name, case in UNSIGNED_TAMPERINGS.items()},
+                 "unsigned entries": append_unsigned}
+
+
+@pytest.mark.parametrize("block_bytes", [1, 600])
+@pytest.mark.parametrize("name", [None, *PROCESS_CASES])
+def test_several_processes_report_exactly_what_one_process_reports(
+    log: Log, name: str | None, block_bytes: int, small_runs: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if name is not None:
+        PROCESS_CASES[name](log)
+    monkeypatch.setattr(audit_export, "_BLOCK_BYTES", block_bytes)
+    export = log.export()
+    alone = verify_export(export, log.node_key.public_key())
+    for workers in (2, 3):
+        assert verify_export(export, log.node_key.public_key(), workers=workers) == alone
+    assert alone.ok == (name in (None, "unsigned entries"))
+    if alone.ok:  # the root every process count agrees on is the node's own
+        with log.session() as s:
+            stored = [bytes.fromhex(row.leaf_hash) for row in read_entry_rows(s)]
+        assert alone.root == MerkleTree(stored).root().hex()
+
+
+def test_an_honest_export_is_vouched_for_by_the_processes_without_the_entry_by_entry_pass(
+    log: Log, small_runs: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = log.verify()
+    monkeypatch.setattr(audit_verify, "_entry_by_entry", None)  # calling it would fail
+    assert verify_export(log.export(), log.node_key.public_key(), workers=3) == expected
+
+
+def test_each_job_but_the_first_runs_in_a_forked_process_and_a_failed_one_gives_none() -> None:
+    here = os.getpid()
+    assert audit_verify._in_processes([os.getpid]) == [here]
+    first, second, third = audit_verify._in_processes([os.getpid, os.getpid, os.getpid])
+    assert first == here and len({here, second, third}) == 3
+    assert audit_verify._in_processes([lambda: "here", lambda: os._exit(3)]) == ["here", None]
+
+
 def test_a_file_verifies_mapped_into_memory_as_it_does_read_into_it(log: Log, tmp_path: Path) -> None:
     edit_entry(log)
     path = tmp_path / "audit.json"
@@ -524,3 +599,22 @@ def test_audit_verify_command_exits_1_printing_the_first_problem(
         assert status == 1
         assert out.startswith(f"FAILED [{TAMPERINGS[name][1]}]: ")
         assert TAMPERINGS[name][3] in out
+
+
+@pytest.mark.parametrize("name", [None, "edited entry"])
+def test_audit_verify_command_prints_the_same_report_with_any_number_of_workers(
+    log: Log, name: str | None, small_runs: None, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if name is not None:
+        TAMPERINGS[name][0](log)
+    export, node_pub = tmp_path / "audit.json", tmp_path / "node"
+    export.write_bytes(log.export())
+    keys.write_key_pair(log.node_key, node_pub)
+    printed = []
+    for workers in ("1", "2", "3"):
+        status = fedgate(["audit", "verify", str(export), "--node-key", f"{node_pub}.pub",
+                          "--workers", workers, "--json"])
+        printed.append((status, capsys.readouterr().out))
+    assert printed[0][0] == (0 if name is None else 1)
+    assert printed == [printed[0]] * 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
     public_key = keys.load_public_key(Path(args.node_key))
     known = [Path(path).read_text(encoding="utf-8") for path in args.checkpoint]
-    report = verify_export_file(Path(args.export), public_key, known)  # mapped, not read
+    report = verify_export_file(Path(args.export), public_key, known,  # mapped, not read
+                                workers=args.workers)
     if args.json:
         latest, problem = report.latest, report.problem
         print(json.dumps({
@@ -121,6 +123,13 @@ def _refused(exc: Exception) -> int:
     return 1
 
 
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _short(value: Any) -> str:
     """A field on one line: control characters (newlines too) escaped, at most 60 characters."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
@@ -153,6 +162,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                    help="a checkpoint saved earlier (repeatable); detects a log cut back "
                         "to before it")
+    p.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
+                   metavar="N", help="processes that hash a large export (default: 2, or 1 "
+                                     "on a one-CPU machine); the report is the same")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_audit_verify)
 
