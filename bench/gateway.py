@@ -341,6 +341,16 @@ def measure() -> dict[str, Any]:
         return {ledger: measure_ledger(ledger, bare_url) for ledger in ledgers}
 
 
+def _against_targets(measured: dict[str, Any], concurrency: int) -> str:
+    """Whether the benchmark job's admission met #26's throughput and p99 targets."""
+    floor, row = measured["bare"][concurrency], measured["gateway"]["sampled", concurrency]
+    throughput = row["throughput"] / floor["throughput"]
+    p99 = row["p99_ms"] / floor["p99_ms"]
+    return (f"{concurrency} connections {throughput:.3f}× "
+            f"({'met' if throughput >= 0.30 else 'not met'}), p99 {p99:.1f}× "
+            f"({'met' if p99 <= 10 else 'not met'})")
+
+
 def run() -> str:
     ledgers = measure()
     sqlite = ledgers["SQLite"]
@@ -410,9 +420,14 @@ def run() -> str:
         f"subsampled job and {sqlite['accounting_ms']['every_user']:.1f} ms without "
         "subsampling; admission computes it once per request (a matching constraint that "
         "reads ε, here `max_epsilon_per_researcher`, and the reservation share it). "
-        "Each request's nonce and its reservation are written by the gateway's single ledger "
-        "writer, which commits all the writes waiting at that moment together (group commit, "
-        "`ledger/group_commit.py`); every 202 leaves after its commit.",
+        "Each request's nonce, its reservation, review, compute reservation and audit entries "
+        "are one work of the gateway's single ledger writer, in one savepoint, and the writer "
+        "commits all the works waiting at that moment together (group commit, "
+        "`ledger/group_commit.py`); every 202 leaves after its commit. "
+        "`python -m bench.admission_profile` shows where an admission's CPU goes.",
+        "",
+        "Against #26's targets on SQLite (throughput ≥ 0.30× and p99 ≤ 10× the bare endpoint's, "
+        "benchmark job): " + "; ".join(_against_targets(sqlite, c) for c in CONCURRENCIES) + ".",
     ]
     return "\n".join(lines) + "\n"
 
