@@ -143,6 +143,35 @@ def test_replayed_admission_is_refused_and_reserves_nothing_more(
     assert not [e for e in entries if e["action"] == "deny"]
 
 
+def test_replaying_a_captured_admission_costs_the_gateway_no_admission_work(
+    node_dir: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever captures a signed submission (without the key) can resend it until it expires:
+    each replay is refused before policy, accounting or a ledger write run."""
+    from gateway.api import app as app_module
+
+    admissions = []
+    real_admit = app_module._admit
+    monkeypatch.setattr(app_module, "_admit", lambda *a: admissions.append(1) or real_admit(*a))
+    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
+    alice = make_researcher(node_dir, "alice")
+    app = create_app(node_dir)
+    with signed_client(app, alice) as client:
+        digest = client.post("/v1/models", content=model_bytes,
+                             headers={"Content-Type": "application/json"}).json()["digest"]
+        client.auth = None  # the requests below carry their own signatures
+        body = json.dumps({**JOB, "model_digest": digest}).encode()
+        headers = signature_headers(private_key=alice, method="POST",
+                                    url="http://testserver/v1/jobs", body=body,
+                                    content_type="application/json")
+        assert client.post("/v1/jobs", content=body, headers=headers).status_code == 202
+        batches = app.state.node.writer.batches
+        replays = [client.post("/v1/jobs", content=body, headers=headers) for _ in range(5)]
+        assert app.state.node.writer.batches == batches  # not even a trip to the ledger
+    assert {r.json()["type"] for r in replays} == {"urn:fedgate:problem:replayed-nonce"}
+    assert len(admissions) == 1
+
+
 def test_an_admission_is_one_trip_to_the_ledger_writer(
     node_dir: Path, model_bytes: bytes
 ) -> None:

@@ -43,7 +43,7 @@ from gateway.api.signatures import verify_body_digest, verify_signature
 from gateway.dashboard.routes import browser_refusal
 from gateway.node.identity import VerifiedRequest
 from gateway.node.node import Node
-from gateway.node.nonces import PendingNonce, record_nonce
+from gateway.node.nonces import PendingNonce, RecentNonces, record_nonce, replayed_nonce
 from gateway.node.origin import arrival_origin
 from gateway.protocol.problems import Problem
 from ledger.registry import prune_nonces
@@ -147,6 +147,7 @@ class SignatureAuthMiddleware:
         self.app = app
         self.node = node
         self._last_prune = 0.0
+        self._recorded = RecentNonces()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or cookie_authenticated(scope["path"]):
@@ -161,6 +162,9 @@ class SignatureAuthMiddleware:
         scope["fedgate.principal"] = principal
         if not deferred:
             await self.app(scope, receive, send)
+            return
+        if self._recorded.seen(principal):  # a replay: refused before any admission work
+            await problem_response(replayed_nonce())(scope, receive, send)
             return
         pending = scope["fedgate.nonce"] = PendingNonce(principal)
         replayed = False
@@ -183,6 +187,8 @@ class SignatureAuthMiddleware:
             if not pending.recorded and not replayed:
                 with contextlib.suppress(Problem):
                     await run_in_threadpool(pending.ensure_recorded, self.node.writer)
+            if pending.recorded:
+                self._recorded.add(principal)
 
     def _target_uri(self, scope: Scope) -> str:
         """The URI a signature for this node covers; refuses a request addressed elsewhere."""

@@ -14,10 +14,14 @@ Contract:
   route, but the route's effects and its answer are rolled back and replaced by the refusal.
 * Whatever the route did not record (it raised before its write, its write failed), the
   middleware records alone before the answer leaves (:meth:`PendingNonce.ensure_recorded`).
+* A replay of a request this process already recorded is refused before the route runs
+  (:class:`RecentNonces`), so replaying a captured request costs the gateway no admission
+  work; the ledger's UNIQUE row stays the authority (other processes, a forgotten entry).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -78,3 +82,24 @@ def run_recording(nonce: PendingNonce | None, writer: GroupCommitter,
     if nonce is None:
         return writer.run(work, datasets=datasets)
     return nonce.run(writer, work, datasets=datasets)
+
+
+class RecentNonces:
+    """The nonces this process has seen committed, until their signatures expire: a filter in
+    front of the ledger that only ever refuses a nonce that *is* recorded (it may forget one:
+    at most ``capacity`` are kept, the oldest dropped first). Used from the event loop only."""
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        self.capacity = capacity
+        self._expiry: dict[tuple[str, str], float] = {}
+
+    def seen(self, verified: VerifiedRequest) -> bool:
+        return (verified.key_id, verified.nonce) in self._expiry
+
+    def add(self, verified: VerifiedRequest) -> None:
+        if len(self._expiry) >= self.capacity:
+            now = time.time()
+            self._expiry = {k: t for k, t in self._expiry.items() if t > now}
+            while len(self._expiry) >= self.capacity:  # dicts keep insertion order
+                del self._expiry[next(iter(self._expiry))]
+        self._expiry[(verified.key_id, verified.nonce)] = verified.nonce_expires_at
