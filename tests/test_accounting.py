@@ -355,6 +355,34 @@ def test_job_cost_from_json_rejects_events_outside_the_allowlist():
         JobCost.from_json(negative)
 
 
+def _named_tuple_json(event: dp_accounting.DpEvent) -> dict:
+    """The stored form as it was first written: dp-accounting's ``to_named_tuple``, nested."""
+    def field(value):
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return dict(zip(value._fields, (field(v) for v in value), strict=True))
+        if isinstance(value, (list, tuple)):
+            return [field(item) for item in value]
+        return value
+
+    return field(event.to_named_tuple())
+
+
+@pytest.mark.parametrize("event", [
+    dp_accounting.GaussianDpEvent(1.3),
+    dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(0.7)),
+    training_event(sampling_rate=256 / 60000, noise_multiplier=1.12, rounds=14040),
+    training_event(sampling_rate=0.05, noise_multiplier=1.0, rounds=7, clipped_count_stddev=3.0),
+    training_event(sampling_rate=0.01, noise_multiplier=1.0, rounds=3, clipped_count_stddev=3.0).event.event,
+    evaluation_event(noise_multiplier=2.5),
+], ids=["gaussian", "poisson-sampled", "self-composed", "adaptive-clipping", "composed", "evaluation"])
+def test_stored_event_json_is_byte_for_byte_dp_accountings_named_tuple_form(event):
+    assert (json.dumps(accounting.event_to_json(event))
+            == json.dumps(_named_tuple_json(event)))
+    cost = JobCost(event, evaluation_event(noise_multiplier=4.0))
+    assert json.dumps(cost.to_json()) == json.dumps(
+        {"training": _named_tuple_json(event), "evaluation": _named_tuple_json(cost.evaluation)})
+
+
 def test_job_cost_with_unserializable_event_is_refused_on_write():
     cost = JobCost(dp_accounting.LaplaceDpEvent(1.0), None)
     with pytest.raises(ValueError, match="LaplaceDpEvent"):
