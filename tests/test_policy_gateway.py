@@ -4,9 +4,12 @@ back as problem+json ``policy-denied`` naming the rule and the fix, and is audit
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import event
 from starlette.testclient import TestClient
 
 from gateway.api.app import create_app
@@ -83,3 +86,34 @@ def test_the_researchers_epsilon_in_the_window_comes_from_the_ledger(
     assert "allows each researcher ε ≤ 2 on this dataset per 30 days" in detail
     assert "you have 1.95 reserved or spent in that window" in detail
     assert "a job with ε ≤ 0.05 fits now" in detail
+
+
+def test_the_dataset_and_the_researchers_epsilon_are_read_in_one_snapshot(node_dir: Path) -> None:
+    write_policy(node_dir, "p2, researchers, owner, demo, *, max_epsilon_per_researcher, 50 per 30d\n"
+                           "p2, researchers, owner, demo, *, max_epsilon_per_researcher, 90 per 365d\n")
+    alice = make_researcher(node_dir, "alice")
+    app = create_app(node_dir)
+    statements: list[tuple[int, int, int, str]] = []  # thread, connection, transaction, SQL
+
+    with signed_client(app, alice) as client:
+        model_digest = upload(client)
+
+        @event.listens_for(app.state.node.read_engine, "before_cursor_execute")
+        def note(connection, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+            statements.append((threading.get_ident(), id(connection.connection.dbapi_connection),
+                               id(connection.get_transaction()), statement))
+
+        response = client.post("/v1/jobs", json={**JOB, "model_digest": model_digest})
+    assert response.status_code == 202, response.text
+    # The admission's reads: its thread's statements before the reservation locks the dataset
+    # (on PostgreSQL the writer uses the same engine; on SQLite it has its own).
+    first = next(i for i, (*_, sql) in enumerate(statements) if re.search(r"\bFROM dataset\b", sql))
+    thread = statements[first][0]
+    reads = []
+    for entry in statements[first:]:
+        if "FOR UPDATE" in entry[3]:
+            break
+        if entry[0] == thread:
+            reads.append(entry)
+    assert sum("FROM researcherepsilon" in sql for *_, sql in reads) == 2  # both windows
+    assert len({(connection, transaction) for _, connection, transaction, _ in reads}) == 1

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from engine import compute, memory
@@ -362,8 +363,8 @@ def not_visible(name: str) -> Problem:
     return Problem("unknown-dataset", f"no dataset {name!r} visible to this key")
 
 
-def _load_dataset(node: Node, name: str) -> Dataset | None:
-    with node.read_session() as s:
+def _load_dataset(reads: Connection, name: str) -> Dataset | None:
+    with Session(bind=reads) as s:
         return s.get(Dataset, name)
 
 
@@ -464,12 +465,14 @@ def projected_once(node: Node, dataset: Dataset, request: JobRequest) -> Callabl
 
 def decide_policy(
     node: Node, principal: VerifiedRequest, dataset: Dataset, action: str, request: JobRequest,
-    *, policy: PolicyEngine, projected: Callable[[], Projection],
+    *, policy: PolicyEngine, projected: Callable[[], Projection], reads: Connection,
 ) -> PolicyDecision:
     """The owner policy's decision on ``request`` in the dataset owner's domain.
 
-    ``policy`` is the engine the caller took once for the whole request (``Node.policy``)
-    and ``projected`` the request's cost projection (:func:`projected_once`).
+    ``policy`` is the engine the caller took once for the whole request (``Node.policy``),
+    ``projected`` the request's cost projection (:func:`projected_once`) and ``reads`` the
+    request's read connection (``node.read_engine``), in whose snapshot ``dataset`` was read:
+    the ledger facts below are read in it too, one snapshot instead of one per fact.
 
     The request's parameters are stated as they are; the facts that cost something (the
     projected ε, the model's family and size, the researcher's ε in a window, the jobs that
@@ -493,11 +496,11 @@ def decide_policy(
             facts.update(model_family=summary.family, model_bytes=size,
                          model_parameters=summary.parameter_count)
     if "researcher_committed_jobs" in needs:
-        with node.read_session() as s:
+        with Session(bind=reads) as s:
             facts["researcher_committed_jobs"] = researcher_committed_jobs(
                 s, researcher=principal.principal, dataset=dataset.name)
     if "dataset_model_families" in needs:
-        with node.read_session() as s:
+        with Session(bind=reads) as s:
             digests = committed_model_digests(s, dataset=dataset.name)
         # A model that can no longer be read counts as unseen: more reviews, never fewer.
         facts["dataset_model_families"] = frozenset(
@@ -505,9 +508,8 @@ def decide_policy(
             if (stored := _stored_model(node, digest)) is not None)
 
     def epsilon_spent(window: dt.timedelta) -> float:
-        with node.read_engine.connect() as c:
-            return researcher_epsilon_spent(c, researcher=principal.principal,
-                                            dataset=dataset.name, since=now - window)
+        return researcher_epsilon_spent(reads, researcher=principal.principal,
+                                        dataset=dataset.name, since=now - window)
 
     context = RequestContext(
         now=now, rounds=request.rounds, noise_multiplier=float(request.noise_multiplier),
@@ -556,13 +558,19 @@ def admit(
     if principal.role != "researcher":
         raise _deny(node, audit, Problem("policy-denied", "only researchers may submit jobs"),
                     nonce=nonce)
-    dataset = _load_dataset(node, request.dataset)
+    # One engine for the whole request, its decision and its quotas; taken before the read
+    # snapshot below is opened, so a rebuild never waits for a connection while holding one.
+    policy = node.policy()
+    # The dataset and the policy's ledger facts from one read snapshot, released before any
+    # write: the privacy filter itself is decided in the reservation's transaction.
+    with node.read_engine.connect() as reads, reads.begin():
+        dataset = _load_dataset(reads, request.dataset)
+        if dataset is not None:
+            projected = projected_once(node, dataset, request)
+            decision = decide_policy(node, principal, dataset, "train", request, policy=policy,
+                                     projected=projected, reads=reads)
     if dataset is None:
         raise _deny(node, audit, not_visible(request.dataset), nonce=nonce)
-    policy = node.policy()  # one engine for the whole request: its decision and its quotas
-    projected = projected_once(node, dataset, request)
-    decision = decide_policy(node, principal, dataset, "train", request, policy=policy,
-                             projected=projected)
     audit["policy_version"] = decision.policy_version
     if not decision.allowed:
         refusal = Problem("policy-denied", decision.explanation, rule=list(decision.rule or []))
@@ -645,11 +653,13 @@ def admit(
 
 def dataset_for_estimate(node: Node, principal: VerifiedRequest, request: JobRequest) -> Dataset:
     """The requested dataset, if the policy lets this principal estimate on it."""
-    dataset = _load_dataset(node, request.dataset)
-    if dataset is None:
-        raise not_visible(request.dataset)
-    decision = decide_policy(node, principal, dataset, "estimate", request,
-                             policy=node.policy(), projected=projected_once(node, dataset, request))
+    policy = node.policy()
+    with node.read_engine.connect() as reads, reads.begin():
+        dataset = _load_dataset(reads, request.dataset)
+        if dataset is None:
+            raise not_visible(request.dataset)
+        decision = decide_policy(node, principal, dataset, "estimate", request, policy=policy,
+                                 projected=projected_once(node, dataset, request), reads=reads)
     if not decision.allowed:
         if decision.rule is None:
             raise not_visible(request.dataset)
