@@ -128,6 +128,11 @@ def _orders(orders: Sequence[float]) -> tuple[float, ...]:
     return result
 
 
+# dp-accounting's 156 default orders, validated once: every admission's ε and every status
+# poll's progress ε are computed at them.
+_DEFAULT_ORDERS = _orders(DEFAULT_RDP_ORDERS)
+
+
 # --- events and ε --------------------------------------------------------------------------
 
 
@@ -289,7 +294,10 @@ class JobCost:
         Values are dp-accounting's binary64 results, possibly ``inf``; the filter rounds them up
         when charging.
         """
-        orders = _orders(orders)
+        return self._rdp(_orders(orders))
+
+    def _rdp(self, orders: tuple[float, ...]) -> tuple[float, ...]:
+        """:meth:`rdp` at ``orders`` already validated by ``_orders``."""
         curves = [_event_rdp(self.training, orders)]
         if self.evaluation is not None:
             curves.append(_event_rdp(self.evaluation, orders))
@@ -303,8 +311,8 @@ class JobCost:
         uses the filter, never this number.
         """
         delta = _delta(delta)
-        orders = _orders(DEFAULT_RDP_ORDERS if orders is None else orders)
-        epsilon, _ = compute_epsilon(orders, self.rdp(orders), delta)
+        orders = _DEFAULT_ORDERS if orders is None else _orders(orders)
+        epsilon, _ = compute_epsilon(orders, self._rdp(orders), delta)
         return float(epsilon)
 
     def epsilon_after_rounds(self, rounds_done: int, delta: float) -> float:
@@ -449,7 +457,7 @@ def epsilon_after_rounds(*, sampling_rate: float, noise_multiplier: float, round
         ).epsilon(delta)
     # RdpAccountant composes T rounds as T × (one round's RDP), so this is bit-for-bit
     # training_epsilon(rounds=done) (a test checks it) without recomputing the curve.
-    orders = _orders(DEFAULT_RDP_ORDERS)
+    orders = _DEFAULT_ORDERS
     one_round = _one_round_rdp(_sampling_rate(sampling_rate),
                                _positive("noise_multiplier", noise_multiplier))
     epsilon, _ = compute_epsilon(orders, [done * r for r in one_round], _delta(delta))
@@ -459,7 +467,7 @@ def epsilon_after_rounds(*, sampling_rate: float, noise_multiplier: float, round
 @functools.lru_cache(maxsize=256)
 def _one_round_rdp(sampling_rate: float, noise_multiplier: float) -> tuple[float, ...]:
     event = training_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, rounds=1)
-    return _event_rdp(event, _orders(DEFAULT_RDP_ORDERS))
+    return _event_rdp(event, _DEFAULT_ORDERS)
 
 
 def pld_epsilon(*, sampling_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
