@@ -3,6 +3,7 @@ real Ed25519 signatures, real Casbin, real ledger on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -117,6 +118,19 @@ HELD_FOR_REVIEW = ("p, researchers, owner, *, train, allow\n"
                    "p2, researchers, owner, demo, train, require_review, always\n")
 
 
+@contextlib.contextmanager
+def _held_for_review_with_model(node_dir: Path, model_bytes: bytes):  # type: ignore[no-untyped-def]
+    """A node whose policy holds alice's jobs for review, alice's signed client and the digest
+    of a model she uploaded: (app, alice's key, client, digest)."""
+    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
+    alice = make_researcher(node_dir, "alice")
+    app = create_app(node_dir)
+    with signed_client(app, alice) as client:
+        digest = client.post("/v1/models", content=model_bytes,
+                             headers={"Content-Type": "application/json"}).json()["digest"]
+        yield app, alice, client, digest
+
+
 def _submit_twice(client: TestClient, private_key, body: bytes):  # type: ignore[no-untyped-def]
     headers = signature_headers(private_key=private_key, method="POST",
                                 url="http://testserver/v1/jobs", body=body,
@@ -127,11 +141,7 @@ def _submit_twice(client: TestClient, private_key, body: bytes):  # type: ignore
 def test_replayed_admission_is_refused_and_reserves_nothing_more(
     node_dir: Path, db_url: str, model_bytes: bytes
 ) -> None:
-    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
-    alice = make_researcher(node_dir, "alice")
-    with signed_client(create_app(node_dir), alice) as client:
-        digest = client.post("/v1/models", content=model_bytes,
-                             headers={"Content-Type": "application/json"}).json()["digest"]
+    with _held_for_review_with_model(node_dir, model_bytes) as (_, alice, client, digest):
         client.auth = None  # the requests below carry their own signatures
         first, replay = _submit_twice(client, alice,
                                       json.dumps({**JOB, "model_digest": digest}).encode())
@@ -153,12 +163,7 @@ def test_replaying_a_captured_admission_costs_the_gateway_no_admission_work(
     admissions = []
     real_admit = app_module._admit
     monkeypatch.setattr(app_module, "_admit", lambda *a: admissions.append(1) or real_admit(*a))
-    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
-    alice = make_researcher(node_dir, "alice")
-    app = create_app(node_dir)
-    with signed_client(app, alice) as client:
-        digest = client.post("/v1/models", content=model_bytes,
-                             headers={"Content-Type": "application/json"}).json()["digest"]
+    with _held_for_review_with_model(node_dir, model_bytes) as (app, alice, client, digest):
         client.auth = None  # the requests below carry their own signatures
         body = json.dumps({**JOB, "model_digest": digest}).encode()
         headers = signature_headers(private_key=alice, method="POST",
@@ -175,12 +180,7 @@ def test_replaying_a_captured_admission_costs_the_gateway_no_admission_work(
 def test_an_admission_is_one_trip_to_the_ledger_writer(
     node_dir: Path, model_bytes: bytes
 ) -> None:
-    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
-    alice = make_researcher(node_dir, "alice")
-    app = create_app(node_dir)
-    with signed_client(app, alice) as client:
-        digest = client.post("/v1/models", content=model_bytes,
-                             headers={"Content-Type": "application/json"}).json()["digest"]
+    with _held_for_review_with_model(node_dir, model_bytes) as (app, _, client, digest):
         batches = app.state.node.writer.batches
         response = client.post("/v1/jobs", json={**JOB, "model_digest": digest})
         # The nonce, the reservation, the review and their audit entries: one commit.
@@ -191,11 +191,7 @@ def test_an_admission_is_one_trip_to_the_ledger_writer(
 def test_the_202_of_an_admission_is_the_status_the_ledger_then_reports(
     node_dir: Path, model_bytes: bytes
 ) -> None:
-    (node_dir / "policies" / "policy.csv").write_text(HELD_FOR_REVIEW)
-    alice = make_researcher(node_dir, "alice")
-    with signed_client(create_app(node_dir), alice) as client:
-        digest = client.post("/v1/models", content=model_bytes,
-                             headers={"Content-Type": "application/json"}).json()["digest"]
+    with _held_for_review_with_model(node_dir, model_bytes) as (_, _, client, digest):
         body = {**JOB, "model_digest": digest, "idempotency_key": "first"}
         admitted = client.post("/v1/jobs", json=body)
         again = client.post("/v1/jobs", json=body)  # the same job, read from the ledger
