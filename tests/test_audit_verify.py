@@ -582,15 +582,22 @@ def test_the_entry_lines_are_the_leaf_inputs_the_node_hashed(log: Log) -> None:
 
 # --- the command line ---------------------------------------------------------------------
 
+def _exported(log: Log, tampering: str | None, tmp_path: Path) -> tuple[Path, Path]:
+    """The log exported to a file after ``tampering`` (None: honest), and the node key pair's
+    path (the public key is at ``<path>.pub``)."""
+    if tampering is not None:
+        TAMPERINGS[tampering][0](log)
+    export, node_pub = tmp_path / "audit.json", tmp_path / "node"
+    export.write_bytes(log.export())
+    keys.write_key_pair(log.node_key, node_pub)
+    return export, node_pub
+
+
 @pytest.mark.parametrize("name", [None, *TAMPERINGS])
 def test_audit_verify_command_exits_1_printing_the_first_problem(
     log: Log, name: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if name is not None:
-        TAMPERINGS[name][0](log)
-    export, node_pub = tmp_path / "audit.json", tmp_path / "node"
-    export.write_bytes(log.export())
-    keys.write_key_pair(log.node_key, node_pub)
+    export, node_pub = _exported(log, name, tmp_path)
     status = fedgate(["audit", "verify", str(export), "--node-key", f"{node_pub}.pub"])
     out = capsys.readouterr().out
     if name is None:
@@ -606,11 +613,7 @@ def test_audit_verify_command_prints_the_same_report_with_any_number_of_workers(
     log: Log, name: str | None, small_runs: None, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if name is not None:
-        TAMPERINGS[name][0](log)
-    export, node_pub = tmp_path / "audit.json", tmp_path / "node"
-    export.write_bytes(log.export())
-    keys.write_key_pair(log.node_key, node_pub)
+    export, node_pub = _exported(log, name, tmp_path)
     printed = []
     for workers in ("1", "2", "3"):
         status = fedgate(["audit", "verify", str(export), "--node-key", f"{node_pub}.pub",
