@@ -621,3 +621,19 @@ def test_audit_verify_command_prints_the_same_report_with_any_number_of_workers(
         printed.append((status, capsys.readouterr().out))
     assert printed[0][0] == (0 if name is None else 1)
     assert printed == [printed[0]] * 3
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_audit_verify_uses_one_process_where_this_process_may_use_one_cpu() -> None:
+    """Under taskset or a one-CPU cpuset the machine may still have many CPUs: a second
+    process would only take turns with the first."""
+    import subprocess
+    import sys
+
+    probe = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+             "from gateway.cli import build_parser; "
+             "print(build_parser().parse_args(['audit', 'verify', 'x', '--node-key', 'k'])"
+             ".workers)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.strip() == "1"

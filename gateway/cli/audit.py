@@ -26,6 +26,14 @@ The other commands act on the deployment (-d DIR). Exit codes: 0 success,
 1 verification failed or the node refused to sign, 2 usage or file errors."""
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. under taskset or a container's
+    cpuset), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from ledger import keys  # here, not at the top: `fedgate --help` skips cryptography
     from ledger.audit_verify import verify_export_file
@@ -162,9 +170,10 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                    help="a checkpoint saved earlier (repeatable); detects a log cut back "
                         "to before it")
-    p.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--workers", type=_positive, default=min(2, _usable_cpus()),
                    metavar="N", help="processes that hash a large export (default: 2, or 1 "
-                                     "on a one-CPU machine); the report is the same")
+                                     "where this process may use one CPU); the report is the "
+                                     "same")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_audit_verify)
 
