@@ -53,7 +53,6 @@ from fractions import Fraction
 
 import numpy as np
 
-from ledger.accounting import InvalidPrivacyParameter, adaptive_update_noise_multiplier
 from ledger.ranges import (
     DEFAULT_MAX_EXAMPLES_PER_USER,
     MAX_CLIP,
@@ -242,6 +241,10 @@ def validate_adaptive_clipping(*, clip: object, noise_multiplier: object,
     """Validate adaptive clipping for a job whose effective noise multiplier is
     ``noise_multiplier`` and initial clip ``clip``; derive z_Δ (as the ledger charges it) and
     the float32 bounds of C_t. Raises :class:`MechanismParameterInvalid`."""
+    # Here, not at the top: the accountant loads dp_accounting and SciPy (~1 s), which every
+    # owner command would pay for (opening a node validates its evaluation mechanism).
+    from ledger.accounting import InvalidPrivacyParameter, adaptive_update_noise_multiplier
+
     clip_value = float(check_in_range("clip", clip))
     z = float(check_in_range("noise_multiplier", noise_multiplier))
     sigma_b = float(check_in_range("clipped_count_stddev", clipped_count_stddev))

@@ -64,3 +64,28 @@ def test_a_researcher_command_loads_the_sdk_but_no_server_library_or_tensorflow(
     assert status == 2  # nothing listens there: the one-line network error
     assert "httpx" in loaded  # the probe sees the imports a command makes
     assert not set(loaded) & set(SERVER_AND_TENSORFLOW)
+
+
+# What an owner command that reads the ledger but computes no ε and calls no node must not load:
+# TensorFlow, the accountant (dp-accounting and SciPy, ~1 s) and the researcher SDK (httpx).
+NOT_FOR_A_LEDGER_LISTING = ("tensorflow", "tensorflow_federated", "dp_accounting", "scipy",
+                            "httpx")
+
+
+@pytest.mark.parametrize("argv", [["researcher", "list"], ["dataset", "list"],
+                                  ["audit", "show"]])
+def test_an_owner_listing_loads_no_tensorflow_accountant_or_sdk(tmp_path: Path,
+                                                                 argv: list[str]) -> None:
+    from gateway.node.deployment import init_deployment
+
+    init_deployment(tmp_path / "node", owner="clinic")
+    probe = (
+        "import json, sys\n"
+        "import gateway.cli\n"
+        f"status = gateway.cli.main(['-d', {str(tmp_path / 'node')!r}, *{argv!r}])\n"
+        f"print(json.dumps([status, sorted(m for m in {NOT_FOR_A_LEDGER_LISTING!r}"
+        " if m in sys.modules)]), file=sys.__stderr__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert json.loads(run.stderr.strip().splitlines()[-1]) == [0, []]

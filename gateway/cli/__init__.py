@@ -699,8 +699,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from gateway.sdk.client import FedgateError, NodeUnreachable  # after --help (httpx)
-
     try:
         return int(args.func(args))
     except ModuleNotFoundError as missing:
@@ -709,10 +707,30 @@ def _run(argv: list[str] | None) -> int:
         print(f"fedgate: error: `fedgate {args.command}` runs on a node and needs the node "
               f"extra ({missing.name} is not installed): {NODE_EXTRA_HINT}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError, NodeUnreachable) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"fedgate: error: {exc}", file=sys.stderr)
         return 2
-    except FedgateError as exc:
+    except Exception as exc:
+        status = _sdk_error_status(exc)
+        if status is None:
+            raise
+        return status
+
+
+def _sdk_error_status(exc: Exception) -> int | None:
+    """The exit status for an SDK error (2: the node did not answer; 3: it refused), printed
+    on stderr; None for any other exception.
+
+    Only a command that imported the SDK (``gateway.sdk.client``: httpx, numpy) can raise one,
+    so an owner command that never did is not made to import it (~0.7 s) to find out."""
+    client = sys.modules.get("gateway.sdk.client")
+    if client is None:
+        return None
+    if isinstance(exc, client.NodeUnreachable):
+        print(f"fedgate: error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, client.FedgateError):
         print(f"fedgate: refused ({exc.type}): {exc}", file=sys.stderr)
         return 3
+    return None
 
