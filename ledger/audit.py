@@ -24,7 +24,7 @@ import json
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import func, update
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -35,12 +35,10 @@ from ledger.checkpoints import (
     parse_and_verify_checkpoint,
     sign_checkpoint,
 )
+from ledger.fixed_sql import Statement, execute
 from ledger.merkle import MerkleTree, leaf_hash, merkle_root, node_hash
 from ledger.models import AuditCheckpoint, AuditEntry, AuditHead
 from ledger.timestamps import utc_timestamp
-
-_HEAD = AuditHead.__table__  # type: ignore[attr-defined]
-_ENTRY = AuditEntry.__table__  # type: ignore[attr-defined]
 
 __all__ = [
     "AUDIT_ACTIONS",
@@ -79,29 +77,34 @@ AUDIT_ACTIONS = frozenset(
 )
 
 
+_NEXT_SEQ = Statement("UPDATE audithead SET size = size + 1 WHERE id = 1 RETURNING size")
+_FIRST_HEAD = Statement("INSERT INTO audithead (id, size) VALUES (1, 1)")
+_INSERT_ENTRY = Statement("INSERT INTO auditentry (seq, entry, leaf_hash) VALUES (?, ?, ?)")
+
+
 def append_entry(session: Session, *, action: str, **fields: Any) -> int:
     """Append one audit entry in the caller's transaction; return its sequence number.
 
-    Locks the audit head row so concurrent appenders get dense, gap-free numbers. Written
-    with SQLAlchemy Core statements (bound parameters), never as ORM objects: the head is
-    read and written only here, so no session holds a copy of it that could go stale.
+    Takes the next number by incrementing the audit head row (``UPDATE ... RETURNING``,
+    which row-locks it on PostgreSQL), so concurrent appenders get dense, gap-free numbers.
+    Written as fixed statements on the session's connection (``ledger.fixed_sql``), never as
+    ORM objects: the head is read and written only here, so no session holds a copy of it
+    that could go stale.
     """
     if action not in AUDIT_ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     if "seq" in fields or "timestamp" in fields:
         raise ValueError("seq and timestamp of an audit entry are set by append_entry")
-    connection = session.connection()
-    heads, entries = _HEAD.c, _ENTRY
-    seq = connection.execute(select(heads.size).where(heads.id == 1).with_for_update()).scalar()
-    if seq is None:
+    head = execute(session, _NEXT_SEQ).fetchone()
+    if head is None:  # the first entry of a log whose head row is not written yet
+        execute(session, _FIRST_HEAD)
         seq = 0
-        connection.execute(_HEAD.insert().values(id=1, size=0))
+    else:
+        seq = int(head[0]) - 1
     body = {"seq": seq, "timestamp": utc_timestamp(), "action": action, **fields}
     encoded = canonical_json(body)
-    connection.execute(entries.insert().values(seq=seq, entry=encoded.decode("utf-8"),
-                                               leaf_hash=leaf_hash(encoded).hex()))
-    connection.execute(update(_HEAD).where(heads.id == 1).values(size=seq + 1))
-    return int(seq)
+    execute(session, _INSERT_ENTRY, (seq, encoded.decode("utf-8"), leaf_hash(encoded).hex()))
+    return seq
 
 
 def read_entries(session: Session, start: int = 0, end: int | None = None) -> list[dict[str, Any]]:

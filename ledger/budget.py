@@ -25,19 +25,18 @@ from fractions import Fraction
 from typing import Any
 
 import dp_accounting
-from sqlalchemy import func, insert, update
+from sqlalchemy import func, insert
 from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, select
 
 from ledger import accounting, mechanism
 from ledger.audit import append_entry
+from ledger.fixed_sql import Statement, execute
 from ledger.models import Dataset, Job, ResearcherEpsilon
 from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 from ledger.renyi_filter import RenyiFilter
 from ledger.states import CHARGED_BUDGET_STATES, BudgetState
-
-_DATASET = Dataset.__table__  # type: ignore[attr-defined]
 
 
 class LedgerError(Exception):
@@ -212,6 +211,15 @@ def find_idempotent_job(session: Session, researcher_key_id: str, key: str | Non
     ).first()
 
 
+_LOCK_FILTER = Statement("SELECT filter_orders, filter_budget, spent_rdp FROM dataset WHERE name = ?",
+                         lock=True)
+_SPEND = Statement("UPDATE dataset SET spent_rdp = ? WHERE name = ?")
+_RESEARCHER_EPSILON = Statement(
+    "SELECT epsilon, since FROM researcherepsilon WHERE dataset = ? AND researcher = ?")
+_COUNT_RESEARCHER_EPSILON = Statement(
+    "UPDATE researcherepsilon SET epsilon = ?, since = ? WHERE dataset = ? AND researcher = ?")
+
+
 def reserve_budget(
     session: Session, job: Job, cost_rdp: tuple[float, ...], audit: dict[str, Any]
 ) -> Job:
@@ -221,28 +229,23 @@ def reserve_budget(
     The ``admit`` entry is appended in this transaction. On ``BudgetExceeded`` the caller
     must roll back and record the ``deny`` in a transaction of its own.
 
-    The rows are written with SQLAlchemy Core statements (bound parameters; the admission hot
-    path): the dataset row locked, read and updated, the job inserted. ``job`` must not be in
+    The rows are written without the ORM (the admission hot path): the dataset row locked,
+    read and updated with fixed statements (``ledger.fixed_sql``), the job inserted with a
+    SQLAlchemy Core insert. ``job`` must not be in
     ``session`` yet; it is returned attached to it as the row it inserted.
     """
-    connection = session.connection()
-    datasets = _DATASET.c
-    row = connection.execute(
-        select(datasets.filter_orders, datasets.filter_budget, datasets.spent_rdp)
-        .where(datasets.name == job.dataset).with_for_update()).first()
+    row = execute(session, _LOCK_FILTER, (job.dataset,)).fetchone()
     if row is None:
         raise UnknownDataset(job.dataset)
-    current = RenyiFilter.from_json(orders=row.filter_orders, budget=row.filter_budget,
-                                    spent=row.spent_rdp)
+    current = RenyiFilter.from_json(orders=row[0], budget=row[1], spent=row[2])
     if not current.admits(cost_rdp):
         raise BudgetExceeded(job.dataset, job.epsilon, current.jobs_that_fit(cost_rdp))
     job.budget_state = BudgetState.RESERVED
     job.cost_rdp = json.dumps(list(cost_rdp))
     append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
     count_researcher_epsilon(session, job, +1)
-    connection.execute(update(_DATASET).where(datasets.name == job.dataset)
-                       .values(spent_rdp=current.charge(cost_rdp).spent_json()))
-    connection.execute(insert(Job), [job.model_dump()])
+    execute(session, _SPEND, (current.charge(cost_rdp).spent_json(), job.dataset))
+    session.connection().execute(insert(Job), [job.model_dump()])
     make_transient_to_detached(job)  # the row just inserted, without a flush of the ORM
     session.add(job)
     return job
@@ -256,18 +259,17 @@ def count_researcher_epsilon(session: Session, job: Job, sign: int) -> None:
     Without a row, a reservation first creates it from the researcher's charged jobs there
     (a ledger written before the row existed); a refund leaves it absent (the reservation
     that creates it will sum the jobs as they are then)."""
-    table = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
-    key = (table.c.dataset == job.dataset) & (table.c.researcher == job.researcher)
-    connection = session.connection()
-    row = connection.execute(select(table.c.epsilon, table.c.since).where(key)).first()
+    row = execute(session, _RESEARCHER_EPSILON, (job.dataset, job.researcher)).fetchone()
     if row is not None:
-        total = Fraction(row.epsilon) + sign * Fraction(job.epsilon)
-        connection.execute(update(table).where(key).values(
-            epsilon=str(total), since=min(row.since, job.created_at)))
+        total = Fraction(row[0]) + sign * Fraction(job.epsilon)
+        execute(session, _COUNT_RESEARCHER_EPSILON,
+                (str(total), min(row[1], job.created_at), job.dataset, job.researcher))
         return
     if sign < 0:
         return
+    table = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
     jobs = Job.__table__  # type: ignore[attr-defined]
+    connection = session.connection()
     charged = connection.execute(select(jobs.c.epsilon, jobs.c.created_at).where(
         jobs.c.dataset == job.dataset, jobs.c.researcher == job.researcher,
         jobs.c.budget_state.in_(CHARGED_BUDGET_STATES), jobs.c.id != job.id)).all()

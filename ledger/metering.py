@@ -33,7 +33,8 @@ from sqlalchemy import insert
 from sqlmodel import Session, select
 
 from engine.meter import ResourceUsage
-from ledger.models import AuditHead, Job, JobMeter
+from ledger.fixed_sql import Statement, execute
+from ledger.models import Job, JobMeter
 from ledger.pricing import decimal_text
 from ledger.states import ACTIVE_JOB_STATES
 
@@ -41,6 +42,7 @@ __all__ = [
     "ACTIVE_JOB_STATES",
     "BilledCpu",
     "active_jobs",
+    "active_jobs_per_dataset",
     "active_reservations",
     "billed_cpu",
     "cpu_seconds_used",
@@ -179,6 +181,25 @@ def active_jobs(session: Session, researchers: Iterable[str]) -> list[Job]:
         Job.researcher.in_(names), Job.state.in_(ACTIVE_JOB_STATES))).all())  # type: ignore[attr-defined]
 
 
+_ACTIVE_STATES = tuple(state.value for state in ACTIVE_JOB_STATES)
+_ACTIVE_PER_DATASET = Statement("SELECT dataset, count(*) FROM job WHERE researcher = ? AND "
+                                "state IN (?, ?, ?, ?) GROUP BY dataset")
+if _ACTIVE_PER_DATASET.sql.count("?") != 1 + len(_ACTIVE_STATES):
+    raise RuntimeError("_ACTIVE_PER_DATASET must bind every one of ACTIVE_JOB_STATES")
+
+
+def active_jobs_per_dataset(session: Session, researchers: Iterable[str]) -> dict[str, int]:
+    """How many admitted, unsettled jobs (``ACTIVE_JOB_STATES``) of any of ``researchers``
+    each dataset holds: one indexed count per researcher (``ix_job_researcher_state``), no
+    job rows loaded."""
+    counts: dict[str, int] = {}
+    for researcher in sorted(set(researchers)):
+        for name, count in execute(session, _ACTIVE_PER_DATASET,
+                                   (researcher, *_ACTIVE_STATES)).fetchall():
+            counts[name] = counts.get(name, 0) + int(count)
+    return counts
+
+
 def cpu_seconds_used(session: Session, researchers: Iterable[str], month: str, *,
                      default_reservation: float,
                      on_dataset: Callable[[str], bool] = lambda name: True) -> float:
@@ -211,11 +232,13 @@ def active_reservations(session: Session, researchers: Iterable[str], *,
     return found
 
 
+_LOCK_AUDIT_HEAD = Statement("SELECT id FROM audithead WHERE id = 1", lock=True)
+
+
 def lock_usage(session: Session) -> None:
     """Serialise quota checks: take the audit log head's row lock (``SELECT … FOR UPDATE``;
     SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock). Every admission
     appends an ``admit`` entry under this lock, so usage read after it includes every admission
     that committed before, and none can commit until this transaction ends. Call it after
     ``reserve_budget`` (dataset row, then audit head: the order every writer takes them)."""
-    statement = select(AuditHead.id).where(AuditHead.id == 1).with_for_update()
-    session.exec(statement).first()  # reviewed: ORM query, not exec
+    execute(session, _LOCK_AUDIT_HEAD).fetchone()

@@ -99,11 +99,14 @@ class Job(SQLModel, table=True):
     becomes ``approved`` → ``queued`` (the gateway starts it) or ``failed`` (refunded).
     """
 
-    # The composite index answers the policy's per-researcher ε sums
-    # (``gateway.policy.ledger_inputs``) without reading every job of the dataset.
+    # The composite indexes answer the policy's per-researcher ε sums
+    # (``gateway.policy.ledger_inputs``) without reading every job of the dataset, and the
+    # concurrent-job quota's count of a researcher's active jobs (``gateway.node.quotas``)
+    # without reading every active job of the node.
     __table_args__ = (UniqueConstraint("researcher_key_id", "idempotency_key"),
                       Index("ix_job_dataset_researcher_created", "dataset", "researcher",
-                            "created_at"))
+                            "created_at"),
+                      Index("ix_job_researcher_state", "researcher", "state"))
     id: str = Field(primary_key=True, max_length=64)
     dataset: str = Field(index=True, max_length=128)
     researcher_key_id: str = Field(max_length=64)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
-from sqlalchemy import delete, func, insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, func
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
 
 from ledger.audit import append_entry
+from ledger.fixed_sql import Statement, execute
 from ledger.models import Principal, SeenNonce
 from ledger.names import NameInvalid, check_name, check_principal_name, name_key
 from ledger.versions import REGISTRY, bump_version
@@ -169,20 +169,19 @@ def list_principals(session: Session) -> list[Principal]:
     return list(session.exec(statement).all())  # reviewed: ORM query, not exec
 
 
+_REMEMBER_NONCE = Statement("INSERT INTO seennonce (key_id, nonce, expires_at) VALUES (?, ?, ?) "
+                            "ON CONFLICT (key_id, nonce) DO NOTHING")
+
+
 def remember_nonce(session: OrmSession, *, key_id: str, nonce: str, expires_at: float) -> bool:
     """Record a nonce in the caller's transaction; False if this key already used it (a replay).
 
-    The UNIQUE(key_id, nonce) constraint makes this atomic across gateway processes; a savepoint
-    keeps a refused insert from spoiling the rest of the caller's transaction. The caller
-    answers only after its transaction commits (the gateway: ``ledger.group_commit``).
+    The UNIQUE(key_id, nonce) constraint makes this atomic across gateway processes; the
+    insert does nothing on that conflict (``ON CONFLICT DO NOTHING``, on SQLite and
+    PostgreSQL), so a refused nonce leaves the rest of the caller's transaction as it was.
+    The caller answers only after its transaction commits (the gateway: ``ledger.group_commit``).
     """
-    try:
-        with session.begin_nested():
-            session.connection().execute(insert(SeenNonce).values(
-                key_id=key_id, nonce=nonce, expires_at=expires_at))
-    except IntegrityError:
-        return False
-    return True
+    return execute(session, _REMEMBER_NONCE, (key_id, nonce, expires_at)).rowcount == 1
 
 
 def prune_nonces(session: OrmSession, now: float) -> int:

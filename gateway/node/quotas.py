@@ -31,14 +31,15 @@ import datetime as dt
 from collections.abc import Callable
 from decimal import Decimal
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from gateway.node.billing import project_cost, spend_used
 from gateway.policy.constraints import Quota
 from gateway.policy.decisions import dataset_matches
 from gateway.protocol.problems import Problem
-from ledger.metering import active_jobs, cpu_seconds_used, lock_usage, month_bounds, month_of
-from ledger.models import Dataset, Job
+from ledger.fixed_sql import Statement, execute
+from ledger.metering import active_jobs_per_dataset, cpu_seconds_used, lock_usage, month_bounds, month_of
+from ledger.models import Job
 from ledger.pricing import PriceList
 
 __all__ = ["QuotaExceeded", "enforce_quotas"]
@@ -53,8 +54,11 @@ class QuotaExceeded(Exception):
         self.problem = problem
 
 
+_DATASET_OWNERS = Statement("SELECT name, owner FROM dataset")
+
+
 def _on_datasets(session: Session, quota: Quota) -> Callable[[str], bool]:
-    owners = dict(session.exec(select(Dataset.name, Dataset.owner)).all())  # reviewed: ORM query, not exec
+    owners = dict(execute(session, _DATASET_OWNERS).fetchall())
     return lambda name: owners.get(name) == quota.domain and dataset_matches(quota.dataset_pattern, name)
 
 
@@ -90,7 +94,8 @@ def check_quota(session: Session, quota: Quota, *, job: Job, cpu_reserved_second
     """Raise ``QuotaExceeded`` if use of ``quota``, ``job`` included, is above its limit."""
     on_dataset = _on_datasets(session, quota)
     if quota.name == "max_concurrent_jobs":
-        running = sum(1 for other in active_jobs(session, quota.members) if on_dataset(other.dataset))
+        running = sum(count for name, count in active_jobs_per_dataset(session, quota.members).items()
+                      if on_dataset(name))
         if running > quota.limit:
             raise _refusal(quota, used=str(running - 1), requested="1", limit=str(quota.limit),
                            unit="jobs", month=None, what="admitted and not yet finished",

@@ -1,0 +1,58 @@
+"""Fixed SQL statements run on the DBAPI connection beneath a SQLAlchemy session: the few
+statements every admission runs, without SQLAlchemy's per-statement compile and result work
+(~50 µs each against ~8 µs for the driver alone).
+
+Contract:
+
+* Every statement is a constant of this codebase, written once with ``?`` placeholders; every
+  value is a bound parameter, never formatted into the text (untrusted input is data).
+* A statement runs on the session's own DBAPI connection: in the same transaction and the
+  same savepoint as the session's other statements, seen by them and rolled back with them.
+  Session-held ORM copies of the rows it writes are not refreshed: use these statements only
+  on rows the session does not hold (the callers say which).
+* PostgreSQL (psycopg) runs the same text with ``%s`` placeholders, and ``FOR UPDATE`` on a
+  statement that locks the rows it reads; SQLite's ``BEGIN IMMEDIATE`` already holds the
+  database's write lock, and SQLite has no ``FOR UPDATE``.
+* Errors are the driver's own exceptions (``sqlite3.Error``, ``psycopg.Error``), not
+  SQLAlchemy's: a caller that expects a constraint to fail says so in the statement
+  (``ON CONFLICT ... DO NOTHING``) and reads the row count instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One fixed statement; ``lock`` appends ``FOR UPDATE`` on PostgreSQL."""
+
+    sql: str
+    lock: bool = False
+    _postgresql: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if "%" in self.sql:
+            raise ValueError("a fixed statement may not contain '%' (psycopg's placeholders)")
+        text = self.sql.replace("?", "%s") + (" FOR UPDATE" if self.lock else "")
+        object.__setattr__(self, "_postgresql", text)
+
+    def text(self, dialect: str) -> str:
+        return self.sql if dialect == "sqlite" else self._postgresql
+
+
+def execute(on: Session | Connection, statement: Statement, parameters: Sequence[Any] = ()) -> Any:
+    """Run ``statement`` with ``parameters`` on the DBAPI connection of a session or of a
+    SQLAlchemy connection, in its transaction; returns the driver's cursor (``fetchone``,
+    ``fetchall``, ``rowcount``)."""
+    connection = on.connection() if isinstance(on, Session) else on
+    if not connection.in_transaction():  # begin as SQLAlchemy would (the engine's BEGIN hook)
+        connection.begin()
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute(statement.text(connection.dialect.name), tuple(parameters))
+    return cursor
