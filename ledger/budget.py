@@ -26,6 +26,7 @@ from typing import Any
 
 import dp_accounting
 from sqlalchemy import func, insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, select
 
@@ -251,6 +252,15 @@ def reserve_budget(
     return job
 
 
+def running_researcher_epsilon(on: Session | Connection, *, dataset: str,
+                               researcher: str) -> tuple[Fraction, float] | None:
+    """``researcher``'s running Σε on ``dataset`` (``ResearcherEpsilon``: the exact sum and the
+    earliest creation time of the jobs it counts), as ``on``'s transaction sees it; None
+    without a row."""
+    row = execute(on, _RESEARCHER_EPSILON, (dataset, researcher)).fetchone()
+    return None if row is None else (Fraction(row[0]), float(row[1]))
+
+
 def count_researcher_epsilon(session: Session, job: Job, sign: int) -> None:
     """Add (``sign`` +1, at reservation) or subtract (-1, at refund) ``job``'s ε to its
     researcher's running total on its dataset (``ResearcherEpsilon``), in the caller's
@@ -259,9 +269,9 @@ def count_researcher_epsilon(session: Session, job: Job, sign: int) -> None:
     Without a row, a reservation first creates it from the researcher's charged jobs there
     (a ledger written before the row existed); a refund leaves it absent (the reservation
     that creates it will sum the jobs as they are then)."""
-    row = execute(session, _RESEARCHER_EPSILON, (job.dataset, job.researcher)).fetchone()
+    row = running_researcher_epsilon(session, dataset=job.dataset, researcher=job.researcher)
     if row is not None:
-        total = Fraction(row[0]) + sign * Fraction(job.epsilon)
+        total = row[0] + sign * Fraction(job.epsilon)
         execute(session, _COUNT_RESEARCHER_EPSILON,
                 (str(total), min(row[1], job.created_at), job.dataset, job.researcher))
         return

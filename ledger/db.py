@@ -67,7 +67,9 @@ def _sqlite_engine(url: str, *, begin: str, query_only: bool = False) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql(begin)
+        # On the driver's connection: a constant, once per transaction, without SQLAlchemy's
+        # statement machinery.
+        connection.connection.driver_connection.execute(begin)
 
     return engine
 

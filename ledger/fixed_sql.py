@@ -13,6 +13,8 @@ Contract:
 * PostgreSQL (psycopg) runs the same text with ``%s`` placeholders, and ``FOR UPDATE`` on a
   statement that locks the rows it reads; SQLite's ``BEGIN IMMEDIATE`` already holds the
   database's write lock, and SQLite has no ``FOR UPDATE``.
+* ``before_cursor_execute`` listeners of the engine (tracing, tests) see each statement, as
+  they see SQLAlchemy's own; without listeners that costs one check.
 * Errors are the driver's own exceptions (``sqlite3.Error``, ``psycopg.Error``), not
   SQLAlchemy's: a caller that expects a constraint to fail says so in the statement
   (``ON CONFLICT ... DO NOTHING``) and reads the row count instead.
@@ -54,5 +56,9 @@ def execute(on: Session | Connection, statement: Statement, parameters: Sequence
     if not connection.in_transaction():  # begin as SQLAlchemy would (the engine's BEGIN hook)
         connection.begin()
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    cursor.execute(statement.text(connection.dialect.name), tuple(parameters))
+    text, values = statement.text(connection.dialect.name), tuple(parameters)
+    listeners = connection.dispatch.before_cursor_execute
+    if listeners:  # tracing and tests see these statements as they see SQLAlchemy's own
+        listeners(connection, cursor, text, values, None, False)
+    cursor.execute(text, values)
     return cursor

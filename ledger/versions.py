@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
+from ledger.fixed_sql import Statement, execute
 from ledger.models import LedgerVersion
 
 REGISTRY = "registry"
@@ -42,11 +43,13 @@ def bump_version(session: Session, name: str) -> None:
         session.connection().execute(table.insert().values(name=name, version=1))
 
 
+_READ_VERSION = Statement("SELECT version FROM ledgerversion WHERE name = ?")
+
+
 def read_version(connection: Connection, name: str) -> int | None:
     """The counter of ``name`` as ``connection``'s transaction sees it; None without a row."""
-    table = LedgerVersion.__table__  # type: ignore[attr-defined]
-    value = connection.execute(select(table.c.version).where(table.c.name == name)).scalar()
-    return None if value is None else int(value)
+    row = execute(connection, _READ_VERSION, (name,)).fetchone()
+    return None if row is None else int(row[0])
 
 
 class VersionedCache(Generic[K, V]):

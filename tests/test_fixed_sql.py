@@ -67,3 +67,23 @@ def test_a_fixed_statement_on_a_fresh_connection_runs_in_its_snapshot(db_url: st
     finally:
         reads.dispose()
         engine.dispose()
+
+
+def test_statement_listeners_see_fixed_statements_as_they_see_sqlalchemys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import event
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    create_schema(engine)
+    seen: list[tuple[str, tuple[object, ...]]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def note(_connection, _cursor, statement, parameters, *_rest) -> None:  # type: ignore[no-untyped-def]
+        seen.append((statement, parameters))
+
+    try:
+        with session(engine) as s, s.begin():
+            remember_nonce(s, key_id="k", nonce="n", expires_at=1.0)
+        assert any(statement.startswith("INSERT INTO seennonce") and parameters == ("k", "n", 1.0)
+                   for statement, parameters in seen)
+    finally:
+        engine.dispose()

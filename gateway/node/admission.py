@@ -66,6 +66,7 @@ from ledger.budget import (
     reserve_budget,
 )
 from ledger.canonical import canonical_json
+from ledger.fixed_sql import Statement, execute
 from ledger.metering import reserve_compute
 from ledger.models import Dataset, Job, JobReview
 from ledger.ranges import ADAPTIVE_DEFAULTS, CLIP_STRATEGIES
@@ -363,9 +364,17 @@ def not_visible(name: str) -> Problem:
     return Problem("unknown-dataset", f"no dataset {name!r} visible to this key")
 
 
+_DATASET_ROW = Statement("SELECT * FROM dataset WHERE name = ?")
+
+
 def _load_dataset(reads: Connection, name: str) -> Dataset | None:
-    with Session(bind=reads) as s:
-        return s.get(Dataset, name)
+    """The dataset row ``name`` in ``reads``' snapshot, as a ``Dataset`` held by no session."""
+    cursor = execute(reads, _DATASET_ROW, (name,))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return Dataset(**{column[0]: value for column, value in zip(cursor.description, row,
+                                                                  strict=True)})
 
 
 def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:

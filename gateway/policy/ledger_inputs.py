@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from fractions import Fraction
 
 from sqlalchemy import func
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
-from ledger.models import Job, Principal, ResearcherEpsilon
+from ledger.budget import running_researcher_epsilon
+from ledger.models import Job, Principal
 from ledger.states import CHARGED_BUDGET_STATES, BudgetState
 
 
@@ -28,11 +28,9 @@ def researcher_epsilon_spent(connection: Connection, *, researcher: str, dataset
     The running total the reservations keep (``ledger.budget.count_researcher_epsilon``) when
     every job it counts lies in the window (its ``since`` is not before the window's start);
     otherwise, or without a total, the sum over the jobs themselves."""
-    totals = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
-    running = connection.execute(select(totals.c.epsilon, totals.c.since).where(
-        totals.c.dataset == dataset, totals.c.researcher == researcher)).first()
-    if running is not None and running.since >= since.timestamp():
-        return float(Fraction(running.epsilon))
+    running = running_researcher_epsilon(connection, dataset=dataset, researcher=researcher)
+    if running is not None and running[1] >= since.timestamp():
+        return float(running[0])
     jobs = Job.__table__  # type: ignore[attr-defined]
     total = connection.execute(select(func.coalesce(func.sum(jobs.c.epsilon), 0.0)).where(
         jobs.c.researcher == researcher, jobs.c.dataset == dataset,
