@@ -190,7 +190,14 @@ def validate_artifact(doc: dict[str, Any], *, num_features: int,
                       num_classes: int) -> ModelSummary:
     """:func:`validate_artifact_structure`, and the model fits the dataset: its input is
     ``(num_features,)`` and its output has ``num_classes`` units."""
-    summary = validate_artifact_structure(doc)
+    return check_fits_dataset(validate_artifact_structure(doc), num_features=num_features,
+                              num_classes=num_classes)
+
+
+def check_fits_dataset(summary: ModelSummary, *, num_features: int,
+                       num_classes: int) -> ModelSummary:
+    """``summary`` of a structurally valid artifact, if its input is ``(num_features,)`` and
+    its output has ``num_classes`` units; raise ``ModelRejected`` otherwise."""
     if summary.input_shape != (num_features,):
         raise ModelRejected(
             f"model input shape {list(summary.input_shape)} does not match the dataset's "

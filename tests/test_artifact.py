@@ -431,3 +431,38 @@ def test_linear_classifier_loads_in_keras() -> None:
     model = keras_from_artifact(linear())
     probabilities = model(np.zeros((2, FEATURES), np.float32)).numpy()
     assert np.allclose(probabilities, 1 / CLASSES)
+
+
+def test_admission_parses_an_uploaded_model_once_and_again_only_when_its_file_changes(
+        tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Admission reads an uploaded model's checks from a cache keyed by the file's (mtime,
+    size, inode): the same model admitted again is not parsed again, and a file replaced on
+    disk is checked afresh (a rejected replacement is rejected)."""
+    import os
+    from types import SimpleNamespace
+
+    from engine.artifact import linear_classifier_artifact
+    from gateway.node import admission
+    from ledger.canonical import canonical_json, sha256_digest
+
+    parsed: list[int] = []
+    real_parse = admission.parse_artifact
+    monkeypatch.setattr(admission, "parse_artifact",
+                        lambda raw: parsed.append(len(raw)) or real_parse(raw))
+    node = SimpleNamespace(deployment=SimpleNamespace(models_dir=tmp_path))
+    raw = canonical_json(linear_classifier_artifact(num_features=3, num_classes=2))
+    digest = sha256_digest(raw)
+    path = tmp_path / (digest.removeprefix("sha256:") + ".json")
+    path.write_bytes(raw)
+    first = admission._uploaded_artifact(node, digest)  # type: ignore[arg-type]
+    again = admission._uploaded_artifact(node, digest)  # type: ignore[arg-type]
+    assert first is again and first is not None and first.summary is not None
+    assert parsed == [len(raw)]
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(b'{"format": "not-a-model"}')
+    os.replace(replacement, path)
+    changed = admission._uploaded_artifact(node, digest)  # type: ignore[arg-type]
+    assert changed is not None and changed.summary is None and changed.rejected
+    assert len(parsed) == 2
+    assert admission._uploaded_artifact(node, "sha256:" + "0" * 64) is None  # type: ignore[arg-type]
+    assert admission._uploaded_artifact(node, "../" + digest) is None  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -27,8 +28,8 @@ from engine import compute, memory
 from engine.artifact import (
     ModelRejected,
     ModelSummary,
+    check_fits_dataset,
     parse_artifact,
-    validate_artifact,
     validate_artifact_structure,
 )
 from engine.compute import ComputeEstimate
@@ -382,19 +383,62 @@ def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:
     trains every one of its layers (``engine.functional_model.vectorizable``, pure) and the
     job fits the node's memory and time limits (:func:`check_resources`)."""
     digest = request.model_digest
-    path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
-    if not path.exists():
+    try:
+        artifact = _uploaded_artifact(node, digest)
+    except OSError:
+        artifact = None
+    if artifact is None:
         raise Problem("unknown-model", f"no model {digest}; upload it to /v1/models first")
     try:
-        doc = parse_artifact(path.read_bytes())
-        summary = validate_artifact(doc, num_features=dataset.num_features,
-                                    num_classes=dataset.num_classes)
+        if artifact.summary is None:
+            raise ModelRejected(str(artifact.rejected))
+        summary = check_fits_dataset(artifact.summary, num_features=dataset.num_features,
+                                     num_classes=dataset.num_classes)
     except ModelRejected as exc:
         raise Problem("model-rejected", str(exc)) from None
-    unsupported = vectorizable(doc["config"])
-    if unsupported is not None:
-        raise Problem("model-rejected", f"the engine cannot train this model: {unsupported}")
+    if artifact.unsupported is not None:
+        raise Problem("model-rejected", f"the engine cannot train this model: "
+                                        f"{artifact.unsupported}")
     check_resources(node, dataset, request, summary)
+
+
+@dataclass(frozen=True)
+class UploadedArtifact:
+    """What admission reads of an uploaded model file: its structure (``summary``, or why
+    ``validate_artifact_structure`` rejected it), its size in bytes, and the first layer the
+    engine cannot train (``vectorizable``), if any. Pure functions of the file's bytes."""
+
+    summary: ModelSummary | None
+    rejected: str | None
+    size: int
+    unsupported: str | None
+
+
+def _uploaded_artifact(node: Node, digest: str) -> UploadedArtifact | None:
+    """The artifact stored for ``digest``, None if there is none; raises ``OSError`` if it
+    cannot be read. Parsed once per version of the file (path, mtime, size, inode): every
+    admission of the same model reuses the checks of its bytes."""
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        return None
+    path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return _artifact_file(str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _artifact_file(path: str, _mtime_ns: int, _size: int, _inode: int) -> UploadedArtifact:
+    """The checks of the file at ``path`` as it is at (mtime, size, inode): the cache key.
+    Raises ``OSError`` (not cached) if it cannot be read."""
+    raw = Path(path).read_bytes()
+    try:
+        doc = parse_artifact(raw)
+        summary = validate_artifact_structure(doc)
+    except ModelRejected as exc:
+        return UploadedArtifact(None, str(exc), len(raw), None)
+    return UploadedArtifact(summary, None, len(raw), vectorizable(doc["config"]))
 
 
 def _memory_inputs(dataset: Dataset, request: JobRequest, summary: ModelSummary
@@ -455,15 +499,15 @@ def check_resources(node: Node, dataset: Dataset, request: JobRequest,
 
 
 def _stored_model(node: Node, digest: str) -> tuple[ModelSummary, int] | None:
-    """Structure summary and size of an uploaded artifact; ``None`` if it cannot be read."""
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-        return None
-    path = node.deployment.models_dir / (digest.removeprefix("sha256:") + ".json")
+    """Structure summary and size of an uploaded artifact; ``None`` if it cannot be read or
+    its structure is rejected."""
     try:
-        raw = path.read_bytes()
-        return validate_artifact_structure(parse_artifact(raw)), len(raw)
-    except (OSError, ModelRejected):
+        artifact = _uploaded_artifact(node, digest)
+    except OSError:
         return None
+    if artifact is None or artifact.summary is None:
+        return None
+    return artifact.summary, artifact.size
 
 
 def projected_once(node: Node, dataset: Dataset, request: JobRequest) -> Callable[[], Projection]:
