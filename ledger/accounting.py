@@ -639,9 +639,14 @@ def admits(*, spent: RdpVector, cost: Sequence[float], budget: RdpVector) -> boo
     """The filter rule: True iff some order α has spent(α) + cost(α) ≤ B(α), exactly.
 
     ``spent`` holds every reserved and committed job; ``cost`` is the job's RDP
-    (``JobCost.rdp``), charged upward.
+    (``JobCost.rdp``), charged upward. Exactly ``jobs_that_fit(...) >= 1`` (every charge
+    c > 0, so ⌊(B − s) / c⌋ ≥ 1 ⟺ s + c ≤ B), without its divisions: it stops at the first
+    order that admits.
     """
-    return _copies_that_fit(spent, cost, budget)[0] >= 1
+    if len(spent) != len(budget):
+        raise ValueError(f"spent has {len(spent)} orders, the budget has {len(budget)}")
+    return any(s + c <= b for s, c, b in zip(spent, _charges(cost, len(spent)), budget,
+                                             strict=True))
 
 
 def jobs_that_fit(*, spent: RdpVector, cost: Sequence[float], budget: RdpVector) -> int:

@@ -503,3 +503,25 @@ def test_public_names_are_exported():
     ]
     assert all(hasattr(accounting, name) for name in public)
     assert not hasattr(accounting, "remaining_epsilon_hint")
+
+
+_rdp_values = st.one_of(st.floats(0.0, 50.0), st.sampled_from([0.0, 5e-324, math.inf]))
+
+
+@given(spent=st.lists(st.floats(0.0, 40.0), min_size=3, max_size=3),
+       cost=st.lists(_rdp_values, min_size=3, max_size=3),
+       budget=st.lists(st.floats(0.0, 60.0), min_size=3, max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_admits_is_exactly_at_least_one_job_that_fits(spent, cost, budget) -> None:  # type: ignore[no-untyped-def]
+    """The short-circuiting filter rule and the count of copies agree on every input,
+    including costs that round up to the smallest subnormal or to an infinite charge."""
+    exact_spent = tuple(Fraction(x) for x in spent)
+    exact_budget = tuple(Fraction(x) for x in budget)
+    assert admits(spent=exact_spent, cost=cost, budget=exact_budget) == (
+        jobs_that_fit(spent=exact_spent, cost=cost, budget=exact_budget) >= 1)
+    # at the boundary: a budget that is exactly spent + charge admits, one just below does not
+    charges = add(exact_spent, cost)
+    if all(math.isfinite(c) for c in cost):
+        assert admits(spent=exact_spent, cost=cost, budget=charges)
+        tight = tuple(b - Fraction(1, 10**30) for b in charges)
+        assert not admits(spent=exact_spent, cost=cost, budget=tight)
