@@ -214,6 +214,7 @@ def find_idempotent_job(session: Session, researcher_key_id: str, key: str | Non
 
 _LOCK_FILTER = Statement("SELECT filter_orders, filter_budget, spent_rdp FROM dataset WHERE name = ?",
                          lock=True)
+_INSERT_JOB = insert(Job)
 _SPEND = Statement("UPDATE dataset SET spent_rdp = ? WHERE name = ?")
 _RESEARCHER_EPSILON = Statement(
     "SELECT epsilon, since FROM researcherepsilon WHERE dataset = ? AND researcher = ?")
@@ -246,7 +247,7 @@ def reserve_budget(
     append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
     count_researcher_epsilon(session, job, +1)
     execute(session, _SPEND, (current.charge(cost_rdp).spent_json(), job.dataset))
-    session.connection().execute(insert(Job), [job.model_dump()])
+    session.connection().execute(_INSERT_JOB, [job.model_dump()])
     make_transient_to_detached(job)  # the row just inserted, without a flush of the ORM
     session.add(job)
     return job

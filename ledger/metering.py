@@ -76,13 +76,19 @@ def month_bounds(month: str) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
-def reserve_compute(session: Session, job: Job, cpu_reserved_seconds: float) -> JobMeter:
-    """Store ``job``'s CPU reservation (in the caller's admission transaction); the row is
-    written as a Core insert, so the meter returned is not attached to ``session``."""
-    meter = JobMeter(job_id=job.id, researcher=job.researcher, dataset=job.dataset,
-                     cpu_reserved_seconds=float(cpu_reserved_seconds), reserved_at=job.created_at)
-    session.connection().execute(insert(JobMeter), [meter.model_dump()])  # Core: one row
-    return meter
+_NEW_METER = JobMeter(job_id="", researcher="", dataset="", cpu_reserved_seconds=0.0,
+                      reserved_at=0.0).model_dump()
+"""A meter row as the model's defaults make it (``state`` ``reserved``, nothing measured)."""
+_INSERT_METER = insert(JobMeter)
+
+
+def reserve_compute(session: Session, job: Job, cpu_reserved_seconds: float) -> None:
+    """Store ``job``'s CPU reservation (in the caller's admission transaction): a new meter
+    row, the model's defaults but for the job, its researcher and dataset, the reservation
+    and its time, written as one Core insert (no ORM object)."""
+    session.connection().execute(_INSERT_METER, [{
+        **_NEW_METER, "job_id": job.id, "researcher": job.researcher, "dataset": job.dataset,
+        "cpu_reserved_seconds": float(cpu_reserved_seconds), "reserved_at": job.created_at}])
 
 
 def record_usage(session: Session, job: Job, *, usage: ResourceUsage | None,

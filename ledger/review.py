@@ -72,6 +72,9 @@ def _audit(session: Session, job: Job, decision: str, *, actor: str, **fields: o
                  principal=job.researcher, decision=decision, **fields)
 
 
+_INSERT_REVIEW = insert(JobReview)
+
+
 def open_review(session: Session, job: Job, *, required_because: str, policy_explanation: str,
                 expires_at: float, actor: str) -> JobReview:
     """Hold the just-admitted ``job`` (budget reserved, state ``pending_review``) for review.
@@ -84,7 +87,7 @@ def open_review(session: Session, job: Job, *, required_because: str, policy_exp
                        expires_at=expires_at)
     _audit(session, job, "requested", actor=actor, required_because=required_because,
            epsilon=job.epsilon, delta=job.delta, expires_at=_iso(expires_at))
-    session.connection().execute(insert(JobReview), [review.model_dump()])  # Core: one row
+    session.connection().execute(_INSERT_REVIEW, [review.model_dump()])  # Core: one row
     return review
 
 
