@@ -293,6 +293,28 @@ def test_the_sdk_waits_through_review_and_reports_the_owners_reason(
     assert status["state"] == "failed" and status["review"]["reason"] == "not this quarter"
 
 
+def test_the_sdk_polls_slowly_only_while_the_owner_decides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``pending_review`` can last days: polled every ``review_poll_seconds``. ``approved`` lasts
+    until the gateway's next review tick (a second): polled every ``poll_seconds``, so a
+    researcher waiting on an approved job does not sit out a whole review interval."""
+    from gateway.sdk.client import Job
+
+    states = iter(["pending_review", "approved", "queued", "running", "succeeded"])
+
+    class Node:
+        def _get(self, path: str) -> dict[str, Any]:
+            return {"job_id": "job-1", "rounds": 3, "state": next(states)}
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    job = Job(Node(), {"job_id": "job-1", "rounds": 3, "state": "pending_review"})  # type: ignore[arg-type]
+    status = job.wait(progress=False, poll_seconds=0.5, review_poll_seconds=5.0)
+    assert status["state"] == "succeeded"
+    assert slept == [5.0, 0.5, 0.5, 0.5]
+
+
 def test_cancelling_a_held_job_withdraws_the_review_and_refunds(node_dir: Path, db_url: str) -> None:
     write_policy(node_dir, "p2, researchers, owner, demo, train, require_review, always\n")
     alice = make_researcher(node_dir, "alice")

@@ -241,11 +241,12 @@ class Job:
         job's public parameters (never from data or realised client counts); at the last round
         it is the job's ε, which is also what a job that fails after reading data is charged.
 
-        A job the owner's policy holds for review (``pending_review``, then ``approved``)
-        is polled every ``review_poll_seconds``, and time spent in review does not count
-        toward ``timeout_seconds``: the review's own deadline bounds it (an expired review
-        ends the job, refunded). The bar shows the state; ``status()['review']`` has the
-        owner's reason.
+        A job the owner's policy holds for review (``pending_review``) is polled every
+        ``review_poll_seconds``; once ``approved`` (the gateway starts it within a second) it is
+        polled every ``poll_seconds`` again. Time spent in review (``pending_review``, then
+        ``approved``) does not count toward ``timeout_seconds``: the review's own deadline
+        bounds it (an expired review ends the job, refunded). The bar shows the state;
+        ``status()['review']`` has the owner's reason.
         """
         display = progress_display(self.id, self.last_status["rounds"]) if progress else None
         deadline = time.monotonic() + timeout_seconds
@@ -261,7 +262,8 @@ class Job:
                     deadline = time.monotonic() + timeout_seconds
                 elif time.monotonic() > deadline:
                     raise TimeoutError(f"job {self.id} still {status['state']}")
-                time.sleep(review_poll_seconds if held else poll_seconds)
+                awaiting_owner = status["state"] == JobState.PENDING_REVIEW
+                time.sleep(review_poll_seconds if awaiting_owner else poll_seconds)
         except KeyboardInterrupt:
             if display is not None:
                 display.close()
