@@ -28,7 +28,7 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from ledger.canonical import canonical_json
+from ledger.canonical import canonical_json, entry_object
 from ledger.checkpoints import (
     Checkpoint,
     CheckpointInvalid,
@@ -118,15 +118,6 @@ def read_entry_rows(session: Session, start: int = 0, end: int | None = None) ->
     if end is not None:
         query = query.where(AuditEntry.seq < end)
     return list(session.exec(query.order_by(AuditEntry.seq)).all())  # reviewed: ORM query, not exec
-
-
-def entry_object(text: str) -> dict[str, Any] | None:
-    """The object an entry text encodes, if the text is its canonical JSON; else None."""
-    try:
-        value = json.loads(text)
-        return value if isinstance(value, dict) and canonical_json(value) == text.encode() else None
-    except ValueError:
-        return None
 
 
 class AuditLogCorrupted(Exception):

@@ -46,14 +46,13 @@ import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlmodel import Session, select
-
-from ledger.audit import checkpoint_texts
 from ledger.merkle import LEAF_PREFIX
-from ledger.models import AuditEntry
 from ledger.timestamps import utc_timestamp
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
 
 EXPORT_FORMAT = "fedgate-audit-export/2"
 LEGACY_FORMAT = "fedgate-audit-export/1"
@@ -88,6 +87,13 @@ def export_audit(session: Session, *, node_key_id: str) -> bytes:
     Checkpoints are read before entries, so under concurrent appends the export may hold
     entries newer than its latest checkpoint, but never a checkpoint beyond its entries.
     """
+    # Here, not at the top: the reading half of this module (what `fedgate audit verify`
+    # needs on an officer's machine) loads no database library (tests/test_cli_imports.py).
+    from sqlmodel import select
+
+    from ledger.audit import checkpoint_texts
+    from ledger.models import AuditEntry
+
     checkpoints = checkpoint_texts(session)
     statement = select(AuditEntry.entry).order_by(AuditEntry.seq)
     entries = list(session.exec(statement).all())  # reviewed: ORM query, not exec

@@ -61,8 +61,8 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ledger.audit import entry_object
 from ledger.audit_export import ExportBytes, ExportMalformed, ExportReader, read_export
+from ledger.canonical import entry_object
 from ledger.checkpoints import Checkpoint, CheckpointInvalid, parse_and_verify_checkpoint
 from ledger.keys import key_id as derive_key_id
 from ledger.merkle import LEAF_PREFIX, ChunkedTree, MerkleTree, verify_consistency

@@ -23,3 +23,12 @@ def canonical_json(value: Any) -> bytes:
 def sha256_digest(data: bytes) -> str:
     """Content address used across fedgate: ``"sha256:" + hex``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def entry_object(text: str) -> dict[str, Any] | None:
+    """The object an entry text encodes, if the text is its canonical JSON; else None."""
+    try:
+        value = json.loads(text)
+        return value if isinstance(value, dict) and canonical_json(value) == text.encode() else None
+    except ValueError:
+        return None

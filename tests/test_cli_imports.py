@@ -89,3 +89,18 @@ def test_an_owner_listing_loads_no_tensorflow_accountant_or_sdk(tmp_path: Path,
     run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                          text=True, timeout=120, check=True)
     assert json.loads(run.stderr.strip().splitlines()[-1]) == [0, []]
+
+
+def test_verifying_an_audit_export_loads_no_server_library_or_tensorflow(tmp_path: Path) -> None:
+    """An officer verifies offline, "on any machine with fedgate installed" (compliance.md):
+    the light install has no database library, so the verifier must not need one."""
+    from gateway.cli import main as fedgate
+    from gateway.node.deployment import init_deployment
+
+    deployment = init_deployment(tmp_path / "node", owner="clinic")
+    export = tmp_path / "audit.json"
+    assert fedgate(["-d", str(deployment.root), "audit", "export", "--out", str(export)]) == 0
+    status, loaded = _loaded_after(["audit", "verify", str(export), "--node-key",
+                                    str(deployment.node_public_key)])
+    assert status == 0 and "cryptography" in loaded
+    assert not set(loaded) & set(SERVER_AND_TENSORFLOW)
