@@ -36,7 +36,7 @@ def make_engine(url: str) -> Engine:
     """Create an engine with fedgate's transaction semantics for ``url``."""
     if url.startswith("sqlite"):
         return _sqlite_engine(url, begin="BEGIN IMMEDIATE")
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE)
 
 
 def make_read_engine(url: str, write_engine: Engine) -> Engine:
@@ -49,8 +49,16 @@ def make_read_engine(url: str, write_engine: Engine) -> Engine:
     return write_engine
 
 
+POOL_SIZE = 40
+"""Connections each engine keeps open: as many as AnyIO's worker threads (40 by default), each
+of which may hold one. With SQLAlchemy's default of 5, a busy gateway closed and reopened
+connections on every request (on SQLite each open runs the PRAGMAs below; on PostgreSQL it
+starts a server process). Connections are opened only when needed."""
+
+
 def _sqlite_engine(url: str, *, begin: str, query_only: bool = False) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
+                           pool_size=POOL_SIZE)
 
     @event.listens_for(engine, "connect")
     def _sqlite_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
