@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from ledger.budget import running_researcher_epsilon
+from ledger.fixed_sql import Statement, execute
 from ledger.models import Job, Principal
 from ledger.states import CHARGED_BUDGET_STATES, BudgetState
 
@@ -18,6 +19,14 @@ def registry_memberships(session: Session, domain: str) -> list[tuple[str, str, 
     rows = session.exec(select(Principal.name, Principal.group)  # reviewed: ORM query, not exec
                         .where(Principal.status == "active", Principal.group != "")).all()
     return sorted({(name, group, domain) for name, group in rows})
+
+
+_CHARGED_STATES = tuple(state.value for state in CHARGED_BUDGET_STATES)
+_EPSILON_IN_WINDOW = Statement(  # the composite index ix_job_dataset_researcher_created
+    "SELECT coalesce(sum(epsilon), 0.0) FROM job WHERE dataset = ? AND researcher = ? AND "
+    "created_at >= ? AND budget_state IN (?, ?)")
+if _EPSILON_IN_WINDOW.sql.count("?") != 3 + len(_CHARGED_STATES):
+    raise RuntimeError("_EPSILON_IN_WINDOW must bind every one of CHARGED_BUDGET_STATES")
 
 
 def researcher_epsilon_spent(connection: Connection, *, researcher: str, dataset: str,
@@ -31,12 +40,9 @@ def researcher_epsilon_spent(connection: Connection, *, researcher: str, dataset
     running = running_researcher_epsilon(connection, dataset=dataset, researcher=researcher)
     if running is not None and running[1] >= since.timestamp():
         return float(running[0])
-    jobs = Job.__table__  # type: ignore[attr-defined]
-    total = connection.execute(select(func.coalesce(func.sum(jobs.c.epsilon), 0.0)).where(
-        jobs.c.researcher == researcher, jobs.c.dataset == dataset,
-        jobs.c.budget_state.in_(CHARGED_BUDGET_STATES),
-        jobs.c.created_at >= since.timestamp())).scalar_one()
-    return float(total)
+    row = execute(connection, _EPSILON_IN_WINDOW,
+                  (dataset, researcher, since.timestamp(), *_CHARGED_STATES)).fetchone()
+    return float(row[0])
 
 
 def researcher_committed_jobs(session: Session, *, researcher: str, dataset: str) -> int:
