@@ -239,6 +239,14 @@ def _event_rdp(event: dp_accounting.DpEvent, orders: tuple[float, ...]) -> tuple
     return tuple(float(r) for r in RdpAccountant(list(orders)).compose(event).rdp)
 
 
+@functools.lru_cache(maxsize=1024)
+def _job_epsilon(cost: JobCost, delta: float, orders: tuple[float, ...]) -> float:
+    """:meth:`JobCost.epsilon` at validated ``delta`` and ``orders``, memoised on the (frozen)
+    cost: admissions of the same job parameters share one RDP→(ε, δ) conversion."""
+    epsilon, _ = compute_epsilon(orders, cost._rdp(orders), delta)
+    return float(epsilon)
+
+
 def event_rdp(event: dp_accounting.DpEvent,
               orders: Sequence[float] = FILTER_ORDERS) -> tuple[float, ...]:
     """dp-accounting's RDP curve of a fedgate event at ``orders`` (e.g. the public-count
@@ -310,10 +318,8 @@ class JobCost:
         exactly the ε dp-accounting reports. This is the figure shown to people; admission
         uses the filter, never this number.
         """
-        delta = _delta(delta)
-        orders = _DEFAULT_ORDERS if orders is None else _orders(orders)
-        epsilon, _ = compute_epsilon(orders, self._rdp(orders), delta)
-        return float(epsilon)
+        return _job_epsilon(self, _delta(delta),
+                            _DEFAULT_ORDERS if orders is None else _orders(orders))
 
     def epsilon_after_rounds(self, rounds_done: int, delta: float) -> float:
         """:func:`epsilon_after_rounds` with this job's parameters, read from its events (an
