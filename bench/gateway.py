@@ -84,6 +84,7 @@ WARMUP = 10
 GATEWAY_REQUESTS = 1_000
 GATEWAY_SECONDS = {"sampled": 45.0, "every_user": 30.0}
 BARE_REQUESTS, BARE_SECONDS = 10_000, 10.0
+PROFILED_REQUESTS = 200
 SIGNATURE_VALIDITY_SECONDS = 290  # within the gateway's 300 s window
 POSTGRES_URL = os.environ.get("FEDGATE_BENCH_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -338,7 +339,12 @@ def measure_ledger(ledger: str, bare_url: str) -> dict[str, Any]:
 def measure() -> dict[str, Any]:
     ledgers = ["SQLite", *(["PostgreSQL"] if postgres_available() else [])]
     with tempfile.TemporaryDirectory() as tmp, bare_server(Path(tmp) / "bare.log") as bare_url:
-        return {ledger: measure_ledger(ledger, bare_url) for ledger in ledgers}
+        measured = {ledger: measure_ledger(ledger, bare_url) for ledger in ledgers}
+    # The same admissions in this process, without sockets or load generator: CPU per request.
+    from bench import admission_profile  # it builds its node with this module's helpers
+
+    measured["SQLite"]["profile"] = admission_profile.profile(PROFILED_REQUESTS)
+    return measured
 
 
 def _against_targets(measured: dict[str, Any], concurrency: int) -> str:
@@ -349,6 +355,22 @@ def _against_targets(measured: dict[str, Any], concurrency: int) -> str:
     return (f"{concurrency} connections {throughput:.3f}× "
             f"({'met' if throughput >= 0.30 else 'not met'}), p99 {p99:.1f}× "
             f"({'met' if p99 <= 10 else 'not met'})")
+
+
+def _cpu_bound(sqlite: dict[str, Any]) -> str:
+    """The in-process CPU per admission and the throughput one core allows with it."""
+    profile = sqlite["profile"]  # bench.admission_profile.AdmissionProfile
+    fastest_bare = max(row["throughput"] for row in sqlite["bare"].values())
+    return (
+        f"CPU per admission, in-process (`bench.admission_profile`, the same node, "
+        f"{PROFILED_REQUESTS} admissions through the ASGI app without sockets or load "
+        f"generator, after this run): {profile.cpu_ms:.1f} ms, {profile.calls:,.0f} Python "
+        f"function calls (both include httpx's client side of each request). Admission "
+        f"holds the GIL for its Python work, so one process admits at "
+        f"most {1e3 / profile.cpu_ms:,.0f} req/s = {1e3 / profile.cpu_ms / fastest_bare:.2f}× "
+        f"the bare endpoint's fastest run above ({fastest_bare:,.0f} req/s), before uvicorn's "
+        f"HTTP work and the thread hand-offs; 0.30× of it needs ≤ "
+        f"{1e3 / (0.30 * fastest_bare):.1f} ms of CPU per admission.")
 
 
 def run() -> str:
@@ -425,6 +447,8 @@ def run() -> str:
         "commits all the works waiting at that moment together (group commit, "
         "`ledger/group_commit.py`); every 202 leaves after its commit. "
         "`python -m bench.admission_profile` shows where an admission's CPU goes.",
+        "",
+        _cpu_bound(sqlite),
         "",
         "Against #26's targets on SQLite (throughput ≥ 0.30× and p99 ≤ 10× the bare endpoint's, "
         "benchmark job): " + "; ".join(_against_targets(sqlite, c) for c in CONCURRENCIES) + ".",
