@@ -15,6 +15,7 @@ engine itself (a plain read takes no row lock).
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from sqlalchemy import event, inspect, text
@@ -36,7 +37,7 @@ def make_engine(url: str) -> Engine:
     """Create an engine with fedgate's transaction semantics for ``url``."""
     if url.startswith("sqlite"):
         return _sqlite_engine(url, begin="BEGIN IMMEDIATE")
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE)
+    return create_engine(url, pool_pre_ping=True, pool_size=POSTGRES_POOL_SIZE, max_overflow=0)
 
 
 def make_read_engine(url: str, write_engine: Engine) -> Engine:
@@ -49,16 +50,22 @@ def make_read_engine(url: str, write_engine: Engine) -> Engine:
     return write_engine
 
 
-POOL_SIZE = 40
-"""Connections each engine keeps open: as many as AnyIO's worker threads (40 by default), each
-of which may hold one. With SQLAlchemy's default of 5, a busy gateway closed and reopened
-connections on every request (on SQLite each open runs the PRAGMAs below; on PostgreSQL it
-starts a server process). Connections are opened only when needed."""
+SQLITE_POOL_SIZE = 40
+"""Connections a SQLite engine keeps open: as many as AnyIO's worker threads (40 by default),
+each of which may hold one. With SQLAlchemy's default of 5 a busy gateway closed and reopened
+connections on every request, each open running the PRAGMAs below."""
+POSTGRES_POOL_SIZE = 16
+"""Connections a PostgreSQL engine keeps open, and at most opens (no overflow): a new one is a
+server process, so they are kept, and a thread beyond them waits for one. The cap stays near
+SQLAlchemy's default of 15 so that several gateways fit the server's ``max_connections``."""
 
 
 def _sqlite_engine(url: str, *, begin: str, query_only: bool = False) -> Engine:
+    if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING (ledger.audit)
+        raise RuntimeError(f"the ledger needs SQLite 3.35 or newer; this Python has "
+                           f"{sqlite3.sqlite_version}")
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
-                           pool_size=POOL_SIZE)
+                           pool_size=SQLITE_POOL_SIZE)
 
     @event.listens_for(engine, "connect")
     def _sqlite_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

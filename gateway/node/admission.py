@@ -375,7 +375,8 @@ def _load_dataset(reads: Connection, name: str) -> Dataset | None:
     if row is None:
         return None
     return Dataset(**{column[0]: value for column, value in zip(cursor.description, row,
-                                                                  strict=True)})
+                                                                  strict=True)
+                      if column[0] in Dataset.model_fields})
 
 
 def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:
