@@ -6,7 +6,8 @@ Lifecycle of a job's charge (see docs/privacy.md):
   (``ledger.accounting.admits``) holds, then add the job's RDP vector to the dataset's
   running vector and append the ``admit`` audit entry — all in one transaction, so no
   interleaving of gateway threads or processes can overspend. The same transaction adds the
-  job's ε to its researcher's running total on the dataset (``count_researcher_epsilon``),
+  job's ε to its researcher's running total on the dataset
+  (``ledger.researcher_epsilon.count_researcher_epsilon``),
   which a refund subtracts again.
 * ``commit_budget`` at release, or on failure after data access began: the vector stays
   spent forever.
@@ -21,23 +22,22 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import dp_accounting
 from sqlalchemy import func, insert
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, select
 
 from ledger import accounting, mechanism
 from ledger.audit import append_entry
 from ledger.fixed_sql import Statement, execute
-from ledger.models import Dataset, Job, ResearcherEpsilon
+from ledger.models import Dataset, Job
 from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 from ledger.renyi_filter import RenyiFilter
-from ledger.states import CHARGED_BUDGET_STATES, BudgetState
+from ledger.researcher_epsilon import count_researcher_epsilon
+from ledger.states import BudgetState
 
 
 class LedgerError(Exception):
@@ -216,10 +216,6 @@ _LOCK_FILTER = Statement("SELECT filter_orders, filter_budget, spent_rdp FROM da
                          lock=True)
 _INSERT_JOB = insert(Job)
 _SPEND = Statement("UPDATE dataset SET spent_rdp = ? WHERE name = ?")
-_RESEARCHER_EPSILON = Statement(
-    "SELECT epsilon, since FROM researcherepsilon WHERE dataset = ? AND researcher = ?")
-_COUNT_RESEARCHER_EPSILON = Statement(
-    "UPDATE researcherepsilon SET epsilon = ?, since = ? WHERE dataset = ? AND researcher = ?")
 
 
 def reserve_budget(
@@ -251,44 +247,6 @@ def reserve_budget(
     make_transient_to_detached(job)  # the row just inserted, without a flush of the ORM
     session.add(job)
     return job
-
-
-def running_researcher_epsilon(on: Session | Connection, *, dataset: str,
-                               researcher: str) -> tuple[Fraction, float] | None:
-    """``researcher``'s running Σε on ``dataset`` (``ResearcherEpsilon``: the exact sum and the
-    earliest creation time of the jobs it counts), as ``on``'s transaction sees it; None
-    without a row."""
-    row = execute(on, _RESEARCHER_EPSILON, (dataset, researcher)).fetchone()
-    return None if row is None else (Fraction(row[0]), float(row[1]))
-
-
-def count_researcher_epsilon(session: Session, job: Job, sign: int) -> None:
-    """Add (``sign`` +1, at reservation) or subtract (-1, at refund) ``job``'s ε to its
-    researcher's running total on its dataset (``ResearcherEpsilon``), in the caller's
-    transaction, under the dataset row lock; ``job`` is not yet in the jobs it sums.
-
-    Without a row, a reservation first creates it from the researcher's charged jobs there
-    (a ledger written before the row existed); a refund leaves it absent (the reservation
-    that creates it will sum the jobs as they are then)."""
-    row = running_researcher_epsilon(session, dataset=job.dataset, researcher=job.researcher)
-    if row is not None:
-        total = row[0] + sign * Fraction(job.epsilon)
-        execute(session, _COUNT_RESEARCHER_EPSILON,
-                (str(total), min(row[1], job.created_at), job.dataset, job.researcher))
-        return
-    if sign < 0:
-        return
-    table = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
-    jobs = Job.__table__  # type: ignore[attr-defined]
-    connection = session.connection()
-    charged = connection.execute(select(jobs.c.epsilon, jobs.c.created_at).where(
-        jobs.c.dataset == job.dataset, jobs.c.researcher == job.researcher,
-        jobs.c.budget_state.in_(CHARGED_BUDGET_STATES), jobs.c.id != job.id)).all()
-    total = sum((Fraction(epsilon) for epsilon, _ in charged), Fraction(job.epsilon))
-    since = min((created for _, created in charged), default=job.created_at)
-    connection.execute(table.insert().values(dataset=job.dataset, researcher=job.researcher,
-                                             epsilon=str(total),
-                                             since=min(since, job.created_at)))
 
 
 def _locked_job(session: Session, job_id: str) -> Job:

@@ -134,7 +134,8 @@ class Job(SQLModel, table=True):
 
 class ResearcherEpsilon(SQLModel, table=True):
     """The running Σ ε of one researcher's charged jobs (budget ``reserved`` or ``committed``)
-    on one dataset, kept by ``ledger.budget`` in the transaction that reserves or refunds, so
+    on one dataset, kept by ``ledger.researcher_epsilon`` in the transaction that reserves or
+    refunds (``ledger.budget``), so
     the policy's ``max_epsilon_per_researcher`` reads one row instead of summing the jobs.
 
     ``epsilon`` is the exact sum of the jobs' ε (a fraction ``n/d`` of their float values).

@@ -21,6 +21,7 @@ from sqlmodel import Session
 from gateway.node.deployment import Deployment, NodeConfig
 from gateway.node.identity import RegisteredKey
 from gateway.policy.decisions import PolicyEngine
+from gateway.policy.ledger_inputs import registry_memberships
 from ledger import keys
 from ledger.audit import append_entry
 from ledger.db import create_schema, database_url, make_engine, make_read_engine, session
@@ -115,11 +116,6 @@ class Node:
             previous = self._policy
             if previous is not None and registry is not None and stamp == self._policy_stamp:
                 return previous
-            # Here, not at the top: ledger_inputs loads the accountant (dp-accounting, SciPy:
-            # ~1 s) through ledger.budget, which an owner command that only opens the node
-            # never needs; a rebuild is rare, so the hot path above pays nothing for it.
-            from gateway.policy.ledger_inputs import registry_memberships
-
             try:
                 with self.read_session() as s:
                     memberships = registry_memberships(s, self.config.owner)

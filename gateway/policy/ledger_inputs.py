@@ -8,9 +8,9 @@ from sqlalchemy import func
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
-from ledger.budget import running_researcher_epsilon
 from ledger.fixed_sql import Statement, execute
 from ledger.models import Job, Principal
+from ledger.researcher_epsilon import running_researcher_epsilon
 from ledger.states import CHARGED_BUDGET_STATES, BudgetState
 
 
@@ -34,7 +34,7 @@ def researcher_epsilon_spent(connection: Connection, *, researcher: str, dataset
     """Σ ε of ``researcher``'s jobs on ``dataset`` with budget reserved or committed,
     created at or after ``since`` (basic composition; an upper bound on the true ε).
 
-    The running total the reservations keep (``ledger.budget.count_researcher_epsilon``) when
+    The running total the reservations keep (``ledger.researcher_epsilon.count_researcher_epsilon``) when
     every job it counts lies in the window (its ``since`` is not before the window's start);
     otherwise, or without a total, the sum over the jobs themselves."""
     running = running_researcher_epsilon(connection, dataset=dataset, researcher=researcher)
