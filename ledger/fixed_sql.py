@@ -32,15 +32,20 @@ from sqlalchemy.orm import Session
 
 @dataclass(frozen=True)
 class Statement:
-    """One fixed statement; ``lock`` appends ``FOR UPDATE`` on PostgreSQL."""
+    """One fixed statement; ``lock`` appends ``FOR UPDATE`` on PostgreSQL; ``parameters``, if
+    given, is the number of ``?`` it must have (e.g. one per state of a constant ``IN`` list,
+    written out because the text is never built)."""
 
     sql: str
     lock: bool = False
+    parameters: int | None = None
     _postgresql: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if "%" in self.sql:
             raise ValueError("a fixed statement may not contain '%' (psycopg's placeholders)")
+        if self.parameters is not None and self.sql.count("?") != self.parameters:
+            raise ValueError(f"{self.sql!r} must bind {self.parameters} parameters")
         text = self.sql.replace("?", "%s") + (" FOR UPDATE" if self.lock else "")
         object.__setattr__(self, "_postgresql", text)
 

@@ -189,9 +189,8 @@ def active_jobs(session: Session, researchers: Iterable[str]) -> list[Job]:
 
 _ACTIVE_STATES = tuple(state.value for state in ACTIVE_JOB_STATES)
 _ACTIVE_PER_DATASET = Statement("SELECT dataset, count(*) FROM job WHERE researcher = ? AND "
-                                "state IN (?, ?, ?, ?) GROUP BY dataset")
-if _ACTIVE_PER_DATASET.sql.count("?") != 1 + len(_ACTIVE_STATES):
-    raise RuntimeError("_ACTIVE_PER_DATASET must bind every one of ACTIVE_JOB_STATES")
+                                "state IN (?, ?, ?, ?) GROUP BY dataset",
+                                parameters=1 + len(_ACTIVE_STATES))
 
 
 def active_jobs_per_dataset(session: Session, researchers: Iterable[str]) -> dict[str, int]:

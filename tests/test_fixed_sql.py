@@ -20,6 +20,12 @@ def test_a_statement_with_a_percent_sign_is_refused_before_it_can_run() -> None:
         Statement("SELECT 1 WHERE 'a' LIKE '%'")
 
 
+def test_a_statement_binding_the_wrong_number_of_parameters_is_refused_at_import() -> None:
+    with pytest.raises(ValueError, match="must bind 3 parameters"):
+        Statement("SELECT 1 FROM job WHERE state IN (?, ?)", parameters=3)
+    assert Statement("SELECT 1 FROM job WHERE state IN (?, ?)", parameters=2)
+
+
 def test_placeholders_and_row_locks_follow_the_dialect() -> None:
     statement = Statement("SELECT size FROM audithead WHERE id = ?", lock=True)
     assert statement.text("sqlite") == "SELECT size FROM audithead WHERE id = ?"

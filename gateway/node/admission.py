@@ -390,9 +390,9 @@ def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:
         artifact = None
     if artifact is None:
         raise Problem("unknown-model", f"no model {digest}; upload it to /v1/models first")
+    if artifact.summary is None:
+        raise Problem("model-rejected", str(artifact.rejected))
     try:
-        if artifact.summary is None:
-            raise ModelRejected(str(artifact.rejected))
         summary = check_fits_dataset(artifact.summary, num_features=dataset.num_features,
                                      num_classes=dataset.num_classes)
     except ModelRejected as exc:
