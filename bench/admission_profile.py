@@ -5,9 +5,10 @@ principals, 10,000 prior jobs, every job held for review) on SQLite, then sends 
 signed ``POST /v1/jobs`` one after another, after as many unprofiled ones from the same keys
 (twice: a warm-up, then a run timed without the profiler),
 to the Starlette app in this process (httpx's
-ASGI transport, no sockets) under cProfile. So that one profiler sees all the work, the
-thread-pool hops run inline and the ledger writer commits each request in the calling thread
-(``GroupCommitter._commit`` of a batch of one: the same savepoint, transaction and commit).
+ASGI transport, no sockets) under cProfile. Admission runs on the event loop's thread
+(``ledger.suspend``); so that one profiler sees all the work, the ledger writer commits each
+request in that thread too (``GroupCommitter._commit`` of a batch of one: the same savepoint,
+transaction and commit).
 Prints the CPU ms per request of a run without the profiler and the function calls per
 request of the profiled run, then of the profiled run the
 stages of admission (cumulative ms per request; stages nest, so
@@ -32,8 +33,6 @@ import httpx
 
 from bench.gateway import JOB, build_node, signed_requests
 from engine.artifact import linear_classifier_artifact
-from gateway.api import app as app_module
-from gateway.api import middleware
 from gateway.api.app import create_app
 from ledger.canonical import canonical_json, sha256_digest
 from ledger.group_commit import GroupCommitter, _Request
@@ -60,10 +59,6 @@ STAGES = {  # (module path suffix, function name): what it is
     ("ledger/group_commit.py", "_commit"): "writer transactions (all)",
     ("~", "<method 'commit' of 'sqlite3.Connection' objects>"): "  sqlite3 commit (fsync)",
 }
-
-
-async def _inline(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    return function(*args, **kwargs)
 
 
 def _inline_writer(writer: GroupCommitter) -> None:
@@ -105,8 +100,6 @@ def profile(count: int) -> AdmissionProfile:
         models = root / "models"
         models.mkdir(exist_ok=True)
         (models / (digest.removeprefix("sha256:") + ".json")).write_bytes(artifact)
-        middleware.run_in_threadpool = _inline  # type: ignore[assignment]
-        app_module.run_in_threadpool = _inline  # type: ignore[assignment]
         app = create_app(root)
         node = app.state.node
         _inline_writer(node.writer)

@@ -3,9 +3,11 @@ inside one database transaction, sharing one commit (one fsync).
 
 Contract:
 
-* ``GroupCommitter.run(work)`` blocks until ``work``'s effects are committed and on disk,
-  then returns its result; nothing is acknowledged before the commit, so a caller that
-  answers only after ``run`` returns never acknowledges a write a crash can lose.
+* ``GroupCommitter.run(work)`` waits until ``work``'s effects are committed and on disk,
+  then returns its result (a caller on the event loop, in ``ledger.suspend.run_suspending``,
+  is parked meanwhile and the loop serves other requests; a worker thread blocks); nothing
+  is acknowledged before the commit, so a caller that answers only after ``run`` returns
+  never acknowledges a write a crash can lose.
 * The writer thread takes every waiting request (at most ``max_batch``), opens one write
   transaction (``BEGIN IMMEDIATE`` on SQLite), and runs each ``work`` in order inside a
   SAVEPOINT of its own: each sees the effects of those before it, exactly as if they had
@@ -34,6 +36,7 @@ from sqlmodel import Session, select
 
 from ledger.db import session
 from ledger.models import AuditHead, Dataset
+from ledger.suspend import wait
 
 T = TypeVar("T")
 
@@ -73,7 +76,7 @@ class GroupCommitter:
                                                 daemon=True)
                 self._thread.start()
             self._queue.put(request)
-        return request.done.result()  # type: ignore[no-any-return]
+        return wait(request.done)  # parks a caller on the event loop (``ledger.suspend``)
 
     def waiting(self) -> int:
         """How many requests are queued for the writer (not yet in a transaction)."""

@@ -188,6 +188,28 @@ def test_an_admission_is_one_trip_to_the_ledger_writer(
     assert response.status_code == 202
 
 
+def test_an_admission_crosses_threads_only_to_the_ledger_writer(
+    node_dir: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Authentication and admission run on the event loop, parked while the writer commits
+    (``ledger.suspend``): no worker-thread hop per step, whose GIL hand-offs cost more CPU
+    than the steps under load."""
+    import anyio.to_thread
+
+    hops = []
+    real_run_sync = anyio.to_thread.run_sync
+
+    async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(args[0])
+        return await real_run_sync(*args, **kwargs)
+
+    with _held_for_review_with_model(node_dir, model_bytes) as (_, _, client, digest):
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+        response = client.post("/v1/jobs", json={**JOB, "model_digest": digest})
+        assert response.status_code == 202
+        assert hops == []
+
+
 def test_the_202_of_an_admission_is_the_status_the_ledger_then_reports(
     node_dir: Path, model_bytes: bytes
 ) -> None:

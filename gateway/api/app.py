@@ -54,6 +54,7 @@ from ledger.canonical import sha256_digest
 from ledger.models import Dataset, Job, JobReview, ModelArtifact
 from ledger.review import withdraw_review
 from ledger.states import CHARGED_BUDGET_STATES, HELD_JOB_STATES, JobState
+from ledger.suspend import run_suspending
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -77,10 +78,10 @@ async def _parsed(request: Request, action: str, parse: Callable[[Any], Any]) ->
     try:
         return parse(_json_body(request))
     except Problem as problem:
-        await run_in_threadpool(_audit_invalid_request, request.app.state.node,
-                                _principal(request), problem,
-                                sha256_digest(request.scope.get("fedgate.body", b"")), action,
-                                request.scope.get("fedgate.nonce"))
+        await run_suspending(_audit_invalid_request, request.app.state.node,
+                             _principal(request), problem,
+                             sha256_digest(request.scope.get("fedgate.body", b"")), action,
+                             request.scope.get("fedgate.nonce"))
         raise
 
 
@@ -247,8 +248,8 @@ async def submit_job(request: Request) -> Response:
     job_request: JobRequest | None = None
     try:  # the refusal's deny entry is already in the audit log when the Problem arrives
         job_request = await _parsed(request, "train", JobRequest.from_json)
-        job, status = await run_in_threadpool(_admit, node, principal, job_request,
-                                              request_digest, request.scope.get("fedgate.nonce"))
+        job, status = await run_suspending(_admit, node, principal, job_request,
+                                           request_digest, request.scope.get("fedgate.nonce"))
     except Problem as refusal:
         if refusal.slug != "replayed-nonce":  # a replay decides no job
             log_refused(principal, job_request.dataset if job_request else None, refusal)

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -47,6 +46,7 @@ from gateway.node.nonces import PendingNonce, RecentNonces, record_nonce, replay
 from gateway.node.origin import arrival_origin
 from gateway.protocol.problems import Problem
 from ledger.registry import prune_nonces
+from ledger.suspend import run_suspending
 
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/node"})
 COOKIE_AUTH_PREFIXES = ("/dashboard",)
@@ -155,7 +155,7 @@ class SignatureAuthMiddleware:
             return
         deferred = (scope["method"], scope["path"]) in NONCE_WITH_DECISION
         try:
-            principal = await run_in_threadpool(self._authenticate, scope, deferred)
+            principal = await run_suspending(self._authenticate, scope, deferred)
         except Problem as problem:
             await problem_response(problem)(scope, receive, send)
             return
@@ -174,7 +174,7 @@ class SignatureAuthMiddleware:
             nonlocal replayed
             if message["type"] == "http.response.start" and not pending.recorded:
                 try:
-                    await run_in_threadpool(pending.ensure_recorded, self.node.writer)
+                    await run_suspending(pending.ensure_recorded, self.node.writer)
                 except Problem as problem:
                     replayed = True
                     await problem_response(problem)(scope, receive, send)
@@ -186,7 +186,7 @@ class SignatureAuthMiddleware:
         finally:  # an error answered further out (500) is not sent through send_after_nonce
             if not pending.recorded and not replayed:
                 with contextlib.suppress(Problem):
-                    await run_in_threadpool(pending.ensure_recorded, self.node.writer)
+                    await run_suspending(pending.ensure_recorded, self.node.writer)
             if pending.recorded:
                 self._recorded.add(principal)
 

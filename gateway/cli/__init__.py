@@ -461,7 +461,7 @@ def cmd_demo_shakespeare(args: argparse.Namespace) -> int:
 
 NODE_EXTRA_HINT = "pip install 'fedgate[node]'"
 NODE_LIBRARIES = frozenset({
-    "casbin", "dp_accounting", "jax", "psycopg", "pyarrow", "pyseccomp", "sqlalchemy",
+    "casbin", "dp_accounting", "greenlet", "jax", "psycopg", "pyarrow", "pyseccomp", "sqlalchemy",
     "sqlmodel", "starlette", "tensorflow", "tensorflow_federated", "tensorflow_privacy",
     "uvicorn"})
 """Top-level modules of the node extra (pyproject's ``node``): a researcher's light install
