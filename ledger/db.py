@@ -76,6 +76,9 @@ def _sqlite_engine(url: str, *, begin: str, query_only: bool = False) -> Engine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=60000")
+        # Statement journals of savepoints (one per group-committed write) in memory, not a
+        # temporary file created and unlinked for every batch.
+        cursor.execute("PRAGMA temp_store=MEMORY")
         if query_only:
             cursor.execute("PRAGMA query_only=ON")
         cursor.close()

@@ -35,6 +35,7 @@ from ledger.audit import append_entry
 from ledger.budget import LedgerError, lock_dataset, refund_budget
 from ledger.metering import record_usage
 from ledger.models import Job, JobReview
+from ledger.row_objects import row_object
 from ledger.states import HELD_JOB_STATES, RESEARCHER_CANCELLED, BudgetState, JobState
 
 REVIEW_STATES = ("pending", "approved", "denied", "expired", "withdrawn")
@@ -82,9 +83,9 @@ def open_review(session: Session, job: Job, *, required_because: str, policy_exp
     if job.state != JobState.PENDING_REVIEW or job.budget_state != BudgetState.RESERVED:
         raise ReviewError(f"job {job.id} is {job.state} with budget {job.budget_state}; only a "
                           "pending_review job with a reservation can be held")
-    review = JobReview(job_id=job.id, state="pending", required_because=required_because,
-                       policy_explanation=policy_explanation, requested_at=time.time(),
-                       expires_at=expires_at)
+    review = row_object(JobReview, dict(
+        job_id=job.id, state="pending", required_because=required_because,
+        policy_explanation=policy_explanation, requested_at=time.time(), expires_at=expires_at))
     _audit(session, job, "requested", actor=actor, required_because=required_because,
            epsilon=job.epsilon, delta=job.delta, expires_at=_iso(expires_at))
     session.connection().execute(_INSERT_REVIEW, [review.model_dump()])  # Core: one row
@@ -191,6 +192,12 @@ def overdue_reviews(session: Session, *, now: float) -> list[str]:
     return list(session.exec(select(JobReview.job_id).where(  # reviewed: ORM query, not exec
         JobReview.state == "pending", JobReview.expires_at <= now).order_by(JobReview.job_id)
     ).all())
+
+
+def any_approved_job(session: Session) -> bool:
+    """Whether some job waits approved (a read: the claim below writes only when one does)."""
+    return session.exec(select(Job.id).where(  # reviewed: ORM query, not exec
+        Job.state == JobState.APPROVED).limit(1)).first() is not None
 
 
 def claim_approved_jobs(session: Session) -> list[Job]:

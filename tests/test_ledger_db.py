@@ -98,3 +98,18 @@ def test_a_busy_gateway_keeps_its_connections_instead_of_reopening_one_per_reque
     finally:
         reads.dispose()
         engine.dispose()
+
+
+def test_savepoint_journals_stay_in_memory_not_a_temporary_file_per_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every group-committed write runs in a SAVEPOINT, whose statement journal SQLite keeps in
+    a temporary file by default: created, unlinked and closed again for every batch (an
+    openat, unlink, two access and a close per admission under load). Both engines keep
+    temporary storage in memory."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = make_engine(url)
+    reads = make_read_engine(url, engine)
+    for each in (engine, reads):
+        with each.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA temp_store").scalar_one() == 2  # MEMORY
+    reads.dispose()
+    engine.dispose()

@@ -435,3 +435,33 @@ def test_a_job_held_for_review_trains_after_the_owner_approves_it(
         ("admit", "allow"), ("review", "requested"), ("review", "approved"),
         ("charge", None), ("release", None), ("fetch", None)]
 
+
+
+def test_polling_for_reviews_takes_no_write_lock_while_nothing_is_due(
+    node_dir: Path, db_url: str
+) -> None:
+    """The review watch polls every second. With no approved job and no overdue review it only
+    reads: a write transaction per poll (BEGIN IMMEDIATE on SQLite) waited for the admissions'
+    writer and then held it up (SQLite's busy handler sleeping 1 to 100 ms)."""
+    import asyncio
+
+    from sqlalchemy import event
+
+    from gateway.node.jobs import JobRunner
+    from gateway.node.node import Node
+    from gateway.node.review import expire_overdue_reviews
+
+    node = Node(node_dir)
+    write_transactions, statements = [], []
+    if node.engine is not node.read_engine:  # SQLite: the write engine begins IMMEDIATE
+        event.listen(node.engine, "begin", lambda *_: write_transactions.append(1))
+    event.listen(node.engine, "before_cursor_execute",
+                 lambda _c, _k, sql, *_: statements.append(sql.upper()))
+    try:
+        assert expire_overdue_reviews(node, actor="node") == []
+        assert asyncio.run(JobRunner(node).start_approved()) == []
+        assert write_transactions == []
+        assert not [sql for sql in statements
+                    if "FOR UPDATE" in sql or sql.lstrip().startswith(("UPDATE", "INSERT"))]
+    finally:
+        node.dispose()

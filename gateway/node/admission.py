@@ -72,6 +72,7 @@ from ledger.metering import reserve_compute
 from ledger.models import Dataset, Job, JobReview
 from ledger.ranges import ADAPTIVE_DEFAULTS, CLIP_STRATEGIES
 from ledger.review import open_review
+from ledger.row_objects import row_object
 from ledger.states import BudgetState, JobState
 
 MAX_ROUNDS = int(mechanism.RANGES["rounds"].high)
@@ -226,8 +227,13 @@ class JobRequest(OptimizerChoice):
 
     def spec(self) -> dict[str, Any]:
         """The DP and training parameters, as recorded in the audit log and the signed release
-        manifest: the optimizers with exactly the hyperparameters they use."""
-        data = asdict(self)
+        manifest: the optimizers with exactly the hyperparameters they use. A new dict each
+        call, computed once per request (its values are numbers and strings)."""
+        return dict(self._spec)
+
+    @functools.cached_property
+    def _spec(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # flat: no asdict copies
         data.pop("idempotency_key")
         for name in (*OPTIMIZER_FIELDS, *ADAPTIVE_FIELDS):
             data.pop(name)
@@ -374,9 +380,9 @@ def _load_dataset(reads: Connection, name: str) -> Dataset | None:
     row = cursor.fetchone()
     if row is None:
         return None
-    return Dataset(**{column[0]: value for column, value in zip(cursor.description, row,
-                                                                  strict=True)
-                      if column[0] in Dataset.model_fields})
+    return row_object(Dataset, {column[0]: value for column, value in zip(cursor.description, row,
+                                                                         strict=True)
+                                if column[0] in Dataset.model_fields})
 
 
 def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:
@@ -645,7 +651,7 @@ def admit(
                            dataset=dataset.name) + node_quotas(node, principal, dataset)
     cpu_reserved = float(node.config.sandbox_limits.cpu_seconds)
     now = time.time()
-    job = Job(
+    job = row_object(Job, dict(
         id="job-" + uuid.uuid4().hex[:16],
         dataset=dataset.name,
         researcher_key_id=principal.key_id,
@@ -664,7 +670,7 @@ def admit(
         policy_version=decision.policy_version,
         created_at=now,
         updated_at=now,
-    )
+    ))
 
     def reserve(s: Session) -> Admitted:
         existing = find_idempotent_job(s, principal.key_id, request.idempotency_key)

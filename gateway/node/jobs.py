@@ -50,7 +50,7 @@ from ledger.audit import append_entry
 from ledger.budget import commit_budget, refund_budget
 from ledger.canonical import canonical_json
 from ledger.models import Dataset, Job, JobMeter
-from ledger.review import claim_approved_jobs
+from ledger.review import any_approved_job, claim_approved_jobs
 from ledger.states import ENDED_JOB_STATES, JobState
 
 log = logging.getLogger("fedgate.jobs")
@@ -185,6 +185,11 @@ class JobRunner:
         and start them; returns their ids. Their budget has been reserved since admission."""
 
         def claim() -> list[Job]:
+            # Polled every second: a read first, so that a node with nothing approved takes no
+            # write lock (on SQLite it would wait for, then hold up, the admissions' writer).
+            with self.node.read_session() as s:
+                if not any_approved_job(s):
+                    return []
             with self.node.session() as s, s.begin():
                 return claim_approved_jobs(s)
 

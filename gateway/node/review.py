@@ -42,7 +42,7 @@ def expire_overdue_reviews(node: Node, *, actor: str, now: float | None = None) 
     """Expire every pending review past its deadline (each refunded in its own transaction);
     returns the job ids expired."""
     now = time.time() if now is None else now
-    with node.session() as s:
+    with node.read_session() as s:  # polled every second: no write lock unless one is due
         overdue = overdue_reviews(s, now=now)
     expired = []
     for job_id in overdue:
