@@ -1,4 +1,6 @@
-"""RFC 9421 verification: the published Ed25519 vector, and each refusal with its own
+"""RFC 9421 verification: the published Ed25519 vector over the signature base the gateway
+builds, the same verdicts as the http-message-signatures library (which the SDK signs with)
+on requests signed and then altered in each way that matters, and each refusal with its own
 problem type."""
 
 from __future__ import annotations
@@ -6,12 +8,28 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from http_message_signatures import HTTPMessageVerifier, InvalidSignature, algorithms
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from http_message_signatures import (
+    HTTPMessageSigner,
+    HTTPMessageVerifier,
+    HTTPSignatureKeyResolver,
+    algorithms,
+)
+from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
-from gateway.api.signatures import _HeaderView, _RequestView, _SingleKeyResolver, verify_request
+from gateway.api.signatures import (
+    _field_lines,
+    _parse_dictionary,
+    _Signature,
+    _signature_base,
+    verify_request,
+    verify_signature,
+)
 from gateway.node.identity import RegisteredKey
 from gateway.protocol.problems import Problem
 from gateway.sdk.request_signing import signature_headers
@@ -41,19 +59,164 @@ def _rfc_public_key() -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def test_rfc9421_b26_ed25519_vector_verifies_with_the_wire_format_we_use() -> None:
-    key = RegisteredKey("test-key-ed25519", "rfc", "researcher", _rfc_public_key(), False)
-    verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519,
-                                   key_resolver=_SingleKeyResolver(key))
-    message = _RequestView("POST", "https://example.com/foo?param=Value&Pet=dog",
-                           _HeaderView(RFC_B26_HEADERS))
-    results = verifier.verify(message, max_age=None)
-    assert results[0].parameters["keyid"] == "test-key-ed25519"
-    tampered = [(k, v.replace("18", "19")) if k == "Content-Length" else (k, v)
-                for k, v in RFC_B26_HEADERS]
+def test_rfc9421_b26_ed25519_vector_verifies_over_the_signature_base_we_build() -> None:
+    fields = _field_lines(RFC_B26_HEADERS)
+    covered, params = _parse_dictionary(fields["signature-input"][0])["sig-b26"]
+    signed = _Signature(tuple(name for name, _ in covered), dict(params),
+                        _parse_dictionary(fields["signature"][0])["sig-b26"][0])
+    url = "https://example.com/foo?param=Value&Pet=dog"
+    base = _signature_base(signed, method="POST", url=url, fields=fields)
+    assert base.decode().splitlines()[:4] == [
+        '"date": Tue, 20 Apr 2021 02:07:55 GMT', '"@method": POST', '"@path": /foo',
+        '"@authority": example.com']
+    _rfc_public_key().verify(signed.signature, base)  # raises if it does not verify
+    tampered = _field_lines([(k, v.replace("18", "19")) if k == "Content-Length" else (k, v)
+                             for k, v in RFC_B26_HEADERS])
     with pytest.raises(InvalidSignature):
-        verifier.verify(_RequestView("POST", "https://example.com/foo", _HeaderView(tampered)),
-                        max_age=None)
+        _rfc_public_key().verify(signed.signature, _signature_base(
+            signed, method="POST", url=url, fields=tampered))
+
+
+class _Message:
+    """A request as the library signs and verifies it."""
+
+    def __init__(self, method: str, url: str, headers: list[tuple[str, str]]) -> None:
+        self.method, self.url, self.headers = method, url, _Headers(headers)
+
+
+class _Headers:
+    """Header field lines in wire order, in the shape the library reads."""
+
+    def __init__(self, lines: list[tuple[str, str]]) -> None:
+        self.lines = list(lines)
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self.lines)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(dict.fromkeys(name for name, _ in self.lines))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and any(k.lower() == name.lower() for k, _ in self.lines)
+
+    def __getitem__(self, name: str) -> str:
+        values = [v for k, v in self.lines if k.lower() == name.lower()]
+        if not values:
+            raise KeyError(name)
+        return ", ".join(values)
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.lines = [(k, v) for k, v in self.lines if k.lower() != name.lower()] + [(name, value)]
+
+    def __delitem__(self, name: str) -> None:
+        self.lines = [(k, v) for k, v in self.lines if k.lower() != name.lower()]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+class _Keys(HTTPSignatureKeyResolver):
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self.private_key = private_key
+
+    def resolve_public_key(self, key_id: str) -> Ed25519PublicKey:
+        return self.private_key.public_key()
+
+    def resolve_private_key(self, key_id: str) -> Ed25519PrivateKey:
+        return self.private_key
+
+
+SIGNED_URL = "https://node.example:443/v1/jobs?page=2"
+
+
+def _library_signed(private_key: Ed25519PrivateKey, components: tuple[str, ...],
+                    lines: list[tuple[str, str]], *, method: str = "POST",
+                    url: str = SIGNED_URL) -> _Message:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    message = _Message(method, url, lines)
+    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(private_key)).sign(
+        message, key_id="k1", created=now, expires=now + dt.timedelta(seconds=60),
+        nonce="n-1", label="fedgate", tag="fedgate", covered_component_ids=components)
+    return message
+
+
+def _verdicts(private_key: Ed25519PrivateKey, message: _Message) -> tuple[bool, bool]:
+    """(the library accepts, the gateway accepts) the signed ``message``."""
+    try:
+        HTTPMessageVerifier(signature_algorithm=algorithms.ED25519,
+                            key_resolver=_Keys(private_key)).verify(
+            message, max_age=None, expect_tag="fedgate",
+            require_components=("@method", "@target-uri"))
+        library = True
+    except HTTPMessageSignaturesException:
+        library = False
+    registered = RegisteredKey("k1", "alice", "researcher", private_key.public_key(), False)
+    try:
+        verify_signature(method=message.method, url=message.url, headers=message.headers.items(),
+                         declares_body=False, lookup_key=lambda k: registered, now=time.time())
+        ours = True
+    except Problem:
+        ours = False
+    return library, ours
+
+
+BASE_LINES = [("Content-Type", "application/json"), ("X-Trace", "a"), ("X-Trace", "b\t c")]
+ALTERATIONS: dict[str, tuple[tuple[str, ...], Callable[[_Message], Any]]] = {
+    "as signed": (("@method", "@target-uri"), lambda m: None),
+    "as signed, every derived component and headers": (
+        ("@method", "@target-uri", "@authority", "@scheme", "@request-target", "@path",
+         "@query", "content-type", "x-trace"), lambda m: None),
+    "method changed": (("@method", "@target-uri"), lambda m: setattr(m, "method", "PUT")),
+    "query changed": (("@method", "@target-uri"),
+                      lambda m: setattr(m, "url", SIGNED_URL.replace("=2", "=3"))),
+    "default port left out (@authority is the same, @target-uri is not)": (
+        ("@method", "@authority", "@target-uri"),
+        lambda m: setattr(m, "url", SIGNED_URL.replace(":443", ""))),
+    "covered header changed": (("@method", "@target-uri", "content-type"),
+                               lambda m: m.headers.__setitem__("Content-Type", "text/plain")),
+    "covered header removed": (("@method", "@target-uri", "content-type"),
+                               lambda m: m.headers.__delitem__("Content-Type")),
+    "a field line of a covered header dropped": (
+        ("@method", "@target-uri", "x-trace"),
+        lambda m: setattr(m.headers, "lines", m.headers.lines[:-1])),
+    "covered header folded (obs-fold) and padded": (
+        ("@method", "@target-uri", "content-type"),
+        lambda m: m.headers.__setitem__("Content-Type", "  application/json\r\n ")),
+    "uncovered header changed": (("@method", "@target-uri"),
+                                 lambda m: m.headers.__setitem__("X-Trace", "z")),
+    "a parameter changed": (("@method", "@target-uri"), lambda m: m.headers.__setitem__(
+        "Signature-Input", m.headers["Signature-Input"].replace('nonce="n-1"', 'nonce="n-2"'))),
+    "a parameter added": (("@method", "@target-uri"), lambda m: m.headers.__setitem__(
+        "Signature-Input", m.headers["Signature-Input"] + ';extra="x"')),
+    "labels differ between the two fields": (("@method", "@target-uri"), lambda m: m.headers.__setitem__(
+        "Signature", m.headers["Signature"].replace("fedgate=", "other="))),
+    "signature truncated": (("@method", "@target-uri"), lambda m: m.headers.__setitem__(
+        "Signature", m.headers["Signature"][:20] + ":")),
+    "required component not covered": (("@target-uri",), lambda m: None),
+}
+
+
+@pytest.mark.parametrize("alteration", ALTERATIONS)
+def test_the_gateway_and_the_signing_library_agree_on_every_alteration(alteration: str) -> None:
+    private_key = keys.generate_private_key()
+    components, alter = ALTERATIONS[alteration]
+    message = _library_signed(private_key, components, list(BASE_LINES))
+    alter(message)
+    library, ours = _verdicts(private_key, message)
+    assert ours == library, f"library {library}, gateway {ours}"
+    assert ours == alteration.startswith(("as signed", "uncovered", "covered header folded"))
+
+
+def test_a_covered_component_with_parameters_is_refused_though_rfc_9421_defines_some() -> None:
+    """No fedgate client sends component parameters (``;sf``, ``;key``, ``;bs``), so the gateway
+    builds no signature base for them: refused, where the library would verify."""
+    private_key = keys.generate_private_key()
+    message = _library_signed(private_key, ("@method", "@target-uri", '"content-type";sf'),
+                              list(BASE_LINES))
+    assert _verdicts(private_key, message) == (True, False)
 
 
 @pytest.fixture
