@@ -612,7 +612,14 @@ def _charge(rdp: float) -> Fraction:
 def _charges(cost: Sequence[float], length: int) -> tuple[Fraction, ...]:
     if len(cost) != length:
         raise ValueError(f"cost has {len(cost)} orders, the filter has {length}")
-    return tuple(_charge(float(c)) for c in cost)
+    return _charges_of(tuple(float(c) for c in cost))
+
+
+@functools.lru_cache(maxsize=1024)
+def _charges_of(cost: tuple[float, ...]) -> tuple[Fraction, ...]:
+    """:func:`_charge` of each value, memoised: a job's admission checks and then charges the
+    same cost, and jobs of the same parameters have the same cost."""
+    return tuple(_charge(c) for c in cost)
 
 
 def zero(orders: Sequence[float] = FILTER_ORDERS) -> RdpVector:

@@ -11,7 +11,9 @@ stores it into the dataset row, under the row lock.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -33,12 +35,12 @@ class RenyiFilter:
     def from_json(cls, *, orders: str, budget: str, spent: str) -> RenyiFilter:
         """The filter a dataset row stores (``filter_orders``, ``filter_budget``,
         ``spent_rdp``: JSON, the vectors as exact "n/d" strings)."""
-        return cls(orders=tuple(json.loads(orders)),
-                   budget=accounting.vector_from_json(json.loads(budget)),
-                   spent=accounting.vector_from_json(json.loads(spent)))
+        return cls(orders=_orders(orders), budget=_vector(budget), spent=_vector(spent))
 
     def spent_json(self) -> str:
-        return json.dumps(accounting.vector_to_json(self.spent))
+        text = json.dumps(accounting.vector_to_json(self.spent))
+        _remember(text, self.spent)  # the next admission reads back exactly this text
+        return text
 
     def admits(self, cost: Sequence[float]) -> bool:
         """The filter rule for a job of RDP ``cost`` (charged upward), exactly."""
@@ -59,3 +61,31 @@ class RenyiFilter:
     def refund(self, cost: Sequence[float]) -> RenyiFilter:
         """The exact inverse of :meth:`charge`, for a job that never read user data."""
         return replace(self, spent=accounting.subtract(self.spent, cost))
+
+
+# The vectors of recently read or written JSON texts (a pure function of the text): a dataset's
+# budget is read on every admission, and its spent vector is the one the previous admission
+# wrote. Bounded; entries leave oldest first.
+_PARSED: dict[str, RdpVector] = {}
+_PARSED_MAX = 256
+_PARSED_LOCK = threading.Lock()
+
+
+def _remember(text: str, vector: RdpVector) -> None:
+    with _PARSED_LOCK:
+        if len(_PARSED) >= _PARSED_MAX:
+            del _PARSED[next(iter(_PARSED))]
+        _PARSED[text] = vector
+
+
+def _vector(text: str) -> RdpVector:
+    vector = _PARSED.get(text)
+    if vector is None:
+        vector = accounting.vector_from_json(json.loads(text))
+        _remember(text, vector)
+    return vector
+
+
+@functools.lru_cache(maxsize=64)
+def _orders(text: str) -> tuple[float, ...]:
+    return tuple(json.loads(text))

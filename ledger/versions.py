@@ -20,10 +20,10 @@ from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 from sqlalchemy import update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
-from ledger.fixed_sql import Statement, execute
+from ledger.fixed_sql import Statement, execute, query_now
 from ledger.models import LedgerVersion
 
 REGISTRY = "registry"
@@ -50,6 +50,14 @@ def read_version(connection: Connection, name: str) -> int | None:
     """The counter of ``name`` as ``connection``'s transaction sees it; None without a row."""
     row = execute(connection, _READ_VERSION, (name,)).fetchone()
     return None if row is None else int(row[0])
+
+
+def read_version_now(engine: Engine, name: str) -> int | None:
+    """The counter of ``name`` as last committed, read alone (``ledger.fixed_sql.query_now``):
+    for a reader that reads the data, if it must, after it and in a later transaction (the
+    data is then at least as new as the counter, as the module contract requires)."""
+    rows = query_now(engine, _READ_VERSION, (name,))
+    return int(rows[0][0]) if rows else None
 
 
 class VersionedCache(Generic[K, V]):

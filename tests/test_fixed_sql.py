@@ -93,3 +93,23 @@ def test_statement_listeners_see_fixed_statements_as_they_see_sqlalchemys(tmp_pa
                    for statement, parameters in seen)
     finally:
         engine.dispose()
+
+
+def test_a_read_alone_sees_the_last_commit_and_holds_no_connection_or_snapshot(
+        db_url: str) -> None:
+    """``query_now`` (the version counters' read): each call sees what was committed before
+    it, and it returns its connection at once, leaving no transaction open on it."""
+    from ledger.fixed_sql import query_now
+
+    engine = make_engine(db_url)
+    create_schema(engine)
+    reads = make_read_engine(db_url, engine)
+    try:
+        assert query_now(reads, _COUNT_NONCES) == [(0,)]
+        with session(engine) as s, s.begin():
+            assert remember_nonce(s, key_id="k", nonce="n", expires_at=1e12)
+        assert query_now(reads, _COUNT_NONCES) == [(1,)]
+        assert reads.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        reads.dispose()
+        engine.dispose()

@@ -48,3 +48,19 @@ def test_the_dataset_rows_json_round_trips_exactly() -> None:
         budget=json.dumps(accounting.vector_to_json(current.budget)),
         spent=current.spent_json())
     assert stored == current
+
+
+def test_a_vector_remembered_from_its_text_is_the_one_parsing_the_text_gives() -> None:
+    """The filter keeps the vectors of texts it recently read or wrote (an admission reads back
+    the spent vector the previous one wrote): whether remembered or parsed, a text gives the
+    same exact vector, and the memory stays bounded."""
+    from ledger import renyi_filter
+
+    current = _filter()
+    for noise in (1.0, 1.5, 2.0, 3.0):
+        current = current.charge(_cost(noise))
+        text = current.spent_json()
+        assert renyi_filter._vector(text) == accounting.vector_from_json(json.loads(text))
+    for i in range(renyi_filter._PARSED_MAX + 10):
+        renyi_filter._vector(json.dumps([f"{i}/1"] * len(accounting.FILTER_ORDERS)))
+    assert len(renyi_filter._PARSED) <= renyi_filter._PARSED_MAX

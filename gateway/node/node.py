@@ -27,7 +27,7 @@ from ledger.audit import append_entry
 from ledger.db import create_schema, database_url, make_engine, make_read_engine, session
 from ledger.group_commit import GroupCommitter
 from ledger.models import Principal
-from ledger.versions import REGISTRY, VersionedCache, read_version
+from ledger.versions import REGISTRY, VersionedCache, read_version_now
 
 log = logging.getLogger("fedgate.node")
 
@@ -69,14 +69,15 @@ class Node:
 
     def lookup_key(self, key_id: str) -> RegisteredKey | None:
         """The registered key ``key_id`` as the last commit has it, from the key cache while
-        the registry's version (``ledger.versions``, read first in the same snapshot) is the
-        one it was cached at; from the registry otherwise. Unknown ids are not cached."""
+        the registry's version (``ledger.versions``, read first, alone) is the one it was
+        cached at; from the registry otherwise, read after the counter. Unknown ids are not
+        cached."""
         principals = Principal.__table__  # type: ignore[attr-defined]
-        with self.read_engine.connect() as c:
-            version = read_version(c, REGISTRY)
-            cached = self._keys.get(version, key_id)
-            if cached is not None:
-                return cached
+        version = read_version_now(self.read_engine, REGISTRY)
+        cached = self._keys.get(version, key_id)
+        if cached is not None:
+            return cached
+        with self.read_engine.connect() as c:  # after the counter: at least as new as it
             row = c.execute(select(principals.c.name, principals.c.role, principals.c.public_key,
                                    principals.c.status)
                             .where(principals.c.key_id == key_id)).first()
@@ -102,8 +103,7 @@ class Node:
         per change. With no previous engine (the first build) a failure raises.
         """
         d = self.deployment
-        with self.read_engine.connect() as c:
-            registry = read_version(c, REGISTRY)
+        registry = read_version_now(self.read_engine, REGISTRY)
         try:
             files = tuple((st.st_mtime_ns, st.st_size, st.st_ino)
                           for st in (d.policy_model.stat(), d.policy_file.stat()))
