@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import dp_accounting
-from sqlalchemy import func, insert
+from sqlalchemy import func
 from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, select
 
 from ledger import accounting, mechanism
 from ledger.audit import append_entry
-from ledger.fixed_sql import Statement, execute
+from ledger.fixed_sql import Insert, Statement, execute
 from ledger.models import Dataset, Job
 from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
@@ -214,7 +214,18 @@ def find_idempotent_job(session: Session, researcher_key_id: str, key: str | Non
 
 _LOCK_FILTER = Statement("SELECT filter_orders, filter_budget, spent_rdp FROM dataset WHERE name = ?",
                          lock=True)
-_INSERT_JOB = insert(Job)
+_INSERT_JOB = Insert(
+    Statement(
+        "INSERT INTO job (id, dataset, researcher_key_id, researcher, idempotency_key, "
+        "request_digest, model_digest, spec, cost, cost_rdp, epsilon, delta, state, "
+        'budget_state, data_accessed, "round", rounds, policy_version, failure, '
+        '"release", created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '
+        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+    ("id", "dataset", "researcher_key_id", "researcher", "idempotency_key", "request_digest",
+     "model_digest", "spec", "cost", "cost_rdp", "epsilon", "delta", "state", "budget_state",
+     "data_accessed", "round", "rounds", "policy_version", "failure", "release", "created_at",
+     "updated_at"),
+)
 _SPEND = Statement("UPDATE dataset SET spent_rdp = ? WHERE name = ?")
 
 
@@ -228,9 +239,9 @@ def reserve_budget(
     must roll back and record the ``deny`` in a transaction of its own.
 
     The rows are written without the ORM (the admission hot path): the dataset row locked,
-    read and updated with fixed statements (``ledger.fixed_sql``), the job inserted with a
-    SQLAlchemy Core insert. ``job`` must not be in
-    ``session`` yet; it is returned attached to it as the row it inserted.
+    read and updated, and the job inserted, with fixed statements (``ledger.fixed_sql``).
+    ``job`` must not be in ``session`` yet; it is returned attached to it as the row it
+    inserted.
     """
     row = execute(session, _LOCK_FILTER, (job.dataset,)).fetchone()
     if row is None:
@@ -243,7 +254,7 @@ def reserve_budget(
     append_entry(session, action="admit", decision="allow", job_id=job.id, **audit)
     count_researcher_epsilon(session, job, +1)
     execute(session, _SPEND, (current.charge(cost_rdp).spent_json(), job.dataset))
-    session.connection().execute(_INSERT_JOB, [job.model_dump()])
+    _INSERT_JOB.row(session, job.__dict__)
     make_transient_to_detached(job)  # the row just inserted, without a flush of the ORM
     session.add(job)
     return job

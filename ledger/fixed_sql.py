@@ -22,10 +22,12 @@ Contract:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -51,6 +53,36 @@ class Statement:
 
     def text(self, dialect: str) -> str:
         return self.sql if dialect == "sqlite" else self._postgresql
+
+
+_INSERT_COLUMNS = re.compile(r'INSERT INTO "?(\w+)"? \(([^)]*)\) VALUES')
+
+
+@dataclass(frozen=True)
+class Insert:
+    """A fixed ``INSERT`` of one whole row, its statement written out with the columns it
+    binds, in order (``columns``: checked against the text here, and against the table's own
+    columns by ``matches``, which tests run for every such constant)."""
+
+    statement: Statement
+    columns: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        found = _INSERT_COLUMNS.match(self.statement.sql)
+        listed = () if found is None else tuple(
+            name.strip().strip('"') for name in found.group(2).split(","))
+        if listed != self.columns or self.statement.sql.count("?") != len(self.columns):
+            raise ValueError(f"{self.statement.sql!r} must insert exactly {self.columns}")
+
+    def matches(self, table: Table) -> bool:
+        """Whether this inserts into ``table`` and binds every one of its columns."""
+        found = _INSERT_COLUMNS.match(self.statement.sql)
+        return (found is not None and found.group(1) == table.name
+                and set(self.columns) == {column.name for column in table.columns})
+
+    def row(self, on: Session | Connection, values: Mapping[str, Any]) -> None:
+        """Insert ``values`` (every column; a missing one raises ``KeyError``)."""
+        execute(on, self.statement, [values[name] for name in self.columns])
 
 
 def execute(on: Session | Connection, statement: Statement, parameters: Sequence[Any] = ()) -> Any:

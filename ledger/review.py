@@ -28,11 +28,11 @@ import datetime as dt
 import time
 from typing import Literal
 
-from sqlalchemy import insert
 from sqlmodel import Session, select
 
 from ledger.audit import append_entry
 from ledger.budget import LedgerError, lock_dataset, refund_budget
+from ledger.fixed_sql import Insert, Statement
 from ledger.metering import record_usage
 from ledger.models import Job, JobReview
 from ledger.row_objects import row_object
@@ -73,13 +73,20 @@ def _audit(session: Session, job: Job, decision: str, *, actor: str, **fields: o
                  principal=job.researcher, decision=decision, **fields)
 
 
-_INSERT_REVIEW = insert(JobReview)
+_INSERT_REVIEW = Insert(
+    Statement(
+        "INSERT INTO jobreview (job_id, state, required_because, policy_explanation, "
+        "requested_at, expires_at, decided_at, decided_by, reason) VALUES (?, ?, ?, ?, ?,"
+        " ?, ?, ?, ?)"),
+    ("job_id", "state", "required_because", "policy_explanation", "requested_at", "expires_at",
+     "decided_at", "decided_by", "reason"),
+)
 
 
 def open_review(session: Session, job: Job, *, required_because: str, policy_explanation: str,
                 expires_at: float, actor: str) -> JobReview:
     """Hold the just-admitted ``job`` (budget reserved, state ``pending_review``) for review.
-    The row is written as a Core insert: the review returned is not attached to ``session``."""
+    The row is written as a fixed statement: the review returned is not attached to ``session``."""
     if job.state != JobState.PENDING_REVIEW or job.budget_state != BudgetState.RESERVED:
         raise ReviewError(f"job {job.id} is {job.state} with budget {job.budget_state}; only a "
                           "pending_review job with a reservation can be held")
@@ -88,7 +95,7 @@ def open_review(session: Session, job: Job, *, required_because: str, policy_exp
         policy_explanation=policy_explanation, requested_at=time.time(), expires_at=expires_at))
     _audit(session, job, "requested", actor=actor, required_because=required_because,
            epsilon=job.epsilon, delta=job.delta, expires_at=_iso(expires_at))
-    session.connection().execute(_INSERT_REVIEW, [review.model_dump()])  # Core: one row
+    _INSERT_REVIEW.row(session, review.__dict__)  # a fixed statement: one row
     return review
 
 

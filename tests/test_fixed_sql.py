@@ -113,3 +113,20 @@ def test_a_read_alone_sees_the_last_commit_and_holds_no_connection_or_snapshot(
     finally:
         reads.dispose()
         engine.dispose()
+
+
+def test_each_fixed_insert_binds_exactly_the_columns_of_its_table() -> None:
+    """The admission's inserts are written out (no SQL is built from strings); a column added
+    to a model without adding it to its insert fails here, not at the first admission."""
+    from ledger.budget import _INSERT_JOB
+    from ledger.fixed_sql import Insert
+    from ledger.metering import _INSERT_METER
+    from ledger.models import Job, JobMeter, JobReview
+    from ledger.review import _INSERT_REVIEW
+
+    for insert, model in ((_INSERT_JOB, Job), (_INSERT_REVIEW, JobReview),
+                          (_INSERT_METER, JobMeter)):
+        assert insert.matches(model.__table__)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="must insert exactly"):
+        Insert(Statement("INSERT INTO job (id, dataset) VALUES (?, ?)"), ("id",))
+    assert not _INSERT_JOB.matches(JobReview.__table__)  # type: ignore[attr-defined]
