@@ -24,10 +24,9 @@ import pstats
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -37,7 +36,6 @@ from gateway.api.app import create_app
 from ledger.canonical import canonical_json, sha256_digest
 from ledger.group_commit import GroupCommitter, _Request
 
-T = TypeVar("T")
 ORIGIN = "http://127.0.0.1:8000"
 STAGES = {  # (module path suffix, function name): what it is
     ("gateway/api/middleware.py", "_authenticate"): "authenticate (signature, key, nonce)",
@@ -62,11 +60,10 @@ STAGES = {  # (module path suffix, function name): what it is
 
 
 def _inline_writer(writer: GroupCommitter) -> None:
-    def run(work: Callable[..., T], *, datasets: Any = ()) -> T:
-        request = _Request(work, tuple(datasets))
+    def run(request: _Request) -> Any:
         writer._commit([request])
-        return request.done.result()  # type: ignore[no-any-return]
-    writer.run = run  # type: ignore[method-assign]
+        return request.done.result()
+    writer._run = run  # type: ignore[method-assign]
 
 
 async def _send(app: Any, requests: list[dict[str, Any]]) -> list[int]:

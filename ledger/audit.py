@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import func
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -82,7 +83,7 @@ _FIRST_HEAD = Statement("INSERT INTO audithead (id, size) VALUES (1, 1)")
 _INSERT_ENTRY = Statement("INSERT INTO auditentry (seq, entry, leaf_hash) VALUES (?, ?, ?)")
 
 
-def append_entry(session: Session, *, action: str, **fields: Any) -> int:
+def append_entry(session: Session | Connection, *, action: str, **fields: Any) -> int:
     """Append one audit entry in the caller's transaction; return its sequence number.
 
     Takes the next number by incrementing the audit head row (``UPDATE ... RETURNING``,

@@ -26,6 +26,7 @@ from typing import Any
 
 import dp_accounting
 from sqlalchemy import func
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, select
 
@@ -37,6 +38,7 @@ from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 from ledger.renyi_filter import RenyiFilter
 from ledger.researcher_epsilon import count_researcher_epsilon
+from ledger.row_objects import row_object
 from ledger.states import BudgetState
 
 
@@ -203,13 +205,22 @@ def budget_fit(dataset: Dataset, cost_rdp: tuple[float, ...]) -> BudgetFit:
     return BudgetFit(fits=current.admits(cost_rdp), jobs_that_fit=current.jobs_that_fit(cost_rdp))
 
 
-def find_idempotent_job(session: Session, researcher_key_id: str, key: str | None) -> Job | None:
-    """The job already submitted by this key under ``key``, if any."""
+_IDEMPOTENT_JOB = Statement("SELECT * FROM job WHERE researcher_key_id = ? AND idempotency_key = ?")
+
+
+def find_idempotent_job(on: Session | Connection, researcher_key_id: str,
+                        key: str | None) -> Job | None:
+    """The job already submitted by this key under ``key``, if any (a row object, held by
+    no session: ``ledger.row_objects``)."""
     if key is None:
         return None
-    return session.exec(  # reviewed: ORM query, not exec
-        select(Job).where(Job.researcher_key_id == researcher_key_id, Job.idempotency_key == key)
-    ).first()
+    cursor = execute(on, _IDEMPOTENT_JOB, (researcher_key_id, key))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return row_object(Job, {column[0]: value for column, value in zip(cursor.description, row,
+                                                                      strict=True)
+                            if column[0] in Job.model_fields})
 
 
 _LOCK_FILTER = Statement("SELECT filter_orders, filter_budget, spent_rdp FROM dataset WHERE name = ?",
@@ -230,7 +241,7 @@ _SPEND = Statement("UPDATE dataset SET spent_rdp = ? WHERE name = ?")
 
 
 def reserve_budget(
-    session: Session, job: Job, cost_rdp: tuple[float, ...], audit: dict[str, Any]
+    session: Session | Connection, job: Job, cost_rdp: tuple[float, ...], audit: dict[str, Any]
 ) -> Job:
     """Admit ``job`` and reserve its cost, or raise ``BudgetExceeded`` reserving nothing.
 
@@ -240,8 +251,8 @@ def reserve_budget(
 
     The rows are written without the ORM (the admission hot path): the dataset row locked,
     read and updated, and the job inserted, with fixed statements (``ledger.fixed_sql``).
-    ``job`` must not be in ``session`` yet; it is returned attached to it as the row it
-    inserted.
+    ``job`` must not be in a session yet; given a session, it is returned attached to it as
+    the row it inserted (given a connection, it stays a row object).
     """
     row = execute(session, _LOCK_FILTER, (job.dataset,)).fetchone()
     if row is None:
@@ -255,8 +266,9 @@ def reserve_budget(
     count_researcher_epsilon(session, job, +1)
     execute(session, _SPEND, (current.charge(cost_rdp).spent_json(), job.dataset))
     _INSERT_JOB.row(session, job.__dict__)
-    make_transient_to_detached(job)  # the row just inserted, without a flush of the ORM
-    session.add(job)
+    if isinstance(session, Session):
+        make_transient_to_detached(job)  # the row just inserted, without a flush of the ORM
+        session.add(job)
     return job
 
 

@@ -9,10 +9,12 @@ Contract:
   is acknowledged before the commit, so a caller that answers only after ``run`` returns
   never acknowledges a write a crash can lose.
 * The writer thread takes every waiting request (at most ``max_batch``), opens one write
-  transaction (``BEGIN IMMEDIATE`` on SQLite), and runs each ``work`` in order inside a
-  SAVEPOINT of its own: each sees the effects of those before it, exactly as if they had
-  committed one by one in that order, so invariants checked inside a transaction (the
-  privacy filter's, under the dataset row lock) hold unchanged. A ``work`` that raises has
+  transaction (``BEGIN IMMEDIATE`` on SQLite) on one connection, and runs each ``work`` in
+  order inside a SAVEPOINT of its own (``run``: an ORM session joined to that transaction and
+  its nested transaction; ``run_on_connection``, for fixed statements only: the connection
+  itself and a savepoint issued on the driver): each sees the effects of those before it,
+  exactly as if they had committed one by one in that order, so invariants checked inside a
+  transaction (the privacy filter's, under the dataset row lock) hold unchanged. A ``work`` that raises has
   its savepoint rolled back and its exception re-raised to its caller alone; the others
   commit. If the commit itself fails, every request of the batch gets the error and none
   of them took effect.
@@ -31,11 +33,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session
 
-from ledger.db import session
-from ledger.models import AuditHead, Dataset
+from ledger.fixed_sql import Statement, execute
 from ledger.suspend import wait
 
 T = TypeVar("T")
@@ -49,8 +50,9 @@ engine's pooled connections, be collected."""
 
 @dataclass
 class _Request:
-    work: Callable[[Session], Any]
+    work: Callable[[Any], Any]
     datasets: tuple[str, ...]
+    on_connection: bool = False
     done: Future[Any] = field(default_factory=Future)
 
 
@@ -69,7 +71,17 @@ class GroupCommitter:
     def run(self, work: Callable[[Session], T], *, datasets: Iterable[str] = ()) -> T:
         """``work(session)`` inside the next group transaction; returns its result once the
         transaction is committed, or raises what ``work`` (or the commit) raised."""
-        request = _Request(work, tuple(datasets))
+        return self._run(_Request(work, tuple(datasets)))
+
+    def run_on_connection(self, work: Callable[[Connection], T], *,
+                          datasets: Iterable[str] = ()) -> T:
+        """:meth:`run` for a ``work`` that writes with fixed statements only
+        (``ledger.fixed_sql``) and holds no ORM objects: it gets the batch's connection, in a
+        savepoint issued on the driver, without an ORM session or its savepoint machinery
+        (the admission hot path)."""
+        return self._run(_Request(work, tuple(datasets), on_connection=True))
+
+    def _run(self, request: _Request) -> Any:
         with self._lock:  # the put too: an idle writer cannot leave between the check and it
             if self._thread is None:  # first use, or the last writer left idle or was closed
                 self._thread = threading.Thread(target=self._write, name="fedgate-group-commit",
@@ -117,14 +129,24 @@ class GroupCommitter:
     def _commit(self, batch: list[_Request]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
-            with session(self.engine) as s, s.begin():
-                _lock_datasets(s, sorted({name for r in batch for name in r.datasets}))
+            with self.engine.connect() as connection:
+                connection.begin()  # BEGIN IMMEDIATE on SQLite (``ledger.db``)
+                _lock_datasets(connection, sorted({name for r in batch for name in r.datasets}))
+                orm: Session | None = None  # joins the connection's transaction, if needed
                 for request in batch:
                     try:
-                        with s.begin_nested():
-                            outcomes.append((True, request.work(s)))
+                        if request.on_connection:
+                            outcomes.append((True, _in_savepoint(connection, request.work)))
+                            continue
+                        if orm is None:
+                            orm = Session(bind=connection, expire_on_commit=False)
+                        with orm.begin_nested():
+                            outcomes.append((True, request.work(orm)))
                     except Exception as error:  # re-raised to its own caller only
                         outcomes.append((False, error))
+                if orm is not None:
+                    orm.close()  # leaves the connection's transaction to the commit below
+                connection.commit()
         except BaseException as error:  # nothing of the batch happened; the writer goes on
             for request in batch:
                 request.done.set_exception(error)
@@ -137,13 +159,30 @@ class GroupCommitter:
                 request.done.set_exception(value)
 
 
-def _lock_datasets(s: Session, names: list[str]) -> None:
+def _in_savepoint(connection: Connection, work: Callable[[Connection], T]) -> T:
+    """``work(connection)`` in a SAVEPOINT issued on the driver: rolled back alone if it raises.
+    SQLAlchemy's own savepoints (ORM works) are never open around or inside it."""
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute("SAVEPOINT fedgate_work")
+    try:
+        result = work(connection)
+    except BaseException:
+        cursor.execute("ROLLBACK TO SAVEPOINT fedgate_work")
+        cursor.execute("RELEASE SAVEPOINT fedgate_work")
+        raise
+    cursor.execute("RELEASE SAVEPOINT fedgate_work")
+    return result
+
+
+_LOCK_DATASET = Statement("SELECT name FROM dataset WHERE name = ?", lock=True)
+_LOCK_AUDIT_HEAD = Statement("SELECT id FROM audithead WHERE id = 1", lock=True)
+
+
+def _lock_datasets(connection: Connection, names: list[str]) -> None:
     """Lock the batch's dataset rows in name order, then the audit head (PostgreSQL's
     ``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` already holds the whole database)."""
-    if s.get_bind().dialect.name == "sqlite" or not names:
+    if connection.dialect.name == "sqlite" or not names:
         return
-    # reviewed: ORM query with bound parameters (dataset names), not exec of text
-    s.exec(select(Dataset.name).where(Dataset.name.in_(names))  # type: ignore[attr-defined]  # reviewed: ORM query, not exec
-           .order_by(Dataset.name).with_for_update()).all()
-    s.exec(select(AuditHead.id).where(AuditHead.id == 1)  # reviewed: ORM query, not exec
-           .with_for_update()).all()
+    for name in names:
+        execute(connection, _LOCK_DATASET, (name,)).fetchall()
+    execute(connection, _LOCK_AUDIT_HEAD).fetchall()

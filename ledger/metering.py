@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from engine.meter import ResourceUsage
@@ -93,7 +94,7 @@ _INSERT_METER = Insert(
 )
 
 
-def reserve_compute(session: Session, job: Job, cpu_reserved_seconds: float) -> None:
+def reserve_compute(session: Session | Connection, job: Job, cpu_reserved_seconds: float) -> None:
     """Store ``job``'s CPU reservation (in the caller's admission transaction): a new meter
     row, the model's defaults but for the job, its researcher and dataset, the reservation
     and its time, written as one fixed statement (no ORM object)."""
@@ -204,7 +205,8 @@ _ACTIVE_PER_DATASET = Statement("SELECT dataset, count(*) FROM job WHERE researc
                                 parameters=1 + len(_ACTIVE_STATES))
 
 
-def active_jobs_per_dataset(session: Session, researchers: Iterable[str]) -> dict[str, int]:
+def active_jobs_per_dataset(session: Session | Connection,
+                            researchers: Iterable[str]) -> dict[str, int]:
     """How many admitted, unsettled jobs (``ACTIVE_JOB_STATES``) of any of ``researchers``
     each dataset holds: one indexed count per researcher (``ix_job_researcher_state``), no
     job rows loaded."""
@@ -251,7 +253,7 @@ def active_reservations(session: Session, researchers: Iterable[str], *,
 _LOCK_AUDIT_HEAD = Statement("SELECT id FROM audithead WHERE id = 1", lock=True)
 
 
-def lock_usage(session: Session) -> None:
+def lock_usage(session: Session | Connection) -> None:
     """Serialise quota checks: take the audit log head's row lock (``SELECT … FOR UPDATE``;
     SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock). Every admission
     appends an ``admit`` entry under this lock, so usage read after it includes every admission

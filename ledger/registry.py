@@ -16,6 +16,7 @@ import time
 from collections.abc import Collection
 
 from sqlalchemy import delete, func
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
 
@@ -173,7 +174,8 @@ _REMEMBER_NONCE = Statement("INSERT INTO seennonce (key_id, nonce, expires_at) V
                             "ON CONFLICT (key_id, nonce) DO NOTHING")
 
 
-def remember_nonce(session: OrmSession, *, key_id: str, nonce: str, expires_at: float) -> bool:
+def remember_nonce(session: OrmSession | Connection, *, key_id: str, nonce: str,
+                   expires_at: float) -> bool:
     """Record a nonce in the caller's transaction; False if this key already used it (a replay).
 
     The UNIQUE(key_id, nonce) constraint makes this atomic across gateway processes; the

@@ -42,7 +42,7 @@ def running_researcher_epsilon(on: Session | Connection, *, dataset: str,
     return None if row is None else (Fraction(row[0]), float(row[1]))
 
 
-def count_researcher_epsilon(session: Session, job: Job, sign: int) -> None:
+def count_researcher_epsilon(session: Session | Connection, job: Job, sign: int) -> None:
     """Add (``sign`` +1, at reservation) or subtract (-1, at refund) ``job``'s ε to its
     researcher's running total on its dataset (``ResearcherEpsilon``), in the caller's
     transaction, under the dataset row lock; ``job`` is not yet in the jobs it sums.
@@ -60,7 +60,7 @@ def count_researcher_epsilon(session: Session, job: Job, sign: int) -> None:
         return
     table = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
     jobs = Job.__table__  # type: ignore[attr-defined]
-    connection = session.connection()
+    connection = session.connection() if isinstance(session, Session) else session
     charged = connection.execute(select(jobs.c.epsilon, jobs.c.created_at).where(
         jobs.c.dataset == job.dataset, jobs.c.researcher == job.researcher,
         jobs.c.budget_state.in_(CHARGED_BUDGET_STATES), jobs.c.id != job.id)).all()

@@ -28,6 +28,7 @@ import datetime as dt
 import time
 from typing import Literal
 
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from ledger.audit import append_entry
@@ -68,7 +69,8 @@ def _locked(session: Session, job_id: str) -> tuple[Job, JobReview]:
     return job, review
 
 
-def _audit(session: Session, job: Job, decision: str, *, actor: str, **fields: object) -> None:
+def _audit(session: Session | Connection, job: Job, decision: str, *, actor: str,
+           **fields: object) -> None:
     append_entry(session, action="review", actor=actor, job_id=job.id, dataset=job.dataset,
                  principal=job.researcher, decision=decision, **fields)
 
@@ -83,7 +85,7 @@ _INSERT_REVIEW = Insert(
 )
 
 
-def open_review(session: Session, job: Job, *, required_because: str, policy_explanation: str,
+def open_review(session: Session | Connection, job: Job, *, required_because: str, policy_explanation: str,
                 expires_at: float, actor: str) -> JobReview:
     """Hold the just-admitted ``job`` (budget reserved, state ``pending_review``) for review.
     The row is written as a fixed statement: the review returned is not attached to ``session``."""

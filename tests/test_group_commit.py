@@ -35,9 +35,11 @@ def _wait(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-
         time.sleep(0.01)
 
 
-def _one_batch(committer: GroupCommitter, works: list) -> list:  # type: ignore[type-arg]
+def _one_batch(committer: GroupCommitter, works: list,  # type: ignore[type-arg]
+               on_connection: tuple[int, ...] = ()) -> list:  # type: ignore[type-arg]
     """Run ``works`` from one thread each so that all of them land in the same batch: a first
-    request holds the writer until the others are queued. Returns each result or exception."""
+    request holds the writer until the others are queued (those numbered in ``on_connection``
+    with ``run_on_connection``). Returns each result or exception."""
     entered, release = threading.Event(), threading.Event()
     results: list[object] = [None] * len(works)
 
@@ -46,8 +48,9 @@ def _one_batch(committer: GroupCommitter, works: list) -> list:  # type: ignore[
         release.wait(30)
 
     def call(i: int) -> None:
+        run = committer.run_on_connection if i in on_connection else committer.run
         try:
-            results[i] = committer.run(works[i])
+            results[i] = run(works[i])
         except Exception as error:
             results[i] = error
 
@@ -94,6 +97,33 @@ def test_a_failing_write_rolls_back_alone_and_the_rest_of_its_batch_commits(db_u
     assert isinstance(outcomes[1], RuntimeError)
     with session(engine) as s:
         assert [e["actor"] for e in read_entries(s)] == ["first", "last"]
+    committer.close()
+    engine.dispose()
+
+
+def test_fixed_statement_writes_share_the_batch_and_a_failing_one_rolls_back_alone(
+        db_url: str) -> None:
+    """``run_on_connection`` works (the admission's: fixed statements on the batch's connection,
+    in a savepoint issued on the driver) and session works in one batch: each sees those
+    before it, and the one that raises after writing leaves nothing behind."""
+    engine = make_engine(db_url)
+    create_schema(engine)
+    committer = GroupCommitter(engine)
+
+    def fails(connection) -> None:  # type: ignore[no-untyped-def]
+        append_entry(connection, action="key", actor="doomed")
+        raise RuntimeError("refused after writing")
+
+    outcomes = _one_batch(committer, [
+        lambda c: append_entry(c, action="key", actor="fixed-1"),
+        lambda s: append_entry(s, action="key", actor="session"),
+        fails,
+        lambda c: append_entry(c, action="key", actor="fixed-2")], on_connection=(0, 2, 3))
+    assert outcomes[0] == 0 and outcomes[1] == 1 and outcomes[3] == 2
+    assert isinstance(outcomes[2], RuntimeError)
+    assert committer.batches == 2  # the holder's, then all four in one
+    with session(engine) as s:
+        assert [e["actor"] for e in read_entries(s)] == ["fixed-1", "session", "fixed-2"]
     committer.close()
     engine.dispose()
 

@@ -360,7 +360,8 @@ def _deny(node: Node, audit: dict[str, Any], problem: Problem, *, nonce: Pending
     fields = {**audit, **decided_by, **extra, "reason": problem.slug, "explanation": problem.detail}
     # Group-committed with concurrent admissions; the refusal is answered after its commit.
     run_recording(nonce, node.writer,
-                  lambda s: append_entry(s, action="deny", decision="deny", **fields))
+                  lambda s: append_entry(s, action="deny", decision="deny", **fields),
+                  on_connection=True)
     return problem
 
 
@@ -672,7 +673,7 @@ def admit(
         updated_at=now,
     ))
 
-    def reserve(s: Session) -> Admitted:
+    def reserve(s: Connection) -> Admitted:
         existing = find_idempotent_job(s, principal.key_id, request.idempotency_key)
         if existing is not None:
             if existing.request_digest != request_digest:
@@ -694,7 +695,8 @@ def admit(
     try:
         # Decided in turn with concurrent admissions, in one transaction sharing one commit
         # (``ledger.group_commit``); returns only once the reservation is on disk.
-        return run_recording(nonce, node.writer, reserve, datasets=(dataset.name,))
+        return run_recording(nonce, node.writer, reserve, datasets=(dataset.name,),
+                             on_connection=True)
     except QuotaExceeded as exc:
         raise _deny(node, audit, exc.problem, nonce=nonce) from None
     except BudgetExceeded as exc:

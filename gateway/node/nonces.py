@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from gateway.node.identity import VerifiedRequest
@@ -40,7 +41,7 @@ def replayed_nonce() -> Problem:
                                      "request (the client does this on every call)")
 
 
-def record_nonce(session: Session, verified: VerifiedRequest) -> None:
+def record_nonce(session: Session | Connection, verified: VerifiedRequest) -> None:
     """Record ``verified``'s nonce in the caller's write transaction; raises the
     ``replayed-nonce`` problem if this key used it before."""
     if not remember_nonce(session, key_id=verified.key_id, nonce=verified.nonce,
@@ -55,17 +56,18 @@ class PendingNonce:
         self.verified = verified
         self.recorded = False  # True once a write that recorded it has committed
 
-    def run(self, writer: GroupCommitter, work: Callable[[Session], T], *,
-            datasets: Iterable[str] = ()) -> T:
-        """``writer.run(work)``, recording the nonce first in the same savepoint unless it is
-        recorded already. If ``work`` raises, its savepoint, and the nonce with it, is rolled
-        back: the nonce stays pending."""
-        def recorded_then(session: Session) -> T:
+    def run(self, writer: GroupCommitter, work: Callable[[Any], T], *,
+            datasets: Iterable[str] = (), on_connection: bool = False) -> T:
+        """``writer.run(work)`` (``writer.run_on_connection`` if ``on_connection``), recording
+        the nonce first in the same savepoint unless it is recorded already. If ``work``
+        raises, its savepoint, and the nonce with it, is rolled back: the nonce stays pending."""
+        def recorded_then(session: Session | Connection) -> T:
             if not self.recorded:
                 record_nonce(session, self.verified)
             return work(session)
 
-        result = writer.run(recorded_then, datasets=datasets)
+        run = writer.run_on_connection if on_connection else writer.run
+        result = run(recorded_then, datasets=datasets)
         self.recorded = True
         return result
 
@@ -76,12 +78,14 @@ class PendingNonce:
 
 
 def run_recording(nonce: PendingNonce | None, writer: GroupCommitter,
-                  work: Callable[[Session], T], *, datasets: Iterable[str] = ()) -> T:
-    """:meth:`PendingNonce.run`, or plain ``writer.run`` when there is no pending nonce (the
-    middleware recorded it, or the caller is not an HTTP request)."""
+                  work: Callable[[Any], T], *, datasets: Iterable[str] = (),
+                  on_connection: bool = False) -> T:
+    """:meth:`PendingNonce.run`, or plain ``writer.run`` (``run_on_connection``) when there
+    is no pending nonce (the middleware recorded it, or the caller is not an HTTP request)."""
     if nonce is None:
-        return writer.run(work, datasets=datasets)
-    return nonce.run(writer, work, datasets=datasets)
+        run = writer.run_on_connection if on_connection else writer.run
+        return run(work, datasets=datasets)
+    return nonce.run(writer, work, datasets=datasets, on_connection=on_connection)
 
 
 class RecentNonces:

@@ -31,6 +31,7 @@ import datetime as dt
 from collections.abc import Callable
 from decimal import Decimal
 
+from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from gateway.node.billing import project_cost, spend_used
@@ -57,7 +58,7 @@ class QuotaExceeded(Exception):
 _DATASET_OWNERS = Statement("SELECT name, owner FROM dataset")
 
 
-def _on_datasets(session: Session, quota: Quota) -> Callable[[str], bool]:
+def _on_datasets(session: Session | Connection, quota: Quota) -> Callable[[str], bool]:
     owners = dict(execute(session, _DATASET_OWNERS).fetchall())
     return lambda name: owners.get(name) == quota.domain and dataset_matches(quota.dataset_pattern, name)
 
@@ -89,9 +90,18 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.6g}"
 
 
-def check_quota(session: Session, quota: Quota, *, job: Job, cpu_reserved_seconds: float,
-                prices: PriceList | None, default_reservation: float, month: str) -> None:
-    """Raise ``QuotaExceeded`` if use of ``quota``, ``job`` included, is above its limit."""
+def check_quota(session: Session | Connection, quota: Quota, *, job: Job,
+                cpu_reserved_seconds: float, prices: PriceList | None, default_reservation: float,
+                month: str) -> None:
+    """Raise ``QuotaExceeded`` if use of ``quota``, ``job`` included, is above its limit.
+    Given the admission's connection, the CPU and spend quotas read through an ORM session
+    joined to its transaction (reads only: it holds nothing to write)."""
+    if not isinstance(session, Session) and quota.name in {"max_cpu_hours_per_month",
+                                                          "max_spend_per_month"}:
+        with Session(bind=session) as reads:
+            check_quota(reads, quota, job=job, cpu_reserved_seconds=cpu_reserved_seconds,
+                        prices=prices, default_reservation=default_reservation, month=month)
+        return
     on_dataset = _on_datasets(session, quota)
     if quota.name == "max_concurrent_jobs":
         running = sum(count for name, count in active_jobs_per_dataset(session, quota.members).items()
@@ -125,7 +135,7 @@ def check_quota(session: Session, quota: Quota, *, job: Job, cpu_reserved_second
                            f"data yet, or wait until {_next_month(month)}")
 
 
-def enforce_quotas(session: Session, quotas: tuple[Quota, ...], *, job: Job,
+def enforce_quotas(session: Session | Connection, quotas: tuple[Quota, ...], *, job: Job,
                    cpu_reserved_seconds: float, prices: PriceList | None,
                    default_reservation: float) -> None:
     """Check every quota (module contract) in the caller's admission transaction, after the
