@@ -369,7 +369,7 @@ def _cpu_bound(sqlite: dict[str, Any]) -> str:
         f"holds the GIL for its Python work, so one process admits at "
         f"most {1e3 / profile.cpu_ms:,.0f} req/s = {1e3 / profile.cpu_ms / fastest_bare:.2f}× "
         f"the bare endpoint's fastest run above ({fastest_bare:,.0f} req/s), before uvicorn's "
-        f"HTTP work and the thread hand-offs; 0.30× of it needs ≤ "
+        f"HTTP work and the hand-off to the ledger writer; 0.30× of it needs ≤ "
         f"{1e3 / (0.30 * fastest_bare):.1f} ms of CPU per admission.")
 
 
@@ -442,10 +442,11 @@ def run() -> str:
         f"subsampled job and {sqlite['accounting_ms']['every_user']:.1f} ms without "
         "subsampling; admission computes it once per request (a matching constraint that "
         "reads ε, here `max_epsilon_per_researcher`, and the reservation share it). "
-        "Each request's nonce, its reservation, review, compute reservation and audit entries "
-        "are one work of the gateway's single ledger writer, in one savepoint, and the writer "
-        "commits all the works waiting at that moment together (group commit, "
-        "`ledger/group_commit.py`); every 202 leaves after its commit. "
+        "Signature check and admission run on the event loop (`ledger/suspend.py`); each "
+        "request's nonce, its reservation, review, compute reservation and audit entries are "
+        "one work of the gateway's single ledger writer thread, fixed statements in one "
+        "savepoint, and the writer commits all the works waiting at that moment together "
+        "(group commit, `ledger/group_commit.py`); every 202 leaves after its commit. "
         "`python -m bench.admission_profile` shows where an admission's CPU goes.",
         "",
         _cpu_bound(sqlite),

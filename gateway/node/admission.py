@@ -274,11 +274,26 @@ def sampling_rate(dataset: Dataset, clients_per_round: float) -> float:
 
 def project_cost(node: Node, dataset: Dataset, request: JobRequest) -> Projection:
     """Privacy cost of ``request`` on ``dataset`` (pure apart from reading config): a function
-    of the request's public parameters and N̂ only."""
+    of the request's public parameters and N̂ only (memoised on exactly those)."""
     q = sampling_rate(dataset, request.clients_per_round)
-    cost = _job_cost(node, q, request)
-    cost_rdp = cost.rdp(filter_orders(dataset))
-    return Projection(dataset, q, cost, cost_rdp, cost.epsilon(dataset.delta), dataset.delta)
+    cost, cost_rdp, epsilon = _projected(
+        q, float(request.noise_multiplier), int(request.rounds),
+        node.config.evaluation_noise_multiplier if request.evaluate else None,
+        request.count_stddev(), dataset.filter_orders, float(dataset.delta))
+    return Projection(dataset, q, cost, cost_rdp, epsilon, dataset.delta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _projected(q: float, noise_multiplier: float, rounds: int,
+               evaluation_noise_multiplier: float | None, clipped_count_stddev: float | None,
+               filter_orders_json: str, delta: float,
+               ) -> tuple[accounting.JobCost, tuple[float, ...], float]:
+    """The job's cost, its RDP at the filter's orders and its ε at ``delta``."""
+    cost = accounting.JobCost.for_job(
+        sampling_rate=q, noise_multiplier=noise_multiplier, rounds=rounds,
+        evaluation_noise_multiplier=evaluation_noise_multiplier,
+        clipped_count_stddev=clipped_count_stddev)
+    return cost, cost.rdp(tuple(json.loads(filter_orders_json))), cost.epsilon(delta)
 
 
 def _job_cost(node: Node, sampling_rate: float, request: JobRequest) -> accounting.JobCost:
