@@ -19,10 +19,10 @@ from __future__ import annotations
 from fractions import Fraction
 
 from sqlalchemy.engine import Connection
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from ledger.fixed_sql import Statement, execute
-from ledger.models import Job, ResearcherEpsilon
+from ledger.fixed_sql import Insert, Statement, execute
+from ledger.models import Job
 from ledger.states import CHARGED_BUDGET_STATES
 
 __all__ = ["count_researcher_epsilon", "running_researcher_epsilon"]
@@ -31,6 +31,15 @@ _RESEARCHER_EPSILON = Statement(
     "SELECT epsilon, since FROM researcherepsilon WHERE dataset = ? AND researcher = ?")
 _COUNT_RESEARCHER_EPSILON = Statement(
     "UPDATE researcherepsilon SET epsilon = ?, since = ? WHERE dataset = ? AND researcher = ?")
+_CHARGED_STATES = tuple(state.value for state in CHARGED_BUDGET_STATES)
+_CHARGED_JOBS = Statement(
+    "SELECT epsilon, created_at FROM job WHERE dataset = ? AND researcher = ? AND "
+    "budget_state IN (?, ?) AND id != ?", parameters=3 + len(_CHARGED_STATES))
+_INSERT_TOTAL = Insert(
+    Statement("INSERT INTO researcherepsilon (dataset, researcher, epsilon, since) "
+              "VALUES (?, ?, ?, ?)"),
+    ("dataset", "researcher", "epsilon", "since"),
+)
 
 
 def running_researcher_epsilon(on: Session | Connection, *, dataset: str,
@@ -58,14 +67,9 @@ def count_researcher_epsilon(session: Session | Connection, job: Job, sign: int)
         return
     if sign < 0:
         return
-    table = ResearcherEpsilon.__table__  # type: ignore[attr-defined]
-    jobs = Job.__table__  # type: ignore[attr-defined]
-    connection = session.connection() if isinstance(session, Session) else session
-    charged = connection.execute(select(jobs.c.epsilon, jobs.c.created_at).where(
-        jobs.c.dataset == job.dataset, jobs.c.researcher == job.researcher,
-        jobs.c.budget_state.in_(CHARGED_BUDGET_STATES), jobs.c.id != job.id)).all()
+    charged = execute(session, _CHARGED_JOBS, (job.dataset, job.researcher,
+                                               *_CHARGED_STATES, job.id)).fetchall()
     total = sum((Fraction(epsilon) for epsilon, _ in charged), Fraction(job.epsilon))
     since = min((created for _, created in charged), default=job.created_at)
-    connection.execute(table.insert().values(dataset=job.dataset, researcher=job.researcher,
-                                             epsilon=str(total),
-                                             since=min(since, job.created_at)))
+    _INSERT_TOTAL.row(session, {"dataset": job.dataset, "researcher": job.researcher,
+                                "epsilon": str(total), "since": min(since, job.created_at)})

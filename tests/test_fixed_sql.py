@@ -121,11 +121,12 @@ def test_each_fixed_insert_binds_exactly_the_columns_of_its_table() -> None:
     from ledger.budget import _INSERT_JOB
     from ledger.fixed_sql import Insert
     from ledger.metering import _INSERT_METER
-    from ledger.models import Job, JobMeter, JobReview
+    from ledger.models import Job, JobMeter, JobReview, ResearcherEpsilon
+    from ledger.researcher_epsilon import _INSERT_TOTAL
     from ledger.review import _INSERT_REVIEW
 
     for insert, model in ((_INSERT_JOB, Job), (_INSERT_REVIEW, JobReview),
-                          (_INSERT_METER, JobMeter)):
+                          (_INSERT_METER, JobMeter), (_INSERT_TOTAL, ResearcherEpsilon)):
         assert insert.matches(model.__table__)  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="must insert exactly"):
         Insert(Statement("INSERT INTO job (id, dataset) VALUES (?, ?)"), ("id",))
