@@ -400,3 +400,27 @@ def test_decisions_agree_with_casbin_enforcer(p_rows, p2_rows, g_rows, requests)
         assert decision.allowed == reference.enforce(subject, domain, dataset, action)
         applicable = bool(ours.matching_constraints(subject, domain, dataset, action))
         assert applicable == reference.enforce(constraints, subject, domain, dataset, action)
+
+
+def test_remembered_matching_rows_are_a_fresh_engines_and_their_memory_is_bounded() -> None:
+    """An engine remembers which rows match a (subject, domain, dataset, action); the same
+    request decided again, or by a new engine of the same rows, gets the same decision, and
+    the memory never exceeds ``MATCHING_CACHE`` requests."""
+    from gateway.policy import decisions
+
+    policy = ("p, researchers, clinic, ds*, train, allow\n"
+              "p2, researchers, clinic, ds1, train, max_rounds, 5\n"
+              "p, mallory, clinic, ds1, train, deny\n")
+    members = [(name, "researchers", "clinic") for name in ("alice", "mallory")]
+    e = engine(policy, members)
+    for subject, dataset, rounds, allowed in [("alice", "ds1", 3, True), ("alice", "ds1", 9, False),
+                                              ("mallory", "ds1", 3, False),
+                                              ("alice", "ds2", 9, True)]:
+        first = decide(e, subject, dataset, rounds=rounds)
+        again = decide(e, subject, dataset, rounds=rounds)
+        fresh = decide(engine(policy, members), subject, dataset, rounds=rounds)
+        assert first.allowed == again.allowed == fresh.allowed == allowed
+        assert first.explanation == again.explanation == fresh.explanation
+    for i in range(decisions.MATCHING_CACHE + 10):
+        e.matching_grants(f"user{i}", "clinic", "ds1", "train")
+    assert len(e._matched) <= decisions.MATCHING_CACHE

@@ -112,6 +112,16 @@ def _group_closure(memberships: Iterable[Membership]) -> tuple[dict[tuple[str, s
     return closure, sorted(set(problems))
 
 
+MATCHING_CACHE = 4096
+"""Requests (subject, domain, dataset, action) whose matching rows an engine remembers."""
+
+_Matching = tuple[tuple["Grant", ...], tuple["Constraint", ...], tuple["Obligation", ...]]
+
+
+def _row_order(rule: Grant | Constraint | Obligation) -> int:
+    return rule.order
+
+
 class PolicyEngine:
     """Validated rows, indexed for decisions; immutable once built.
 
@@ -158,6 +168,7 @@ class PolicyEngine:
         for duty in rows.obligations:
             key = (duty.domain, duty.subject, duty.action)
             self._obligations.setdefault(key, _Bucket()).add(duty)
+        self._matched: dict[tuple[str, str, str, str], _Matching] = {}
 
     @classmethod
     def from_files(cls, model_path: Path, policy_path: Path,
@@ -170,24 +181,39 @@ class PolicyEngine:
         return self._closure.get((domain, subject), (subject,))
 
     def matching_grants(self, subject: str, domain: str, dataset: str, action: str) -> list[Grant]:
-        found = [rule for s in self.subjects(subject, domain)
-                 if (bucket := self._grants.get((domain, s, action)))
-                 for rule in bucket.matching(dataset)]
-        return sorted(found, key=lambda rule: rule.order)
+        return list(self._matching(subject, domain, dataset, action)[0])
 
     def matching_constraints(self, subject: str, domain: str, dataset: str,
                              action: str) -> list[Constraint]:
-        found = [rule for s in self.subjects(subject, domain) for a in (action, "*")
-                 if (bucket := self._constraints.get((domain, s, a)))
-                 for rule in bucket.matching(dataset)]
-        return sorted(found, key=lambda rule: rule.order)
+        return list(self._matching(subject, domain, dataset, action)[1])
 
     def matching_obligations(self, subject: str, domain: str, dataset: str,
                              action: str) -> list[Obligation]:
-        found = [rule for s in self.subjects(subject, domain) for a in (action, "*")
-                 if (bucket := self._obligations.get((domain, s, a)))
-                 for rule in bucket.matching(dataset)]
-        return sorted(found, key=lambda rule: rule.order)
+        return list(self._matching(subject, domain, dataset, action)[2])
+
+    def _matching(self, subject: str, domain: str, dataset: str, action: str) -> _Matching:
+        """The grants, constraints and obligations matching a request, each in row order:
+        a pure function of the (immutable) engine and these four names, remembered for the
+        most recent :data:`MATCHING_CACHE` requests."""
+        key = (subject, domain, dataset, action)
+        found = self._matched.get(key)
+        if found is None:
+            subjects = self.subjects(subject, domain)
+            grants = [rule for s in subjects if (bucket := self._grants.get((domain, s, action)))
+                      for rule in bucket.matching(dataset)]
+            constraints = [rule for s in subjects for a in (action, "*")
+                           if (bucket := self._constraints.get((domain, s, a)))
+                           for rule in bucket.matching(dataset)]
+            duties = [rule for s in subjects for a in (action, "*")
+                      if (bucket := self._obligations.get((domain, s, a)))
+                      for rule in bucket.matching(dataset)]
+            found = (tuple(sorted(grants, key=_row_order)),
+                     tuple(sorted(constraints, key=_row_order)),
+                     tuple(sorted(duties, key=_row_order)))
+            if len(self._matched) >= MATCHING_CACHE:
+                self._matched.clear()
+            self._matched[key] = found
+        return found
 
     def facts_read(self, *, subject: str, domain: str, dataset: str, action: str) -> frozenset[str]:
         """The ``RequestContext`` facts the constraints and obligations matching this request
