@@ -14,7 +14,6 @@ from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -25,11 +24,14 @@ from gateway.policy.ledger_inputs import registry_memberships
 from ledger import keys
 from ledger.audit import append_entry
 from ledger.db import create_schema, database_url, make_engine, make_read_engine, session
+from ledger.fixed_sql import Statement, query_now
 from ledger.group_commit import GroupCommitter
-from ledger.models import Principal
 from ledger.versions import REGISTRY, VersionedCache, read_version_now
 
 log = logging.getLogger("fedgate.node")
+
+
+_KEY_ROW = Statement("SELECT name, role, public_key, status FROM principal WHERE key_id = ?")
 
 
 class Node:
@@ -72,20 +74,18 @@ class Node:
         the registry's version (``ledger.versions``, read first, alone) is the one it was
         cached at; from the registry otherwise, read after the counter. Unknown ids are not
         cached."""
-        principals = Principal.__table__  # type: ignore[attr-defined]
         version = read_version_now(self.read_engine, REGISTRY)
         cached = self._keys.get(version, key_id)
         if cached is not None:
             return cached
-        with self.read_engine.connect() as c:  # after the counter: at least as new as it
-            row = c.execute(select(principals.c.name, principals.c.role, principals.c.public_key,
-                                   principals.c.status)
-                            .where(principals.c.key_id == key_id)).first()
-        if row is None:
+        # After the counter, in a later transaction: at least as new as it.
+        rows = query_now(self.read_engine, _KEY_ROW, (key_id,))
+        if not rows:
             return None
-        key = RegisteredKey(key_id=key_id, principal=row.name, role=row.role,
-                            public_key=keys.public_key_from_b64(row.public_key),
-                            revoked=row.status != "active")
+        name, role, public_key, status = rows[0]
+        key = RegisteredKey(key_id=key_id, principal=name, role=role,
+                            public_key=keys.public_key_from_b64(public_key),
+                            revoked=status != "active")
         self._keys.put(version, key_id, key)
         return key
 
