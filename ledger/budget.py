@@ -38,7 +38,7 @@ from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
 from ledger.renyi_filter import RenyiFilter
 from ledger.researcher_epsilon import count_researcher_epsilon
-from ledger.row_objects import row_object
+from ledger.row_objects import fetch_row_object
 from ledger.states import BudgetState
 
 
@@ -214,13 +214,7 @@ def find_idempotent_job(on: Session | Connection, researcher_key_id: str,
     no session: ``ledger.row_objects``)."""
     if key is None:
         return None
-    cursor = execute(on, _IDEMPOTENT_JOB, (researcher_key_id, key))
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    return row_object(Job, {column[0]: value for column, value in zip(cursor.description, row,
-                                                                      strict=True)
-                            if column[0] in Job.model_fields})
+    return fetch_row_object(Job, execute(on, _IDEMPOTENT_JOB, (researcher_key_id, key)))
 
 
 _LOCK_FILTER = Statement("SELECT filter_orders, filter_budget, spent_rdp FROM dataset WHERE name = ?",

@@ -53,3 +53,14 @@ def row_object(model: type[M], values: Mapping[str, Any]) -> M:
     instance: M = model._sa_class_manager.new_instance()  # type: ignore[attr-defined]
     instance.__dict__.update(row_values(model, values))
     return instance
+
+
+def fetch_row_object(model: type[M], cursor: Any) -> M | None:
+    """The next row of a driver ``cursor`` (a ``SELECT *``) as a :func:`row_object`, None
+    when there is none; columns the model does not have are left out."""
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    names = _defaults(model)[0]
+    return row_object(model, {column[0]: value for column, value
+                              in zip(cursor.description, row, strict=True) if column[0] in names})

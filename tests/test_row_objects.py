@@ -42,3 +42,20 @@ def test_a_row_naming_an_unknown_column_or_missing_a_required_one_is_refused() -
         row_values(Job, without_dataset)
     with pytest.raises(TypeError, match="missing"):
         row_object(Dataset, {"name": "demo"})
+
+
+def test_a_fetched_row_leaves_out_columns_the_model_lacks_and_none_is_none() -> None:
+    """``fetch_row_object`` reads a driver cursor of ``SELECT *``: a column added to the
+    table but not to the model (a newer schema) is left out; no row is None."""
+    import sqlite3
+
+    from ledger.row_objects import fetch_row_object
+
+    db = sqlite3.connect(":memory:")
+    columns = ", ".join(JOB)
+    db.execute(f"CREATE TABLE job ({columns}, round, failure, data_accessed, release, extra)")
+    db.execute(f"INSERT INTO job VALUES ({', '.join('?' * (len(JOB) + 5))})",
+               (*JOB.values(), 0, None, False, None, "newer schema"))
+    job = fetch_row_object(Job, db.execute("SELECT * FROM job"))
+    assert job is not None and job.id == "job-1" and "extra" not in job.__dict__
+    assert fetch_row_object(Job, db.execute("SELECT * FROM job WHERE id = 'none'")) is None

@@ -72,7 +72,7 @@ from ledger.metering import reserve_compute
 from ledger.models import Dataset, Job, JobReview
 from ledger.ranges import ADAPTIVE_DEFAULTS, CLIP_STRATEGIES
 from ledger.review import open_review
-from ledger.row_objects import row_object
+from ledger.row_objects import fetch_row_object, row_object
 from ledger.states import BudgetState, JobState
 
 MAX_ROUNDS = int(mechanism.RANGES["rounds"].high)
@@ -392,13 +392,7 @@ _DATASET_ROW = Statement("SELECT * FROM dataset WHERE name = ?")
 
 def _load_dataset(reads: Connection, name: str) -> Dataset | None:
     """The dataset row ``name`` in ``reads``' snapshot, as a ``Dataset`` held by no session."""
-    cursor = execute(reads, _DATASET_ROW, (name,))
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    return row_object(Dataset, {column[0]: value for column, value in zip(cursor.description, row,
-                                                                         strict=True)
-                                if column[0] in Dataset.model_fields})
+    return fetch_row_object(Dataset, execute(reads, _DATASET_ROW, (name,)))
 
 
 def check_model(node: Node, dataset: Dataset, request: JobRequest) -> None:
