@@ -16,8 +16,8 @@ Contract:
   exactly as if they had committed one by one in that order, so invariants checked inside a
   transaction (the privacy filter's, under the dataset row lock) hold unchanged. A ``work`` that raises has
   its savepoint rolled back and its exception re-raised to its caller alone; the others
-  commit. If the commit itself fails, every request of the batch gets the error and none
-  of them took effect.
+  commit. If the commit itself fails, or a savepoint cannot be opened, rolled back or
+  released, every request of the batch gets the error and none of them took effect.
 * On PostgreSQL one transaction of several requests would hold the audit head's lock while
   it takes a later request's dataset lock, against the fixed lock order (job → dataset →
   audit head) that other writers follow: ``run`` names the dataset rows each ``work`` will
@@ -26,6 +26,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -161,17 +162,34 @@ class GroupCommitter:
 
 def _in_savepoint(connection: Connection, work: Callable[[Connection], T]) -> T:
     """``work(connection)`` in a SAVEPOINT issued on the driver: rolled back alone if it raises.
-    SQLAlchemy's own savepoints (ORM works) are never open around or inside it."""
+    SQLAlchemy's own savepoints (ORM works) are never open around or inside it. If the
+    savepoint itself cannot be opened, rolled back or released, the transaction's state is
+    unknown: the connection is invalidated, so the batch's commit fails and no request of it
+    is acknowledged (rather than committing a work reported as failed, or the reverse)."""
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    cursor.execute("SAVEPOINT fedgate_work")
+    _savepoint(connection, cursor, "SAVEPOINT fedgate_work")
     try:
         result = work(connection)
     except BaseException:
-        cursor.execute("ROLLBACK TO SAVEPOINT fedgate_work")
-        cursor.execute("RELEASE SAVEPOINT fedgate_work")
+        _savepoint(connection, cursor, "ROLLBACK TO SAVEPOINT fedgate_work",
+                   "RELEASE SAVEPOINT fedgate_work")
         raise
-    cursor.execute("RELEASE SAVEPOINT fedgate_work")
+    _savepoint(connection, cursor, "RELEASE SAVEPOINT fedgate_work")
     return result
+
+
+def _savepoint(connection: Connection, cursor: Any, *statements: str) -> None:
+    try:
+        for statement in statements:  # constants above: no values
+            cursor.execute(statement)
+    except BaseException:
+        # End the transaction before closing: SQLite keeps a connection closed with a live
+        # statement open, and its write lock held, until that statement is collected.
+        with contextlib.suppress(Exception):
+            connection.connection.driver_connection.rollback()  # type: ignore[union-attr]
+        cursor.close()
+        connection.invalidate()
+        raise
 
 
 _LOCK_DATASET = Statement("SELECT name FROM dataset WHERE name = ?", lock=True)

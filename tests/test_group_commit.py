@@ -128,6 +128,30 @@ def test_fixed_statement_writes_share_the_batch_and_a_failing_one_rolls_back_alo
     engine.dispose()
 
 
+def test_a_savepoint_that_cannot_be_released_fails_its_whole_batch(db_url: str) -> None:
+    """A fixed-statement work whose savepoint the writer cannot release (here the work released
+    it itself) leaves its batch's transaction in an unknown state: nothing of the batch
+    commits and every request of it gets the error; none is reported failed yet committed."""
+    engine = make_engine(db_url)
+    create_schema(engine)
+    committer = GroupCommitter(engine)
+
+    def releases_early(connection) -> None:  # type: ignore[no-untyped-def]
+        append_entry(connection, action="key", actor="early")
+        connection.connection.driver_connection.cursor().execute(
+            "RELEASE SAVEPOINT fedgate_work")
+
+    outcomes = _one_batch(committer, [
+        lambda c: append_entry(c, action="key", actor="innocent"), releases_early],
+        on_connection=(0, 1))
+    assert all(isinstance(outcome, Exception) for outcome in outcomes)
+    with session(engine) as s:
+        assert audit_size(s) == 0
+    assert committer.run_on_connection(lambda c: append_entry(c, action="key", actor="next")) == 0
+    committer.close()
+    engine.dispose()
+
+
 def test_a_failed_commit_acknowledges_nothing_of_its_batch(db_url: str) -> None:
     engine = make_engine(db_url)
     create_schema(engine)
