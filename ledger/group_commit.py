@@ -10,14 +10,15 @@ Contract:
   never acknowledges a write a crash can lose.
 * The writer thread takes every waiting request (at most ``max_batch``), opens one write
   transaction (``BEGIN IMMEDIATE`` on SQLite) on one connection, and runs each ``work`` in
-  order inside a SAVEPOINT of its own (``run``: an ORM session joined to that transaction and
-  its nested transaction; ``run_on_connection``, for fixed statements only: the connection
-  itself and a savepoint issued on the driver): each sees the effects of those before it,
-  exactly as if they had committed one by one in that order, so invariants checked inside a
-  transaction (the privacy filter's, under the dataset row lock) hold unchanged. A ``work`` that raises has
-  its savepoint rolled back and its exception re-raised to its caller alone; the others
-  commit. If the commit itself fails, or a savepoint cannot be opened, rolled back or
-  released, every request of the batch gets the error and none of them took effect.
+  order inside a SAVEPOINT of its own, issued on the driver (``run``: the work gets an ORM
+  session joined to that transaction, flushed before the savepoint is released, and replaced
+  after a work that fails; ``run_on_connection``, for fixed statements only: the connection
+  itself): each sees the effects of those before it, exactly as if they had committed one by
+  one in that order, so invariants checked inside a transaction (the privacy filter's, under
+  the dataset row lock) hold unchanged. A ``work`` that raises has its savepoint rolled back
+  and its exception re-raised to its caller alone; the others commit. If the commit itself
+  fails, or a savepoint cannot be opened, rolled back or released, every request of the
+  batch gets the error and none of them took effect.
 * On PostgreSQL one transaction of several requests would hold the audit head's lock while
   it takes a later request's dataset lock, against the fixed lock order (job → dataset →
   audit head) that other writers follow: ``run`` names the dataset rows each ``work`` will
@@ -27,6 +28,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -141,10 +143,13 @@ class GroupCommitter:
                             continue
                         if orm is None:
                             orm = Session(bind=connection, expire_on_commit=False)
-                        with orm.begin_nested():
-                            outcomes.append((True, request.work(orm)))
+                        outcomes.append((True, _in_savepoint(
+                            connection, functools.partial(_flushed, orm, request.work))))
                     except Exception as error:  # re-raised to its own caller only
                         outcomes.append((False, error))
+                        if orm is not None and not request.on_connection:
+                            orm.close()  # objects of the rolled-back work: a new session next
+                            orm = None
                 if orm is not None:
                     orm.close()  # leaves the connection's transaction to the commit below
                 connection.commit()
@@ -158,6 +163,13 @@ class GroupCommitter:
                 request.done.set_result(value)
             else:
                 request.done.set_exception(value)
+
+
+def _flushed(orm: Session, work: Callable[[Session], T], _: Connection) -> T:
+    """``work(orm)``, its changes flushed to the connection (inside the caller's savepoint)."""
+    result = work(orm)
+    orm.flush()
+    return result
 
 
 def _in_savepoint(connection: Connection, work: Callable[[Connection], T]) -> T:

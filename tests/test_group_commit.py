@@ -129,9 +129,9 @@ def test_fixed_statement_writes_share_the_batch_and_a_failing_one_rolls_back_alo
 
 
 def test_a_savepoint_that_cannot_be_released_fails_its_whole_batch(db_url: str) -> None:
-    """A fixed-statement work whose savepoint the writer cannot release (here the work released
-    it itself) leaves its batch's transaction in an unknown state: nothing of the batch
-    commits and every request of it gets the error; none is reported failed yet committed."""
+    """A work whose savepoint the writer cannot release, or roll back (here the work released it
+    itself), leaves its batch's transaction in an unknown state: nothing of the batch commits
+    and every request of it gets the error; none is reported failed yet committed."""
     engine = make_engine(db_url)
     create_schema(engine)
     committer = GroupCommitter(engine)
@@ -141,9 +141,19 @@ def test_a_savepoint_that_cannot_be_released_fails_its_whole_batch(db_url: str) 
         connection.connection.driver_connection.cursor().execute(
             "RELEASE SAVEPOINT fedgate_work")
 
+    def session_work_releases_early_then_fails(s: Session) -> None:
+        append_entry(s, action="key", actor="early, then refused")
+        s.connection().connection.driver_connection.cursor().execute(
+            "RELEASE SAVEPOINT fedgate_work")
+        raise RuntimeError("refused after writing")
+
     outcomes = _one_batch(committer, [
         lambda c: append_entry(c, action="key", actor="innocent"), releases_early],
         on_connection=(0, 1))
+    assert all(isinstance(outcome, Exception) for outcome in outcomes)
+    outcomes = _one_batch(committer, [
+        lambda c: append_entry(c, action="key", actor="innocent"),
+        session_work_releases_early_then_fails], on_connection=(0,))
     assert all(isinstance(outcome, Exception) for outcome in outcomes)
     with session(engine) as s:
         assert audit_size(s) == 0
