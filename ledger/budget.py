@@ -36,7 +36,7 @@ from ledger.fixed_sql import Insert, Statement, execute
 from ledger.models import Dataset, Job
 from ledger.names import check_dataset_name, name_key
 from ledger.public_count import PublicUserCount, check_delta
-from ledger.renyi_filter import RenyiFilter
+from ledger.renyi_filter import RenyiFilter, orders_from_json
 from ledger.researcher_epsilon import count_researcher_epsilon
 from ledger.row_objects import fetch_row_object
 from ledger.states import BudgetState
@@ -190,7 +190,7 @@ def lock_dataset(session: Session, name: str) -> Dataset:
 
 
 def filter_orders(dataset: Dataset) -> tuple[float, ...]:
-    return tuple(json.loads(dataset.filter_orders))
+    return orders_from_json(dataset.filter_orders)
 
 
 def renyi_filter(dataset: Dataset) -> RenyiFilter:
@@ -219,18 +219,12 @@ def find_idempotent_job(on: Session | Connection, researcher_key_id: str,
 
 _LOCK_FILTER = Statement("SELECT filter_orders, filter_budget, spent_rdp FROM dataset WHERE name = ?",
                          lock=True)
-_INSERT_JOB = Insert(
-    Statement(
-        "INSERT INTO job (id, dataset, researcher_key_id, researcher, idempotency_key, "
-        "request_digest, model_digest, spec, cost, cost_rdp, epsilon, delta, state, "
-        'budget_state, data_accessed, "round", rounds, policy_version, failure, '
-        '"release", created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '
-        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-    ("id", "dataset", "researcher_key_id", "researcher", "idempotency_key", "request_digest",
-     "model_digest", "spec", "cost", "cost_rdp", "epsilon", "delta", "state", "budget_state",
-     "data_accessed", "round", "rounds", "policy_version", "failure", "release", "created_at",
-     "updated_at"),
-)
+_INSERT_JOB = Insert(Statement(
+    "INSERT INTO job (id, dataset, researcher_key_id, researcher, idempotency_key, "
+    "request_digest, model_digest, spec, cost, cost_rdp, epsilon, delta, state, "
+    'budget_state, data_accessed, "round", rounds, policy_version, failure, '
+    '"release", created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '
+    "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
 _SPEND = Statement("UPDATE dataset SET spent_rdp = ? WHERE name = ?")
 
 

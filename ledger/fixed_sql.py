@@ -60,24 +60,27 @@ _INSERT_COLUMNS = re.compile(r'INSERT INTO "?(\w+)"? \(([^)]*)\) VALUES')
 
 @dataclass(frozen=True)
 class Insert:
-    """A fixed ``INSERT`` of one whole row, its statement written out with the columns it
-    binds, in order (``columns``: checked against the text here, and against the table's own
-    columns by ``matches``, which tests run for every such constant)."""
+    """A fixed ``INSERT`` of one whole row, its statement written out; ``table`` and
+    ``columns`` (in the order it binds them) are read from that text, which must bind one
+    ``?`` per column. ``matches`` compares them with the table's own columns (tests run it for
+    every such constant)."""
 
     statement: Statement
-    columns: tuple[str, ...]
+    table: str = field(init=False)
+    columns: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         found = _INSERT_COLUMNS.match(self.statement.sql)
-        listed = () if found is None else tuple(
+        columns = () if found is None else tuple(
             name.strip().strip('"') for name in found.group(2).split(","))
-        if listed != self.columns or self.statement.sql.count("?") != len(self.columns):
-            raise ValueError(f"{self.statement.sql!r} must insert exactly {self.columns}")
+        if found is None or self.statement.sql.count("?") != len(columns):
+            raise ValueError(f"{self.statement.sql!r} must insert one value per column")
+        object.__setattr__(self, "table", found.group(1))
+        object.__setattr__(self, "columns", columns)
 
     def matches(self, table: Table) -> bool:
         """Whether this inserts into ``table`` and binds every one of its columns."""
-        found = _INSERT_COLUMNS.match(self.statement.sql)
-        return (found is not None and found.group(1) == table.name
+        return (self.table == table.name
                 and set(self.columns) == {column.name for column in table.columns})
 
     def row(self, on: Session | Connection, values: Mapping[str, Any]) -> None:

@@ -36,6 +36,7 @@ from engine.meter import ResourceUsage
 from ledger.fixed_sql import Insert, Statement, execute
 from ledger.models import Job, JobMeter
 from ledger.pricing import decimal_text
+from ledger.row_objects import row_values
 from ledger.states import ACTIVE_JOB_STATES
 
 __all__ = [
@@ -76,31 +77,22 @@ def month_bounds(month: str) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
-_NEW_METER = JobMeter(job_id="", researcher="", dataset="", cpu_reserved_seconds=0.0,
-                      reserved_at=0.0).model_dump()
-"""A meter row as the model's defaults make it (``state`` ``reserved``, nothing measured)."""
-_INSERT_METER = Insert(
-    Statement(
-        "INSERT INTO jobmeter (job_id, researcher, dataset, state, cpu_reserved_seconds, "
-        "reserved_at, settled_at, measured, cpu_seconds, cpu_user_seconds, "
-        "cpu_system_seconds, wall_seconds, max_rss_bytes, peak_tree_rss_bytes, "
-        "peak_memory_bytes, rounds_run, expected_client_updates, client_updates, "
-        "bytes_released, stopped, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-        " ?, ?, ?, ?, ?, ?, ?, ?)"),
-    ("job_id", "researcher", "dataset", "state", "cpu_reserved_seconds", "reserved_at",
-     "settled_at", "measured", "cpu_seconds", "cpu_user_seconds", "cpu_system_seconds",
-     "wall_seconds", "max_rss_bytes", "peak_tree_rss_bytes", "peak_memory_bytes", "rounds_run",
-     "expected_client_updates", "client_updates", "bytes_released", "stopped", "outcome"),
-)
+_INSERT_METER = Insert(Statement(
+    "INSERT INTO jobmeter (job_id, researcher, dataset, state, cpu_reserved_seconds, "
+    "reserved_at, settled_at, measured, cpu_seconds, cpu_user_seconds, "
+    "cpu_system_seconds, wall_seconds, max_rss_bytes, peak_tree_rss_bytes, "
+    "peak_memory_bytes, rounds_run, expected_client_updates, client_updates, "
+    "bytes_released, stopped, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+    " ?, ?, ?, ?, ?, ?, ?, ?)"))
 
 
 def reserve_compute(session: Session | Connection, job: Job, cpu_reserved_seconds: float) -> None:
     """Store ``job``'s CPU reservation (in the caller's admission transaction): a new meter
     row, the model's defaults but for the job, its researcher and dataset, the reservation
     and its time, written as one fixed statement (no ORM object)."""
-    _INSERT_METER.row(session, {
-        **_NEW_METER, "job_id": job.id, "researcher": job.researcher, "dataset": job.dataset,
-        "cpu_reserved_seconds": float(cpu_reserved_seconds), "reserved_at": job.created_at})
+    _INSERT_METER.row(session, row_values(JobMeter, {
+        "job_id": job.id, "researcher": job.researcher, "dataset": job.dataset,
+        "cpu_reserved_seconds": float(cpu_reserved_seconds), "reserved_at": job.created_at}))
 
 
 def record_usage(session: Session, job: Job, *, usage: ResourceUsage | None,

@@ -35,7 +35,7 @@ class RenyiFilter:
     def from_json(cls, *, orders: str, budget: str, spent: str) -> RenyiFilter:
         """The filter a dataset row stores (``filter_orders``, ``filter_budget``,
         ``spent_rdp``: JSON, the vectors as exact "n/d" strings)."""
-        return cls(orders=_orders(orders), budget=_vector(budget), spent=_vector(spent))
+        return cls(orders=orders_from_json(orders), budget=_vector(budget), spent=_vector(spent))
 
     def spent_json(self) -> str:
         text = json.dumps(accounting.vector_to_json(self.spent))
@@ -87,5 +87,6 @@ def _vector(text: str) -> RdpVector:
 
 
 @functools.lru_cache(maxsize=64)
-def _orders(text: str) -> tuple[float, ...]:
+def orders_from_json(text: str) -> tuple[float, ...]:
+    """A dataset's ``filter_orders`` column as the filter's orders (parsed once per text)."""
     return tuple(json.loads(text))

@@ -35,11 +35,8 @@ _CHARGED_STATES = tuple(state.value for state in CHARGED_BUDGET_STATES)
 _CHARGED_JOBS = Statement(
     "SELECT epsilon, created_at FROM job WHERE dataset = ? AND researcher = ? AND "
     "budget_state IN (?, ?) AND id != ?", parameters=3 + len(_CHARGED_STATES))
-_INSERT_TOTAL = Insert(
-    Statement("INSERT INTO researcherepsilon (dataset, researcher, epsilon, since) "
-              "VALUES (?, ?, ?, ?)"),
-    ("dataset", "researcher", "epsilon", "since"),
-)
+_INSERT_TOTAL = Insert(Statement(
+    "INSERT INTO researcherepsilon (dataset, researcher, epsilon, since) VALUES (?, ?, ?, ?)"))
 
 
 def running_researcher_epsilon(on: Session | Connection, *, dataset: str,

@@ -75,18 +75,14 @@ def _audit(session: Session | Connection, job: Job, decision: str, *, actor: str
                  principal=job.researcher, decision=decision, **fields)
 
 
-_INSERT_REVIEW = Insert(
-    Statement(
-        "INSERT INTO jobreview (job_id, state, required_because, policy_explanation, "
-        "requested_at, expires_at, decided_at, decided_by, reason) VALUES (?, ?, ?, ?, ?,"
-        " ?, ?, ?, ?)"),
-    ("job_id", "state", "required_because", "policy_explanation", "requested_at", "expires_at",
-     "decided_at", "decided_by", "reason"),
-)
+_INSERT_REVIEW = Insert(Statement(
+    "INSERT INTO jobreview (job_id, state, required_because, policy_explanation, "
+    "requested_at, expires_at, decided_at, decided_by, reason) VALUES (?, ?, ?, ?, ?,"
+    " ?, ?, ?, ?)"))
 
 
-def open_review(session: Session | Connection, job: Job, *, required_because: str, policy_explanation: str,
-                expires_at: float, actor: str) -> JobReview:
+def open_review(session: Session | Connection, job: Job, *, required_because: str,
+                policy_explanation: str, expires_at: float, actor: str) -> JobReview:
     """Hold the just-admitted ``job`` (budget reserved, state ``pending_review``) for review.
     The row is written as a fixed statement: the review returned is not attached to ``session``."""
     if job.state != JobState.PENDING_REVIEW or job.budget_state != BudgetState.RESERVED:

@@ -10,7 +10,7 @@ Contract: the object holds exactly the row it is given, every column of the mode
 columns not named take the model's defaults, which are constants in ``ledger.models``; a name
 that is not a column is refused), with no validation and no change history. It belongs to no
 session: it is read, or attached as an existing row (``make_transient_to_detached``), never
-inserted by the ORM; the rows it stands for are written with fixed statements or Core inserts.
+inserted by the ORM; the rows it stands for are written with fixed statements.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ Contract:
 * ``bump_version(session, name)`` runs inside the write transaction that changes the data
   ``name`` stands for, so the counter and the change commit together or not at all. Every
   writer of that data calls it (``REGISTRY``: ``ledger.registry``, the only writer of keys).
-* A reader reads the counter first and the data after it, in one snapshot where the database
-  has them (SQLite's deferred transaction), else in that order (PostgreSQL's read committed:
-  the data is then at least as new as the counter). Data cached under a counter value is
+* A reader reads the counter first (``read_version_now``) and the data after it, in a later
+  transaction: the data is then at least as new as the counter. Data cached under a counter value is
   therefore never older than that value, and :class:`VersionedCache` hands it out only to a
   reader that read the same value; any other value misses, and the reader reads the database.
 * ``create_schema`` creates the counters at 0. A counter without a row reads as ``None``, and
@@ -20,10 +19,10 @@ from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 from sqlalchemy import update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from ledger.fixed_sql import Statement, execute, query_now
+from ledger.fixed_sql import Statement, query_now
 from ledger.models import LedgerVersion
 
 REGISTRY = "registry"
@@ -44,12 +43,6 @@ def bump_version(session: Session, name: str) -> None:
 
 
 _READ_VERSION = Statement("SELECT version FROM ledgerversion WHERE name = ?")
-
-
-def read_version(connection: Connection, name: str) -> int | None:
-    """The counter of ``name`` as ``connection``'s transaction sees it; None without a row."""
-    row = execute(connection, _READ_VERSION, (name,)).fetchone()
-    return None if row is None else int(row[0])
 
 
 def read_version_now(engine: Engine, name: str) -> int | None:

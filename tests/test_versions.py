@@ -8,12 +8,11 @@ import pytest
 from ledger import keys
 from ledger.db import create_schema, make_engine, session
 from ledger.registry import add_principal, revoke_principal
-from ledger.versions import REGISTRY, VersionedCache, bump_version, read_version
+from ledger.versions import REGISTRY, VersionedCache, bump_version, read_version_now
 
 
 def _registry_version(engine) -> int | None:  # type: ignore[no-untyped-def]
-    with engine.connect() as c:
-        return read_version(c, REGISTRY)
+    return read_version_now(engine, REGISTRY)
 
 
 def test_every_registry_change_counts_and_a_rolled_back_one_does_not(db_url: str) -> None:
@@ -41,12 +40,10 @@ def test_a_counter_without_a_row_is_created_by_its_first_change_and_read_as_unkn
 ) -> None:
     engine = make_engine(db_url)
     create_schema(engine)
-    with engine.connect() as c:
-        assert read_version(c, "elsewhere") is None
+    assert read_version_now(engine, "elsewhere") is None
     with session(engine) as s, s.begin():
         bump_version(s, "elsewhere")
-    with engine.connect() as c:
-        assert read_version(c, "elsewhere") == 1
+    assert read_version_now(engine, "elsewhere") == 1
     engine.dispose()
 
 

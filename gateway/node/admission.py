@@ -276,36 +276,40 @@ def project_cost(node: Node, dataset: Dataset, request: JobRequest) -> Projectio
     """Privacy cost of ``request`` on ``dataset`` (pure apart from reading config): a function
     of the request's public parameters and N̂ only (memoised on exactly those)."""
     q = sampling_rate(dataset, request.clients_per_round)
-    cost, cost_rdp, epsilon = _projected(
-        q, float(request.noise_multiplier), int(request.rounds),
-        node.config.evaluation_noise_multiplier if request.evaluate else None,
-        request.count_stddev(), dataset.filter_orders, float(dataset.delta))
+    cost, cost_rdp, epsilon = _projected(_cost_inputs(node, q, request),
+                                         filter_orders(dataset), float(dataset.delta))
     return Projection(dataset, q, cost, cost_rdp, epsilon, dataset.delta)
 
 
-@functools.lru_cache(maxsize=1024)
-def _projected(q: float, noise_multiplier: float, rounds: int,
-               evaluation_noise_multiplier: float | None, clipped_count_stddev: float | None,
-               filter_orders_json: str, delta: float,
-               ) -> tuple[accounting.JobCost, tuple[float, ...], float]:
-    """The job's cost, its RDP at the filter's orders and its ε at ``delta``."""
-    cost = accounting.JobCost.for_job(
+_CostInputs = tuple[float, float, int, "float | None", "float | None"]
+
+
+def _cost_inputs(node: Node, sampling_rate: float, request: JobRequest) -> _CostInputs:
+    """Everything a job's privacy cost depends on: q, z, T, the DP evaluation's z (None
+    without it) and σ_b of adaptive clipping (None for a fixed clip); public, hashable."""
+    return (sampling_rate, float(request.noise_multiplier), int(request.rounds),
+            node.config.evaluation_noise_multiplier if request.evaluate else None,
+            request.count_stddev())
+
+
+def _cost(inputs: _CostInputs) -> accounting.JobCost:
+    q, noise_multiplier, rounds, evaluation_noise_multiplier, clipped_count_stddev = inputs
+    return accounting.JobCost.for_job(
         sampling_rate=q, noise_multiplier=noise_multiplier, rounds=rounds,
         evaluation_noise_multiplier=evaluation_noise_multiplier,
         clipped_count_stddev=clipped_count_stddev)
-    return cost, cost.rdp(tuple(json.loads(filter_orders_json))), cost.epsilon(delta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _projected(inputs: _CostInputs, orders: tuple[float, ...], delta: float,
+               ) -> tuple[accounting.JobCost, tuple[float, ...], float]:
+    """The job's cost, its RDP at the filter's ``orders`` and its ε at ``delta``."""
+    cost = _cost(inputs)
+    return cost, cost.rdp(orders), cost.epsilon(delta)
 
 
 def _job_cost(node: Node, sampling_rate: float, request: JobRequest) -> accounting.JobCost:
-    return accounting.JobCost.for_job(
-        sampling_rate=sampling_rate,
-        noise_multiplier=float(request.noise_multiplier),
-        rounds=int(request.rounds),
-        evaluation_noise_multiplier=(
-            node.config.evaluation_noise_multiplier if request.evaluate else None
-        ),
-        clipped_count_stddev=request.count_stddev(),
-    )
+    return _cost(_cost_inputs(node, sampling_rate, request))
 
 
 def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
