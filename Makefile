@@ -45,7 +45,19 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-env: .venv/.synced ## install uv if missing, sync .venv from uv.lock: the SDK and the node (no test tools)
+# The audit verifier's compiled RFC 6962 helper: C over OpenSSL's SHA-256, loaded with ctypes
+# (ledger/rfc6962_native.py; without it the verifier hashes with hashlib, to the same result).
+NATIVE := ledger/native/_rfc6962.so
+OPENSSL_H := /usr/include/openssl/evp.h
+
+$(OPENSSL_H):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev
+
+$(NATIVE): ledger/native/rfc6962.c | $(OPENSSL_H)
+	$(CC) -O2 -Wall -Wextra -Werror -shared -fPIC -o $@ $< -lcrypto
+
+env: .venv/.synced $(NATIVE) ## install uv if missing, sync .venv from uv.lock, build the audit hashing helper
 
 test-env: env .venv/.synced-dev tests/interop/node_modules/.installed $(CHROMIUM) ## env + the dev group, npm interop packages, Debian's chromium
 

@@ -25,7 +25,9 @@ and a newline; the file ends ``" ]\\n}\\n"``. JSON readers see the entries as ob
 Why this layout: the verifier hashes each entry's bytes where they lie in the file. TAB is
 the one whitespace byte canonical JSON never contains, so replacing every TAB of the
 entries section by the RFC 6962 leaf prefix 0x00 and cutting at line ends yields every
-leaf input without parsing a single entry (``ExportReader.leaf_input_batches``). The
+leaf input without parsing a single entry (``ExportReader.leaf_input_batches``), or, with
+the compiled helper of ``ledger.rfc6962_native``, every leaf hash in one call per block of
+lines (``ExportReader.leaf_hash_batches``). The
 checkpoints come first, so a reader knows what is signed before it reads the entries.
 
 Invariants of an honest export: entry line ``i`` holds the exact canonical JSON text whose
@@ -43,12 +45,13 @@ from __future__ import annotations
 import io
 import json
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ledger.merkle import LEAF_PREFIX
+from ledger import rfc6962_native
+from ledger.merkle import LEAF_PREFIX, hash_leaf_inputs
 from ledger.timestamps import utc_timestamp
 
 if TYPE_CHECKING:
@@ -156,6 +159,15 @@ class ExportReader:
         """
         return self._entries.leaf_input_batches(first, stop)
 
+    def leaf_hash_batches(self, first: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """The RFC 6962 leaf hashes of entries ``first .. stop - 1``: ``SHA-256`` of each of
+        ``leaf_input_batches``' leaf inputs, 32 bytes each, concatenated, in batches. Raises
+        ``ExportMalformed`` as ``leaf_input_batches`` does."""
+        if isinstance(self._entries, _EntryLines) and rfc6962_native.available():
+            return self._entries.leaf_hash_batches(first, stop)
+        return (b"".join(hash_leaf_inputs(batch))
+                for batch in self._entries.leaf_input_batches(first, stop))
+
     def entry_texts(self) -> Iterator[bytes]:
         """Each entry's text in order; for a line out of the layout, the whole line (which
         is never canonical JSON: it ends with a newline)."""
@@ -255,7 +267,11 @@ class _EntryLines:
             yield self._data[position:cut], cut == self._end
             position = cut
 
-    def leaf_input_batches(self, first: int, stop: int | None) -> Iterator[list[bytes]]:
+    def _per_block(self, first: int, stop: int | None,
+                   lines_of: Callable[[bytes, bool], _Lines]) -> Iterator[_Lines]:
+        """``lines_of(block, last)`` sliced to entries ``first .. stop - 1``, for each block that
+        holds some of them, where ``block`` has every TAB replaced by the leaf prefix and
+        ``lines_of`` gives something per line of it (blocks before ``first`` are counted)."""
         index = 0  # of the block's first line
         for block, last in self._blocks():
             if stop is not None and index >= stop:
@@ -267,12 +283,17 @@ class _EntryLines:
             # valid export without being JSON.
             if LEAF_PREFIX in block:
                 raise ExportMalformed("an entry line holds a NUL byte, which JSON does not allow")
-            lines = io.BytesIO(block.replace(_INDENT, LEAF_PREFIX)).readlines()
-            batch = list(map(bytes.removesuffix, lines, repeat(b",\n")))
-            if last:
-                batch[-1] = lines[-1].removesuffix(b"\n")  # the last entry has no comma
-            yield batch[max(first - index, 0):None if stop is None else stop - index]
+            lines = lines_of(block.replace(_INDENT, LEAF_PREFIX), last)
+            yield lines[max(first - index, 0):None if stop is None else stop - index]
             index += len(lines)
+
+    def leaf_input_batches(self, first: int, stop: int | None) -> Iterator[list[bytes]]:
+        return self._per_block(first, stop, _leaf_inputs)
+
+    def leaf_hash_batches(self, first: int, stop: int | None) -> Iterator[bytes]:
+        """``leaf_input_batches``' inputs hashed by the compiled helper, which cuts the
+        lines and drops their endings as ``_leaf_inputs`` does."""
+        return (hashes.data for hashes in self._per_block(first, stop, _LineHashes.of_block))
 
     def texts(self) -> Iterator[bytes]:
         for block, last in self._blocks():
@@ -286,6 +307,38 @@ class _EntryLines:
 
     def count(self) -> int:
         return sum(block.count(b"\n") for block, _ in self._blocks())
+
+
+def _leaf_inputs(block: bytes, last: bool) -> list[bytes]:
+    """Each line of ``block`` without its ``,\n``; if ``last``, its last line without its
+    ``\n`` (the last entry has no comma)."""
+    lines = io.BytesIO(block).readlines()
+    inputs = list(map(bytes.removesuffix, lines, repeat(b",\n")))
+    if last:
+        inputs[-1] = lines[-1].removesuffix(b"\n")
+    return inputs
+
+
+@dataclass(frozen=True)
+class _LineHashes:
+    """The leaf hashes of a block's lines, 32 bytes each; its length and slices count lines."""
+
+    data: bytes
+
+    @classmethod
+    def of_block(cls, block: bytes, last: bool) -> _LineHashes:
+        return cls(rfc6962_native.line_hashes(block, last))
+
+    def __len__(self) -> int:
+        return len(self.data) // rfc6962_native.HASH_SIZE
+
+    def __getitem__(self, lines: slice) -> _LineHashes:
+        start, stop, _ = lines.indices(len(self))
+        return _LineHashes(self.data[start * rfc6962_native.HASH_SIZE:
+                                     stop * rfc6962_native.HASH_SIZE])
+
+
+_Lines = TypeVar("_Lines", list[bytes], _LineHashes)
 
 
 class _LegacyEntries:

@@ -35,16 +35,21 @@ and the entry-by-entry pass runs the checks above to find and word the first pro
 decoding the entries from the last checkpoint whose root matches on (by the same argument,
 those before it cannot hold one).
 
-Processes. The fast pass hashes runs of whole chunks of entries into one
-``ledger.merkle.ChunkedTree`` (the same RFC 6962 tree, by the argument in its docstring).
-With ``workers > 1`` and a large export, each run but the first is hashed in a forked
-process, which finds its first entry by counting the lines before it; the runs' chunk heads
+Hashing. The fast pass hashes runs of whole chunks of entries into one
+``ledger.merkle.ChunkedTree`` (the same RFC 6962 tree, by the argument in its docstring),
+with the compiled helper of ``ledger.rfc6962_native`` where it is built: one call hashes a
+block of entry lines, another a chunk's tree, so no Python runs per entry or per node.
+Without it, ``hashlib`` hashes the same bytes to the same hashes, two calls per entry.
+
+Processes. With ``workers > 1`` and a large export, each run but the first is hashed in a
+forked process, which finds its first entry by counting the lines before it; the runs' chunk heads
 are then joined and compared with the signed roots as above. A process reports nothing
 but hashes (or that it gave up), so the report is the same; if any process gives up or
-dies, the entry-by-entry pass (one process) decides. Why processes: each ``hashlib`` call
-costs a fixed overhead beyond SHA-256 itself (about 0.4 µs on the benchmark machine), two
-calls per entry, so one process stays below a fifth of the speed of raw SHA-256 over the
-same bytes (docs/performance.md).
+dies, the entry-by-entry pass (one process) decides. Why processes: hashing is all the work.
+With the helper one process reaches about two fifths of the speed of raw SHA-256 over the
+same bytes and two processes about three fifths; with ``hashlib``, whose every call costs a
+fixed overhead beyond SHA-256 itself (about 0.4 µs on the benchmark machine, two calls per
+entry), one process stays below a fifth (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -213,12 +218,13 @@ def _hashed_run(
     not in the layout, or one that no signed root covers is not numbered by its position."""
     tree = ChunkedTree(_CHUNK_LEAVES, first, sizes)
     try:
-        for batch in export.leaf_input_batches(first, stop):
-            start = tree.size
-            tree.extend(batch)
-            unsigned = range(max(start, signed), tree.size)
-            if not all(_is_entry_numbered(batch[index - start], index) for index in unsigned):
+        for hashes in export.leaf_hash_batches(first, stop):
+            tree.extend_hashes(hashes)
+        index = max(first, signed)  # entries from here on: no signed root covers them
+        for batch in export.leaf_input_batches(index, stop) if tree.size > index else ():
+            if not all(map(_is_entry_numbered, batch, range(index, index + len(batch)))):
                 return None
+            index += len(batch)
     except ExportMalformed:
         return None
     return tree

@@ -19,15 +19,21 @@ Contract:
 * Building hashes whole levels at a time (``hash_leaf_inputs``, ``MerkleTree(...)``): the
   loops run inside ``map``, not in Python bytecode, so a hash costs what hashlib costs.
 * ``ChunkedTree`` gives the same tree heads from chunks of ``2**k`` leaves hashed apart (in
-  other processes, say) and joined; its docstring says why that is the same tree.
+  other processes, say) and joined; its docstring says why that is the same tree. It takes
+  leaf hashes in bulk (``extend_hashes``) and computes a chunk's heads with the compiled
+  helper of ``ledger.rfc6962_native`` when it is built (``hashlib`` otherwise: same heads).
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from itertools import repeat
+
+from ledger import rfc6962_native
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -88,6 +94,17 @@ class MerkleTree:
         checked again)."""
         tree = cls.__new__(cls)
         tree._build(hash_leaf_inputs(leaf_inputs))
+        return tree
+
+    @classmethod
+    def of_concatenated(cls, leaf_hashes: bytes | bytearray) -> MerkleTree:
+        """The tree over 32-byte leaf hashes given concatenated (a length that is not a
+        multiple of 32 is refused)."""
+        count, rest = divmod(len(leaf_hashes), HASH_SIZE)
+        if rest:
+            raise ValueError("leaf hashes must be 32 bytes")
+        tree = cls.__new__(cls)
+        tree._build(list(_hashes_format(count).unpack(leaf_hashes)))
         return tree
 
     def _build(self, leaves: list[bytes]) -> None:
@@ -201,7 +218,7 @@ class ChunkedTree:
         self._sizes = sorted(set(sizes))
         self._heads: list[bytes] = []  # one per full chunk from leaf `first` on
         self._heads_before: dict[int, bytes] = {}  # size -> head of its chunk's leaves before it
-        self._filling: list[bytes] = []  # leaf inputs of the chunk not yet full
+        self._filling = bytearray()  # leaf hashes of the chunk not yet full, concatenated
         self._cache: tuple[MerkleTree, MerkleTree] | None = None
 
     @property
@@ -212,20 +229,28 @@ class ChunkedTree:
     @property
     def size(self) -> int:
         """Index one past the run's last leaf."""
-        return self._first + len(self._heads) * self._width + len(self._filling)
+        return self._first + len(self._heads) * self._width + len(self._filling) // HASH_SIZE
 
     def extend(self, leaf_inputs: Iterable[bytes]) -> None:
         """Append leaves, each given as ``LEAF_PREFIX || entry``; each chunk they fill is
         hashed and only its head kept."""
+        self.extend_hashes(b"".join(hash_leaf_inputs(leaf_inputs)))
+
+    def extend_hashes(self, leaf_hashes: bytes) -> None:
+        """Append leaves given as their hashes, 32 bytes each, concatenated."""
+        if len(leaf_hashes) % HASH_SIZE:
+            raise ValueError("leaf hashes are 32 bytes each")
         self._cache = None
-        self._filling += leaf_inputs
-        while len(self._filling) >= self._width:
-            start = self.size - len(self._filling)
-            chunk = MerkleTree.of_leaf_inputs(self._filling[:self._width])
-            del self._filling[:self._width]
-            for size in self._sizes_within(start, start + self._width):
-                self._heads_before[size] = chunk.root(size - start)
-            self._heads.append(chunk.root())
+        self._filling += leaf_hashes
+        chunk_bytes = self._width * HASH_SIZE
+        while len(self._filling) >= chunk_bytes:
+            start = self._first + len(self._heads) * self._width
+            chunk = bytes(self._filling[:chunk_bytes])
+            del self._filling[:chunk_bytes]
+            sizes = self._sizes_within(start, start + self._width)
+            *inside, head = _tree_heads(chunk, [size - start for size in sizes] + [self._width])
+            self._heads_before.update(zip(sizes, inside, strict=True))
+            self._heads.append(head)
 
     def join(self, following: ChunkedTree) -> None:
         """Append the run ``following``, which starts where this one ends."""
@@ -237,7 +262,7 @@ class ChunkedTree:
         self._cache = None
         self._heads += following._heads
         self._heads_before.update(following._heads_before)
-        self._filling = list(following._filling)
+        self._filling = bytearray(following._filling)
         self._sizes = sorted({*self._sizes, *following._sizes})
 
     def root(self, size: int | None = None) -> bytes:
@@ -271,8 +296,23 @@ class ChunkedTree:
 
     def _trees(self) -> tuple[MerkleTree, MerkleTree]:
         if self._cache is None:
-            self._cache = (MerkleTree(self._heads), MerkleTree.of_leaf_inputs(self._filling))
+            self._cache = (MerkleTree(self._heads), MerkleTree.of_concatenated(self._filling))
         return self._cache
+
+
+def _tree_heads(leaf_hashes: bytes, sizes: list[int]) -> list[bytes]:
+    """The tree head of the first ``size`` of the concatenated leaf hashes, for each size
+    (each at least 1): with the compiled helper if it is built, else with ``hashlib``."""
+    if rfc6962_native.available():
+        return [rfc6962_native.tree_head(leaf_hashes[:size * HASH_SIZE]) for size in sizes]
+    tree = MerkleTree.of_concatenated(leaf_hashes)
+    return [tree.root(size) for size in sizes]
+
+
+@lru_cache(maxsize=16)
+def _hashes_format(count: int) -> struct.Struct:
+    """Splits ``count`` concatenated hashes into a tuple of them in one C call."""
+    return struct.Struct(f"{HASH_SIZE}s" * count)
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:

@@ -9,6 +9,7 @@ layout, roots other than the latest, what JSON readers would see)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select, update
 
 from gateway.cli import main as fedgate
-from ledger import audit_export, audit_verify, keys
+from ledger import audit_export, audit_verify, keys, rfc6962_native
 from ledger.audit import (
     AuditLogCorrupted,
     append_entry,
@@ -501,6 +502,39 @@ def test_any_run_of_entries_reads_as_that_slice_of_the_leaf_inputs(
                     run = [leaf_input for batch in reader.leaf_input_batches(first, stop)
                            for leaf_input in batch]
                     assert run == every[first:stop], (block_bytes, first, stop)
+
+
+def test_any_run_of_entries_hashes_as_that_slice_of_the_leaf_inputs_with_or_without_the_helper(
+    log: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export = log.export()
+    every = hash_leaf_inputs(leaf_input for batch in audit_export.read_export(export)
+                             .leaf_input_batches() for leaf_input in batch)
+    for block_bytes in (1, 600, 1 << 20):
+        monkeypatch.setattr(audit_export, "_BLOCK_BYTES", block_bytes)
+        for compiled in {rfc6962_native.available(), False}:
+            with contextlib.nullcontext() if compiled else rfc6962_native.disabled():
+                reader = audit_export.read_export(export)
+                for first in range(LOG_SIZE + 1):
+                    for stop in [*range(first, LOG_SIZE + 2), None]:
+                        run = b"".join(reader.leaf_hash_batches(first, stop))
+                        assert run == b"".join(every[first:stop]), (block_bytes, first, stop)
+
+
+@pytest.mark.skipif(not rfc6962_native.available(), reason="the compiled helper is not built")
+@pytest.mark.parametrize("block_bytes", [1, 600, 1 << 20])
+@pytest.mark.parametrize("name", [None, *TAMPERINGS, "unsigned entries"])
+def test_the_compiled_helper_and_hashlib_give_the_same_report(
+    log: Log, name: str | None, block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if name == "unsigned entries":
+        append_unsigned(log)
+    elif name is not None:
+        TAMPERINGS[name][0](log)
+    monkeypatch.setattr(audit_export, "_BLOCK_BYTES", block_bytes)
+    compiled = log.verify()
+    with rfc6962_native.disabled():
+        assert log.verify() == compiled
 
 
 # --- hashing runs of the export in several processes --------------------------------------
