@@ -47,6 +47,9 @@ $(CHROMIUM):
 
 # The audit verifier's compiled RFC 6962 helper: C over OpenSSL's SHA-256, loaded with ctypes
 # (ledger/rfc6962_native.py; without it the verifier hashes with hashlib, to the same result).
+# `make env` builds it where OpenSSL's headers are installed and goes on without it otherwise
+# (the node and the demos run the same, and install nothing with apt-get); the tests need it,
+# to compare it with hashlib, so `make test-env` installs Debian's libssl-dev if need be.
 NATIVE := ledger/native/_rfc6962.so
 OPENSSL_H := /usr/include/openssl/evp.h
 
@@ -54,15 +57,14 @@ $(OPENSSL_H):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev
 
-$(NATIVE): ledger/native/rfc6962.c | $(OPENSSL_H)
+$(NATIVE): ledger/native/rfc6962.c
 	$(CC) -O2 -Wall -Wextra -Werror -shared -fPIC -o $@ $< -lcrypto
 
-# `make env` tries to build the helper and goes on without it (the node and the demos run the
-# same); the tests need it, so that they compare it with hashlib.
-env: .venv/.synced ## install uv if missing, sync .venv from uv.lock, build the audit hashing helper
-	@$(MAKE) -s --no-print-directory $(NATIVE) || echo "note: $(NATIVE) not built: the audit verifier hashes with hashlib (same results, slower)"
+env: .venv/.synced ## install uv if missing, sync .venv from uv.lock, build the audit hashing helper if OpenSSL's headers are here
+	@$(MAKE) -s --no-print-directory $(NATIVE) 2>/dev/null || echo "note: $(NATIVE) not built (no C compiler or OpenSSL headers): the audit verifier hashes with hashlib, to the same results, slower; make test-env installs what it needs"
 
-test-env: env .venv/.synced-dev tests/interop/node_modules/.installed $(CHROMIUM) $(NATIVE) ## env + the dev group, npm interop packages, Debian's chromium
+test-env: env .venv/.synced-dev tests/interop/node_modules/.installed $(CHROMIUM) $(OPENSSL_H) ## env + the dev group, npm interop packages, Debian's chromium and libssl-dev, the hashing helper
+	$(MAKE) -s --no-print-directory $(NATIVE)
 
 test: test-env ## run the full test suite (TFF and PostgreSQL included)
 	$(PYTEST) -q --durations=25

@@ -47,6 +47,9 @@ def test_the_tests_install_the_dev_group_the_interop_packages_and_chromium(targe
     assert any("npm ci" in line for line in lines)
     assert any("apt-get install" in line and "chromium" in line for line in lines)
     assert any("--extra node" in s and "--no-dev" not in s for s in uv_syncs(lines))
+    # the audit hashing helper, which the tests compare with hashlib, and OpenSSL's headers
+    assert any("apt-get install" in line and "libssl-dev" in line for line in lines)
+    assert any(re.search(r"\bcc\b.*ledger/native/rfc6962\.c", line) for line in lines)
 
 
 @pytest.mark.parametrize("target", ("env", "test-env"))
