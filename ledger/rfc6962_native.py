@@ -33,23 +33,36 @@ DISABLE_ENV = "FEDGATE_PURE_PYTHON_HASHING"
 _ERRORS = {-1: "malformed input", -2: "output buffer too small", -3: "OpenSSL failed"}
 
 
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get(DISABLE_ENV) == "1" or not LIBRARY.exists():
+def _load(path: Path = LIBRARY) -> ctypes.CDLL | None:
+    """The helper at ``path``, or None where it is disabled, not built or cannot be loaded (a
+    file built for another OpenSSL, say): it is never worth failing for, as hashlib gives the
+    same hashes (CI checks that the helper it built loads, tests/test_rfc6962_native.py)."""
+    if os.environ.get(DISABLE_ENV) == "1" or not path.exists():
         return None
-    library = ctypes.CDLL(str(LIBRARY))  # CDLL: the GIL is released during each call
-    for name, arguments in (
-        ("fedgate_count_lines", [ctypes.c_char_p, ctypes.c_int64]),
-        ("fedgate_line_hashes", [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int,
-                                 ctypes.c_void_p, ctypes.c_int64]),
-        ("fedgate_tree_head", [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p,
-                               ctypes.c_int64, ctypes.c_char_p]),
-    ):
-        function = getattr(library, name)
+    try:
+        library = ctypes.CDLL(str(path))  # CDLL: the GIL is released during each call
+        functions = [(getattr(library, name), arguments) for name, arguments in _SIGNATURES]
+    except (OSError, AttributeError):
+        return None
+    for function, arguments in functions:
         function.argtypes, function.restype = arguments, ctypes.c_int64
     return library
 
 
+_SIGNATURES = (
+    ("fedgate_count_lines", [ctypes.c_char_p, ctypes.c_int64]),
+    ("fedgate_line_hashes", [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_int64]),
+    ("fedgate_tree_head", [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p,
+                           ctypes.c_int64, ctypes.c_char_p]),
+)
 _library = _load()
+
+
+def _loaded() -> ctypes.CDLL:
+    if _library is None:
+        raise RuntimeError("the compiled RFC 6962 helper is not loaded (see available())")
+    return _library
 
 
 def available() -> bool:
@@ -77,21 +90,21 @@ def _check(result: int) -> int:
 
 def line_hashes(block: bytes, last: bool) -> bytes:
     """SHA-256 of each line's input (see the module docstring), 32 bytes a line."""
-    assert _library is not None, "the compiled helper is not loaded"
+    library = _loaded()
     if block and not block.endswith(b"\n"):
-        raise ValueError("a block of lines ends with a line break")
-    out = ctypes.create_string_buffer(HASH_SIZE * _library.fedgate_count_lines(block, len(block)))
-    lines = _check(_library.fedgate_line_hashes(block, len(block), int(last), out, len(out)))
+        raise ValueError("a block of lines must end with a line break")
+    out = ctypes.create_string_buffer(HASH_SIZE * library.fedgate_count_lines(block, len(block)))
+    lines = _check(library.fedgate_line_hashes(block, len(block), int(last), out, len(out)))
     return out.raw[:lines * HASH_SIZE]
 
 
 def tree_head(hashes: bytes) -> bytes:
     """RFC 6962 tree head of one or more concatenated 32-byte leaf hashes."""
-    assert _library is not None, "the compiled helper is not loaded"
+    library = _loaded()
     count, rest = divmod(len(hashes), HASH_SIZE)
     if count < 1 or rest:
         raise ValueError("leaf hashes are one or more 32-byte hashes, concatenated")
     scratch = ctypes.create_string_buffer(len(hashes))
     root = ctypes.create_string_buffer(HASH_SIZE)
-    _check(_library.fedgate_tree_head(bytes(hashes), count, scratch, len(scratch), root))
+    _check(library.fedgate_tree_head(bytes(hashes), count, scratch, len(scratch), root))
     return root.raw

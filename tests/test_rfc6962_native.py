@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_line_hashes_of_random_blocks_match() -> None:
 
 def test_an_empty_block_has_no_lines_and_a_block_must_end_its_last_line() -> None:
     assert rfc6962_native.line_hashes(b"", True) == b""
-    with pytest.raises(ValueError, match="ends with a line break"):
+    with pytest.raises(ValueError, match="must end with a line break"):
         rfc6962_native.line_hashes(b"\x00{},\n\x00{}", False)
 
 
@@ -89,3 +90,11 @@ def test_a_chunked_tree_gives_the_same_heads_with_and_without_the_helper(width: 
         assert not rfc6962_native.available()
         assert heads() == compiled
     assert compiled == [MerkleTree.of_leaf_inputs(inputs[:size]).root() for size in sizes]
+
+
+def test_a_helper_file_that_cannot_be_loaded_means_hashlib_not_a_failure(tmp_path: Path) -> None:
+    broken = tmp_path / "_rfc6962.so"
+    broken.write_bytes(b"not a shared library")
+    assert rfc6962_native._load(broken) is None
+    assert rfc6962_native._load(tmp_path / "missing.so") is None
+    assert rfc6962_native._load(rfc6962_native.LIBRARY) is not None
