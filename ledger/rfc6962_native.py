@@ -29,20 +29,26 @@ from pathlib import Path
 HASH_SIZE = 32
 LIBRARY = Path(__file__).resolve().parent / "native" / "_rfc6962.so"
 DISABLE_ENV = "FEDGATE_PURE_PYTHON_HASHING"
+ABI = 1  # fedgate_rfc6962_abi() of the C file this module was written for
 
 _ERRORS = {-1: "malformed input", -2: "output buffer too small", -3: "OpenSSL failed"}
 
 
 def _load(path: Path = LIBRARY) -> ctypes.CDLL | None:
-    """The helper at ``path``, or None where it is disabled, not built or cannot be loaded (a
-    file built for another OpenSSL, say): it is never worth failing for, as hashlib gives the
-    same hashes (CI checks that the helper it built loads, tests/test_rfc6962_native.py)."""
+    """The helper at ``path``, or None where it is disabled, not built, cannot be loaded (a
+    file built for another OpenSSL, say) or is of another version (a stale build): it is never
+    worth failing for, as hashlib gives the same hashes (CI checks that the helper it built
+    loads, tests/test_rfc6962_native.py)."""
     if os.environ.get(DISABLE_ENV) == "1" or not path.exists():
         return None
     try:
         library = ctypes.CDLL(str(path))  # CDLL: the GIL is released during each call
         functions = [(getattr(library, name), arguments) for name, arguments in _SIGNATURES]
+        abi = library.fedgate_rfc6962_abi
     except (OSError, AttributeError):
+        return None
+    abi.argtypes, abi.restype = [], ctypes.c_int64
+    if abi() != ABI:
         return None
     for function, arguments in functions:
         function.argtypes, function.restype = arguments, ctypes.c_int64

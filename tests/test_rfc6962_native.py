@@ -92,9 +92,13 @@ def test_a_chunked_tree_gives_the_same_heads_with_and_without_the_helper(width: 
     assert compiled == [MerkleTree.of_leaf_inputs(inputs[:size]).root() for size in sizes]
 
 
-def test_a_helper_file_that_cannot_be_loaded_means_hashlib_not_a_failure(tmp_path: Path) -> None:
+def test_a_helper_file_that_cannot_be_loaded_means_hashlib_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     broken = tmp_path / "_rfc6962.so"
     broken.write_bytes(b"not a shared library")
     assert rfc6962_native._load(broken) is None
     assert rfc6962_native._load(tmp_path / "missing.so") is None
     assert rfc6962_native._load(rfc6962_native.LIBRARY) is not None
+    monkeypatch.setattr(rfc6962_native, "ABI", rfc6962_native.ABI + 1)  # a stale build
+    assert rfc6962_native._load(rfc6962_native.LIBRARY) is None

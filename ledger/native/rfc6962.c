@@ -19,6 +19,12 @@
 #define FEDGATE_NO_ROOM (-2)
 #define FEDGATE_OPENSSL (-3)
 
+/* Bumped with any change to a function's arguments or meaning: ledger/rfc6962_native.py loads
+ * only the version it was written for (a stale build is then not used, rather than misused). */
+int64_t fedgate_rfc6962_abi(void) {
+    return 1;
+}
+
 typedef struct {
     EVP_MD *md;
     EVP_MD_CTX *ctx;
