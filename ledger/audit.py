@@ -81,6 +81,13 @@ AUDIT_ACTIONS = frozenset(
 _NEXT_SEQ = Statement("UPDATE audithead SET size = size + 1 WHERE id = 1 RETURNING size")
 _FIRST_HEAD = Statement("INSERT INTO audithead (id, size) VALUES (1, 1)")
 _INSERT_ENTRY = Statement("INSERT INTO auditentry (seq, entry, leaf_hash) VALUES (?, ?, ?)")
+_LOCK_HEAD = Statement("SELECT id FROM audithead WHERE id = 1", lock=True)
+
+
+def lock_head(on: Session | Connection) -> None:
+    """Take the audit head's row lock for the caller's transaction (``SELECT … FOR UPDATE``
+    on PostgreSQL; nothing on SQLite, whose ``BEGIN IMMEDIATE`` holds the database)."""
+    execute(on, _LOCK_HEAD).fetchall()
 
 
 def append_entry(session: Session | Connection, *, action: str, **fields: Any) -> int:

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
+from ledger.audit import lock_head
 from ledger.fixed_sql import Statement, execute
 from ledger.suspend import wait
 
@@ -205,7 +206,6 @@ def _savepoint(connection: Connection, cursor: Any, *statements: str) -> None:
 
 
 _LOCK_DATASET = Statement("SELECT name FROM dataset WHERE name = ?", lock=True)
-_LOCK_AUDIT_HEAD = Statement("SELECT id FROM audithead WHERE id = 1", lock=True)
 
 
 def _lock_datasets(connection: Connection, names: list[str]) -> None:
@@ -215,4 +215,4 @@ def _lock_datasets(connection: Connection, names: list[str]) -> None:
         return
     for name in names:
         execute(connection, _LOCK_DATASET, (name,)).fetchall()
-    execute(connection, _LOCK_AUDIT_HEAD).fetchall()
+    lock_head(connection)

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from engine.meter import ResourceUsage
+from ledger.audit import lock_head
 from ledger.fixed_sql import Insert, Statement, execute
 from ledger.models import Job, JobMeter
 from ledger.pricing import decimal_text
@@ -242,13 +243,10 @@ def active_reservations(session: Session, researchers: Iterable[str], *,
     return found
 
 
-_LOCK_AUDIT_HEAD = Statement("SELECT id FROM audithead WHERE id = 1", lock=True)
-
-
 def lock_usage(session: Session | Connection) -> None:
     """Serialise quota checks: take the audit log head's row lock (``SELECT … FOR UPDATE``;
     SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock). Every admission
     appends an ``admit`` entry under this lock, so usage read after it includes every admission
     that committed before, and none can commit until this transaction ends. Call it after
     ``reserve_budget`` (dataset row, then audit head: the order every writer takes them)."""
-    execute(session, _LOCK_AUDIT_HEAD).fetchone()
+    lock_head(session)

@@ -308,10 +308,6 @@ def _projected(inputs: _CostInputs, orders: tuple[float, ...], delta: float,
     return cost, cost.rdp(orders), cost.epsilon(delta)
 
 
-def _job_cost(node: Node, sampling_rate: float, request: JobRequest) -> accounting.JobCost:
-    return _cost(_cost_inputs(node, sampling_rate, request))
-
-
 def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
     """What to change so the job fits now: fewer rounds, or more noise (bisection).
 
@@ -322,7 +318,7 @@ def _suggestion(node: Node, dataset: Dataset, request: JobRequest) -> str:
 
     def fits(**change: Any) -> bool:
         changed = JobRequest(**{**asdict(request), **change})
-        return budget_fit(dataset, _job_cost(node, q, changed).rdp(orders)).fits
+        return budget_fit(dataset, _cost(_cost_inputs(node, q, changed)).rdp(orders)).fits
 
     if not fits(rounds=1):
         hint = "even one round does not fit"
